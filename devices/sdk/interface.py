@@ -1,0 +1,233 @@
+"""The contract between an engine (pure Python or libvfio-user) and a device model.
+
+Both engines serve the same `DeviceModel` objects through this interface and nothing else, so
+a model never learns which engine serves it, and an engine never learns device specifics.
+
+Rules the interface encodes (see DESIGN.md section 1):
+
+* Region access is **synchronous**: `region_read` / `region_write` return at once. The
+  libvfio-user engine calls them from a C callback that cannot await, and QEMU holds its big
+  lock while a vCPU waits for the reply, so a handler must never wait for the client
+  (DESIGN.md 2.8). Long work is started with `DeviceContext.start_task` and runs after the
+  reply has gone out.
+* DMA goes through `DeviceContext.dma`. Windows backed by a file descriptor are mmap'd and
+  give zero-copy memoryviews; windows without one are served with DMA_READ/DMA_WRITE
+  messages, hence the async `read`/`write`.
+* Interrupts go through `DeviceContext.irq`; the engine owns eventfds, masks and pending bits.
+* Tasks started through the context are cancelled by the engine on reset, on disconnect and
+  before a DMA window they might use is unmapped, so no task outlives its mappings.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+
+class RegionIndex(enum.IntEnum):
+    """VFIO PCI region indices (linux/vfio.h VFIO_PCI_*_REGION_INDEX)."""
+
+    BAR0 = 0
+    BAR1 = 1
+    BAR2 = 2
+    BAR3 = 3
+    BAR4 = 4
+    BAR5 = 5
+    ROM = 6
+    CONFIG = 7
+    VGA = 8
+
+
+class IrqIndex(enum.IntEnum):
+    """VFIO PCI IRQ indices (linux/vfio.h VFIO_PCI_*_IRQ_INDEX)."""
+
+    INTX = 0
+    MSI = 1
+    MSIX = 2
+    ERR = 3
+    REQ = 4
+
+
+#: Number of regions and IRQ indices every PCI device reports (QEMU needs >= 9 and >= 5).
+NUM_PCI_REGIONS = 9
+NUM_PCI_IRQS = 5
+
+
+class DeviceError(Exception):
+    """Raised by a model to fail a request with a specific errno (e.g. EINVAL, EIO)."""
+
+    def __init__(self, errno: int, message: str = "") -> None:
+        super().__init__(message or f"device error errno={errno}")
+        self.errno = errno
+
+
+@dataclass(frozen=True)
+class MmapArea:
+    """A sub-range of a region that the client may mmap (sparse mmap capability)."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """What GET_REGION_INFO reports for one region index.
+
+    `fd` is a file descriptor the model owns (usually a memfd) that backs the region for
+    mmap; `fd_offset` is where the region starts in that file. When `fd` is set and
+    `mmap_areas` is empty the whole region is mmap-able. Regions of size 0 do not exist.
+    """
+
+    index: int
+    size: int
+    readable: bool = True
+    writable: bool = True
+    fd: int | None = None
+    fd_offset: int = 0
+    mmap_areas: tuple[MmapArea, ...] = ()
+
+    @property
+    def mmappable(self) -> bool:
+        return self.fd is not None
+
+
+@dataclass(frozen=True)
+class IrqSpec:
+    """What GET_IRQ_INFO reports for one IRQ index. count 0 means the index is unused."""
+
+    index: int
+    count: int
+    maskable: bool = True
+    automasked: bool = False
+    noresize: bool = False
+
+
+class DmaError(Exception):
+    """A DMA access hit an unmapped, unpermitted or vanished window."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class DmaPort(Protocol):
+    """The device's view of the client's DMA address space (an IOVA space)."""
+
+    def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
+        """Zero-copy view of [address, address+size) if it lies in one mmap'd window.
+
+        Returns None when the range is mapped but has no fd (message mode) or spans windows;
+        raises DmaError when it is not mapped or the permission is missing. The view is only
+        valid until the next checkpoint (an unmap may follow); copy out before awaiting.
+        """
+        ...
+
+    async def read(self, address: int, size: int) -> bytes:
+        """Read guest memory: mmap'd windows directly, otherwise DMA_READ messages."""
+        ...
+
+    async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Write guest memory: mmap'd windows directly, otherwise DMA_WRITE messages."""
+        ...
+
+
+class IrqPort(Protocol):
+    """Raise interrupts. The engine decides eventfd vs pending bit from the client's setup."""
+
+    def trigger(self, index: int, vector: int = 0) -> bool:
+        """Signal an edge interrupt (MSI, MSI-X, ERR, REQ). Returns True if delivered now,
+        False if it was masked (pending bit set) or no eventfd is assigned."""
+        ...
+
+    def set_intx(self, level: bool) -> None:
+        """Drive the INTx line. Asserting signals the INTx eventfd (the client then masks
+        INTx until it unmasks); while the line stays asserted an unmask re-signals."""
+        ...
+
+    def pending(self, index: int, vector: int) -> bool:
+        """Pending bit of a masked vector (what an MSI-X PBA read reports)."""
+        ...
+
+    def enabled(self, index: int) -> bool:
+        """True if the client has assigned at least one eventfd for this index."""
+        ...
+
+
+class DeviceContext(Protocol):
+    """What an engine gives a model while a client is attached."""
+
+    @property
+    def dma(self) -> DmaPort: ...
+
+    @property
+    def irq(self) -> IrqPort: ...
+
+    def start_task(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
+        """Run `fn(*args)` in the connection's task group (called from sync handlers)."""
+        ...
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One `--set KEY=VALUE` option a model accepts (listed by `vfiouser-srv devices`)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+class DeviceModel:
+    """Base class of every device model served over vfio-user.
+
+    Subclasses normally derive from `devices.sdk.pci.PciDevice`, which implements all of
+    this from declarations. Device *state* lives here and survives disconnects; session
+    state (eventfds, DMA windows) lives in the engine.
+    """
+
+    #: name used on the command line (`vfiouser-srv serve NAME`)
+    name: ClassVar[str] = ""
+    #: one-line description for `vfiouser-srv devices`
+    description: ClassVar[str] = ""
+    #: accepted `--set` options
+    options: ClassVar[tuple[OptionSpec, ...]] = ()
+    #: whether DEVICE_GET_INFO advertises VFIO_DEVICE_FLAGS_RESET
+    supports_reset: ClassVar[bool] = True
+
+    #: set by `attach`, cleared by `detach`
+    ctx: DeviceContext | None = None
+
+    def regions(self) -> list[RegionSpec]:
+        """Every region the device has; indices not listed are reported with size 0."""
+        raise NotImplementedError
+
+    def irqs(self) -> list[IrqSpec]:
+        """Every IRQ index the device has; indices not listed are reported with count 0."""
+        raise NotImplementedError
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        """Synchronous read; the engine has checked offset+count against the region size."""
+        raise NotImplementedError
+
+    def region_write(self, index: int, offset: int, data: bytes) -> None:
+        """Synchronous write; the engine has checked offset+len(data) against the size."""
+        raise NotImplementedError
+
+    def attach(self, ctx: DeviceContext) -> None:
+        """A client finished VERSION and may now use the device."""
+        self.ctx = ctx
+
+    def detach(self) -> None:
+        """The client is gone; its tasks are already cancelled. State is kept."""
+        self.ctx = None
+
+    def reset(self) -> None:
+        """DEVICE_RESET (function-level reset). Tasks were cancelled before this call."""
+
+    def irq_unmasked(self, index: int, vector: int) -> None:  # noqa: B027 - optional hook
+        """The client unmasked a vector (e.g. INTx after EOI); a hook for level semantics."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """The server is shutting down or the device was hot-removed: free backends/fds."""
