@@ -1,0 +1,258 @@
+"""The sans-IO vfio-user connection: bytes and fds in, typed events out, and back.
+
+Like h11's Connection: no sockets, no clocks. A server and a client are the same class in
+different roles. Phases are a data table (`PHASE_TABLE`), so the rules can be read (and
+documented) without reading code.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._caps import Capabilities
+from ._constants import HEADER_FLAGS_KNOWN, HEADER_SIZE, Command, HeaderFlags
+from ._errors import FatalProtocolError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from ._messages import Body, Version, decode_body
+from ._wire import Frame, FrameDecoder, pack_header
+
+
+class Role(enum.Enum):
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class Phase(enum.Enum):
+    #: nothing but VERSION may happen (for a server: nothing is granted yet)
+    AWAIT_VERSION = "await-version"
+    #: the VERSION request is in flight (client sent it / server is answering it)
+    NEGOTIATING = "negotiating"
+    #: capabilities agreed; every other command may flow
+    READY = "ready"
+    #: the stream is finished (closed by either side or broken)
+    CLOSED = "closed"
+
+
+class Step(enum.Enum):
+    SEND_VERSION = "send VERSION request"
+    RECV_VERSION = "receive VERSION request"
+    SEND_VERSION_REPLY = "send VERSION reply"
+    RECV_VERSION_REPLY = "receive VERSION reply"
+    VERSION_FAILED = "VERSION rejected"
+    OTHER = "any other command"
+    CLOSE = "close"
+
+
+#: (role, phase, step) -> next phase. Anything absent is a protocol violation.
+PHASE_TABLE: dict[tuple[Role, Phase, Step], Phase] = {
+    (Role.SERVER, Phase.AWAIT_VERSION, Step.RECV_VERSION): Phase.NEGOTIATING,
+    (Role.SERVER, Phase.NEGOTIATING, Step.SEND_VERSION_REPLY): Phase.READY,
+    (Role.SERVER, Phase.NEGOTIATING, Step.VERSION_FAILED): Phase.AWAIT_VERSION,
+    (Role.SERVER, Phase.READY, Step.OTHER): Phase.READY,
+    (Role.CLIENT, Phase.AWAIT_VERSION, Step.SEND_VERSION): Phase.NEGOTIATING,
+    (Role.CLIENT, Phase.NEGOTIATING, Step.RECV_VERSION_REPLY): Phase.READY,
+    (Role.CLIENT, Phase.NEGOTIATING, Step.VERSION_FAILED): Phase.CLOSED,
+    (Role.CLIENT, Phase.READY, Step.OTHER): Phase.READY,
+}
+for _role in Role:
+    for _phase in Phase:
+        PHASE_TABLE[(_role, _phase, Step.CLOSE)] = Phase.CLOSED
+
+
+# ------------------------------------------------------------------------------ events
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A command from the peer, decoded."""
+
+    msg_id: int
+    body: Body
+    no_reply: bool = False
+
+    @property
+    def command(self) -> Command:
+        return self.body.COMMAND
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A command that could not be accepted; answer it with `error.errno` (unless no_reply).
+
+    The connection stays usable. `error.fds` are the descriptors that came with it: the
+    receiver owns them and must close them.
+    """
+
+    msg_id: int
+    command: int
+    no_reply: bool
+    error: ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    msg_id: int
+    body: Body
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    msg_id: int
+    command: int
+    errno: int
+
+
+Event = Request | BadRequest | Reply | ErrorReply
+
+#: size of the fixed structs in front of bulk data, so a frame limit covers the biggest one
+_STRUCT_HEADROOM = 64
+
+
+class Connection:
+    """One end of a vfio-user stream."""
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        local_caps: Capabilities | None = None,
+    ) -> None:
+        self.role = role
+        self.phase = Phase.AWAIT_VERSION
+        #: what we accept (a server advertises these in its VERSION reply)
+        self.local_caps = local_caps or Capabilities(max_msg_fds=16)
+        #: agreed capabilities (set when VERSION completes)
+        self.caps: Capabilities | None = None
+        self.peer_caps: Capabilities | None = None
+        self._next_id = 0
+        self._decoder = FrameDecoder(
+            HEADER_SIZE + _STRUCT_HEADROOM + self.local_caps.max_data_xfer_size,
+            max(self.local_caps.max_msg_fds, 1),
+        )
+
+    # ---------------------------------------------------------------- phases
+
+    def _step(self, step: Step) -> None:
+        nxt = PHASE_TABLE.get((self.role, self.phase, step))
+        if nxt is None:
+            raise LocalProtocolError(f"{self.role.value}: {step.value} in phase {self.phase.value}")
+        self.phase = nxt
+
+    def _allowed(self, step: Step) -> bool:
+        return (self.role, self.phase, step) in PHASE_TABLE
+
+    # ---------------------------------------------------------------- receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview, fds: Sequence[Any] = ()) -> None:
+        """Feed one read's bytes and the descriptors that came with it.
+
+        Raises FatalProtocolError (carrying every fd it held) when the stream is broken.
+        An empty `data` means the peer closed.
+        """
+        if not data and not fds:
+            self.phase = Phase.CLOSED
+            return
+        self._decoder.feed(data, fds)
+
+    def next_event(self) -> Event | None:
+        """The next event, or None until more data arrives."""
+        frame = self._decoder.next_frame()
+        if frame is None:
+            return None
+        try:
+            return self._event(frame)
+        except FatalProtocolError:
+            raise
+        except RemoteProtocolError as exc:
+            return BadRequest(frame.msg_id, frame.command, frame.no_reply, exc)
+
+    def _event(self, f: Frame) -> Event:
+        if f.flags & ~HEADER_FLAGS_KNOWN or (f.flags & HeaderFlags.TYPE_MASK) > 1:
+            raise RemoteProtocolError(f"header flags {f.flags:#x} invalid", fds=f.fds)
+        if f.is_reply:
+            return self._reply_event(f)
+        if f.error:
+            raise RemoteProtocolError("a command must not carry an error", fds=f.fds)
+        if f.command == Command.VERSION:
+            if not self._allowed(Step.RECV_VERSION):
+                raise RemoteProtocolError("VERSION in phase " + self.phase.value, fds=f.fds)
+            body = decode_body(f.command, False, memoryview(f.payload), f.fds)
+            self._step(Step.RECV_VERSION)
+            return Request(f.msg_id, body, f.no_reply)
+        if self.phase is not Phase.READY:
+            raise RemoteProtocolError(f"command {f.command} before VERSION completed", fds=f.fds)
+        body = decode_body(f.command, False, memoryview(f.payload), f.fds)
+        to_client = body.COMMAND in (Command.DMA_READ, Command.DMA_WRITE)
+        if to_client != (self.role is Role.CLIENT):
+            raise RemoteProtocolError(
+                f"{body.COMMAND.name} may not be sent to a {self.role.value}", fds=f.fds
+            )
+        return Request(f.msg_id, body, f.no_reply)
+
+    def _reply_event(self, f: Frame) -> Event:
+        if f.is_error:
+            if f.fds:
+                raise RemoteProtocolError("error reply with descriptors", fds=f.fds)
+            if f.command == Command.VERSION and self._allowed(Step.VERSION_FAILED):
+                self._step(Step.VERSION_FAILED)
+            return ErrorReply(f.msg_id, f.command, f.error or errno.EIO)
+        body = decode_body(f.command, True, memoryview(f.payload), f.fds)
+        if f.command == Command.VERSION and self.role is Role.CLIENT:
+            assert isinstance(body, Version)
+            self.peer_caps = body.capabilities
+            self.caps = body.capabilities
+            self._step(Step.RECV_VERSION_REPLY)
+        return Reply(f.msg_id, body)
+
+    # ---------------------------------------------------------------- sending
+
+    def _new_id(self) -> int:
+        msg_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFF
+        return msg_id
+
+    def send_request(
+        self, body: Body, *, no_reply: bool = False
+    ) -> tuple[int, bytes, tuple[Any, ...]]:
+        """Frame a request; returns (msg_id, bytes to send, fds to send with them)."""
+        if body.IS_REPLY:
+            raise LocalProtocolError(f"{type(body).__name__} is a reply")
+        if body.COMMAND == Command.VERSION:
+            self._step(Step.SEND_VERSION)
+        elif self.phase is not Phase.READY:
+            raise LocalProtocolError(f"{body.COMMAND.name} before VERSION completed")
+        msg_id = self._new_id()
+        payload = body.encode()
+        flags = HeaderFlags.TYPE_COMMAND | (HeaderFlags.NO_REPLY if no_reply else 0)
+        return (
+            msg_id,
+            pack_header(msg_id, body.COMMAND, HEADER_SIZE + len(payload), flags) + payload,
+            body.fds,
+        )
+
+    def send_reply(self, msg_id: int, body: Body) -> tuple[bytes, tuple[Any, ...]]:
+        """Frame a successful reply; a VERSION reply moves the server to READY."""
+        if not body.IS_REPLY:
+            raise LocalProtocolError(f"{type(body).__name__} is not a reply")
+        if body.COMMAND == Command.VERSION and self.role is Role.SERVER:
+            assert isinstance(body, Version)
+            self._step(Step.SEND_VERSION_REPLY)
+            self.caps = body.capabilities
+        payload = body.encode()
+        head = pack_header(msg_id, body.COMMAND, HEADER_SIZE + len(payload), HeaderFlags.TYPE_REPLY)
+        return head + payload, body.fds
+
+    def send_error(self, msg_id: int, command: int, err: int) -> bytes:
+        """Frame an error reply (header only). A failed VERSION returns to AWAIT_VERSION."""
+        if command == Command.VERSION and self._allowed(Step.VERSION_FAILED):
+            self._step(Step.VERSION_FAILED)
+        flags = HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR
+        return pack_header(msg_id, command & 0xFFFF, HEADER_SIZE, flags, err or errno.EIO)
+
+    def close(self) -> list[Any]:
+        """Mark the stream closed; returns descriptors of incomplete messages to close."""
+        self.phase = Phase.CLOSED
+        return self._decoder.close()
