@@ -313,6 +313,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ready-timeout", type=float, default=20.0)
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     p.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
+    p.add_argument("--syscalls", action="store_true",
+                   help="after the rounds, count server syscalls per serial REGION_READ with "
+                        "strace (separate, untimed run)")
     vfu_bench.add_bench_args(p)
     a = p.parse_args(argv)
 
@@ -350,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers: dict[str, Server] = {}
     skipped: dict[str, str] = {}
     rounds: dict[str, list[Result]] = {}
+    syscalls: dict[str, float | None] = {}
     try:
         for spec in specs:
             if spec.missing:
@@ -394,6 +398,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                          else f"serial {ser.get('error', 'not run')}")
                 print(f"[{tag}] {n}: {brief}", file=sys.stderr)
                 rounds[n].append(res)
+        if a.syscalls:
+            for n in ran:
+                srv = servers[n]
+                pid = next((r["server_pid"] for r in rounds[n] if r.get("server_pid")), None)
+                if pid is None or not srv.alive():
+                    continue
+                cfg = vfu_bench.config_from_args(a, srv.sock, srv.spec.region, srv.spec.offset)
+                try:
+                    syscalls[n] = vfu_bench.strace_syscalls_per_msg(cfg, pid)
+                except (OSError, vfu_bench.ServerError, vfu_bench.ProtocolError,
+                        subprocess.SubprocessError) as e:
+                    print(f"{n}: strace failed: {e}", file=sys.stderr)
     except KeyboardInterrupt:
         print("interrupted; stopping servers", file=sys.stderr)
     finally:
@@ -424,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     text.append("")
     if ran:
         text.append(summary_table(ran, aggs, ref, a.depth))
+        for n, per_msg in syscalls.items():
+            text.append(f"  {n}: server syscalls per serial REGION_READ (strace): "
+                        f"{per_msg if per_msg is None else round(per_msg, 2)}")
         for n in ran:
             for test, t in aggs[n].items():
                 if t["errors"]:
@@ -448,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            "median": {n: {t: v["median"] for t, v in aggs[n].items()} for n in ran},
            "errors": {n: {t: v["errors"] for t, v in aggs[n].items() if v["errors"]}
                       for n in ran},
+           "syscalls_per_msg": syscalls,
            "rounds": rounds,
            "bench_args": {k: v for k, v in vars(a).items() if k != "results_dir"}}
     Path(f"{base}.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
