@@ -226,8 +226,8 @@ class DeviceModel:
     def reset(self) -> None:
         """DEVICE_RESET (function-level reset). Tasks were cancelled before this call."""
 
-    def irq_unmasked(self, index: int, vector: int) -> None:  # noqa: B027 - optional hook
+    def irq_unmasked(self, index: int, vector: int) -> None:
         """The client unmasked a vector (e.g. INTx after EOI); a hook for level semantics."""
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """The server is shutting down or the device was hot-removed: free backends/fds."""

@@ -1,0 +1,276 @@
+"""QEMU's educational PCI device (`-device edu`), served over vfio-user.
+
+Behaviour follows QEMU's hw/misc/edu.c (spec: docs/specs/edu.rst) register for register,
+so guest drivers written against QEMU's edu work unchanged. Where edu.c misbehaves we
+deviate, and say so here:
+
+* **DMA outside the 4 KiB buffer.** edu.c only logs the range error and then copies out of
+  bounds of its buffer. We log it and ignore the command: the command register keeps its
+  previous value, so the start bit never sets, and no interrupt is raised.
+* **Factorial** is computed synchronously inside the register write (edu.c uses a thread).
+  The "computing" status bit is therefore already clear when the write returns, and the
+  result and the completion interrupt (if status bit 0x80 is set) are there at once.
+* **DMA** runs in a task through `ctx.dma` as soon as the command is written (edu.c fires a
+  timer 100 ms later). A DMA error (unmapped address) or Bus Master being off makes the
+  transfer not happen, but the command still completes, as it does in edu.c. A DMA task
+  cancelled by the engine (reset, disconnect, unmap) clears the start bit without an
+  interrupt, so the device is never left wedged with the start bit set.
+* **Reset.** edu.c has no reset handler, so its registers survive a PCI reset. Ours return to
+  their power-on values (all zero), because a function-level reset should, and because the
+  engine cancels a DMA in flight before the reset.
+
+Access sizes are checked as in edu.c: offsets below 0x80 accept only 4-byte accesses, the
+rest 4 or 8 bytes. Any other access reads all ones and its write is ignored; so does an
+access to an offset with no register (including the DMA buffer, which edu.c never maps).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+from devices.sdk import (
+    INTA,
+    Bar,
+    CallbackHandler,
+    DmaError,
+    MsiCap,
+    OptionSpec,
+    PciDevice,
+    PciIdentity,
+)
+
+log = logging.getLogger(__name__)
+
+VENDOR_ID_QEMU = 0x1234
+DEVICE_ID_EDU = 0x11E8
+REVISION = 0x10
+CLASS_OTHERS = 0x00FF00  # PCI_CLASS_OTHERS (0x00ff) with programming interface 0
+SUBSYSTEM_VENDOR_ID_REDHAT_QUMRANET = 0x1AF4  # QEMU's default subsystem IDs
+SUBSYSTEM_ID_QEMU = 0x1100
+
+BAR_SIZE = 1 << 20
+IDENTIFICATION = 0x010000ED
+#: edu.c's default dma_mask: 28 bits (256 MiB)
+DEFAULT_DMA_MASK = (1 << 28) - 1
+DMA_START = 0x40000
+DMA_SIZE = 4096
+#: offsets below this accept only 4-byte accesses, the rest 4 or 8
+WIDE_REGS_START = 0x80
+U32 = 0xFFFF_FFFF
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+#: n! mod 2**32 is 0 for every n >= 34 (34! has 32 factors of two)
+FACTORIAL_ZERO_FROM = 34
+
+
+class Reg(enum.IntEnum):
+    ID = 0x00
+    LIVENESS = 0x04
+    FACTORIAL = 0x08
+    STATUS = 0x20
+    IRQ_STATUS = 0x24
+    IRQ_RAISE = 0x60
+    IRQ_ACK = 0x64
+    DMA_SRC = 0x80
+    DMA_DST = 0x88
+    DMA_CNT = 0x90
+    DMA_CMD = 0x98
+
+
+class StatusBit(enum.IntFlag):
+    COMPUTING = 0x01
+    IRQFACT = 0x80
+
+
+class DmaCmd(enum.IntFlag):
+    RUN = 0x1
+    TO_RAM = 0x2  # direction: 0 = RAM -> edu buffer, 1 = edu buffer -> RAM
+    IRQ = 0x4
+
+
+class IrqBit(enum.IntFlag):
+    FACTORIAL = 0x00000001
+    DMA = 0x00000100
+
+
+def factorial32(n: int) -> int:
+    """n! truncated to 32 bits, as edu.c's uint32_t loop computes it."""
+    if n >= FACTORIAL_ZERO_FROM:
+        return 0
+    result = 1
+    for i in range(2, n + 1):
+        result = (result * i) & U32
+    return result
+
+
+class Edu(PciDevice):
+    name = "edu"
+    description = "QEMU's educational PCI device (factorial, interrupts, DMA)"
+    options = (
+        OptionSpec("dma_mask", int, DEFAULT_DMA_MASK,
+                   "mask applied to guest DMA addresses (edu.c default: 28 bits)"),
+    )
+    identity = PciIdentity(
+        vendor_id=VENDOR_ID_QEMU,
+        device_id=DEVICE_ID_EDU,
+        class_code=CLASS_OTHERS,
+        revision=REVISION,
+        subsystem_vendor_id=SUBSYSTEM_VENDOR_ID_REDHAT_QUMRANET,
+        subsystem_id=SUBSYSTEM_ID_QEMU,
+    )
+    interrupt_pin = INTA
+
+    def __init__(self, dma_mask: int = DEFAULT_DMA_MASK) -> None:
+        if not 0 < dma_mask <= U64:
+            raise ValueError("dma_mask must be a non-zero 64-bit mask")
+        self.dma_mask = dma_mask
+        # msi_init(pdev, 0, 1, true, false): one vector, 64-bit, no per-vector masking.
+        super().__init__(
+            bars=[Bar(0, BAR_SIZE, backing=CallbackHandler(self._mmio_read, self._mmio_write))],
+            caps=[MsiCap(1, addr64=True, per_vector_mask=False)],
+        )
+        self.dma_buf = bytearray(DMA_SIZE)
+        self.on_reset()
+
+    def on_reset(self) -> None:
+        self.liveness = 0
+        self.fact = 0
+        self.status = StatusBit(0)
+        self.irq_status = 0
+        self.dma_src = 0
+        self.dma_dst = 0
+        self.dma_cnt = 0
+        self.dma_cmd = 0
+        self.dma_buf[:] = bytes(DMA_SIZE)
+
+    # ------------------------------------------------------------------ MMIO
+
+    @staticmethod
+    def _size_ok(offset: int, count: int) -> bool:
+        return count == 4 or (offset >= WIDE_REGS_START and count == 8)
+
+    def _mmio_read(self, offset: int, count: int) -> bytes:
+        if not self._size_ok(offset, count):
+            log.debug("edu: %d-byte read at 0x%x rejected", count, offset)
+            return b"\xff" * count
+        values: dict[int, int] = {
+            Reg.ID: IDENTIFICATION,
+            Reg.LIVENESS: self.liveness,
+            Reg.FACTORIAL: self.fact,
+            Reg.STATUS: int(self.status),
+            Reg.IRQ_STATUS: self.irq_status,
+            Reg.DMA_SRC: self.dma_src,
+            Reg.DMA_DST: self.dma_dst,
+            Reg.DMA_CNT: self.dma_cnt,
+            Reg.DMA_CMD: self.dma_cmd,
+        }
+        value = values.get(offset, U64)
+        return (value & ((1 << (8 * count)) - 1)).to_bytes(count, "little")
+
+    def _mmio_write(self, offset: int, data: bytes) -> None:
+        if not self._size_ok(offset, len(data)):
+            log.debug("edu: %d-byte write at 0x%x ignored", len(data), offset)
+            return
+        value = int.from_bytes(data, "little")
+        if offset == Reg.LIVENESS:
+            self.liveness = ~value & U32
+        elif offset == Reg.FACTORIAL:
+            self._start_factorial(value & U32)
+        elif offset == Reg.STATUS:
+            if value & StatusBit.IRQFACT:
+                self.status |= StatusBit.IRQFACT
+            else:
+                self.status &= ~StatusBit.IRQFACT
+        elif offset == Reg.IRQ_RAISE:
+            self._raise(value & U32)
+        elif offset == Reg.IRQ_ACK:
+            self._lower(value & U32)
+        elif offset in (Reg.DMA_SRC, Reg.DMA_DST, Reg.DMA_CNT):
+            if self.dma_cmd & DmaCmd.RUN:
+                log.debug("edu: DMA register 0x%x written while running, ignored", offset)
+            elif offset == Reg.DMA_SRC:
+                self.dma_src = value
+            elif offset == Reg.DMA_DST:
+                self.dma_dst = value
+            else:
+                self.dma_cnt = value
+        elif offset == Reg.DMA_CMD:
+            self._start_dma(value)
+
+    # ------------------------------------------------------------------ interrupts
+
+    def _raise(self, bits: int) -> None:
+        self.irq_status |= bits
+        if self.irq_status:
+            self.raise_irq(0)
+
+    def _lower(self, bits: int) -> None:
+        self.irq_status &= ~bits
+        if not self.irq_status:
+            self.lower_irq()
+
+    # ------------------------------------------------------------------ factorial
+
+    def _start_factorial(self, n: int) -> None:
+        if self.status & StatusBit.COMPUTING:
+            return
+        self.status |= StatusBit.COMPUTING
+        self.fact = factorial32(n)
+        self.status &= ~StatusBit.COMPUTING
+        if self.status & StatusBit.IRQFACT:
+            self._raise(IrqBit.FACTORIAL)
+
+    # ------------------------------------------------------------------ DMA
+
+    def _buffer_range_ok(self, start: int, count: int) -> bool:
+        return start >= DMA_START and start + count <= DMA_START + DMA_SIZE
+
+    def _clamp(self, address: int) -> int:
+        clamped = address & self.dma_mask
+        if clamped != address:
+            log.warning("edu: clamping DMA 0x%016x to 0x%016x", address, clamped)
+        return clamped
+
+    def _start_dma(self, value: int) -> None:
+        if not value & DmaCmd.RUN or self.dma_cmd & DmaCmd.RUN:
+            return
+        buffer_addr = self.dma_src if value & DmaCmd.TO_RAM else self.dma_dst
+        if not self._buffer_range_ok(buffer_addr, self.dma_cnt):
+            log.warning(
+                "edu: DMA range 0x%x+0x%x outside the buffer 0x%x+0x%x, command ignored",
+                buffer_addr, self.dma_cnt, DMA_START, DMA_SIZE,
+            )
+            return
+        if self.ctx is None:
+            log.warning("edu: DMA command with no client attached, ignored")
+            return
+        self.dma_cmd = value
+        self.ctx.start_task(self._run_dma, name="edu-dma")
+
+    async def _run_dma(self) -> None:
+        cmd, count = self.dma_cmd, self.dma_cnt
+        completed = False
+        try:
+            ctx = self.ctx
+            if ctx is None:
+                return
+            if not self.bus_master_enabled():
+                log.warning("edu: DMA with Bus Master disabled; no data moved")
+            elif cmd & DmaCmd.TO_RAM:
+                start = self.dma_src - DMA_START
+                await ctx.dma.write(self._clamp(self.dma_dst),
+                                    bytes(self.dma_buf[start : start + count]))
+            else:
+                start = self.dma_dst - DMA_START
+                data = await ctx.dma.read(self._clamp(self.dma_src), count)
+                if len(data) != count:
+                    raise DmaError(0, f"short DMA read: {len(data)} of {count} bytes")
+                self.dma_buf[start : start + count] = data
+            completed = True
+        except DmaError as exc:
+            log.warning("edu: DMA failed (%s); no data moved", exc)
+            completed = True
+        finally:
+            self.dma_cmd &= ~DmaCmd.RUN
+        if completed and cmd & DmaCmd.IRQ:
+            self._raise(IrqBit.DMA)
