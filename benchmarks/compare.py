@@ -107,7 +107,7 @@ def parse_server(arg: str, samples: str | None) -> ServerSpec:
 
 
 class Server:
-    """One server process we started; stopped only by its own pid."""
+    """One server process we started, in its own session; stopped through its own pid."""
 
     def __init__(self, spec: ServerSpec, cpu: int | None, sock_dir: Path, log_path: Path) -> None:
         self.spec = spec
@@ -137,7 +137,8 @@ class Server:
         env = {**os.environ, **self.spec.env}
         try:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=self.log,
-                                         stderr=subprocess.STDOUT, cwd=self.spec.cwd, env=env)
+                                         stderr=subprocess.STDOUT, cwd=self.spec.cwd, env=env,
+                                         start_new_session=True)
         except OSError as e:
             raise RuntimeError(f"cannot start: {e}") from e
         self.starts += 1
@@ -188,14 +189,29 @@ class Server:
             pass
         return None
 
+    def _signal_group(self, sig: int) -> bool:
+        """Signal the process group we created for this server (its pid is the group id),
+        so a wrapper script's children go too. False if the group is gone."""
+        if self.proc is None:
+            return False
+        try:
+            os.killpg(self.proc.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        if self.proc is not None:
+            self._signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal_group(signal.SIGKILL)
                 self.proc.wait(5)
+            deadline = time.monotonic() + 2
+            while self._signal_group(0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self._signal_group(signal.SIGKILL)  # leftovers of a wrapper, if any
         if self.log is not None:
             self.log.close()
             self.log = None
@@ -436,7 +452,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         text.append(f"  {n}: {shlex.join(servers[n].argv())}  (region {s.region} "
                     f"offset {s.offset:#x}, started {servers[n].starts}x)")
     for n, why in skipped.items():
-        text.append(f"  {n}: NOT RUN: {why.splitlines()[0]}")
+        lines = [ln.strip() for ln in why.splitlines() if ln.strip()]
+        last = f" ... {lines[-1]}" if len(lines) > 1 else ""
+        text.append(f"  {n}: NOT RUN: {lines[0] if lines else '?'}{last}")
     text.append("")
     if ran:
         text.append(summary_table(ran, aggs, ref, a.depth))
