@@ -170,7 +170,7 @@ class Connection:
             return BadRequest(frame.msg_id, frame.command, frame.no_reply, exc)
 
     def _event(self, f: Frame) -> Event:
-        if f.flags & ~HEADER_FLAGS_KNOWN or (f.flags & HeaderFlags.TYPE_MASK) > 1:
+        if f.flags & ~int(HEADER_FLAGS_KNOWN) or (f.flags & HeaderFlags.TYPE_MASK) > 1:
             raise RemoteProtocolError(f"header flags {f.flags:#x} invalid", fds=f.fds)
         if f.is_reply:
             return self._reply_event(f)

@@ -385,7 +385,7 @@ class RegionInfo(Body):
         full = self.full_size
         argsz = self.argsz or full
         if not self.complete or not self.caps:
-            flags = self.flags & ~RegionFlags.CAPS if not self.caps else self.flags
+            flags = self.flags & ~int(RegionFlags.CAPS) if not self.caps else self.flags
             return _REGION_INFO.pack(argsz, flags, self.index, 0, self.size, self.offset)
         out = bytearray()
         pos = REGION_INFO_SIZE
@@ -851,7 +851,7 @@ class DeviceFeature(Body):
         if argsz < _FEATURE.size:
             raise RemoteProtocolError(f"DEVICE_FEATURE: argsz {argsz} < 8")
         known = FeatureFlags.MASK | FeatureFlags.GET | FeatureFlags.SET | FeatureFlags.PROBE
-        if flags & ~known:
+        if flags & ~int(known):
             raise RemoteProtocolError(f"DEVICE_FEATURE: unknown flags {flags:#x}")
         return cls(flags, bytes(payload[_FEATURE.size :]), argsz)
 
