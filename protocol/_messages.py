@@ -143,7 +143,7 @@ class Version(Body):
             raise RemoteProtocolError("VERSION: JSON is not NUL-terminated")
         try:
             obj = json.loads(data[:end].decode("utf-8")) if end else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # also int-digit limit, deep nesting
             raise RemoteProtocolError(f"VERSION: bad JSON: {exc}") from None
         if not isinstance(obj, dict):
             raise RemoteProtocolError("VERSION: JSON is not an object")
