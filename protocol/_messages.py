@@ -412,6 +412,9 @@ class RegionInfo(Body):
             raise RemoteProtocolError("GET_REGION_INFO reply: more than one fd", fds=fds)
         caps: list[RegionCap] = []
         complete = len(payload) >= argsz
+        if fds and not complete:
+            # `fds` of a truncated reply is empty, so a descriptor here would be lost
+            raise RemoteProtocolError("GET_REGION_INFO reply: fd with a truncated reply", fds=fds)
         if flags & RegionFlags.CAPS and complete:
             pos, seen = cap_offset, 0
             while pos:
