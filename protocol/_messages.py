@@ -913,7 +913,8 @@ class MigDataWrite(Body):
     argsz: int = 0
 
     def encode(self) -> bytes:
-        return _MIG_DATA.pack(self.argsz or _MIG_DATA.size, len(self.data)) + self.data
+        argsz = self.argsz or _MIG_DATA.size + len(self.data)  # libvfio-user requires this
+        return _MIG_DATA.pack(argsz, len(self.data)) + self.data
 
     @classmethod
     def decode(cls, payload: memoryview, fds: Fds) -> Self:
