@@ -1,0 +1,236 @@
+"""Container: one client's DMA address space (the kernel's IOMMU container, in user space).
+
+Concepts (after libvfio-user's `lib/dma.c`):
+
+* A *window* is what one DMA_MAP added: [address, address + size) of the client's IOVA
+  space, with read/write permission. Windows are sorted and never overlap.
+* A window that came with a file descriptor is mmap'd here (MAP_SHARED, protection from its
+  permission) and served with zero-copy memoryviews; the descriptor is closed as soon as the
+  mapping exists, because the mapping holds the file by itself. A window without an fd is
+  served by DMA_READ / DMA_WRITE messages on the connection that mapped it.
+* A *pin* is an access that spans awaits (e.g. file I/O in a worker thread straight into
+  guest memory). DMA_UNMAP waits for the pins of the windows it removes before it replies,
+  as the spec requires ("release all references ... including in-flight DMA").
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from devices.sdk.interface import DmaError
+from protocol import DmaMap, DmaMapFlags, RemoteProtocolError
+
+from .fds import OwnedFd
+
+log = logging.getLogger(__name__)
+
+_ADDRESS_LIMIT = 1 << 64
+
+
+@dataclass(eq=False)
+class DmaWindow:
+    address: int
+    size: int
+    readable: bool
+    writable: bool
+    #: file offset of `address` in the client's fd (0 in message mode)
+    offset: int = 0
+    mapping: mmap.mmap | None = None
+    view: memoryview | None = None
+    #: who mapped it: message-mode DMA goes back to this session
+    owner: Any = None
+    pins: int = 0
+    unpinned: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    @property
+    def mmapped(self) -> bool:
+        return self.view is not None
+
+    def release(self) -> None:
+        """Unmap. A device that kept a view past the unmap delays munmap until it drops it."""
+        view, self.view = self.view, None
+        mapping, self.mapping = self.mapping, None
+        if view is not None:
+            view.release()
+        if mapping is not None:
+            try:
+                mapping.close()
+            except BufferError:
+                log.error(
+                    "DMA window %#x+%#x still referenced by a device after unmap; "
+                    "it is unmapped when the device drops its view",
+                    self.address,
+                    self.size,
+                )
+
+
+class Container:
+    """The sorted window set, with the limits negotiated at VERSION."""
+
+    def __init__(self, *, page_size: int = 4096, max_maps: int = 65535) -> None:
+        self.page_size = page_size
+        self.max_maps = max_maps
+        self._starts: list[int] = []
+        self._windows: list[DmaWindow] = []
+        #: sessions attached to this container (a container may be shared within a group)
+        self.users = 0
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def __iter__(self) -> Iterator[DmaWindow]:
+        return iter(list(self._windows))
+
+    # ----------------------------------------------------------------- map / unmap
+
+    def map(self, req: DmaMap, owner: Any = None) -> DmaWindow:
+        """Add a window. Consumes `req.fd` (closed whether or not the map succeeds)."""
+        fd: OwnedFd | None = req.fd
+        try:
+            return self._map(req, fd, owner)
+        finally:
+            if fd is not None:
+                fd.close()
+
+    def _map(self, req: DmaMap, fd: OwnedFd | None, owner: Any) -> DmaWindow:
+        known = DmaMapFlags.READ | DmaMapFlags.WRITE
+        if req.flags & ~known:
+            raise RemoteProtocolError(f"DMA_MAP: unknown flags {req.flags:#x}")
+        if not req.flags & known:
+            raise RemoteProtocolError("DMA_MAP: neither read nor write")
+        if req.size == 0:
+            raise RemoteProtocolError("DMA_MAP: size 0")
+        if req.address + req.size > _ADDRESS_LIMIT:
+            raise RemoteProtocolError("DMA_MAP: address range wraps")
+        mask = self.page_size - 1
+        if req.address & mask or req.size & mask or (fd is not None and req.offset & mask):
+            raise RemoteProtocolError(
+                f"DMA_MAP: {req.address:#x}+{req.size:#x} (offset {req.offset:#x}) "
+                f"not aligned to {self.page_size:#x}"
+            )
+        if self._overlapping(req.address, req.size):
+            raise RemoteProtocolError(
+                f"DMA_MAP: {req.address:#x}+{req.size:#x} overlaps a window", errno=errno.EEXIST
+            )
+        if len(self._windows) >= self.max_maps:
+            raise RemoteProtocolError(
+                f"DMA_MAP: already {len(self._windows)} windows", errno=errno.ENOSPC
+            )
+        readable = bool(req.flags & DmaMapFlags.READ)
+        writable = bool(req.flags & DmaMapFlags.WRITE)
+        window = DmaWindow(req.address, req.size, readable, writable, req.offset, owner=owner)
+        if fd is not None:
+            window.mapping = self._mmap(fd, req, writable)
+            window.view = memoryview(window.mapping)
+        else:
+            window.offset = 0
+        i = bisect.bisect_left(self._starts, req.address)
+        self._starts.insert(i, req.address)
+        self._windows.insert(i, window)
+        return window
+
+    @staticmethod
+    def _mmap(fd: OwnedFd, req: DmaMap, writable: bool) -> mmap.mmap:
+        st = os.fstat(fd.fileno())
+        if stat.S_ISREG(st.st_mode) and req.offset + req.size > st.st_size:
+            raise RemoteProtocolError(
+                f"DMA_MAP: file of {st.st_size:#x} bytes cannot back {req.offset:#x}+{req.size:#x}"
+            )
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+            raise RemoteProtocolError("DMA_MAP: descriptor is not mappable memory")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            return mmap.mmap(fd.fileno(), req.size, mmap.MAP_SHARED, prot, offset=req.offset)
+        except OSError as exc:
+            raise RemoteProtocolError(
+                f"DMA_MAP: mmap failed: {exc}", errno=exc.errno or errno.EINVAL
+            ) from None
+
+    def _overlapping(self, address: int, size: int) -> bool:
+        i = bisect.bisect_right(self._starts, address)
+        if i > 0 and self._windows[i - 1].end > address:
+            return True
+        return i < len(self._windows) and self._windows[i].address < address + size
+
+    def take(self, address: int, size: int) -> DmaWindow:
+        """Remove the window that exactly matches (ENOENT otherwise) and return it."""
+        i = bisect.bisect_left(self._starts, address)
+        if i == len(self._starts) or self._starts[i] != address or self._windows[i].size != size:
+            raise RemoteProtocolError(
+                f"DMA_UNMAP: no window {address:#x}+{size:#x}", errno=errno.ENOENT
+            )
+        del self._starts[i]
+        return self._windows.pop(i)
+
+    def take_all(self, owner: Any = None) -> list[DmaWindow]:
+        """Remove every window (of `owner` only, when given) and return them."""
+        keep = [w for w in self._windows if owner is not None and w.owner is not owner]
+        gone = [w for w in self._windows if w not in keep]
+        self._windows = keep
+        self._starts = [w.address for w in keep]
+        return gone
+
+    @staticmethod
+    async def drain(windows: list[DmaWindow], timeout: float = 10.0) -> bool:
+        """Wait until no access pins these windows. False if it timed out."""
+        with trio.move_on_after(timeout):
+            for w in windows:
+                if w.pins:
+                    await w.unpinned.wait()
+            return True
+        return False
+
+    def release_all(self) -> None:
+        for w in self.take_all():
+            w.release()
+
+    # ----------------------------------------------------------------- lookup
+
+    def find(self, address: int) -> DmaWindow:
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i >= 0:
+            w = self._windows[i]
+            if address < w.end:
+                return w
+        raise DmaError(errno.EFAULT, f"DMA address {address:#x} is not mapped")
+
+    def spans(self, address: int, size: int, write: bool) -> Iterator[tuple[DmaWindow, int, int]]:
+        """(window, offset in window, length) pieces covering [address, address+size)."""
+        if size < 0 or address < 0 or address + size > _ADDRESS_LIMIT:
+            raise DmaError(errno.EINVAL, f"bad DMA range {address:#x}+{size:#x}")
+        pos, end = address, address + size
+        while pos < end:
+            w = self.find(pos)
+            if write and not w.writable:
+                raise DmaError(errno.EPERM, f"DMA window at {w.address:#x} is not writable")
+            if not write and not w.readable:
+                raise DmaError(errno.EPERM, f"DMA window at {w.address:#x} is not readable")
+            n = min(end, w.end) - pos
+            yield w, pos - w.address, n
+            pos += n
+
+    @contextlib.contextmanager
+    def pin(self, window: DmaWindow) -> Iterator[None]:
+        window.pins += 1
+        try:
+            yield
+        finally:
+            window.pins -= 1
+            if window.pins == 0:
+                window.unpinned.set()
+                window.unpinned = trio.Event()

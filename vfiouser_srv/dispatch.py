@@ -1,0 +1,358 @@
+"""Command handlers, and the one place where exceptions become errno replies.
+
+A handler gets the session and the decoded request and returns the reply body, or a
+coroutine for the few commands that must wait (DMA_UNMAP, DEVICE_RESET). `run_handler` frames
+the reply, honours No_reply, and maps failures to errnos (DESIGN.md section 3):
+
+| raised                                   | errno                       |
+|------------------------------------------|-----------------------------|
+| `ProtocolError` (bad payload, ranges)    | its errno (mostly EINVAL)   |
+| `DeviceError` / `DmaError` / `OSError`   | its errno                   |
+| anything else                            | EIO, logged with traceback  |
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from devices.sdk.interface import (
+    NUM_PCI_IRQS,
+    NUM_PCI_REGIONS,
+    DeviceError,
+    DmaError,
+    RegionSpec,
+)
+from protocol import (
+    PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
+    Body,
+    Capabilities,
+    Command,
+    DeviceFeature,
+    DeviceFlags,
+    DeviceGetInfo,
+    DeviceGetIrqInfo,
+    DeviceGetRegionInfo,
+    DeviceGetRegionIoFds,
+    DeviceInfo,
+    DeviceResetReply,
+    DeviceSetIrqs,
+    DeviceSetIrqsReply,
+    DmaMap,
+    DmaMapReply,
+    DmaUnmap,
+    DmaUnmapFlags,
+    DmaUnmapReply,
+    IrqInfo,
+    MigDataRead,
+    MigDataWrite,
+    ProtocolError,
+    RegionFlags,
+    RegionInfo,
+    RegionIoFds,
+    RegionRead,
+    RegionReadReply,
+    RegionWrite,
+    RegionWriteMulti,
+    RegionWriteMultiReply,
+    RegionWriteReply,
+    RemoteProtocolError,
+    Request,
+    SparseMmapCap,
+    Version,
+    VersionReply,
+    negotiate,
+)
+
+from .container import Container, DmaWindow
+from .objects import ObjectError
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger(__name__)
+
+Result = Body | Coroutine[Any, Any, Body] | None
+Handler = Callable[["Session", Any], Result]
+Framed = bytes | tuple[bytes, tuple[Any, ...]] | None
+
+
+def errno_of(exc: BaseException) -> int:
+    if isinstance(exc, (ProtocolError, DeviceError, DmaError)):
+        return exc.errno or errno.EIO
+    if isinstance(exc, OSError):
+        return exc.errno or errno.EIO
+    return errno.EIO
+
+
+def _fail(session: Session, req: Request, exc: Exception) -> bytes | None:
+    err = errno_of(exc)
+    known = isinstance(exc, (ProtocolError, DeviceError, DmaError, OSError))
+    if known:
+        log.warning(
+            "%s: %s id=%d failed: %s (errno %d)",
+            session.name,
+            req.body.COMMAND.name,
+            req.msg_id,
+            exc,
+            err,
+        )
+    else:
+        log.error(
+            "%s: %s id=%d raised", session.name, req.body.COMMAND.name, req.msg_id, exc_info=exc
+        )
+    if isinstance(exc, ObjectError) and req.body.COMMAND == Command.VERSION:
+        session.request_close()  # EBUSY/ENODEV at VERSION: answer, then close
+    if req.no_reply:
+        return None
+    return session.conn.send_error(req.msg_id, req.body.COMMAND, err)
+
+
+def _frame(session: Session, req: Request, body: Body | None) -> Framed:
+    if req.no_reply or body is None:
+        return None
+    data, fds = session.conn.send_reply(req.msg_id, body)
+    return (data, fds) if fds else data
+
+
+def run_handler(
+    session: Session, handler: Handler | None, req: Request
+) -> Framed | Awaitable[Framed]:
+    """Run a handler; returns framed bytes, None (no reply), or an awaitable of either."""
+    if handler is None:  # decoded but not served here (e.g. DMA_READ sent to a server)
+        exc: Exception = RemoteProtocolError(
+            f"command {req.body.COMMAND.name} not supported", errno=errno.ENOTSUP
+        )
+        return _fail(session, req, exc)
+    try:
+        result = handler(session, req.body)
+    except Exception as exc:
+        from .fds import close_all
+
+        close_all(req.body.fds)
+        return _fail(session, req, exc)
+    if isinstance(result, Coroutine):
+        return _finish(session, req, result)
+    return _frame(session, req, result)
+
+
+async def _finish(session: Session, req: Request, coro: Coroutine[Any, Any, Body]) -> Framed:
+    try:
+        body = await coro
+    except Exception as exc:
+        return _fail(session, req, exc)
+    return _frame(session, req, body)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _attached(session: Session) -> None:
+    if not session.attached:
+        raise ObjectError(errno.EINVAL, "device not attached")
+
+
+#: how long a new client waits for the device's previous client to finish detaching
+PREVIOUS_CLIENT_GRACE = 0.5
+
+
+def on_version(session: Session, req: Version) -> Result:
+    if req.major != PROTOCOL_MAJOR:
+        raise RemoteProtocolError(f"VERSION: major {req.major} not supported")
+    caps = negotiate(req.capabilities, session.server.caps)
+    session.conn.peer_caps = req.capabilities
+    reply = VersionReply(PROTOCOL_MAJOR, min(req.minor, PROTOCOL_MINOR), caps)
+    previous = session.device.session
+    if previous is not None and previous is not session:
+        # A client that disconnects and reconnects at once may beat its old session's
+        # detach; give that one a moment before answering EBUSY.
+        return _version_after_previous(session, caps, reply)
+    session.attach(caps)
+    return reply
+
+
+async def _version_after_previous(session: Session, caps: Capabilities, reply: Body) -> Body:
+    released = session.device.released
+    if released is not None:
+        with trio.move_on_after(PREVIOUS_CLIENT_GRACE):
+            await released.wait()
+    session.attach(caps)
+    return reply
+
+
+def on_dma_map(session: Session, req: DmaMap) -> Body:
+    assert session.container is not None
+    w = session.container.map(req, owner=session)
+    log.debug(
+        "%s: mapped %#x+%#x %s", session.name, w.address, w.size, "mmap" if w.mmapped else "message"
+    )
+    return DmaMapReply()
+
+
+async def _release_pinned(session: Session, windows: list[DmaWindow], reply: Body) -> Body:
+    if not await Container.drain(windows, timeout=1.0):
+        # Quiesce: the device holds guest memory across an await and did not let go in
+        # time; cancel its tasks (they are restartable by design) rather than unmap under it.
+        log.warning("%s: DMA still pinned at unmap; quiescing device tasks", session.name)
+        await session.tasks.cancel_all()
+    for w in windows:
+        w.release()
+    return reply
+
+
+def on_dma_unmap(session: Session, req: DmaUnmap) -> Result:
+    if req.flags & ~DmaUnmapFlags.ALL:
+        raise RemoteProtocolError(f"DMA_UNMAP: flags {req.flags:#x} not supported")
+    unmap_all = bool(req.flags & DmaUnmapFlags.ALL)
+    if unmap_all and (req.address or req.size):
+        raise RemoteProtocolError("DMA_UNMAP: unmap-all needs address = size = 0")
+    container = session.container
+    assert container is not None
+    windows = container.take_all() if unmap_all else [container.take(req.address, req.size)]
+    reply = DmaUnmapReply(req.flags, req.address, req.size, req.argsz)
+    if any(w.pins for w in windows):
+        # The spec: release every reference, in-flight DMA included, before replying.
+        return _release_pinned(session, windows, reply)
+    for w in windows:
+        w.release()
+    return reply
+
+
+def on_device_get_info(session: Session, req: DeviceGetInfo) -> Body:
+    model = session.device.model
+    flags = DeviceFlags.PCI | (DeviceFlags.RESET if model.supports_reset else 0)
+    return DeviceInfo(int(flags), NUM_PCI_REGIONS, NUM_PCI_IRQS)
+
+
+def _region(session: Session, index: int) -> RegionSpec:
+    if not 0 <= index < NUM_PCI_REGIONS:
+        raise RemoteProtocolError(f"region index {index} out of range")
+    return session.server.region_specs(session.device).get(index) or RegionSpec(index, 0)
+
+
+def on_get_region_info(session: Session, req: DeviceGetRegionInfo) -> Body:
+    spec = _region(session, req.index)
+    flags = 0
+    if spec.size:
+        flags |= RegionFlags.READ if spec.readable else 0
+        flags |= RegionFlags.WRITE if spec.writable else 0
+    caps: tuple[SparseMmapCap, ...] = ()
+    fd = None
+    if spec.size and spec.fd is not None:
+        flags |= RegionFlags.MMAP
+        fd = spec.fd
+        if spec.mmap_areas:
+            caps = (SparseMmapCap(tuple((a.offset, a.size) for a in spec.mmap_areas)),)
+    info = RegionInfo(
+        req.index, flags, spec.size, spec.fd_offset if fd is not None else 0, caps, fd
+    )
+    return info.fit(req.argsz)
+
+
+def on_get_region_io_fds(session: Session, req: DeviceGetRegionIoFds) -> Body:
+    spec = _region(session, req.index)
+    if not spec.size:
+        raise RemoteProtocolError(f"region {req.index} does not exist")
+    # No ioeventfds are offered: every access comes as a message (or through mmap).
+    return RegionIoFds(req.index)
+
+
+def on_get_irq_info(session: Session, req: DeviceGetIrqInfo) -> Body:
+    table = session.irq_table
+    assert table is not None
+    if not 0 <= req.index < len(table.lines):
+        raise RemoteProtocolError(f"IRQ index {req.index} out of range")
+    line = table.lines[req.index]
+    return IrqInfo(req.index, line.flags, line.spec.count)
+
+
+def on_set_irqs(session: Session, req: DeviceSetIrqs) -> Body:
+    table = session.irq_table
+    assert table is not None
+    for index, vector in table.set_irqs(req):
+        session.device.model.irq_unmasked(index, vector)
+    return DeviceSetIrqsReply()
+
+
+def _check_access(session: Session, index: int, offset: int, count: int, write: bool) -> None:
+    spec = _region(session, index)
+    if not spec.size:
+        raise RemoteProtocolError(f"region {index} does not exist")
+    if (write and not spec.writable) or (not write and not spec.readable):
+        raise RemoteProtocolError(f"region {index} is not {'writ' if write else 'read'}able")
+    if offset + count > spec.size:
+        raise RemoteProtocolError(
+            f"access {offset:#x}+{count:#x} past the end of region {index} ({spec.size:#x})"
+        )
+    caps = session.conn.caps
+    if caps is not None and count > caps.max_data_xfer_size:
+        raise RemoteProtocolError(f"count {count} above max_data_xfer_size")
+
+
+def on_region_read(session: Session, req: RegionRead) -> Body:
+    _check_access(session, req.region, req.offset, req.count, False)
+    data = session.device.model.region_read(req.region, req.offset, req.count)
+    if len(data) != req.count:
+        raise DeviceError(errno.EIO, f"model returned {len(data)} bytes for {req.count}")
+    return RegionReadReply(req.offset, req.region, data)
+
+
+def on_region_write(session: Session, req: RegionWrite) -> Body:
+    _check_access(session, req.region, req.offset, len(req.data), True)
+    session.device.model.region_write(req.region, req.offset, req.data)
+    return RegionWriteReply(req.offset, req.region, len(req.data))
+
+
+def on_region_write_multi(session: Session, req: RegionWriteMulti) -> Body:
+    # Validate every entry before applying any, so a bad entry leaves no half-applied batch.
+    for w in req.writes:
+        _check_access(session, w.region, w.offset, len(w.data), True)
+    model = session.device.model
+    for w in req.writes:
+        model.region_write(w.region, w.offset, w.data)
+    return RegionWriteMultiReply(len(req.writes))
+
+
+async def _reset(session: Session) -> Body:
+    await session.tasks.cancel_all()
+    session.device.model.reset()
+    return DeviceResetReply()
+
+
+def on_device_reset(session: Session, req: Body) -> Result:
+    if not session.device.model.supports_reset:
+        raise RemoteProtocolError("device does not support reset")
+    return _reset(session)
+
+
+def on_device_feature(session: Session, req: DeviceFeature) -> Body:
+    # Migration is not offered yet; the kernel answers unknown features with ENOTTY.
+    raise RemoteProtocolError(f"feature {req.feature} not supported", errno=errno.ENOTTY)
+
+
+def on_mig_data(session: Session, req: MigDataRead | MigDataWrite) -> Body:
+    raise RemoteProtocolError("no migration data transfer is in progress")
+
+
+HANDLERS: dict[int, Handler] = {
+    Command.VERSION: on_version,
+    Command.DMA_MAP: on_dma_map,
+    Command.DMA_UNMAP: on_dma_unmap,
+    Command.DEVICE_GET_INFO: on_device_get_info,
+    Command.DEVICE_GET_REGION_INFO: on_get_region_info,
+    Command.DEVICE_GET_REGION_IO_FDS: on_get_region_io_fds,
+    Command.DEVICE_GET_IRQ_INFO: on_get_irq_info,
+    Command.DEVICE_SET_IRQS: on_set_irqs,
+    Command.REGION_READ: on_region_read,
+    Command.REGION_WRITE: on_region_write,
+    Command.REGION_WRITE_MULTI: on_region_write_multi,
+    Command.DEVICE_RESET: on_device_reset,
+    Command.DEVICE_FEATURE: on_device_feature,
+    Command.MIG_DATA_READ: on_mig_data,
+    Command.MIG_DATA_WRITE: on_mig_data,
+}

@@ -1,0 +1,256 @@
+"""Interrupts: eventfds, masks and pending bits per IRQ index (INTx, MSI, MSI-X, ERR, REQ).
+
+The client hands us eventfds with SET_IRQS; raising an interrupt is writing 1 to one
+(the message-based interrupt left the spec). Validation follows the spec and libvfio-user's
+`lib/irq.c` (`device_set_irqs_validate`); see notes/protocol.md.
+
+INTx is level-triggered on a PCI bus but an eventfd is an edge: like the kernel's vfio-pci,
+INTx is *automasked* when signalled, and the client unmasks it after the guest's EOI. If the
+device still asserts the line at unmask time, we signal again. MSI and MSI-X vectors that are
+masked collect a pending bit (what an MSI-X PBA read reports) and fire on unmask.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+
+from devices.sdk.interface import IrqIndex, IrqSpec
+from protocol import (
+    IRQ_SET_ACTION_MASK,
+    IRQ_SET_DATA_MASK,
+    DeviceSetIrqs,
+    IrqInfoFlags,
+    IrqSetFlags,
+    RemoteProtocolError,
+)
+
+from .fds import OwnedFd, close_all, is_eventfd
+
+log = logging.getLogger(__name__)
+
+_ONE = (1).to_bytes(8, "little")
+
+
+def signal_eventfd(fd: OwnedFd) -> bool:
+    try:
+        os.write(fd.fileno(), _ONE)
+        return True
+    except (OSError, ValueError) as exc:  # EAGAIN: counter saturated; EBADF: closed
+        log.warning("signalling eventfd %r failed: %s", fd, exc)
+        return False
+
+
+@dataclass
+class IrqLine:
+    """State of one IRQ index."""
+
+    spec: IrqSpec
+    triggers: list[OwnedFd | None] = field(default_factory=list)
+    mask_fds: list[OwnedFd | None] = field(default_factory=list)
+    unmask_fds: list[OwnedFd | None] = field(default_factory=list)
+    masked: list[bool] = field(default_factory=list)
+    pending: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = self.spec.count
+        self.triggers = [None] * n
+        self.mask_fds = [None] * n
+        self.unmask_fds = [None] * n
+        self.masked = [False] * n
+        self.pending = [False] * n
+
+    @property
+    def flags(self) -> int:
+        f = IrqInfoFlags.EVENTFD if self.spec.count else 0
+        if self.spec.maskable:
+            f |= IrqInfoFlags.MASKABLE
+        if self.spec.automasked:
+            f |= IrqInfoFlags.AUTOMASKED
+        if self.spec.noresize:
+            f |= IrqInfoFlags.NORESIZE
+        return int(f)
+
+    def all_fds(self) -> list[OwnedFd]:
+        return [f for lst in (self.triggers, self.mask_fds, self.unmask_fds) for f in lst if f]
+
+
+class IrqTable:
+    """Implements the device-facing `IrqPort` and the client-facing SET_IRQS."""
+
+    def __init__(self, specs: list[IrqSpec], num_irqs: int = 5) -> None:
+        by_index = {s.index: s for s in specs}
+        self.lines = [IrqLine(by_index.get(i, IrqSpec(i, 0))) for i in range(num_irqs)]
+        self.intx_level = False
+        #: called with (index, vector) when the client unmasks a vector
+        self.on_unmask: list[object] = []
+        self.fired = 0
+
+    # ----------------------------------------------------------------- IrqPort
+
+    def trigger(self, index: int, vector: int = 0) -> bool:
+        if not 0 <= index < len(self.lines):
+            return False
+        line = self.lines[index]
+        if not 0 <= vector < line.spec.count:
+            return False
+        if line.masked[vector]:
+            line.pending[vector] = True
+            return False
+        fd = line.triggers[vector]
+        if fd is None:
+            return False
+        if line.spec.automasked:
+            line.masked[vector] = True
+        self.fired += 1
+        return signal_eventfd(fd)
+
+    def set_intx(self, level: bool) -> None:
+        rising = level and not self.intx_level
+        self.intx_level = level
+        if rising:
+            self.trigger(IrqIndex.INTX, 0)
+        elif not level:
+            self.lines[IrqIndex.INTX].pending[0] = False
+
+    def pending(self, index: int, vector: int) -> bool:
+        line = self.lines[index] if 0 <= index < len(self.lines) else None
+        return bool(line and 0 <= vector < line.spec.count and line.pending[vector])
+
+    def enabled(self, index: int) -> bool:
+        return 0 <= index < len(self.lines) and any(self.lines[index].triggers)
+
+    # ----------------------------------------------------------------- SET_IRQS
+
+    def set_irqs(self, req: DeviceSetIrqs) -> list[tuple[int, int]]:
+        """Validate and apply. Consumes the request's fds (kept or closed).
+
+        Returns the (index, vector) pairs the client unmasked, for the model's hook.
+        """
+        fds = list(req.fd_list)
+        try:
+            unmasked = self._set_irqs(req, fds)
+        except BaseException:
+            close_all(fds)
+            raise
+        return unmasked
+
+    def _set_irqs(self, req: DeviceSetIrqs, fds: list[OwnedFd]) -> list[tuple[int, int]]:
+        flags = req.flags
+        if flags & ~(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK):
+            raise RemoteProtocolError(f"SET_IRQS: unknown flags {flags:#x}")
+        data, action = flags & IRQ_SET_DATA_MASK, flags & IRQ_SET_ACTION_MASK
+        if data.bit_count() != 1 or action.bit_count() != 1:
+            raise RemoteProtocolError(f"SET_IRQS: flags {flags:#x} need one data and one action")
+        if not 0 <= req.index < len(self.lines):
+            raise RemoteProtocolError(f"SET_IRQS: index {req.index} out of range")
+        line = self.lines[req.index]
+        if req.index in (IrqIndex.ERR, IrqIndex.REQ) and action != IrqSetFlags.ACTION_TRIGGER:
+            raise RemoteProtocolError("SET_IRQS: ERR and REQ take TRIGGER only")
+        if req.count == 0:
+            if flags != IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER or req.start:
+                raise RemoteProtocolError("SET_IRQS: count 0 only with NONE|TRIGGER, start 0")
+            if fds:
+                raise RemoteProtocolError("SET_IRQS: descriptors with count 0")
+            self.disable(req.index)
+            return []
+        if req.start + req.count > line.spec.count:
+            raise RemoteProtocolError(
+                f"SET_IRQS: {req.start}+{req.count} exceeds {line.spec.count} vectors of index "
+                f"{req.index}"
+            )
+        if action in (IrqSetFlags.ACTION_MASK, IrqSetFlags.ACTION_UNMASK) and (
+            not line.spec.maskable
+        ):
+            raise RemoteProtocolError(f"SET_IRQS: index {req.index} is not maskable")
+        if data != IrqSetFlags.DATA_EVENTFD and fds:
+            raise RemoteProtocolError("SET_IRQS: descriptors need DATA_EVENTFD")
+        vectors = range(req.start, req.start + req.count)
+        if data == IrqSetFlags.DATA_BOOL:
+            if len(req.data) != req.count:
+                raise RemoteProtocolError(
+                    f"SET_IRQS: {len(req.data)} bool bytes for {req.count} vectors"
+                )
+            vectors = range(0)
+            chosen = [req.start + i for i, b in enumerate(req.data) if b]
+        elif data == IrqSetFlags.DATA_NONE:
+            if len(req.data):
+                raise RemoteProtocolError("SET_IRQS: DATA_NONE with data")
+            chosen = list(vectors)
+        else:
+            return self._assign(line, req, fds, action)
+        return self._act(line, req.index, chosen, action)
+
+    def _assign(
+        self, line: IrqLine, req: DeviceSetIrqs, fds: list[OwnedFd], action: int
+    ) -> list[tuple[int, int]]:
+        if fds and len(fds) != req.count:
+            raise RemoteProtocolError(f"SET_IRQS: {len(fds)} eventfds for {req.count} vectors")
+        for fd in fds:
+            if not is_eventfd(fd.fileno()):
+                raise RemoteProtocolError(f"SET_IRQS: fd {fd.fd} is not an eventfd")
+        table = {
+            IrqSetFlags.ACTION_TRIGGER: line.triggers,
+            IrqSetFlags.ACTION_MASK: line.mask_fds,
+            IrqSetFlags.ACTION_UNMASK: line.unmask_fds,
+        }[IrqSetFlags(action)]
+        for i, v in enumerate(range(req.start, req.start + req.count)):
+            old = table[v]
+            table[v] = fds[i] if fds else None
+            if old is not None:
+                old.close()
+        fds.clear()  # ownership moved into the table
+        if action == IrqSetFlags.ACTION_TRIGGER and req.index == IrqIndex.INTX and self.intx_level:
+            # The line is already asserted: the new eventfd must learn about it.
+            self.trigger(IrqIndex.INTX, 0)
+        return []
+
+    def _act(
+        self, line: IrqLine, index: int, vectors: list[int], action: int
+    ) -> list[tuple[int, int]]:
+        unmasked: list[tuple[int, int]] = []
+        for v in vectors:
+            if action == IrqSetFlags.ACTION_TRIGGER:
+                fd = line.triggers[v]
+                if fd is not None:
+                    signal_eventfd(fd)
+            elif action == IrqSetFlags.ACTION_MASK:
+                if not line.masked[v] and line.mask_fds[v] is not None:
+                    signal_eventfd(line.mask_fds[v])  # type: ignore[arg-type]
+                line.masked[v] = True
+            else:
+                was = line.masked[v]
+                line.masked[v] = False
+                if was and line.unmask_fds[v] is not None:
+                    signal_eventfd(line.unmask_fds[v])  # type: ignore[arg-type]
+                unmasked.append((index, v))
+                if index == IrqIndex.INTX:
+                    if self.intx_level:
+                        self.trigger(index, v)
+                elif line.pending[v]:
+                    line.pending[v] = False
+                    self.trigger(index, v)
+        return unmasked
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def disable(self, index: int) -> None:
+        line = self.lines[index]
+        for fd in line.all_fds():
+            fd.close()
+        n = line.spec.count
+        line.triggers, line.mask_fds, line.unmask_fds = [None] * n, [None] * n, [None] * n
+        line.masked, line.pending = [False] * n, [False] * n
+
+    def close(self) -> None:
+        """Disconnect: close every eventfd the client gave us."""
+        for i in range(len(self.lines)):
+            self.disable(i)
+
+    def open_fds(self) -> int:
+        return sum(len(line.all_fds()) for line in self.lines)
+
+
+__all__ = ["IrqLine", "IrqTable", "errno", "signal_eventfd"]

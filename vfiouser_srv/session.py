@@ -1,0 +1,450 @@
+"""One client connection to one device: the pure-Python engine.
+
+Structure (one task per connection, plus the device's tasks):
+
+* The *reader loop* receives chunks, decodes every complete message in them, and handles
+  commands strictly in arrival order. Handlers are synchronous except the few that must wait
+  (DMA_UNMAP draining pinned DMA, DEVICE_RESET cancelling device tasks); those are awaited
+  inline, so ordering holds. Replies of one chunk are batched into one `sendmsg` (a reply
+  carrying fds ends its batch, so the receiver can tell whose fds they are).
+* Replies to our own requests (DMA_READ / DMA_WRITE) are routed to their waiters by msg_id
+  from the same loop.
+* Device tasks run in a `TaskGroup` that reset, unmap-quiesce and disconnect cancel.
+
+Deadlock rule (DESIGN.md 2.8): a region access handler is synchronous and its reply is sent
+before the loop waits for anything, so a region reply can never wait for a server->client
+request. Device tasks started by a register write run after that reply went out.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from devices.sdk.interface import DeviceContext, DmaError, DmaPort, IrqPort
+from protocol import (
+    BadRequest,
+    Body,
+    Capabilities,
+    Command,
+    Connection,
+    DmaRead,
+    DmaReadReply,
+    DmaWrite,
+    ErrorReply,
+    FatalProtocolError,
+    Reply,
+    Request,
+    Role,
+)
+
+from . import dispatch
+from .container import Container
+from .fds import close_all
+from .irq import IrqTable
+from .objects import ClientId, Device, new_connection_id
+from .transport import FdStream, TransportError
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger(__name__)
+wire_log = logging.getLogger("vfiouser_srv.wire")
+
+#: how long a device's DMA_READ/DMA_WRITE may wait for the client (QEMU's own is 5 s)
+DMA_REQUEST_TIMEOUT = 5.0
+
+
+class TaskGroup:
+    """The device's tasks for one connection; cancellable as a whole and restartable."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+        self._ready = trio.Event()
+        self._stopped = trio.Event()
+        self._closing = False
+        self.running = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        while not self._closing:
+            self._stopped = trio.Event()
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._ready.set()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await trio.sleep_forever()
+            self._nursery = None
+            self._ready = trio.Event()
+            self._stopped.set()
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
+        if self._nursery is None:
+            raise RuntimeError(f"{self.owner}: no task group (device not attached)")
+        self._nursery.start_soon(self._guard, fn, args, name=name or getattr(fn, "__name__", ""))
+
+    async def _guard(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        self.running += 1
+        try:
+            await fn(*args)
+        except Exception:
+            # A device bug must not take the connection down; it is logged loudly instead.
+            log.exception("%s: device task %s failed", self.owner, getattr(fn, "__name__", fn))
+        finally:
+            self.running -= 1
+
+    async def cancel_all(self) -> None:
+        """Cancel every task and wait until they are gone; new tasks may start afterwards."""
+        if self._scope is None:
+            return
+        stopped = self._stopped
+        self._scope.cancel()
+        await stopped.wait()
+        if not self._closing:
+            await self._ready.wait()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._scope is not None:
+            stopped = self._stopped
+            self._scope.cancel()
+            await stopped.wait()
+
+
+class _Waiter:
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: Body | int | None = None
+
+
+class SessionDma:
+    """The device's DmaPort for this connection."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    @property
+    def container(self) -> Container:
+        c = self.session.container
+        if c is None:
+            raise DmaError(errno.ENODEV, "no client attached")
+        return c
+
+    def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
+        pieces = list(self.container.spans(address, size, write))
+        if len(pieces) != 1:
+            return None if pieces else memoryview(b"")
+        w, off, n = pieces[0]
+        if w.view is None:
+            return None
+        return w.view[off : off + n]
+
+    async def read(self, address: int, size: int) -> bytes:
+        out = bytearray(size)
+        pos = 0
+        for w, off, n in self.container.spans(address, size, False):
+            if w.view is not None:
+                out[pos : pos + n] = w.view[off : off + n]
+            else:
+                out[pos : pos + n] = await self._message(w.owner).dma_read(w.address + off, n)
+            pos += n
+        return bytes(out)
+
+    async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        pos = 0
+        for w, off, n in self.container.spans(address, len(mv), True):
+            if w.view is not None:
+                w.view[off : off + n] = mv[pos : pos + n]
+            else:
+                await self._message(w.owner).dma_write(w.address + off, mv[pos : pos + n])
+            pos += n
+
+    def _message(self, owner: Any) -> Session:
+        if not isinstance(owner, Session) or owner.closed:
+            raise DmaError(errno.ENODEV, "the client that mapped this window is gone")
+        return owner
+
+
+class Session(DeviceContext):
+    """A connection to a device; also the `DeviceContext` its model sees."""
+
+    def __init__(self, server: Server, device: Device, stream: FdStream) -> None:
+        self.server = server
+        self.device = device
+        self.stream = stream
+        self.conn_id = new_connection_id()
+        try:
+            pid, uid, gid = stream.peercred()
+        except OSError:
+            pid = uid = gid = -1
+        self.client = ClientId(pid, uid, gid, self.conn_id)
+        self.conn = Connection(Role.SERVER, local_caps=server.caps)
+        self.container: Container | None = None
+        self.irq_table: IrqTable | None = None
+        self.tasks = TaskGroup(f"{device.name}#{self.conn_id}")
+        self._dma = SessionDma(self)
+        self._pending: dict[int, _Waiter] = {}
+        self.attached = False
+        self.closed = False
+        self._close_requested = False
+        self._scope = trio.CancelScope()
+        self.name = f"{device.name}#{self.conn_id}(pid {pid})"
+
+    # ------------------------------------------------------------ DeviceContext
+
+    @property
+    def dma(self) -> DmaPort:
+        return self._dma
+
+    @property
+    def irq(self) -> IrqPort:
+        assert self.irq_table is not None
+        return self.irq_table
+
+    def start_task(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
+        self.tasks.start_soon(fn, *args, name=name)
+
+    # ------------------------------------------------------------ attach / detach
+
+    def attach(self, caps: Capabilities) -> None:
+        """VERSION succeeded: claim the group, set up DMA and IRQs, hand the model a ctx."""
+        group = self.device.group
+        group.claim(self.client, self.device)
+        self.device.session = self
+        self.device.released = trio.Event()
+        self.container = group.container_for(caps.page_size, self.server.caps.max_dma_maps)
+        self.container.users += 1
+        self.irq_table = IrqTable(self.device.model.irqs())
+        self.attached = True
+        self.device.model.attach(self)
+        log.info("%s: attached (caps %s)", self.name, caps.to_json())
+
+    async def detach(self) -> None:
+        if not self.attached:
+            return
+        self.attached = False
+        await self.tasks.close()
+        for waiter in self._pending.values():
+            waiter.result = errno.ENOTCONN
+            waiter.event.set()
+        self._pending.clear()
+        if self.container is not None:
+            windows = self.container.take_all(owner=self)
+            await Container.drain(windows)
+            for w in windows:
+                w.release()
+            self.container.users -= 1
+        if self.irq_table is not None:
+            self.irq_table.close()
+        try:
+            self.device.model.detach()
+        except Exception:
+            log.exception("%s: model detach failed", self.name)
+        self.device.session = None
+        self.device.group.release()
+        if self.device.released is not None:
+            self.device.released.set()
+        log.info("%s: detached", self.name)
+
+    def request_close(self) -> None:
+        """Close after the current batch is flushed (EBUSY at VERSION, hot-remove timeout)."""
+        self._close_requested = True
+
+    # ------------------------------------------------------------ main loop
+
+    def force_close(self) -> None:
+        """Disconnect now (hot-remove deadline); detaching still runs in full."""
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        try:
+            with self._scope:
+                await self._run()
+        finally:
+            self.closed = True
+            close_all(self.conn.close())
+            self.stream.close()
+
+    async def _run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.tasks.run)
+            try:
+                await self._read_loop()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.detach()
+                nursery.cancel_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        conn, stream = self.conn, self.stream
+        handlers = dispatch.HANDLERS
+        while not self._close_requested:
+            try:
+                data, fds = await stream.receive()
+            except TransportError as exc:
+                log.warning("%s: %s; disconnecting", self.name, exc)
+                return
+            if not data:
+                close_all(fds)
+                log.info("%s: client closed the connection", self.name)
+                return
+            try:
+                conn.receive_data(data, fds)
+            except FatalProtocolError as exc:
+                close_all(exc.fds)
+                log.warning("%s: broken stream (%s); disconnecting", self.name, exc)
+                return
+            out: list[bytes] = []
+            verbose = wire_log.isEnabledFor(logging.DEBUG)
+            while True:
+                try:
+                    ev = conn.next_event()
+                except FatalProtocolError as exc:
+                    close_all(exc.fds)
+                    log.warning("%s: broken stream (%s); disconnecting", self.name, exc)
+                    await self._flush(out)
+                    return
+                if ev is None:
+                    break
+                if verbose:
+                    _log_event(self.name, ev)
+                if isinstance(ev, Request):
+                    handler = handlers.get(ev.body.COMMAND)
+                    result = dispatch.run_handler(self, handler, ev)
+                    if isinstance(result, tuple):  # (bytes, fds) of a reply with descriptors
+                        out.append(result[0])
+                        await self._flush(out, result[1])
+                    elif isinstance(result, bytes):
+                        out.append(result)
+                    elif result is not None:  # a coroutine: flush, then wait in order
+                        await self._flush(out)
+                        reply = await result
+                        if reply is not None:
+                            await self._send(reply)
+                elif isinstance(ev, (Reply, ErrorReply)):
+                    self._route_reply(ev)
+                elif isinstance(ev, BadRequest):
+                    close_all(ev.error.fds)
+                    log.warning(
+                        "%s: rejected msg %d (command %d): %s",
+                        self.name,
+                        ev.msg_id,
+                        ev.command,
+                        ev.error,
+                    )
+                    if not ev.no_reply:
+                        out.append(conn.send_error(ev.msg_id, ev.command, ev.error.errno))
+                if self._close_requested:
+                    break
+            await self._flush(out)
+
+    async def _flush(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            try:
+                await self.stream.send(data, fds)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("%s: send failed (%s)", self.name, exc)
+                self._close_requested = True
+
+    async def _send(self, reply: bytes | tuple[bytes, tuple[Any, ...]]) -> None:
+        if isinstance(reply, tuple):
+            await self._flush([reply[0]], reply[1])
+        else:
+            await self._flush([reply])
+
+    # ------------------------------------------------------------ server -> client
+
+    def _route_reply(self, ev: Reply | ErrorReply) -> None:
+        waiter = self._pending.pop(ev.msg_id, None)
+        if waiter is None:
+            log.warning("%s: reply to unknown request %d ignored", self.name, ev.msg_id)
+            if isinstance(ev, Reply):
+                close_all(ev.body.fds)
+            return
+        waiter.result = ev.body if isinstance(ev, Reply) else ev.errno
+        waiter.event.set()
+
+    async def _request(self, body: Body) -> Body:
+        if self.closed or not self.attached:
+            raise DmaError(errno.ENOTCONN, "client is gone")
+        msg_id, data, fds = self.conn.send_request(body)
+        if msg_id in self._pending:
+            raise DmaError(errno.EBUSY, "too many outstanding requests")
+        waiter = _Waiter()
+        self._pending[msg_id] = waiter
+        try:
+            await self.stream.send(data, fds)
+            with trio.move_on_after(DMA_REQUEST_TIMEOUT):
+                await waiter.event.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise DmaError(errno.ENOTCONN, "client is gone") from None
+        finally:
+            self._pending.pop(msg_id, None)
+        if waiter.result is None:
+            raise DmaError(errno.ETIMEDOUT, f"{body.COMMAND.name} got no reply")
+        if isinstance(waiter.result, int):
+            raise DmaError(waiter.result, f"{body.COMMAND.name} failed: errno {waiter.result}")
+        return waiter.result
+
+    def _xfer_limit(self) -> int:
+        peer = self.conn.peer_caps
+        return peer.max_data_xfer_size if peer else 1 << 20
+
+    async def dma_read(self, address: int, size: int) -> bytes:
+        out = bytearray()
+        limit = self._xfer_limit()
+        while len(out) < size:
+            n = min(limit, size - len(out))
+            reply = await self._request(DmaRead(address + len(out), n))
+            if not isinstance(reply, DmaReadReply) or len(reply.data) != n:
+                raise DmaError(errno.EIO, "short DMA_READ reply")
+            out += reply.data
+        return bytes(out)
+
+    async def dma_write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data)
+        limit = self._xfer_limit()
+        for pos in range(0, len(mv), limit):
+            await self._request(DmaWrite(address + pos, bytes(mv[pos : pos + limit])))
+
+
+def _log_event(name: str, ev: Any) -> None:
+    if isinstance(ev, Request):
+        wire_log.debug(
+            "%s <- id=%d %s%s %s fds=%d",
+            name,
+            ev.msg_id,
+            ev.body.COMMAND.name,
+            " (no reply)" if ev.no_reply else "",
+            _brief(ev.body),
+            len(ev.body.fds),
+        )
+    elif isinstance(ev, Reply):
+        wire_log.debug("%s <- id=%d %s reply", name, ev.msg_id, ev.body.COMMAND.name)
+    elif isinstance(ev, ErrorReply):
+        wire_log.debug("%s <- id=%d command %d error %d", name, ev.msg_id, ev.command, ev.errno)
+    else:
+        wire_log.debug("%s <- id=%d command %d rejected: %s", name, ev.msg_id, ev.command, ev.error)
+
+
+def _brief(body: Body) -> str:
+    text = repr(body)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+__all__ = ["DMA_REQUEST_TIMEOUT", "Command", "Session", "SessionDma", "TaskGroup"]
