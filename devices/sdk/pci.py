@@ -211,27 +211,30 @@ class PciDevice(DeviceModel):
             else:
                 specs.append(RegionSpec(index, bar.size))
         rom_size = self.rom.size if self.rom is not None else 0
-        specs.append(RegionSpec(RegionIndex.ROM, rom_size, writable=False))
-        specs.append(RegionSpec(RegionIndex.CONFIG, self.config.size))
-        specs.append(RegionSpec(RegionIndex.VGA, 0))
+        specs.append(RegionSpec(int(RegionIndex.ROM), rom_size, writable=False))
+        specs.append(RegionSpec(int(RegionIndex.CONFIG), self.config.size))
+        specs.append(RegionSpec(int(RegionIndex.VGA), 0))
         return specs
 
     def irqs(self) -> list[IrqSpec]:
         # Flags follow Linux vfio-pci: INTx is maskable and automasked; MSI is NORESIZE.
         # MSI-X is maskable so QEMU masks through SET_IRQS and forwards PBA reads.
         return [
-            IrqSpec(IrqIndex.INTX, 1 if self.interrupt_pin else 0, automasked=True),
-            IrqSpec(IrqIndex.MSI, self.msi.vectors if self.msi else 0, maskable=False,
+            IrqSpec(int(IrqIndex.INTX), 1 if self.interrupt_pin else 0, automasked=True),
+            IrqSpec(int(IrqIndex.MSI), self.msi.vectors if self.msi else 0, maskable=False,
                     noresize=True),
-            IrqSpec(IrqIndex.MSIX, self.msix.vectors if self.msix else 0),
-            IrqSpec(IrqIndex.ERR, 1, maskable=False),
-            IrqSpec(IrqIndex.REQ, 1, maskable=False),
+            IrqSpec(int(IrqIndex.MSIX), self.msix.vectors if self.msix else 0),
+            IrqSpec(int(IrqIndex.ERR), 1, maskable=False),
+            IrqSpec(int(IrqIndex.REQ), 1, maskable=False),
         ]
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         if index == RegionIndex.CONFIG:
+            self._check(offset, count, self.config.size, index)
             return self.config.read(offset, count)
-        if index == RegionIndex.ROM and self.rom is not None:
+        if index == RegionIndex.ROM:
+            if self.rom is None:
+                raise DeviceError(errno.EINVAL, "the device has no expansion ROM")
             self._check(offset, count, self.rom.size, index)
             return self.rom.read(offset, count)
         bar = self._bar(index, offset, count)
@@ -242,6 +245,7 @@ class PciDevice(DeviceModel):
 
     def region_write(self, index: int, offset: int, data: bytes) -> None:
         if index == RegionIndex.CONFIG:
+            self._check(offset, len(data), self.config.size, index)
             self._config_write(offset, data)
             return
         bar = self._bar(index, offset, len(data))

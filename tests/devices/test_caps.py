@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from devices.sdk import (
     Bar,
@@ -240,3 +242,17 @@ def test_reset_restores_caps(dev: Full) -> None:
     dev.reset()
     assert not dev.msi_enabled() and not dev.msix_enabled()
     assert dev.msix_cap.table.entry(0)[2] is True
+
+
+@settings(max_examples=300, deadline=None)
+@given(offset=st.integers(0, 0xFFF), data=st.binary(min_size=1, max_size=8))
+def test_arbitrary_config_writes_only_touch_writable_bits(offset: int, data: bytes) -> None:
+    dev = Full()
+    data = data[: 0x1000 - offset]
+    before = dev.config.snapshot()
+    dev.region_write(7, offset, data)
+    after = dev.config.snapshot()
+    for i in range(len(before)):
+        fixed = ~(dev.config.wmask[i] | dev.config.w1cmask[i]) & 0xFF
+        assert before[i] & fixed == after[i] & fixed, f"byte 0x{i:x} changed"
+    assert walk_caps(dev) == [(c.offset, c.cap_id) for c in dev.caps]
