@@ -107,6 +107,10 @@ class ErrorReply:
 
 Event = Request | BadRequest | Reply | ErrorReply
 
+_NO_REPLY = int(HeaderFlags.NO_REPLY)
+_TYPE_MASK = int(HeaderFlags.TYPE_MASK)
+_UNKNOWN_FLAGS = ~int(HEADER_FLAGS_KNOWN)
+
 #: size of the fixed structs in front of bulk data, so a frame limit covers the biggest one
 _STRUCT_HEADROOM = 64
 
@@ -169,8 +173,38 @@ class Connection:
         except RemoteProtocolError as exc:
             return BadRequest(frame.msg_id, frame.command, frame.no_reply, exc)
 
+    def next_event_or_hot_frame(self, hot: frozenset[int]) -> Event | Frame | None:
+        """Like `next_event`, but a plain command whose number is in `hot` comes back as
+        its raw `Frame` for the caller's own fast decoder.
+
+        "Plain" means: the connection is READY, the frame is a request (No_reply allowed),
+        it has no error field and no descriptors, so no phase rule or fd ownership is
+        involved and the caller needs only the payload. Everything else is an event.
+        """
+        frame = self._decoder.next_frame()
+        if frame is None:
+            return None
+        if (
+            frame.command in hot
+            and (frame.flags == 0 or frame.flags == _NO_REPLY)
+            and not frame.fds
+            and not frame.error
+            and self.phase is Phase.READY
+        ):
+            return frame
+        return self.event_from_frame(frame)
+
+    def event_from_frame(self, frame: Frame) -> Event:
+        """Full decoding of a frame (also for a hot frame its caller could not handle)."""
+        try:
+            return self._event(frame)
+        except FatalProtocolError:
+            raise
+        except RemoteProtocolError as exc:
+            return BadRequest(frame.msg_id, frame.command, frame.no_reply, exc)
+
     def _event(self, f: Frame) -> Event:
-        if f.flags & ~int(HEADER_FLAGS_KNOWN) or (f.flags & HeaderFlags.TYPE_MASK) > 1:
+        if f.flags & _UNKNOWN_FLAGS or (f.flags & _TYPE_MASK) > 1:
             raise RemoteProtocolError(f"header flags {f.flags:#x} invalid", fds=f.fds)
         if f.is_reply:
             return self._reply_event(f)
@@ -199,6 +233,12 @@ class Connection:
             if f.command == Command.VERSION and self._allowed(Step.VERSION_FAILED):
                 self._step(Step.VERSION_FAILED)
             return ErrorReply(f.msg_id, f.command, f.error or errno.EIO)
+        if (
+            f.command == Command.VERSION
+            and self.role is Role.CLIENT
+            and not self._allowed(Step.RECV_VERSION_REPLY)
+        ):
+            raise RemoteProtocolError("VERSION reply in phase " + self.phase.value, fds=f.fds)
         body = decode_body(f.command, True, memoryview(f.payload), f.fds)
         if f.command == Command.VERSION and self.role is Role.CLIENT:
             assert isinstance(body, Version)

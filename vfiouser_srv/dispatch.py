@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from devices.sdk.interface import (
 from protocol import (
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
+    BadRequest,
     Body,
     Capabilities,
     Command,
@@ -48,6 +50,8 @@ from protocol import (
     DmaUnmap,
     DmaUnmapFlags,
     DmaUnmapReply,
+    Frame,
+    HeaderFlags,
     IrqInfo,
     MigDataRead,
     MigDataWrite,
@@ -91,26 +95,23 @@ def errno_of(exc: BaseException) -> int:
 
 
 def _fail(session: Session, req: Request, exc: Exception) -> bytes | None:
+    return _fail_raw(session, req.msg_id, req.body.COMMAND, req.no_reply, exc)
+
+
+def _fail_raw(
+    session: Session, msg_id: int, command: int, no_reply: bool, exc: Exception
+) -> bytes | None:
     err = errno_of(exc)
-    known = isinstance(exc, (ProtocolError, DeviceError, DmaError, OSError))
-    if known:
-        log.warning(
-            "%s: %s id=%d failed: %s (errno %d)",
-            session.name,
-            req.body.COMMAND.name,
-            req.msg_id,
-            exc,
-            err,
-        )
+    name = Command(command).name if command in Command._value2member_map_ else str(command)
+    if isinstance(exc, (ProtocolError, DeviceError, DmaError, OSError)):
+        log.warning("%s: %s id=%d failed: %s (errno %d)", session.name, name, msg_id, exc, err)
     else:
-        log.error(
-            "%s: %s id=%d raised", session.name, req.body.COMMAND.name, req.msg_id, exc_info=exc
-        )
-    if isinstance(exc, ObjectError) and req.body.COMMAND == Command.VERSION:
+        log.error("%s: %s id=%d raised", session.name, name, msg_id, exc_info=exc)
+    if isinstance(exc, ObjectError) and command == Command.VERSION:
         session.request_close()  # EBUSY/ENODEV at VERSION: answer, then close
-    if req.no_reply:
+    if no_reply:
         return None
-    return session.conn.send_error(req.msg_id, req.body.COMMAND, err)
+    return session.conn.send_error(msg_id, command, err)
 
 
 def _frame(session: Session, req: Request, body: Body | None) -> Framed:
@@ -147,6 +148,76 @@ async def _finish(session: Session, req: Request, coro: Coroutine[Any, Any, Body
     except Exception as exc:
         return _fail(session, req, exc)
     return _frame(session, req, body)
+
+
+# --------------------------------------------------------------------------- hot path
+
+#: commands worth a decoder of their own: they are nearly all of a running guest's traffic
+HOT_COMMANDS = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE)})
+_ACCESS = struct.Struct("<QII")
+_REPLY_HEAD = struct.Struct("<HHIIIQII")  # 16-byte header + region access struct
+_READ = int(Command.REGION_READ)
+_WRITE = int(Command.REGION_WRITE)
+_TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
+
+
+def run_hot(session: Session, frame: Frame) -> bytes | None:
+    """REGION_READ / REGION_WRITE without building message objects.
+
+    Anything unusual (bad sizes, ranges, permissions) is handed to the full decoder and
+    handlers, so the fast path never has to produce an error reply of its own except for
+    failures raised by the model itself.
+    """
+    payload = frame.payload
+    if len(payload) < 16:
+        return run_frame(session, frame)
+    offset, region, count = _ACCESS.unpack_from(payload)
+    limits = session.region_limits
+    if region >= len(limits) or count > session.max_xfer:
+        return run_frame(session, frame)
+    size, readable, writable = limits[region]
+    if offset + count > size:
+        return run_frame(session, frame)
+    no_reply = frame.flags != 0
+    model = session.device.model
+    if frame.command == _READ:
+        if not readable or len(payload) != 16:
+            return run_frame(session, frame)
+        try:
+            data = model.region_read(region, offset, count)
+            if len(data) != count:
+                raise DeviceError(errno.EIO, f"model returned {len(data)} bytes for {count}")
+        except Exception as exc:
+            return _fail_raw(session, frame.msg_id, _READ, no_reply, exc)
+        if no_reply:
+            return None
+        return (
+            _REPLY_HEAD.pack(frame.msg_id, _READ, 32 + count, _TYPE_REPLY, 0, offset, region, count)
+            + data
+        )
+    if not writable or len(payload) - 16 != count:
+        return run_frame(session, frame)
+    try:
+        model.region_write(region, offset, payload[16:])
+    except Exception as exc:
+        return _fail_raw(session, frame.msg_id, _WRITE, no_reply, exc)
+    if no_reply:
+        return None
+    return _REPLY_HEAD.pack(frame.msg_id, _WRITE, 32, _TYPE_REPLY, 0, offset, region, count)
+
+
+def run_frame(session: Session, frame: Frame) -> bytes | None:
+    """The full path for a hot frame: decode it, then run its ordinary handler."""
+    ev = session.conn.event_from_frame(frame)
+    if isinstance(ev, Request):
+        out = run_handler(session, HANDLERS.get(ev.body.COMMAND), ev)
+        assert out is None or isinstance(out, bytes), "region handlers answer at once"
+        return out
+    assert isinstance(ev, BadRequest)
+    log.warning(
+        "%s: rejected msg %d (command %d): %s", session.name, ev.msg_id, ev.command, ev.error
+    )
+    return None if ev.no_reply else session.conn.send_error(ev.msg_id, ev.command, ev.error.errno)
 
 
 # --------------------------------------------------------------------------- handlers

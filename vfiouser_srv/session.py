@@ -25,9 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from devices.sdk.interface import DeviceContext, DmaError, DmaPort, IrqPort
+from devices.sdk.interface import NUM_PCI_REGIONS, DeviceContext, DmaError, DmaPort, IrqPort
 from protocol import (
-    BadRequest,
     Body,
     Capabilities,
     Command,
@@ -36,7 +35,9 @@ from protocol import (
     DmaReadReply,
     DmaWrite,
     ErrorReply,
+    Event,
     FatalProtocolError,
+    Frame,
     Reply,
     Request,
     Role,
@@ -197,6 +198,9 @@ class Session(DeviceContext):
         self.tasks = TaskGroup(f"{device.name}#{self.conn_id}")
         self._dma = SessionDma(self)
         self._pending: dict[int, _Waiter] = {}
+        #: (size, readable, writable) per region index, for the hot path
+        self.region_limits: list[tuple[int, bool, bool]] = []
+        self.max_xfer = 0
         self.attached = False
         self.closed = False
         self._close_requested = False
@@ -228,6 +232,12 @@ class Session(DeviceContext):
         self.container = group.container_for(caps.page_size, self.server.caps.max_dma_maps)
         self.container.users += 1
         self.irq_table = IrqTable(self.device.model.irqs())
+        specs = self.server.region_specs(self.device)
+        self.region_limits = [
+            (s.size, s.readable, s.writable) if (s := specs.get(i)) else (0, False, False)
+            for i in range(NUM_PCI_REGIONS)
+        ]
+        self.max_xfer = caps.max_data_xfer_size
         self.attached = True
         self.device.model.attach(self)
         log.info("%s: attached (caps %s)", self.name, caps.to_json())
@@ -290,10 +300,12 @@ class Session(DeviceContext):
 
     async def _read_loop(self) -> None:
         conn, stream = self.conn, self.stream
-        handlers = dispatch.HANDLERS
+        hot = dispatch.HOT_COMMANDS
+        run_hot = dispatch.run_hot
+        drained = False
         while not self._close_requested:
             try:
-                data, fds = await stream.receive()
+                data, fds = await stream.receive(wait_first=drained)
             except TransportError as exc:
                 log.warning("%s: %s; disconnecting", self.name, exc)
                 return
@@ -301,6 +313,8 @@ class Session(DeviceContext):
                 close_all(fds)
                 log.info("%s: client closed the connection", self.name)
                 return
+            # A short read almost surely emptied the socket: wait before reading again.
+            drained = len(data) < 4096
             try:
                 conn.receive_data(data, fds)
             except FatalProtocolError as exc:
@@ -309,47 +323,50 @@ class Session(DeviceContext):
                 return
             out: list[bytes] = []
             verbose = wire_log.isEnabledFor(logging.DEBUG)
-            while True:
+            while not self._close_requested:
                 try:
-                    ev = conn.next_event()
+                    item = conn.next_event_or_hot_frame(hot)
                 except FatalProtocolError as exc:
                     close_all(exc.fds)
                     log.warning("%s: broken stream (%s); disconnecting", self.name, exc)
                     await self._flush(out)
                     return
-                if ev is None:
+                if item is None:
                     break
                 if verbose:
-                    _log_event(self.name, ev)
-                if isinstance(ev, Request):
-                    handler = handlers.get(ev.body.COMMAND)
-                    result = dispatch.run_handler(self, handler, ev)
-                    if isinstance(result, tuple):  # (bytes, fds) of a reply with descriptors
-                        out.append(result[0])
-                        await self._flush(out, result[1])
-                    elif isinstance(result, bytes):
-                        out.append(result)
-                    elif result is not None:  # a coroutine: flush, then wait in order
-                        await self._flush(out)
-                        reply = await result
-                        if reply is not None:
-                            await self._send(reply)
-                elif isinstance(ev, (Reply, ErrorReply)):
-                    self._route_reply(ev)
-                elif isinstance(ev, BadRequest):
-                    close_all(ev.error.fds)
-                    log.warning(
-                        "%s: rejected msg %d (command %d): %s",
-                        self.name,
-                        ev.msg_id,
-                        ev.command,
-                        ev.error,
-                    )
-                    if not ev.no_reply:
-                        out.append(conn.send_error(ev.msg_id, ev.command, ev.error.errno))
-                if self._close_requested:
-                    break
+                    _log_item(self.name, item)
+                if isinstance(item, Frame):
+                    reply = run_hot(self, item)
+                    if reply is not None:
+                        out.append(reply)
+                else:
+                    await self._handle(item, out)
             await self._flush(out)
+
+    async def _handle(self, ev: Event, out: list[bytes]) -> None:
+        if isinstance(ev, Request):
+            result = dispatch.run_handler(self, dispatch.HANDLERS.get(ev.body.COMMAND), ev)
+            if isinstance(result, tuple):  # a reply with descriptors ends its batch
+                out.append(result[0])
+                await self._flush(out, result[1])
+            elif isinstance(result, bytes):
+                out.append(result)
+            elif result is not None:  # a coroutine: flush, then wait, still in order
+                await self._flush(out)
+                reply = await result
+                if isinstance(reply, tuple):
+                    await self._flush([reply[0]], reply[1])
+                elif reply is not None:
+                    out.append(reply)
+        elif isinstance(ev, (Reply, ErrorReply)):
+            self._route_reply(ev)
+        else:
+            close_all(ev.error.fds)
+            log.warning(
+                "%s: rejected msg %d (command %d): %s", self.name, ev.msg_id, ev.command, ev.error
+            )
+            if not ev.no_reply:
+                out.append(self.conn.send_error(ev.msg_id, ev.command, ev.error.errno))
 
     async def _flush(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:
         if out:
@@ -360,12 +377,6 @@ class Session(DeviceContext):
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("%s: send failed (%s)", self.name, exc)
                 self._close_requested = True
-
-    async def _send(self, reply: bytes | tuple[bytes, tuple[Any, ...]]) -> None:
-        if isinstance(reply, tuple):
-            await self._flush([reply[0]], reply[1])
-        else:
-            await self._flush([reply])
 
     # ------------------------------------------------------------ server -> client
 
@@ -423,8 +434,17 @@ class Session(DeviceContext):
             await self._request(DmaWrite(address + pos, bytes(mv[pos : pos + limit])))
 
 
-def _log_event(name: str, ev: Any) -> None:
-    if isinstance(ev, Request):
+def _log_item(name: str, ev: Event | Frame) -> None:
+    if isinstance(ev, Frame):
+        wire_log.debug(
+            "%s <- id=%d %s size=%d flags=%#x fds=0",
+            name,
+            ev.msg_id,
+            Command(ev.command).name,
+            16 + len(ev.payload),
+            ev.flags,
+        )
+    elif isinstance(ev, Request):
         wire_log.debug(
             "%s <- id=%d %s%s %s fds=%d",
             name,
