@@ -17,6 +17,7 @@ import array
 import contextlib
 import errno
 import socket
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,23 @@ from .fds import OwnedFd, close_all
 #: SCM_MAX_FD in the kernel: the most descriptors one sendmsg can carry
 SCM_MAX_FD = 253
 _INT_SIZE = array.array("i").itemsize
+
+
+_buffers: dict[tuple[int, int], memoryview] = {}
+
+
+def _shared_buffer(size: int) -> memoryview:
+    """One receive buffer per size for the whole thread.
+
+    Safe because `receive` copies what it read out of the buffer before it can yield, and
+    trio runs one task at a time; it saves allocating (and faulting in) a megabyte per
+    connection, which dominated the cost of a connect.
+    """
+    key = (threading.get_ident(), size)
+    view = _buffers.get(key)
+    if view is None:
+        view = _buffers[key] = memoryview(bytearray(size))
+    return view
 
 
 class TransportError(Exception):
@@ -42,8 +60,7 @@ class FdStream:
         sock.setblocking(False)
         self.sock = sock
         self._fileno = sock.fileno()
-        self._buf = bytearray(recv_size)
-        self._view = memoryview(self._buf)
+        self._view = _shared_buffer(recv_size)
         self._ancsize = socket.CMSG_SPACE(max_fds * _INT_SIZE)
         self._send_lock = trio.Lock()
         self._closed = False
@@ -73,7 +90,7 @@ class FdStream:
             [self._view], self._ancsize, socket.MSG_CMSG_CLOEXEC
         )
         fds: list[OwnedFd] = []
-        for level, kind, data in anc:
+        for level, kind, data in anc or ():
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
                 arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
