@@ -1,0 +1,179 @@
+"""A real Linux guest drives edu through QEMU: built-in edu is the reference, ours must match.
+
+Each test boots QEMU (TCG, ~5-8 s). The guest program is ``qemu-configs/guest/edu-test.sh``;
+its ``RESULT key=value`` lines are compared line by line.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from vfiouser_srv.qemu import ConfigFile, RunResult, run_config, run_guest, serve_device
+from vfiouser_srv.qemu.launcher import new_run_dir
+
+from .conftest import RefRunner
+
+pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_ready")]
+
+STEPS = "ident,regs,fact,dma,irq"
+RESET_STEPS = "ident,regs,reset,ident,fact,dma,irq"
+
+EXPECTED = {
+    "found": "yes",
+    "vendor": "0x1234",
+    "device": "0x11e8",
+    "class": "0x00ff00",
+    "id": "010000ed",
+    "liveness(12345678)": "edcba987",
+    "fact(0)": "00000001",
+    "fact(5)": "00000078",
+    "fact(12)": "1c8cfc00",
+    "fact(13)": "7328cc00",
+    "dma": "ok",
+    "irq": "1",
+    "irq_status": "00000001",
+    "irq_status_acked": "00000000",
+    "irq_fact": "2",
+    "irq_dma": "3",
+    "irq_dma_status": "00000100",
+    "failed": "0",
+}
+
+
+def describe(res: RunResult) -> str:
+    tail = "\n".join(res.console[-25:])
+    return f"{res.summary()}\n--- console tail ---\n{tail}"
+
+
+def assert_ok(res: RunResult) -> None:
+    assert res.ok, describe(res)
+
+
+def diff(ref: RunResult, ours: RunResult) -> str:
+    import difflib
+
+    return "\n".join(difflib.unified_diff(ref.result_lines, ours.result_lines,
+                                          "qemu-edu", ours.config, lineterm=""))
+
+
+# (a) ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", ["qemu-edu", "qemu-edu-noshare"])
+def test_builtin_edu_reference(reference: RefRunner, config: str) -> None:
+    res = reference(config, STEPS)
+    assert_ok(res)
+    got = res.result_dict
+    for key, want in EXPECTED.items():
+        assert got.get(key) == want, f"{key}: {got.get(key)!r} != {want!r}\n{describe(res)}"
+    assert res.boot_seconds is not None
+
+
+def test_builtin_edu_shared_and_private_agree(reference: RefRunner) -> None:
+    assert reference("qemu-edu", STEPS).result_lines == \
+        reference("qemu-edu-noshare", STEPS).result_lines
+
+
+# (b) ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("ours", "ref"), [("edu", "qemu-edu"),
+                                           ("edu-noshare", "qemu-edu-noshare")])
+async def test_our_edu_matches_builtin(reference: RefRunner, qemu_configs: ConfigFile,
+                                       ours: str, ref: str) -> None:
+    want = await trio.to_thread.run_sync(reference, ref, STEPS)
+    run = await run_config(ours, configs=qemu_configs, guest_env={"edu_steps": STEPS},
+                           timeout=120)
+    assert_ok(run.guest)
+    assert run.guest.result_lines == want.result_lines, diff(want, run.guest)
+
+
+# (c) ---------------------------------------------------------------------------------------
+
+async def test_server_killed_qemu_survives_and_restart_works(
+        reference: RefRunner, qemu_configs: ConfigFile) -> None:
+    run_dir = await new_run_dir("edu-kill")
+    sock = run_dir / "vfu.sock"
+    killed_at: list[float] = []
+
+    async with serve_device("edu", sock, run_dir=run_dir) as server:
+        async def on_line(line: str) -> None:
+            if line.startswith("STAGE pause") and not killed_at:
+                server.kill(signal.SIGKILL)   # a crash, not a clean shutdown
+                await server.wait()
+                killed_at.append(trio.current_time())
+
+        res = await run_guest("edu", configs=qemu_configs, socket_path=sock,
+                              run_dir=run_dir, on_line=on_line, timeout=120,
+                              guest_env={"edu_steps": "ident,pause,regs", "pause": "3"})
+    assert killed_at, f"the guest never reached the pause stage\n{describe(res)}"
+    # QEMU kept running after the server died: the guest finished its script and powered off.
+    assert res.powered_off and res.returncode == 0 and not res.timed_out, describe(res)
+    assert any(line.startswith("STAGE resume") for line in res.console), describe(res)
+    assert res.result_dict.get("id") == "010000ed"
+
+    # A new server on the same socket path serves a new QEMU normally.
+    want = await trio.to_thread.run_sync(reference, "qemu-edu", STEPS)
+    run_dir2 = await new_run_dir("edu-restart")
+    async with serve_device("edu", sock, run_dir=run_dir2, log_name="server2.log"):
+        res2 = await run_guest("edu", configs=qemu_configs, socket_path=sock, run_dir=run_dir2,
+                               guest_env={"edu_steps": STEPS}, timeout=120)
+    assert_ok(res2)
+    assert res2.result_lines == want.result_lines, diff(want, res2)
+
+
+# (d) ---------------------------------------------------------------------------------------
+
+_DEVICE_RESET = 0xD
+
+
+def trace_commands(trace: Path) -> list[int]:
+    """Commands of the messages QEMU received (``vfio_user_recv_hdr ... cmd 0x..``)."""
+    return [int(m.group(1), 16) for m in
+            re.finditer(r"vfio_user_recv_hdr .*? cmd (0x[0-9a-f]+)", trace.read_text())]
+
+
+async def test_guest_reset_goes_through_device_reset(reference: RefRunner,
+                                                     qemu_configs: ConfigFile) -> None:
+    want = await trio.to_thread.run_sync(reference, "qemu-edu", RESET_STEPS)
+    assert_ok(want)
+    run = await run_config("edu", configs=qemu_configs, guest_env={"edu_steps": RESET_STEPS},
+                           trace=True, timeout=120)
+    assert_ok(run.guest)
+    assert run.guest.result_dict.get("reset") == "ok"
+    assert run.guest.result_lines == want.result_lines, diff(want, run.guest)
+    assert run.guest.trace_path is not None
+    assert _DEVICE_RESET in trace_commands(run.guest.trace_path), \
+        "the guest's reset did not reach the server as DEVICE_RESET"
+
+
+# (e) ---------------------------------------------------------------------------------------
+
+_ERROR_FLAG = 0x20  # vfio-user header flag: the reply carries an errno
+
+
+def trace_problems(trace: Path, stderr: Path) -> list[str]:
+    """Error replies and error/timeout lines in QEMU's vfio-user trace and stderr."""
+    problems = []
+    for line in trace.read_text(errors="replace").splitlines():
+        m = re.search(r"vfio_user_recv_hdr .* flags (0x[0-9a-f]+)", line)
+        if (m and int(m.group(1), 16) & _ERROR_FLAG) or re.search(r"error|timed? ?out", line,
+                                                                  re.I):
+            problems.append(line)
+    problems += [f"stderr: {line}" for line in stderr.read_text(errors="replace").splitlines()
+                 if re.search(r"error|timed? ?out|vfio", line, re.I)]
+    return problems
+
+
+@pytest.mark.parametrize("config", ["edu", "edu-noshare"])
+async def test_vfio_user_trace_is_clean(qemu_configs: ConfigFile, config: str) -> None:
+    run = await run_config(config, configs=qemu_configs, guest_env={"edu_steps": STEPS},
+                           trace=True, timeout=120)
+    assert_ok(run.guest)
+    assert run.guest.trace_path is not None and run.guest.trace_path.exists()
+    assert trace_commands(run.guest.trace_path), "trace is empty: was -trace applied?"
+    problems = trace_problems(run.guest.trace_path, run.guest.stderr_path)
+    assert not problems, "\n".join(problems[:30])
