@@ -534,7 +534,7 @@ class Client:
         self.memory = GuestMemory(self)
         #: replies that matched no request (a server answering a posted write, say); their
         #: fds are already closed
-        self.unexpected: list[Event] = []
+        self.unexpected: list[Reply | ErrorReply] = []
         self._conn = Connection(Role.CLIENT, local_caps=self.caps)
         self._waiters: dict[int, _Waiter] = {}
         self._untaken: set[_Waiter] = set()
@@ -543,7 +543,9 @@ class Client:
             math.inf
         )
         self._closed = False
-        self._broken: BaseException | None = None
+        #: set when the server went away; `_lost_cause` says why, if we know more than EOF
+        self._lost = False
+        self._lost_cause: BaseException | None = None
         self._disconnected = trio.Event()
 
     # ---------------------------------------------------------------- state
@@ -562,7 +564,7 @@ class Client:
     @property
     def closed(self) -> bool:
         """True once the connection is unusable (our aclose, or the server went away)."""
-        return self._closed or self._broken is not None
+        return self._closed or self._lost
 
     @property
     def in_flight(self) -> int:
@@ -576,8 +578,8 @@ class Client:
     def _check_usable(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("client closed")
-        if self._broken is not None:
-            raise trio.BrokenResourceError("connection lost") from self._broken
+        if self._lost:
+            raise trio.BrokenResourceError("connection lost") from self._lost_cause
 
     # ---------------------------------------------------------------- sending
 
@@ -609,8 +611,9 @@ class Client:
         except trio.ClosedResourceError:
             self._check_usable()
             raise
-        except (trio.BrokenResourceError, OSError) as exc:
-            raise trio.BrokenResourceError(f"send: {exc}") from exc
+        except trio.BrokenResourceError:
+            self._check_usable()
+            raise
 
     def _register(
         self, command: int, on_reply: Callable[[Body], None] | None = None
@@ -921,6 +924,17 @@ class Client:
 
     # ---------------------------------------------------------------- reader
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The reader and the DMA-reply writer, for `nursery.start(client.run)`.
+
+        `open_client` does this for you; call it yourself only when the client must live in
+        a nursery of your own (it returns once the client is closed or the server is gone).
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_loop)
+            nursery.start_soon(self._write_loop)
+            task_status.started()
+
     async def _read_loop(self) -> None:
         """Read until EOF or close; route replies, answer the server's DMA requests."""
         try:
@@ -1022,9 +1036,9 @@ class Client:
 
     def _lose(self, cause: BaseException | None) -> None:
         """The server went away (EOF, reset, broken framing): fail everything pending."""
-        if self._closed or self._broken is not None:
+        if self._closed or self._lost:
             return
-        self._broken = cause or trio.BrokenResourceError("server closed the connection")
+        self._lost, self._lost_cause = True, cause
         self._fail_waiters(lambda: trio.BrokenResourceError("server closed the connection"))
         self._out_send.close()
         self.stream.close()
@@ -1035,7 +1049,7 @@ class Client:
         for w in waiters.values():
             if not w.abandoned:
                 exc = make()
-                exc.__cause__ = self._broken
+                exc.__cause__ = self._lost_cause
                 w.error = exc
                 w.event.set()
 
@@ -1060,12 +1074,6 @@ class Client:
         """Idempotent; see `close`."""
         self.close()
         await trio.lowlevel.checkpoint()
-
-    async def __aenter__(self) -> Client:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
 
 # ------------------------------------------------------------------------------ opening
@@ -1103,9 +1111,8 @@ async def open_client(
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         client = Client(stream, caps=caps, reply_timeout=reply_timeout)
-        nursery.start_soon(client._read_loop)
-        nursery.start_soon(client._write_loop)
         try:
+            await nursery.start(client.run)
             if version:
                 await client.version()
             yield client
