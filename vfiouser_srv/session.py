@@ -76,18 +76,21 @@ class TaskGroup:
         started = False
         while not self._closing:
             self._stopped = trio.Event()
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    self._ready.set()
-                    if not started:
-                        started = True
-                        task_status.started()
-                    await trio.sleep_forever()
-            self._nursery = None
-            self._ready = trio.Event()
-            self._stopped.set()
+            try:
+                with trio.CancelScope() as scope:
+                    self._scope = scope
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        self._ready.set()
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await trio.sleep_forever()
+            finally:
+                # Also when an outer cancellation ends us: `cancel_all`/`close` wait on it.
+                self._nursery = None
+                self._ready = trio.Event()
+                self._stopped.set()
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
         if self._nursery is None:
