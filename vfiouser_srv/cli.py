@@ -179,9 +179,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 def cmd_qemu(args: argparse.Namespace, rest: list[str]) -> int:
     from .qemu import cli as qemu_cli
 
-    if args.qemu_command == "setup":
-        return qemu_cli.setup_main(rest)
-    return qemu_cli.run_main(rest)
+    mains = {"setup": qemu_cli.setup_main, "run": qemu_cli.run_main, "docs": qemu_cli.docs_main}
+    return mains[args.qemu_command](rest)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -212,7 +211,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose")
     sub.add_parser("devices", help="list device models and their options")
     q = sub.add_parser("qemu", help="provision and launch QEMU guests (see qemu-configs/)")
-    q.add_argument("qemu_command", choices=("setup", "run"))
+    q.add_argument("qemu_command", choices=("setup", "run", "docs"))
     return p
 
 
