@@ -130,6 +130,8 @@ class Server:
     async def _accept_loop(self, device: Device, listener: _Listener) -> None:
         sock = listener.sock
         with listener.scope:
+            if sock.fileno() < 0:  # hot-removed before this task first ran
+                return
             if not _is_listening(sock):  # --fd handed us one connected client
                 await self._serve_connection(device, sock)
                 return
