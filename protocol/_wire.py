@@ -77,6 +77,11 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
+    @property
+    def idle(self) -> bool:
+        """No partial message and no descriptors waiting for one."""
+        return self._pos == len(self._buf) and not self._pending and not self._broken
+
     def feed(self, data: bytes | bytearray | memoryview, fds: Sequence[Any] = ()) -> None:
         if self._broken:
             raise FatalProtocolError("stream already broken", fds=fds)

@@ -306,9 +306,10 @@ class Session(DeviceContext):
         hot = dispatch.HOT_COMMANDS
         run_hot = dispatch.run_hot
         drained = False
+        verbose = wire_log.isEnabledFor(logging.DEBUG)
         while not self._close_requested:
             try:
-                data, fds = await stream.receive(wait_first=drained)
+                data, fds = await stream.receive_view(wait_first=drained)
             except TransportError as exc:
                 log.warning("%s: %s; disconnecting", self.name, exc)
                 return
@@ -318,6 +319,15 @@ class Session(DeviceContext):
                 return
             # A short read almost surely emptied the socket: wait before reading again.
             drained = len(data) < 4096
+            if not fds:
+                frame = conn.single_hot_frame(data, hot)
+                if frame is not None:  # the steady state: one MMIO access per read
+                    if verbose:
+                        _log_item(self.name, frame)
+                    reply = run_hot(self, frame)
+                    if reply is not None:
+                        await self._flush([reply])
+                    continue
             try:
                 conn.receive_data(data, fds)
             except FatalProtocolError as exc:
@@ -325,7 +335,6 @@ class Session(DeviceContext):
                 log.warning("%s: broken stream (%s); disconnecting", self.name, exc)
                 return
             out: list[bytes] = []
-            verbose = wire_log.isEnabledFor(logging.DEBUG)
             while not self._close_requested:
                 try:
                     item = conn.next_event_or_hot_frame(hot)

@@ -85,7 +85,7 @@ class FdStream:
 
     # ------------------------------------------------------------------ receive
 
-    def _recv_nowait(self) -> tuple[bytes, list[OwnedFd]]:
+    def _recv_nowait(self) -> tuple[memoryview, list[OwnedFd]]:
         n, anc, flags, _addr = self.sock.recvmsg_into(
             [self._view], self._ancsize, socket.MSG_CMSG_CLOEXEC
         )
@@ -98,10 +98,18 @@ class FdStream:
         if flags & socket.MSG_CTRUNC:
             close_all(fds)
             raise TransportError("control data truncated (MSG_CTRUNC): descriptors lost")
-        return bytes(self._view[:n]), fds
+        return self._view[:n], fds
 
     async def receive(self, *, wait_first: bool = False) -> tuple[bytes, list[OwnedFd]]:
-        """Next chunk of bytes with the descriptors that came with it; b'' at EOF.
+        """Next chunk of bytes with the descriptors that came with it; b'' at EOF."""
+        view, fds = await self.receive_view(wait_first=wait_first)
+        return bytes(view), fds
+
+    async def receive_view(
+        self, *, wait_first: bool = False
+    ) -> tuple[memoryview, list[OwnedFd]]:
+        """Like `receive`, but the bytes are a view of a buffer shared by every stream of
+        this thread: use or copy them before the next checkpoint. Empty at EOF.
 
         Checkpoints only when it has to wait (and every 64 immediate reads, so a flooding
         peer cannot starve other tasks). `wait_first` skips the speculative read when the
@@ -123,7 +131,7 @@ class FdStream:
             except BlockingIOError:
                 pass
             except ConnectionResetError:
-                return b"", []
+                return memoryview(b""), []
             except OSError as exc:
                 if exc.errno == errno.EBADF and self._closed:
                     raise trio.ClosedResourceError("stream closed") from None

@@ -1,0 +1,54 @@
+"""The floor for any trio server on this machine: a 40-line REGION_READ echo.
+
+It answers VERSION and REGION_READ (4 zero bytes) and nothing else, with one
+`wait_readable` + `recvmsg_into` + `send` per message, the least a trio server can do. Run it
+next to the C sample and our server (`compare.py ... --server "trio-floor=python
+benchmarks/trio_floor.py {sock}" --region trio-floor=0`) to see how much of a ratio is the
+event loop itself rather than our code.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+
+import trio
+
+HEADER = struct.Struct("<HHIII")
+
+
+async def serve(path: str) -> None:
+    if os.path.exists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    listener.setblocking(False)
+    print("READY", path, flush=True)
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        while True:
+            await trio.lowlevel.wait_readable(conn)
+            try:
+                n, _anc, _flags, _addr = conn.recvmsg_into([view], 64)
+            except BlockingIOError:
+                continue
+            if n == 0:
+                break
+            msg_id, cmd, _size, _flags, _err = HEADER.unpack_from(buf)
+            if cmd == 1:
+                payload = struct.pack("<HH", 0, 0) + b'{"capabilities":{}}\0'
+            else:
+                payload = bytes(buf[16:32]) + b"\0\0\0\0"
+            conn.send(HEADER.pack(msg_id, cmd, 16 + len(payload), 1, 0) + payload)
+        conn.close()
+
+
+if __name__ == "__main__":
+    trio.run(serve, sys.argv[1])
