@@ -109,7 +109,7 @@ class Container:
 
     def _map(self, req: DmaMap, fd: OwnedFd | None, owner: Any) -> DmaWindow:
         known = DmaMapFlags.READ | DmaMapFlags.WRITE
-        if req.flags & ~known:
+        if req.flags & ~int(known):
             raise RemoteProtocolError(f"DMA_MAP: unknown flags {req.flags:#x}")
         if not req.flags & known:
             raise RemoteProtocolError("DMA_MAP: neither read nor write")

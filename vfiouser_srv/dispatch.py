@@ -277,7 +277,7 @@ async def _release_pinned(session: Session, windows: list[DmaWindow], reply: Bod
 
 
 def on_dma_unmap(session: Session, req: DmaUnmap) -> Result:
-    if req.flags & ~DmaUnmapFlags.ALL:
+    if req.flags & ~int(DmaUnmapFlags.ALL):
         raise RemoteProtocolError(f"DMA_UNMAP: flags {req.flags:#x} not supported")
     unmap_all = bool(req.flags & DmaUnmapFlags.ALL)
     if unmap_all and (req.address or req.size):

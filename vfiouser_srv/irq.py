@@ -139,7 +139,7 @@ class IrqTable:
 
     def _set_irqs(self, req: DeviceSetIrqs, fds: list[OwnedFd]) -> list[tuple[int, int]]:
         flags = req.flags
-        if flags & ~(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK):
+        if flags & ~int(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK):
             raise RemoteProtocolError(f"SET_IRQS: unknown flags {flags:#x}")
         data, action = flags & IRQ_SET_DATA_MASK, flags & IRQ_SET_ACTION_MASK
         if data.bit_count() != 1 or action.bit_count() != 1:
