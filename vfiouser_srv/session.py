@@ -38,6 +38,7 @@ from protocol import (
     Event,
     FatalProtocolError,
     Frame,
+    HeaderFlags,
     Reply,
     Request,
     Role,
@@ -457,19 +458,37 @@ def _log_item(name: str, ev: Event | Frame) -> None:
             ev.flags,
         )
     elif isinstance(ev, Request):
+        # The decoded message no longer has its header: size is that of the re-encoded
+        # payload, and a command that decoded has no flag but No_reply.
         wire_log.debug(
-            "%s <- id=%d %s%s %s fds=%d",
+            "%s <- id=%d %s size=%d flags=%#x fds=%d %s",
             name,
             ev.msg_id,
             ev.body.COMMAND.name,
-            " (no reply)" if ev.no_reply else "",
-            _brief(ev.body),
+            16 + len(ev.body.encode()),
+            int(HeaderFlags.NO_REPLY) if ev.no_reply else 0,
             len(ev.body.fds),
+            _brief(ev.body),
         )
     elif isinstance(ev, Reply):
-        wire_log.debug("%s <- id=%d %s reply", name, ev.msg_id, ev.body.COMMAND.name)
+        wire_log.debug(
+            "%s <- id=%d %s reply size=%d flags=%#x fds=%d",
+            name,
+            ev.msg_id,
+            ev.body.COMMAND.name,
+            16 + len(ev.body.encode()),
+            int(HeaderFlags.TYPE_REPLY),
+            len(ev.body.fds),
+        )
     elif isinstance(ev, ErrorReply):
-        wire_log.debug("%s <- id=%d command %d error %d", name, ev.msg_id, ev.command, ev.errno)
+        wire_log.debug(
+            "%s <- id=%d command %d error %d size=16 flags=%#x fds=0",
+            name,
+            ev.msg_id,
+            ev.command,
+            ev.errno,
+            int(HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR),
+        )
     else:
         wire_log.debug("%s <- id=%d command %d rejected: %s", name, ev.msg_id, ev.command, ev.error)
 
