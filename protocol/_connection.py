@@ -72,6 +72,9 @@ class Request:
     msg_id: int
     body: Body
     no_reply: bool = False
+    #: whole message size and header flags as received (for logging)
+    size: int = 0
+    flags: int = 0
 
     @property
     def command(self) -> Command:
@@ -243,7 +246,7 @@ class Connection:
                 raise RemoteProtocolError("VERSION in phase " + self.phase.value, fds=f.fds)
             body = decode_body(f.command, False, memoryview(f.payload), f.fds)
             self._step(Step.RECV_VERSION)
-            return Request(f.msg_id, body, f.no_reply)
+            return Request(f.msg_id, body, f.no_reply, HEADER_SIZE + len(f.payload), f.flags)
         if self.phase is not Phase.READY:
             raise RemoteProtocolError(f"command {f.command} before VERSION completed", fds=f.fds)
         body = decode_body(f.command, False, memoryview(f.payload), f.fds)
@@ -252,7 +255,7 @@ class Connection:
             raise RemoteProtocolError(
                 f"{body.COMMAND.name} may not be sent to a {self.role.value}", fds=f.fds
             )
-        return Request(f.msg_id, body, f.no_reply)
+        return Request(f.msg_id, body, f.no_reply, HEADER_SIZE + len(f.payload), f.flags)
 
     def _reply_event(self, f: Frame) -> Event:
         if f.is_error:

@@ -27,6 +27,8 @@ import trio
 
 from devices.sdk.interface import NUM_PCI_REGIONS, DeviceContext, DmaError, DmaPort, IrqPort
 from protocol import (
+    HEADER,
+    HEADER_SIZE,
     Body,
     Capabilities,
     Command,
@@ -38,7 +40,6 @@ from protocol import (
     Event,
     FatalProtocolError,
     Frame,
-    HeaderFlags,
     Reply,
     Request,
     Role,
@@ -209,6 +210,7 @@ class Session(DeviceContext):
         self.closed = False
         self._close_requested = False
         self._scope = trio.CancelScope()
+        self._verbose = False
         self.name = f"{device.name}#{self.conn_id}(pid {pid})"
 
     # ------------------------------------------------------------ DeviceContext
@@ -307,7 +309,7 @@ class Session(DeviceContext):
         hot = dispatch.HOT_COMMANDS
         run_hot = dispatch.run_hot
         drained = False
-        verbose = wire_log.isEnabledFor(logging.DEBUG)
+        verbose = self._verbose = wire_log.isEnabledFor(logging.DEBUG)
         while not self._close_requested:
             try:
                 data, fds = await stream.receive_view(wait_first=drained)
@@ -385,6 +387,8 @@ class Session(DeviceContext):
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
+            if self._verbose:
+                _log_out(self.name, data, len(fds))
             try:
                 await self.stream.send(data, fds)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -448,49 +452,56 @@ class Session(DeviceContext):
 
 
 def _log_item(name: str, ev: Event | Frame) -> None:
+    """One line per incoming message: id, command, size, flags, fds (and a summary)."""
     if isinstance(ev, Frame):
         wire_log.debug(
             "%s <- id=%d %s size=%d flags=%#x fds=0",
             name,
             ev.msg_id,
             Command(ev.command).name,
-            16 + len(ev.payload),
+            HEADER_SIZE + len(ev.payload),
             ev.flags,
         )
     elif isinstance(ev, Request):
-        # The decoded message no longer has its header: size is that of the re-encoded
-        # payload, and a command that decoded has no flag but No_reply.
         wire_log.debug(
             "%s <- id=%d %s size=%d flags=%#x fds=%d %s",
             name,
             ev.msg_id,
             ev.body.COMMAND.name,
-            16 + len(ev.body.encode()),
-            int(HeaderFlags.NO_REPLY) if ev.no_reply else 0,
+            ev.size,
+            ev.flags,
             len(ev.body.fds),
             _brief(ev.body),
         )
     elif isinstance(ev, Reply):
         wire_log.debug(
-            "%s <- id=%d %s reply size=%d flags=%#x fds=%d",
-            name,
-            ev.msg_id,
-            ev.body.COMMAND.name,
-            16 + len(ev.body.encode()),
-            int(HeaderFlags.TYPE_REPLY),
-            len(ev.body.fds),
+            "%s <- id=%d %s reply fds=%d", name, ev.msg_id, ev.body.COMMAND.name, len(ev.body.fds)
         )
     elif isinstance(ev, ErrorReply):
         wire_log.debug(
-            "%s <- id=%d command %d error %d size=16 flags=%#x fds=0",
-            name,
-            ev.msg_id,
-            ev.command,
-            ev.errno,
-            int(HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR),
+            "%s <- id=%d command %d error reply errno=%d", name, ev.msg_id, ev.command, ev.errno
         )
     else:
         wire_log.debug("%s <- id=%d command %d rejected: %s", name, ev.msg_id, ev.command, ev.error)
+
+
+def _log_out(name: str, data: bytes, nfds: int) -> None:
+    """One line per outgoing message of a batch (header fields only)."""
+    pos = 0
+    while pos + HEADER_SIZE <= len(data):
+        msg_id, command, size, flags, error = HEADER.unpack_from(data, pos)
+        label = Command(command).name if command in Command._value2member_map_ else command
+        wire_log.debug(
+            "%s -> id=%d %s size=%d flags=%#x error=%d fds=%d",
+            name,
+            msg_id,
+            label,
+            size,
+            flags,
+            error,
+            nfds if pos == 0 else 0,
+        )
+        pos += max(size, HEADER_SIZE)
 
 
 def _brief(body: Body) -> str:
