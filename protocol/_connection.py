@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import errno
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._caps import Capabilities
@@ -72,9 +72,9 @@ class Request:
     msg_id: int
     body: Body
     no_reply: bool = False
-    #: whole message size and header flags as received (for logging)
-    size: int = 0
-    flags: int = 0
+    #: whole message size and header flags as received (for logging; not part of equality)
+    size: int = field(default=0, compare=False)
+    flags: int = field(default=0, compare=False)
 
     @property
     def command(self) -> Command:
