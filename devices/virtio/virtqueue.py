@@ -1,0 +1,285 @@
+"""Split virtqueues (virtio 1.2, 2.7) as pure logic over the device's DMA port.
+
+Why here and not in the transport: the ring format is the part a guest can corrupt, so it is
+kept small, free of PCI and trio-scheduling concerns, and tested against a fake DMA port with
+hand-built rings (chains, indirect tables, wrap-around, event index, malformed input).
+
+Layout reminder (all little-endian)::
+
+    descriptor table (16 bytes each)   avail ring (driver area)      used ring (device area)
+    +--------+-----+-------+------+    +-------+-----+---------+     +-------+-----+--------------+
+    | addr64 |len32|flags16|next16|    |flags16|idx16|ring[N]16|     |flags16|idx16|ring[N]{id,len}|
+    +--------+-----+-------+------+    +-------+-----+---------+     +-------+-----+--------------+
+                                       | used_event16 (EVENT_IDX)|    | avail_event16 (EVENT_IDX)  |
+
+Guest memory is read through `DmaPort.view` (zero copy, synchronous) when the window is
+mmap'd and through `DmaPort.read/write` messages otherwise, hence the async methods.
+
+Error handling: anything a driver can get wrong (a loop, an index or address out of range, a
+chain longer than the queue, an indirect table inside an indirect table, an avail index that
+jumps by more than the queue size) raises `VirtqueueError`; the transport answers that with
+DEVICE_NEEDS_RESET. `DmaError` (an unmapped address) is folded into the same error.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from devices.sdk.interface import DmaError, DmaPort
+
+#: descriptor flags
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+#: avail.flags: the driver does not want interrupts (ignored with EVENT_IDX)
+AVAIL_F_NO_INTERRUPT = 1
+#: used.flags: the device does not want notifications (ignored with EVENT_IDX)
+USED_F_NO_NOTIFY = 1
+
+DESC_SIZE = 16
+USED_ELEM_SIZE = 8
+RING_HEADER = 4  # flags + idx
+MAX_QUEUE_SIZE = 32768
+#: largest total byte count of one chain we accept (a guard against absurd lengths)
+MAX_CHAIN_BYTES = 1 << 32
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+class VirtqueueError(Exception):
+    """The driver put something malformed in the ring; the device must enter NEEDS_RESET."""
+
+
+@dataclass
+class Chain:
+    """One descriptor chain popped from the avail ring.
+
+    `readable` are driver->device buffers, `writable` device->driver ones, each a list of
+    (guest address, length), in chain order.
+    """
+
+    head: int
+    readable: list[tuple[int, int]] = field(default_factory=list)
+    writable: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(n for _, n in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(n for _, n in self.writable)
+
+
+async def read_guest(dma: DmaPort, address: int, size: int) -> bytes:
+    """Copy guest memory out: the mmap'd view when there is one, else DMA_READ messages."""
+    try:
+        view = dma.view(address, size)
+        if view is not None:
+            return bytes(view)
+        return await dma.read(address, size)
+    except DmaError as exc:
+        raise VirtqueueError(f"guest memory 0x{address:x}+{size}: {exc}") from None
+
+
+async def write_guest(dma: DmaPort, address: int, data: bytes | bytearray | memoryview) -> None:
+    """Copy into guest memory: the mmap'd view when there is one, else DMA_WRITE messages."""
+    try:
+        view = dma.view(address, len(data), write=True)
+        if view is not None:
+            view[:] = data
+            return
+        await dma.write(address, data)
+    except DmaError as exc:
+        raise VirtqueueError(f"guest memory 0x{address:x}+{len(data)}: {exc}") from None
+
+
+async def gather(dma: DmaPort, segments: list[tuple[int, int]], skip: int = 0,
+                 limit: int | None = None) -> bytes:
+    """Concatenate the bytes of `segments`, starting `skip` bytes in, at most `limit` bytes."""
+    out = bytearray()
+    for addr, length in segments:
+        if skip >= length:
+            skip -= length
+            continue
+        take = length - skip
+        if limit is not None:
+            take = min(take, limit - len(out))
+            if take <= 0:
+                break
+        out += await read_guest(dma, addr + skip, take)
+        skip = 0
+    return bytes(out)
+
+
+async def scatter(dma: DmaPort, segments: list[tuple[int, int]],
+                  data: bytes | bytearray | memoryview, skip: int = 0) -> int:
+    """Spread `data` over `segments` starting `skip` bytes in; returns the bytes written."""
+    mv = memoryview(data).cast("B")
+    pos = 0
+    for addr, length in segments:
+        if pos >= len(mv):
+            break
+        if skip >= length:
+            skip -= length
+            continue
+        take = min(length - skip, len(mv) - pos)
+        await write_guest(dma, addr + skip, mv[pos : pos + take])
+        pos += take
+        skip = 0
+    return pos
+
+
+class Virtqueue:
+    """Device side of one split virtqueue.
+
+    The transport owns the registers (size, addresses, enable, vector) and copies them here;
+    `pop`, `push` and `should_interrupt` walk the rings. `event_idx` mirrors the negotiated
+    VIRTIO_F_RING_EVENT_IDX feature, `indirect` VIRTIO_F_RING_INDIRECT_DESC.
+    """
+
+    def __init__(self, index: int, max_size: int) -> None:
+        if not 1 <= max_size <= MAX_QUEUE_SIZE:
+            raise ValueError("queue size must be 1..32768")
+        self.index = index
+        self.max_size = max_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the power-on state (queue disabled, size = maximum, vector none)."""
+        self.size = self.max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.enabled = False
+        self.msix_vector = 0xFFFF
+        self.event_idx = False
+        self.indirect = False
+        self.last_avail_idx = 0
+        self.used_idx = 0
+        self.signalled_used = 0
+        self.signalled_valid = False
+
+    # ---------------------------------------------------------------- avail side
+
+    async def avail_idx(self, dma: DmaPort) -> int:
+        raw = await read_guest(dma, self.avail_addr + 2, 2)
+        return int(_U16.unpack(raw)[0])
+
+    async def has_work(self, dma: DmaPort) -> bool:
+        avail = await self.avail_idx(dma)
+        pending = (avail - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
+                                 f"> size {self.size}")
+        return pending != 0
+
+    async def pop(self, dma: DmaPort) -> Chain | None:
+        """The next available chain, or None if the driver has not made one available."""
+        if not await self.has_work(dma):
+            return None
+        slot = self.last_avail_idx % self.size
+        raw = await read_guest(dma, self.avail_addr + RING_HEADER + 2 * slot, 2)
+        head = _U16.unpack(raw)[0]
+        chain = await self._walk(dma, head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return chain
+
+    async def _walk(self, dma: DmaPort, head: int) -> Chain:
+        if head >= self.size:
+            raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.size}")
+        chain = Chain(head)
+        table, table_len, index = self.desc_addr, self.size, head
+        in_indirect = False
+        seen = 0
+        total = 0
+        while True:
+            seen += 1
+            if seen > table_len:
+                raise VirtqueueError(f"queue {self.index}: chain from {head} loops or is "
+                                     f"longer than {table_len}")
+            raw = await read_guest(dma, table + DESC_SIZE * index, DESC_SIZE)
+            addr, length, flags, nxt = _DESC.unpack(raw)
+            if flags & DESC_F_INDIRECT:
+                if in_indirect:
+                    raise VirtqueueError(f"queue {self.index}: nested indirect table")
+                if not self.indirect:
+                    raise VirtqueueError(f"queue {self.index}: indirect descriptor without "
+                                         "VIRTIO_F_RING_INDIRECT_DESC")
+                if flags & DESC_F_NEXT:
+                    raise VirtqueueError(f"queue {self.index}: indirect descriptor with NEXT")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                    raise VirtqueueError(f"queue {self.index}: bad indirect table length "
+                                         f"{length}")
+                table, table_len, index = addr, length // DESC_SIZE, 0
+                in_indirect = True
+                seen = 0
+                continue
+            total += length
+            if total > MAX_CHAIN_BYTES:
+                raise VirtqueueError(f"queue {self.index}: chain larger than 4 GiB")
+            if flags & DESC_F_WRITE:
+                chain.writable.append((addr, length))
+            elif chain.writable:
+                raise VirtqueueError(f"queue {self.index}: readable descriptor after a "
+                                     "writable one")
+            else:
+                chain.readable.append((addr, length))
+            if not flags & DESC_F_NEXT:
+                return chain
+            if nxt >= table_len:
+                raise VirtqueueError(f"queue {self.index}: next {nxt} out of range "
+                                     f"({table_len})")
+            index = nxt
+
+    # ---------------------------------------------------------------- used side
+
+    async def push(self, dma: DmaPort, head: int, written: int) -> None:
+        """Return a chain to the driver with `written` bytes placed in its writable part."""
+        slot = self.used_idx % self.size
+        await write_guest(dma, self.used_addr + RING_HEADER + USED_ELEM_SIZE * slot,
+                          _USED_ELEM.pack(head, written))
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        await write_guest(dma, self.used_addr + 2, _U16.pack(self.used_idx))
+
+    async def should_interrupt(self, dma: DmaPort) -> bool:
+        """After pushes: does the driver want an interrupt for what was used since the last?
+
+        With EVENT_IDX: vring_need_event(used_event, new, old) (virtio 1.2, 2.7.10);
+        otherwise the avail ring's NO_INTERRUPT flag.
+        """
+        new = self.used_idx
+        if not self.event_idx:
+            raw = await read_guest(dma, self.avail_addr, 2)
+            return not int(_U16.unpack(raw)[0]) & AVAIL_F_NO_INTERRUPT
+        old = self.signalled_used
+        valid = self.signalled_valid
+        self.signalled_used = new
+        self.signalled_valid = True
+        if not valid:
+            return True
+        raw = await read_guest(dma, self.avail_addr + RING_HEADER + 2 * self.size, 2)
+        used_event = _U16.unpack(raw)[0]
+        return bool(((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF))
+
+    async def enable_notify(self, dma: DmaPort) -> bool:
+        """Ask the driver to kick on the next buffer; True if work arrived meanwhile.
+
+        With EVENT_IDX the device writes avail_event = last_avail_idx (kick me when you pass
+        it); without, it clears USED_F_NO_NOTIFY. Re-checking afterwards closes the race
+        with a driver that added a buffer just before it saw the new value.
+        """
+        if self.event_idx:
+            await write_guest(dma, self.used_addr + RING_HEADER + USED_ELEM_SIZE * self.size,
+                              _U16.pack(self.last_avail_idx))
+        else:
+            await write_guest(dma, self.used_addr, _U16.pack(0))
+        return await self.has_work(dma)
+
+    async def disable_notify(self, dma: DmaPort) -> None:
+        """Tell the driver not to kick while the device is busy draining the ring anyway."""
+        if not self.event_idx:
+            await write_guest(dma, self.used_addr, _U16.pack(USED_F_NO_NOTIFY))

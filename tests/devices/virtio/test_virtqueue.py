@@ -1,0 +1,203 @@
+"""Virtqueue walking against hand-built rings: chains, indirect tables, wrap-around, event
+index, and every malformed shape a driver could produce."""
+
+from __future__ import annotations
+
+import pytest
+
+from devices.virtio.virtqueue import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    Virtqueue,
+    VirtqueueError,
+    gather,
+    scatter,
+)
+
+from ..fakes import FakeDma
+from .ring import DriverRing
+
+BUF = 0x40000
+
+
+def make(size: int = 8, *, event_idx: bool = False) -> tuple[FakeDma, DriverRing, Virtqueue]:
+    dma = FakeDma(1 << 20)
+    ring = DriverRing(dma.ram, 0x1000, size)
+    q = Virtqueue(0, size)
+    q.desc_addr, q.avail_addr, q.used_addr = ring.desc, ring.avail, ring.used
+    q.enabled = True
+    q.event_idx = event_idx
+    q.indirect = True
+    return dma, ring, q
+
+
+async def test_empty_ring_pops_nothing() -> None:
+    dma, _, q = make()
+    assert await q.pop(dma) is None
+
+
+async def test_chain_split_into_readable_and_writable() -> None:
+    dma, ring, q = make()
+    head = ring.add([(BUF, 16), (BUF + 16, 100)], [(BUF + 200, 50), (BUF + 300, 1)])
+    chain = await q.pop(dma)
+    assert chain is not None and chain.head == head
+    assert chain.readable == [(BUF, 16), (BUF + 16, 100)]
+    assert chain.writable == [(BUF + 200, 50), (BUF + 300, 1)]
+    assert chain.readable_len == 116 and chain.writable_len == 51
+    assert await q.pop(dma) is None
+
+
+async def test_indirect_table() -> None:
+    dma, ring, q = make()
+    head = ring.add([(BUF, 16)], [(BUF + 64, 512), (BUF + 600, 1)], indirect_at=0x8000)
+    chain = await q.pop(dma)
+    assert chain is not None and chain.head == head
+    assert chain.readable == [(BUF, 16)]
+    assert chain.writable == [(BUF + 64, 512), (BUF + 600, 1)]
+
+
+async def test_indirect_needs_the_feature() -> None:
+    dma, ring, q = make()
+    q.indirect = False
+    ring.add([(BUF, 16)], [], indirect_at=0x8000)
+    with pytest.raises(VirtqueueError, match="INDIRECT"):
+        await q.pop(dma)
+
+
+async def test_used_ring_and_wraparound_of_16_bit_indices() -> None:
+    dma, ring, q = make(4)
+    # Start both sides just below the 16-bit wrap.
+    start = 0xFFFE
+    ring.avail_idx = ring.last_used = start
+    q.last_avail_idx = q.used_idx = start
+    ring.put_u16(ring.used + 2, start)
+    for i in range(6):  # crosses 0xffff -> 0 and wraps the 4-entry ring
+        head = ring.add([(BUF + i, 1)], [])
+        chain = await q.pop(dma)
+        assert chain is not None and chain.head == head
+        await q.push(dma, chain.head, i)
+        assert ring.take_used() == [(head, i)]
+    assert q.last_avail_idx == q.used_idx == (start + 6) & 0xFFFF == 4
+
+
+async def test_gather_and_scatter_across_segments() -> None:
+    dma, _, _ = make()
+    dma.ram[BUF : BUF + 10] = b"0123456789"
+    segs = [(BUF, 4), (BUF + 4, 6)]
+    assert await gather(dma, segs, skip=2, limit=5) == b"23456"
+    n = await scatter(dma, [(BUF + 100, 3), (BUF + 200, 3)], b"abcdefgh", skip=1)
+    assert n == 5
+    assert dma.ram[BUF + 101 : BUF + 103] == b"ab" and dma.ram[BUF + 200 : BUF + 203] == b"cde"
+
+
+async def test_interrupt_suppression_without_event_idx() -> None:
+    dma, ring, q = make()
+    ring.add([(BUF, 1)], [])
+    chain = await q.pop(dma)
+    assert chain is not None
+    await q.push(dma, chain.head, 0)
+    assert await q.should_interrupt(dma)
+    ring.put_u16(ring.avail, 1)  # VRING_AVAIL_F_NO_INTERRUPT
+    assert not await q.should_interrupt(dma)
+
+
+async def test_event_idx_interrupts_only_when_used_event_is_crossed() -> None:
+    dma, ring, q = make(8, event_idx=True)
+    heads = [ring.add([(BUF + i, 1)], []) for i in range(4)]
+    ring.set_used_event(2)  # "interrupt me when used idx passes 2"
+    for _ in heads:
+        chain = await q.pop(dma)
+        assert chain is not None
+        await q.push(dma, chain.head, 0)
+        if q.used_idx == 1:
+            assert await q.should_interrupt(dma)  # the first one always signals
+        elif q.used_idx == 2:
+            assert not await q.should_interrupt(dma)  # 1 -> 2 does not pass event 2
+        elif q.used_idx == 3:
+            assert await q.should_interrupt(dma)  # 2 -> 3 passes it
+        else:
+            assert not await q.should_interrupt(dma)
+
+
+async def test_event_idx_enable_notify_publishes_avail_event() -> None:
+    dma, ring, q = make(8, event_idx=True)
+    ring.add([(BUF, 1)], [])
+    assert await q.pop(dma) is not None
+    assert not await q.enable_notify(dma)
+    assert ring.avail_event() == 1
+    ring.add([(BUF, 1)], [])
+    assert await q.enable_notify(dma)  # work arrived: the caller must not sleep
+
+
+async def test_no_notify_flag_without_event_idx() -> None:
+    dma, ring, q = make()
+    await q.disable_notify(dma)
+    assert ring.u16(ring.used) == 1
+    assert not await q.enable_notify(dma)
+    assert ring.u16(ring.used) == 0
+
+
+# ---------------------------------------------------------------- malformed rings
+
+async def test_loop_in_chain() -> None:
+    dma, ring, q = make()
+    ring.write_desc(ring.desc, 0, BUF, 1, DESC_F_NEXT, 1)
+    ring.write_desc(ring.desc, 1, BUF, 1, DESC_F_NEXT, 0)
+    ring.publish(0)
+    with pytest.raises(VirtqueueError, match="loops"):
+        await q.pop(dma)
+
+
+async def test_self_loop_in_indirect_table() -> None:
+    dma, ring, q = make()
+    ring.write_desc(0x8000, 0, BUF, 1, DESC_F_NEXT, 0)
+    ring.write_desc(ring.desc, 0, 0x8000, 16, DESC_F_INDIRECT)
+    ring.publish(0)
+    with pytest.raises(VirtqueueError, match="loops"):
+        await q.pop(dma)
+
+
+@pytest.mark.parametrize(("what", "setup", "match"), [
+    ("head out of range", lambda r: r.publish(9), "head"),
+    ("next out of range", lambda r: (r.write_desc(r.desc, 0, BUF, 1, DESC_F_NEXT, 8),
+                                     r.publish(0)), "next"),
+    ("nested indirect", lambda r: (r.write_desc(0x8000, 0, 0x9000, 16, DESC_F_INDIRECT),
+                                   r.write_desc(r.desc, 0, 0x8000, 16, DESC_F_INDIRECT),
+                                   r.publish(0)), "nested"),
+    ("indirect with next", lambda r: (r.write_desc(r.desc, 0, 0x8000, 16,
+                                                   DESC_F_INDIRECT | DESC_F_NEXT, 1),
+                                      r.publish(0)), "NEXT"),
+    ("indirect length", lambda r: (r.write_desc(r.desc, 0, 0x8000, 17, DESC_F_INDIRECT),
+                                   r.publish(0)), "length"),
+    ("indirect table unmapped", lambda r: (r.write_desc(r.desc, 0, 1 << 40, 16,
+                                                        DESC_F_INDIRECT), r.publish(0)),
+     "guest memory"),
+    ("readable after writable", lambda r: (r.write_desc(r.desc, 0, BUF, 1,
+                                                        DESC_F_WRITE | DESC_F_NEXT, 1),
+                                           r.write_desc(r.desc, 1, BUF, 1, 0), r.publish(0)),
+     "after a writable"),
+    ("oversized chain", lambda r: (r.write_desc(r.desc, 0, BUF, 0xFFFF_FFFF, DESC_F_NEXT, 1),
+                                   r.write_desc(r.desc, 1, BUF, 0xFFFF_FFFF, DESC_F_NEXT, 2),
+                                   r.write_desc(r.desc, 2, BUF, 2, 0), r.publish(0)),
+     "larger"),
+])
+async def test_malformed(what: str, setup: object, match: str) -> None:
+    dma, ring, q = make()
+    setup(ring)  # type: ignore[operator]
+    with pytest.raises(VirtqueueError, match=match):
+        await q.pop(dma)
+
+
+async def test_avail_index_jumping_past_the_ring() -> None:
+    dma, ring, q = make(4)
+    ring.put_u16(ring.avail + 2, 5)
+    with pytest.raises(VirtqueueError, match="avail idx"):
+        await q.pop(dma)
+
+
+async def test_unmapped_ring() -> None:
+    dma, _, q = make()
+    q.avail_addr = 1 << 40
+    with pytest.raises(VirtqueueError, match="guest memory"):
+        await q.pop(dma)
