@@ -18,9 +18,10 @@ request. Device tasks started by a register write run after that reply went out.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -156,6 +157,23 @@ class SessionDma:
         if w.view is None:
             return None
         return w.view[off : off + n]
+
+    @contextlib.contextmanager
+    def pin(self, address: int, size: int, *, write: bool = False) -> Iterator[memoryview | None]:
+        """A view that stays valid across awaits: DMA_UNMAP of its window waits for it."""
+        container = self.container
+        pieces = list(container.spans(address, size, write))
+        if len(pieces) != 1 or pieces[0][0].view is None:
+            yield None if pieces else memoryview(b"")
+            return
+        w, off, n = pieces[0]
+        assert w.view is not None
+        with container.pin(w):
+            view = w.view[off : off + n]
+            try:
+                yield view
+            finally:
+                view.release()
 
     async def read(self, address: int, size: int) -> bytes:
         out = bytearray(size)

@@ -20,10 +20,11 @@ Rules the interface encodes (see DESIGN.md section 1):
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 
 class RegionIndex(enum.IntEnum):
@@ -131,6 +132,35 @@ class DmaPort(Protocol):
     async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory: mmap'd windows directly, otherwise DMA_WRITE messages."""
         ...
+
+
+@runtime_checkable
+class PinningDmaPort(Protocol):
+    """A `DmaPort` that can also keep a zero-copy view valid across awaits.
+
+    Optional on purpose: an engine without it still works, `pinned_view` then returns None
+    and the model copies instead.
+    """
+
+    def pin(
+        self, address: int, size: int, *, write: bool = False
+    ) -> contextlib.AbstractContextManager[memoryview | None]:
+        """Like `view`, but the view stays valid until the context exits, across awaits
+        (e.g. a file read in a worker thread straight into guest memory): an unmap of its
+        window waits for the pin to go (the container's pin, DESIGN.md 3)."""
+        ...
+
+
+@contextlib.contextmanager
+def pinned_view(
+    dma: DmaPort, address: int, size: int, *, write: bool = False
+) -> Iterator[memoryview | None]:
+    """`dma.pin(...)` when the engine supports pinning, else None (the caller copies)."""
+    if isinstance(dma, PinningDmaPort):
+        with dma.pin(address, size, write=write) as view:
+            yield view
+    else:
+        yield None
 
 
 class IrqPort(Protocol):

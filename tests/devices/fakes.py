@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -19,6 +20,7 @@ class FakeDma:
         self.ram = bytearray(size)
         self.reads: list[tuple[int, int]] = []
         self.writes: list[tuple[int, int]] = []
+        self.pins = 0
 
     def _range(self, address: int, size: int) -> slice:
         start = address - self.base
@@ -28,6 +30,14 @@ class FakeDma:
 
     def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
         return memoryview(self.ram)[self._range(address, size)]
+
+    @contextlib.contextmanager
+    def pin(self, address: int, size: int, *, write: bool = False) -> Iterator[memoryview | None]:
+        self.pins += 1
+        try:
+            yield memoryview(self.ram)[self._range(address, size)]
+        finally:
+            self.pins -= 1
 
     async def read(self, address: int, size: int) -> bytes:
         await trio.lowlevel.checkpoint()
