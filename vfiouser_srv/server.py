@@ -254,7 +254,10 @@ def _listen_path(path: str) -> socket.socket:
 
 
 def _adopt_fd(fd: int) -> socket.socket:
-    sock = socket.socket(fileno=fd)
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:  # not open (EBADF), not a socket (ENOTSOCK)
+        raise ObjectError(errno.EINVAL, f"fd {fd} is not a usable socket: {exc.strerror}") from None
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
         sock.detach()
         raise ObjectError(errno.EINVAL, f"fd {fd} is not an AF_UNIX stream socket")
