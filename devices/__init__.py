@@ -12,9 +12,11 @@ from typing import Any
 
 from devices.edu import Edu
 from devices.sdk.interface import DeviceModel, OptionSpec
+from devices.virtio.blk import VirtioBlk
 
 MODELS: dict[str, type[DeviceModel]] = {
     Edu.name: Edu,
+    VirtioBlk.name: VirtioBlk,
 }
 
 _TRUE = frozenset({"1", "true", "yes", "on"})

@@ -1,0 +1,358 @@
+"""virtio-blk (virtio 1.2, 5.2) over a raw file or memory.
+
+Why batches: a guest under TCG issues many small requests; the worker pops every chain that
+is available, copies write payloads out of guest memory, runs all backend operations of the
+batch in one worker thread (file I/O never runs on the trio thread), then scatters read data
+back and completes the whole batch with a single interrupt check. Requests of one queue
+complete in ring order; queues (`queues=N`, VIRTIO_BLK_F_MQ) run independently.
+
+Request layout (one chain)::
+
+    readable:  struct virtio_blk_outhdr { le32 type; le32 reserved; le64 sector; }
+               [payload for OUT / DISCARD / WRITE_ZEROES segments]
+    writable:  [data for IN / GET_ID]  u8 status
+
+Durability: FLUSH is `fsync` of the backing file, so data written before a completed flush
+is on disk. Discard and write-zeroes punch holes (`fallocate`), falling back to writing
+zeroes where the file system cannot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import enum
+import errno
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, cast
+
+import trio
+
+from devices.sdk import OptionSpec
+
+from .transport import VirtioPciDevice
+from .virtqueue import Chain, Virtqueue, VirtqueueError, gather, scatter, write_guest
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_BLOCK = 2
+CLASS_STORAGE_SCSI = 0x010000  # what QEMU's virtio-blk-pci reports
+SECTOR = 512
+DEFAULT_MEMORY_SIZE = 64 << 20
+ID_BYTES = 20
+#: largest discard / write-zeroes request we advertise, in sectors
+MAX_DISCARD_SECTORS = (1 << 22) - 1
+MAX_DISCARD_SEGMENTS = 32
+
+
+class BlkFeature(enum.IntFlag):
+    SIZE_MAX = 1 << 1
+    SEG_MAX = 1 << 2
+    GEOMETRY = 1 << 4
+    RO = 1 << 5
+    BLK_SIZE = 1 << 6
+    FLUSH = 1 << 9
+    TOPOLOGY = 1 << 10
+    CONFIG_WCE = 1 << 11
+    MQ = 1 << 12
+    DISCARD = 1 << 13
+    WRITE_ZEROES = 1 << 14
+
+
+class ReqType(enum.IntEnum):
+    IN = 0
+    OUT = 1
+    FLUSH = 4
+    GET_ID = 8
+    DISCARD = 11
+    WRITE_ZEROES = 13
+
+
+class ReqStatus(enum.IntEnum):
+    OK = 0
+    IOERR = 1
+    UNSUPP = 2
+
+
+_OUTHDR = struct.Struct("<IIQ")
+_SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
+#: struct virtio_blk_config up to write_zeroes_may_unmap (+3 bytes of padding)
+_CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
+
+
+class Backend:
+    """Storage behind the disk. `blocking` backends run in a worker thread."""
+
+    blocking: ClassVar[bool] = False
+    size: int
+    readonly: bool
+
+    def read(self, offset: int, count: int) -> bytes:
+        raise NotImplementedError
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Make completed writes durable."""
+
+    def zero(self, offset: int, count: int, unmap: bool) -> None:
+        self.write(offset, bytes(count))
+
+    def close(self) -> None:
+        """Release the backing store."""
+
+
+class MemoryBackend(Backend):
+    """A RAM disk (lost on exit); fast, for tests and benchmarks of the transport."""
+
+    def __init__(self, size: int, readonly: bool = False) -> None:
+        self.size = size
+        self.readonly = readonly
+        self.buf = bytearray(size)
+
+    def read(self, offset: int, count: int) -> bytes:
+        return bytes(self.buf[offset : offset + count])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.buf[offset : offset + len(data)] = data
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    fn = ctypes.CDLL(name, use_errno=True).fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+class FileBackend(Backend):
+    """A raw image file; `size` grows (never shrinks) the file when larger than it is.
+
+    Resource handling: the fd is opened in `__init__` and closed by `close()`; afterwards it
+    is -1 so a stale number never reaches a reused descriptor.
+    """
+
+    blocking = True
+
+    def __init__(self, path: str, size: int = 0, readonly: bool = False) -> None:
+        flags = (os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
+        self.fd = os.open(path, flags, 0o644)
+        try:
+            current = os.fstat(self.fd).st_size
+            if size > current and not readonly:
+                os.ftruncate(self.fd, size)
+                current = size
+            if current < SECTOR:
+                raise ValueError(f"{path}: a disk needs at least {SECTOR} bytes (set size=)")
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.size = current - current % SECTOR
+        self.readonly = readonly
+        self.path = path
+        self._fallocate = _libc_fallocate()
+
+    def read(self, offset: int, count: int) -> bytes:
+        data = os.pread(self.fd, count, offset)
+        return data + bytes(count - len(data))
+
+    def write(self, offset: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def flush(self) -> None:
+        os.fsync(self.fd)
+
+    def zero(self, offset: int, count: int, unmap: bool) -> None:
+        if self._fallocate is not None:
+            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if self._fallocate(self.fd, mode, offset, count) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise OSError(err, os.strerror(err))
+        self.write(offset, bytes(count))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+@dataclass
+class _Request:
+    chain: Chain
+    type: int
+    sector: int
+    data: bytes = b""
+    segments: tuple[tuple[int, int, int], ...] = ()
+    status: int = ReqStatus.OK
+    result: bytes = b""
+
+
+class VirtioBlk(VirtioPciDevice):
+    name = "virtio-blk"
+    description = "virtio-blk (modern virtio-pci) over a raw file or memory"
+    options = (
+        OptionSpec("path", str, "", "raw image file (created if missing); empty: memory"),
+        OptionSpec("size", int, 0, "disk size in bytes (grows the file; memory default "
+                   "64 MiB)"),
+        OptionSpec("readonly", bool, False, "offer VIRTIO_BLK_F_RO and refuse writes"),
+        OptionSpec("queues", int, 1, "number of request queues (VIRTIO_BLK_F_MQ when > 1)"),
+        OptionSpec("queue_size", int, 256, "maximum descriptors per queue"),
+        OptionSpec("serial", str, "", "GET_ID answer (at most 20 bytes)"),
+    )
+    virtio_id = VIRTIO_ID_BLOCK
+    class_code = CLASS_STORAGE_SCSI
+
+    def __init__(self, path: str = "", size: int = 0, readonly: bool = False, queues: int = 1,
+                 queue_size: int = 256, serial: str = "") -> None:
+        if size < 0 or size % SECTOR:
+            raise ValueError(f"size must be a multiple of {SECTOR}")
+        if len(serial.encode()) > ID_BYTES:
+            raise ValueError(f"serial is at most {ID_BYTES} bytes")
+        self.backend: Backend
+        if path:
+            try:
+                self.backend = FileBackend(path, size, readonly)
+            except OSError as exc:
+                raise ValueError(f"cannot open {path}: {exc.strerror}") from None
+        else:
+            self.backend = MemoryBackend(size or DEFAULT_MEMORY_SIZE, readonly)
+        self.serial = serial.encode()
+        super().__init__(num_queues=queues, queue_size=queue_size)
+
+    @property
+    def capacity(self) -> int:
+        """Disk size in 512-byte sectors."""
+        return self.backend.size // SECTOR
+
+    def device_features(self) -> int:
+        f = (BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH | BlkFeature.DISCARD
+             | BlkFeature.WRITE_ZEROES)
+        if len(self.queues) > 1:
+            f |= BlkFeature.MQ
+        if self.backend.readonly:
+            f |= BlkFeature.RO
+        return int(f)
+
+    def read_device_config(self, offset: int, count: int) -> bytes:
+        cfg = _CONFIG.pack(
+            self.capacity, 0, self.queues[0].max_size - 2,  # capacity, size_max, seg_max
+            0, 0, 0,                                         # geometry
+            SECTOR,                                          # blk_size
+            0, 0, 1, 0,                                      # topology
+            0, 0, len(self.queues),                          # writeback, unused, num_queues
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1,    # discard
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1,    # write zeroes, may unmap
+        )
+        chunk = cfg[offset : offset + count]
+        return chunk + bytes(count - len(chunk))
+
+    def close(self) -> None:
+        self.backend.close()
+        super().close()
+
+    # ------------------------------------------------------------------ requests
+
+    async def process_batch(self, queue: Virtqueue,
+                            chains: list[Chain]) -> list[tuple[int, int]]:
+        dma = self.dma
+        reqs: list[_Request] = []
+        for chain in chains:
+            if chain.readable_len < _OUTHDR.size or chain.writable_len < 1:
+                raise VirtqueueError(f"queue {queue.index}: request {chain.head} without a "
+                                     "header or status byte")
+            rtype, _, sector = _OUTHDR.unpack(await gather(dma, chain.readable,
+                                                           limit=_OUTHDR.size))
+            req = _Request(chain, rtype, sector)
+            if rtype == ReqType.OUT:
+                req.data = await gather(dma, chain.readable, skip=_OUTHDR.size)
+            elif rtype in (ReqType.DISCARD, ReqType.WRITE_ZEROES):
+                raw = await gather(dma, chain.readable, skip=_OUTHDR.size)
+                req.segments = tuple(_SEGMENT.iter_unpack(raw[: len(raw) // 16 * 16]))
+            reqs.append(req)
+        if self.backend.blocking:
+            await trio.to_thread.run_sync(self._execute, reqs)
+            # The thread cannot be interrupted; a reset that arrived meanwhile ends us here,
+            # before anything is written to rings the driver may already have taken back.
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            self._execute(reqs)
+        done: list[tuple[int, int]] = []
+        for req in reqs:
+            written = 0
+            data_segs = _without_last_byte(req.chain.writable)
+            if req.result:
+                written = await scatter(dma, data_segs, req.result)
+            addr, length = req.chain.writable[-1]
+            await write_guest(dma, addr + length - 1, bytes([req.status]))
+            done.append((req.chain.head, written + 1))
+        return done
+
+    def _execute(self, reqs: list[_Request]) -> None:
+        """Run the backend side of a batch, in order (a thread for file backends)."""
+        for req in reqs:
+            try:
+                self._execute_one(req)
+            except OSError as exc:
+                log.warning("%s: request type %d sector %d failed: %s", self.name, req.type,
+                            req.sector, exc)
+                req.status = ReqStatus.IOERR
+                req.result = b""
+
+    def _in_range(self, sector: int, nbytes: int) -> bool:
+        return sector >= 0 and sector * SECTOR + nbytes <= self.backend.size
+
+    def _execute_one(self, req: _Request) -> None:
+        b = self.backend
+        if req.type == ReqType.IN:
+            count = req.chain.writable_len - 1
+            if count % SECTOR or not self._in_range(req.sector, count):
+                req.status = ReqStatus.IOERR
+                return
+            req.result = b.read(req.sector * SECTOR, count)
+        elif req.type == ReqType.OUT:
+            if b.readonly or len(req.data) % SECTOR or not self._in_range(req.sector,
+                                                                            len(req.data)):
+                req.status = ReqStatus.IOERR
+                return
+            b.write(req.sector * SECTOR, req.data)
+        elif req.type == ReqType.FLUSH:
+            b.flush()
+        elif req.type == ReqType.GET_ID:
+            want = min(ID_BYTES, req.chain.writable_len - 1)
+            req.result = (self.serial + bytes(ID_BYTES))[:want]
+        elif req.type in (ReqType.DISCARD, ReqType.WRITE_ZEROES):
+            if b.readonly or not req.segments or len(req.segments) > MAX_DISCARD_SEGMENTS:
+                req.status = ReqStatus.IOERR
+                return
+            for sector, num, _flags in req.segments:
+                if num > MAX_DISCARD_SECTORS or not self._in_range(sector, num * SECTOR):
+                    req.status = ReqStatus.IOERR
+                    return
+            for sector, num, flags in req.segments:
+                b.zero(sector * SECTOR, num * SECTOR, unmap=bool(flags & 1))
+        else:
+            req.status = ReqStatus.UNSUPP
+
+
+def _without_last_byte(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The writable data segments of a request: everything but the final status byte."""
+    if not segments:
+        return []
+    *head, (addr, length) = segments
+    return [*head, (addr, length - 1)] if length > 1 else list(head)
