@@ -371,6 +371,7 @@ async def run_guest(
     guest_env: Mapping[str, str] | None = None,
     append_extra: Sequence[str] = (),
     extra_qemu_args: Sequence[str] = (),
+    placeholders: Mapping[str, str] | None = None,
     trace: bool = False,
     timeout: float = 120.0,
     run_dir: Path | None = None,
@@ -386,7 +387,8 @@ async def run_guest(
     ``vfio-user`` device need one; :func:`run_config` starts the server for you).
     ``guest_env`` entries become ``vfu_<key>=<value>`` kernel words, i.e. environment variables
     of the guest's init and test. ``on_line`` sees every console line (CR stripped) as it
-    arrives; ``echo`` prints them (or passes them to a callable).
+    arrives; ``echo`` prints them (or passes them to a callable). ``placeholders`` fills
+    device-specific ``@NAME@`` words of ``configs.toml`` (e.g. ``DISK``, ``TAP``).
 
     Never raises for a failing guest: inspect :class:`RunResult` (``ok``, ``results``).
     Raises :class:`~.provision.ProvisionError` if QEMU or the guest image is missing.
@@ -415,6 +417,7 @@ async def run_guest(
         "APPEND": guest_append(cf, cfg, guest_env or {}, append_extra),
         "SOCKET": os.fspath(socket_path) if socket_path else "@SOCKET@",
         "TRACE": os.fspath(trace_path) if trace_path else "@TRACE@",
+        **(placeholders or {}),
     }
     argv = [*qemu.argv, *cf.qemu_args(cfg, accel=accel, mem=mem, values=values, trace=trace),
             *extra_qemu_args]
