@@ -1,0 +1,77 @@
+#!/bin/sh
+# virtio-blk-test.sh: the guest's own virtio_blk driver does I/O on the first virtio disk.
+#
+# Runs as /test.sh against QEMU's built-in `virtio-blk-pci` or our virtio-blk behind
+# vfio-user-pci; "RESULT key=value" lines must be identical for both. The disk must be at
+# least 32 MiB and its first 4 MiB must hold the data the host test wrote there (the host
+# knows the checksum); the test copies them to 8 MiB with O_DIRECT, so the host can check
+# the backing file afterwards, and discards 16-17 MiB.
+# Knobs (kernel cmdline words):
+#   vfu_bench=N   after the checks, N rounds of 32 MiB O_DIRECT write + read (BENCH lines)
+
+res()  { echo "RESULT $1=$2"; }
+info() { echo "INFO $*"; }
+FAILED=0
+fail() { echo "RESULT $1=FAIL${2:+ ($2)}"; FAILED=1; }
+
+DEV=""
+for d in /sys/bus/pci/devices/*; do
+    if [ "$(cat "$d/vendor")" = 0x1af4 ] && [ "$(cat "$d/class")" = 0x010000 ]; then
+        DEV=$d
+    fi
+done
+[ -n "$DEV" ] || { fail found "no virtio block function"; exit 1; }
+res found yes
+res pci_id "$(cat "$DEV/vendor"):$(cat "$DEV/device")"
+res driver "$(basename "$(readlink "$DEV/driver")")"
+info "bdf=${DEV##*/} irq=$(cat "$DEV/irq") msi_irqs=$(ls "$DEV/msi_irqs" 2>/dev/null | wc -l)"
+for v in /sys/bus/virtio/devices/*; do
+    info "virtio ${v##*/} device=$(cat "$v/device") features=$(cat "$v/features")"
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
+[ -b /dev/vda ] || { fail disk "no /dev/vda"; exit 1; }
+res disk vda
+res sectors "$(cat /sys/block/vda/size)"
+res logical_block "$(cat /sys/block/vda/queue/logical_block_size)"
+
+md5() { dd if=/dev/vda bs=1M skip="$1" count="$2" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1; }
+
+# 1. read what the host wrote
+res read_md5 "$(md5 0 4)"
+# 2. copy it to 8 MiB with O_DIRECT, flush, read back
+if dd if=/dev/vda of=/dev/vda bs=1M count=4 seek=8 iflag=direct oflag=direct 2>/dev/null; then
+    res copy ok
+else
+    fail copy "dd failed"
+fi
+sync
+res copy_md5 "$(md5 8 4)"
+# 3. a buffered write from tmpfs, flushed with fsync, then read back bypassing the cache
+dd if=/dev/vda of=/tmp/chunk bs=1M count=1 iflag=direct 2>/dev/null
+dd if=/tmp/chunk of=/dev/vda bs=1M seek=12 conv=fsync 2>/dev/null && res fsync_write ok
+echo 3 > /proc/sys/vm/drop_caches
+res buffered_md5 "$(md5 12 1)"
+# 4. discard 1 MiB at 16 MiB (after filling it) and read zeroes back
+dd if=/tmp/chunk of=/dev/vda bs=1M seek=16 oflag=direct 2>/dev/null
+if blkdiscard -o $((16 << 20)) -l $((1 << 20)) /dev/vda 2>/dev/null; then
+    res discard ok
+    zero=$(dd if=/dev/zero bs=1M count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$(md5 16 1)" = "$zero" ] && res discard_zeroes yes || res discard_zeroes no
+else
+    res discard unsupported
+fi
+echo "STAGE checks-done"
+
+# 5. optional throughput rounds (not RESULT lines: timings differ between runs)
+rounds=${vfu_bench:-0}
+r=0
+while [ "$r" -lt "$rounds" ]; do
+    r=$((r + 1))
+    w=$(dd if=/dev/zero of=/dev/vda bs=1M count=32 seek=0 oflag=direct 2>&1 | tail -n 1)
+    rd=$(dd if=/dev/vda of=/dev/null bs=1M count=32 iflag=direct 2>&1 | tail -n 1)
+    echo "BENCH round=$r write: $w"
+    echo "BENCH round=$r read: $rd"
+done
+res failed "$FAILED"
+exit "$FAILED"
