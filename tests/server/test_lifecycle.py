@@ -1,0 +1,301 @@
+"""Disconnect, reconnect and leaks (DESIGN.md section 3, "On disconnect").
+
+On disconnect the server cancels the connection's device tasks, unmaps every window it
+mmap'd, closes every eventfd it was given and releases the group, but keeps the device's
+state so the client can come back. Nothing may accumulate across connections: the leak tests
+count this process's descriptors and mappings (the server runs in the test process).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+
+from devices.edu import Reg
+from devices.sdk.interface import IrqIndex
+from protocol import PROTOCOL_MAJOR, PROTOCOL_MINOR, Command, HeaderFlags, Version, pack_header
+from vfiouser_srv.client import (
+    VfioUserError,
+    make_eventfd,
+    open_client,
+    read_eventfd_nowait,
+    reply_body,
+    wait_eventfd,
+)
+from vfiouser_srv.server import Server
+
+from ._support import (
+    BAR0,
+    CONFIG,
+    EDU_ID,
+    HANG_REG,
+    TrackedEdu,
+    add_edu,
+    fd_count,
+    fds_closed_by_gc,
+    fds_of_kind,
+    from_u32,
+    make_memfd,
+    mappings_of,
+    maps_lines,
+    running_server,
+    session_of,
+    settle,
+    u32,
+    unique,
+    wait_detached,
+)
+
+EVENTFD = "anon_inode:[eventfd]"
+
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+# ------------------------------------------------------------------------ disconnect
+
+
+async def test_disconnect_unmaps_every_window(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique("disc-unmap", tmp_path)
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        with make_memfd(name, 0x4000) as fd:
+            async with open_client(path) as c:
+                await c.dma_map(0x100000, 0x2000, fd=fd)
+                await c.dma_map(0x200000, 0x2000, fd=fd, offset=0x2000)
+                await c.memory.add_ram(0x300000, 0x1000, shared=False)  # message mode
+                container = session_of(dev).container
+                assert container is not None and len(container) == 3
+                assert mappings_of(name) == 2
+            await wait_detached(dev)
+            assert len(container) == 0
+            assert mappings_of(name) == 0
+            # The server kept no copy of the memfd either: ours is the only descriptor.
+            assert fds_of_kind(f"/memfd:{name} (deleted)") == 1
+            assert fds_closed_by_gc(caplog) == []
+
+
+async def test_disconnect_closes_irq_eventfds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        model = dev.model
+        assert isinstance(model, TrackedEdu)
+        with make_eventfd() as intx, make_eventfd() as req:
+            base = fds_of_kind(EVENTFD)
+            async with open_client(path) as c:
+                await c.set_irq_eventfds(IrqIndex.INTX, 0, [intx])
+                await c.set_irq_eventfds(IrqIndex.REQ, 0, [req])
+                assert fds_of_kind(EVENTFD) == base + 2  # the server's copies
+                # The eventfd works while connected: edu's IRQ_RAISE asserts INTx.
+                await c.region_write(BAR0, Reg.IRQ_RAISE, u32(1))
+                assert await wait_eventfd(intx) == 1
+                await c.region_write(BAR0, Reg.IRQ_ACK, u32(1))
+            await wait_detached(dev)
+            assert fds_of_kind(EVENTFD) == base
+            assert fds_closed_by_gc(caplog) == []
+            # A later client that assigned nothing: raising must not reach the old eventfd.
+            async with open_client(path) as c:
+                await c.region_write(BAR0, Reg.IRQ_RAISE, u32(1))
+                assert from_u32(await c.region_read(BAR0, Reg.IRQ_STATUS, 4)) == 1
+                await c.region_write(BAR0, Reg.IRQ_ACK, u32(1))
+            assert read_eventfd_nowait(intx) == 0
+
+
+async def test_device_state_survives_reconnect(tmp_path: Path) -> None:
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        async with open_client(path) as c:
+            await c.region_write(BAR0, Reg.LIVENESS, u32(0x12345678))
+            await c.region_write(BAR0, Reg.FACTORIAL, u32(10))
+        await wait_detached(dev)
+        async with open_client(path) as c:
+            assert from_u32(await c.region_read(BAR0, Reg.LIVENESS, 4)) == ~0x12345678 & 0xFFFFFFFF
+            assert from_u32(await c.region_read(BAR0, Reg.FACTORIAL, 4)) == 3628800
+            # ...and the device is fully usable by the new client.
+            await c.region_write(BAR0, Reg.FACTORIAL, u32(5))
+            assert from_u32(await c.region_read(BAR0, Reg.FACTORIAL, 4)) == 120
+
+
+async def test_immediate_reconnect_is_accepted(tmp_path: Path) -> None:
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        for value in range(5):
+            async with open_client(path) as c:
+                await c.region_write(BAR0, Reg.LIVENESS, u32(value))
+            # No waiting for the server to notice: connect again at once.
+        async with open_client(path) as c:
+            assert from_u32(await c.region_read(BAR0, Reg.LIVENESS, 4)) == ~4 & 0xFFFFFFFF
+            assert dev.group.users == 1
+
+
+async def test_reconnect_waits_for_the_old_session_to_detach(tmp_path: Path) -> None:
+    """VERSION arriving while the old session is still attached is held, not refused."""
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        async with open_client(path) as old, open_client(path, version=False) as new:
+            old_session = session_of(dev)
+            pending = await new.submit(Version(PROTOCOL_MAJOR, PROTOCOL_MINOR, new.caps))
+            await settle()
+            # The server holds the new client's VERSION while the old one is attached...
+            assert dev.session is old_session and not pending.done
+            await old.aclose()
+            # ...and answers it once the old session has let go.
+            with trio.fail_after(5):
+                reply = await pending.wait_reply()
+            assert isinstance(reply_body(reply), Version) and new.negotiated
+            assert session_of(dev) is not old_session
+            assert from_u32(await new.region_read(BAR0, 0, 4)) == EDU_ID
+
+
+async def test_disconnect_cancels_the_connections_device_tasks(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        model = dev.model
+        assert isinstance(model, TrackedEdu)
+        async with open_client(path) as c:
+            await c.region_write(BAR0, HANG_REG, u32(1))
+            with trio.fail_after(5):
+                await model.task_started.wait()
+            assert session_of(dev).tasks.running == 1
+            assert model.task_cancelled == 0
+        await wait_detached(dev)
+        assert model.task_cancelled == 1
+        assert model.ctx is None
+        # The next connection gets a task group of its own.
+        model.task_started = trio.Event()
+        async with open_client(path) as c:
+            await c.region_write(BAR0, HANG_REG, u32(1))
+            with trio.fail_after(5):
+                await model.task_started.wait()
+            assert session_of(dev).tasks.running == 1
+        await wait_detached(dev)
+        assert model.task_cancelled == 2
+        assert fds_closed_by_gc(caplog) == []
+
+
+async def test_edu_dma_task_cancelled_by_disconnect_leaves_device_usable(
+    tmp_path: Path,
+) -> None:
+    """edu's DMA in message mode waits for the client; a disconnect cancels it cleanly."""
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        async with open_client(path) as c:
+            c._answer = lambda request: None  # type: ignore[method-assign]  # never answer DMA
+            await c.region_write(CONFIG, 4, struct.pack("<H", 0x6))  # memory + Bus Master
+            await c.memory.add_ram(0x10000, 0x1000, shared=False)  # message mode
+            await c.region_write(BAR0, Reg.DMA_SRC, struct.pack("<Q", 0x10000))
+            await c.region_write(BAR0, Reg.DMA_DST, struct.pack("<Q", 0x40000))
+            await c.region_write(BAR0, Reg.DMA_CNT, struct.pack("<Q", 16))
+            await c.region_write(BAR0, Reg.DMA_CMD, struct.pack("<Q", 1))
+            await settle()
+            # The DMA task is stuck waiting for our DMA_READ reply: start bit still set.
+            assert session_of(dev).tasks.running == 1
+            assert from_u32(await c.region_read(BAR0, Reg.DMA_CMD, 4)) & 1 == 1
+        await wait_detached(dev)
+        async with open_client(path) as c:
+            # The task was cancelled and cleared the start bit: the device is not wedged.
+            assert from_u32(await c.region_read(BAR0, Reg.DMA_CMD, 4)) & 1 == 0
+            assert session_of(dev).tasks.running == 0
+
+
+# ------------------------------------------------------------------------ leaks
+
+
+async def _snapshot(server: Server) -> tuple[int, int]:
+    await settle()
+    gc.collect()
+    assert not server.sessions
+    return fd_count(), len(maps_lines())
+
+
+async def test_no_leak_over_1000_connections(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = unique("leak-ram", tmp_path)
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        with make_memfd(name, 0x10000) as ram, make_eventfd() as efd:
+
+            async def cycle() -> None:
+                async with open_client(path) as c:
+                    await c.dma_map(0x100000, 0x10000, fd=ram)
+                    await c.set_irq_eventfds(IrqIndex.INTX, 0, [efd])
+                    assert mappings_of(name) == 1
+                await wait_detached(dev)
+
+            for _ in range(3):  # warm up: lazily created buffers, caches, arenas
+                await cycle()
+            before = await _snapshot(server)
+            for _ in range(1000):
+                await cycle()
+            after = await _snapshot(server)
+        assert mappings_of(name) == 0
+        assert after == before
+        assert fds_closed_by_gc(caplog) == []
+
+
+async def test_no_leak_over_100_garbage_clients(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client sending a poisoned header (with a descriptor riding along) is disconnected."""
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path)
+        garbage = pack_header(1, Command.VERSION, 8, HeaderFlags.TYPE_COMMAND) + b"\xff" * 8
+
+        async def cycle() -> None:
+            async with open_client(path, version=False) as c:
+                with make_eventfd() as efd:
+                    await c.send_bytes(garbage, [efd])
+                with trio.fail_after(5):
+                    await c.wait_disconnected()
+            await settle()
+
+        for _ in range(3):
+            await cycle()
+        before = await _snapshot(server)
+        for _ in range(100):
+            await cycle()
+        after = await _snapshot(server)
+        assert after == before
+        assert fds_closed_by_gc(caplog) == []
+        assert dev.session is None and dev.group.users == 0
+        async with open_client(path) as c:
+            assert from_u32(await c.region_read(BAR0, 0, 4)) == EDU_ID
+
+
+async def test_no_leak_from_clients_refused_with_ebusy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second client of a busy device is answered EBUSY (after the grace) and dropped."""
+    async with running_server() as server:
+        _, path = add_edu(server, tmp_path)
+        async with open_client(path):
+
+            async def cycle() -> None:
+                async with open_client(path, version=False) as c:
+                    with pytest.raises(VfioUserError) as info:
+                        await c.version()
+                    assert info.value.errno == errno.EBUSY
+                    with trio.fail_after(5):
+                        await c.wait_disconnected()
+                await settle()
+
+            await cycle()
+            gc.collect()
+            before = fd_count(), len(maps_lines())
+            for _ in range(2):
+                await cycle()
+            gc.collect()
+            assert (fd_count(), len(maps_lines())) == before
+            assert len(server.sessions) == 1
+            assert fds_closed_by_gc(caplog) == []
