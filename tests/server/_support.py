@@ -10,13 +10,15 @@ the kernel has delivered to it.
 
 from __future__ import annotations
 
+import gc
 import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -33,6 +35,23 @@ CONFIG = int(RegionIndex.CONFIG)
 EDU_ID = 0x010000ED
 #: an offset in edu's BAR0 with no register: `TrackedEdu` uses it to start a task
 HANG_REG = 0x200
+
+
+@pytest.fixture
+def fd_leak_check(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every descriptor opened during the test is closed by its end, and explicitly.
+
+    Sync, so it runs outside `trio.run` (trio's own fds are not counted) and after the
+    test's server is gone. An `OwnedFd` closed by its finalizer logs, and counts as a leak.
+    Modules use it with `pytestmark = pytest.mark.usefixtures("fd_leak_check")` and import
+    it, so they do not depend on any conftest.
+    """
+    before = len(os.listdir("/proc/self/fd"))
+    yield
+    gc.collect()
+    records = [r for when in ("setup", "call", "teardown") for r in caplog.get_records(when)]
+    assert [r.getMessage() for r in records if r.name == "vfiouser_srv.fds"] == []
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 class TrackedEdu(Edu):

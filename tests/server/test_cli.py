@@ -28,12 +28,12 @@ from vfiouser_srv.client import VfioUserError, make_eventfd, open_client
 from vfiouser_srv.engines import EngineUnavailable, load_engine
 from vfiouser_srv.transport import FdStream
 
-from ._support import BAR0, EDU_ID, from_u32, u32
+from ._support import BAR0, EDU_ID, fd_leak_check, from_u32, u32  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 20.0
 
-pytestmark = pytest.mark.usefixtures("no_fd_leak")
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
 
 class Cli:

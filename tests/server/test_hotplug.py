@@ -31,6 +31,7 @@ from ._support import (
     EDU_ID,
     TrackedEdu,
     add_edu,
+    fd_leak_check,  # noqa: F401  (fixture)
     from_u32,
     make_memfd,
     mappings_of,
@@ -49,7 +50,7 @@ def tracked(dev: object) -> TrackedEdu:
     return model
 
 
-pytestmark = pytest.mark.usefixtures("no_fd_leak")
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
 # ------------------------------------------------------------------------ hot add
 

@@ -37,6 +37,7 @@ from ._support import (
     TrackedEdu,
     add_edu,
     fd_count,
+    fd_leak_check,  # noqa: F401  (fixture)
     fds_closed_by_gc,
     fds_of_kind,
     from_u32,
@@ -54,7 +55,7 @@ from ._support import (
 EVENTFD = "anon_inode:[eventfd]"
 
 
-pytestmark = pytest.mark.usefixtures("no_fd_leak")
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
 # ------------------------------------------------------------------------ disconnect
 

@@ -26,6 +26,7 @@ from ._support import (
     BAR0,
     EDU_ID,
     add_edu,
+    fd_leak_check,  # noqa: F401  (fixture)
     from_u32,
     make_group,
     make_memfd,
@@ -80,7 +81,7 @@ async def two_device_group(
     return a, b
 
 
-pytestmark = pytest.mark.usefixtures("no_fd_leak")
+pytestmark = pytest.mark.usefixtures("fd_leak_check")
 
 # ------------------------------------------------------------------------ ownership
 
