@@ -188,7 +188,9 @@ class Server:
         is asked to let go by signalling the REQ interrupt every `interval` seconds; after
         `deadline` seconds (if given) it is disconnected by force. The model is closed last.
         """
-        dev = self.devices[name]
+        dev = self.devices.get(name)
+        if dev is None or dev.state is not DeviceState.ACTIVE:
+            raise ObjectError(errno.ENODEV, f"no device {name!r} to remove (or already removing)")
         dev.state = DeviceState.REMOVING
         self._close_listener(name)
         requests = 0
