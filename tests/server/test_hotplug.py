@@ -236,3 +236,19 @@ async def test_remove_one_device_of_a_group_leaves_the_other_served(tmp_path: Pa
             assert not os.path.exists(a)
             assert from_u32(await cb.region_read(BAR0, 0, 4)) == EDU_ID
         assert os.path.exists(b)
+
+
+async def test_second_remove_of_the_same_device_is_enodev(tmp_path: Path) -> None:
+    async with running_server() as server, trio.open_nursery() as nursery:
+        dev, path = add_edu(server, tmp_path)
+        async with open_client(path):
+            removal = await start_removal(nursery, server, "edu", interval=60)
+            with pytest.raises(ObjectError) as info, trio.fail_after(5):
+                await server.remove_device("edu", interval=60)
+            assert info.value.errno == errno.ENODEV
+            assert not removal.done.is_set()
+        assert await removal.wait() == 1
+        assert tracked(dev).closed == 1
+        with pytest.raises(ObjectError) as info:
+            await server.remove_device("edu")
+        assert info.value.errno == errno.ENODEV
