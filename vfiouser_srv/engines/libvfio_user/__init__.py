@@ -1,0 +1,36 @@
+"""The libvfio-user engine: `devices/` models served by the reference C library via ctypes.
+
+Importing this package loads the library (from `LIBVFIO_USER_PATH`, else the system library
+path) and checks its ABI, so `vfiouser_srv.engines.load_engine("libvfio-user")` fails at once
+with `EngineUnavailable` and a message saying what is missing, not at the first client.
+
+`LibvfioUserDevice(name, model, socket_path)` listens as soon as it is constructed;
+`await device.serve()` serves clients one after another; `device.close()` destroys it.
+`Server.add_device(..., engine="libvfio-user")` does all of that inside the server.
+
+How it differs from the Python engine on the wire is listed, with reasons, in
+`PARITY_DIFFERENCES` (the parity test in tests/engines checks exactly these).
+"""
+
+from __future__ import annotations
+
+from ._bindings import LIBRARY_ENV, library
+from ._engine import QUIESCE_GRACE, EngineError, LibvfioUserDevice, VfuDma, VfuIrq
+from ._parity import PARITY_DIFFERENCES
+
+#: what `Server.add_device(..., engine="libvfio-user")` constructs
+create_device = LibvfioUserDevice
+
+library()  # EngineUnavailable here, when the engine is asked for, not at the first client
+
+__all__ = [
+    "LIBRARY_ENV",
+    "PARITY_DIFFERENCES",
+    "QUIESCE_GRACE",
+    "EngineError",
+    "LibvfioUserDevice",
+    "VfuDma",
+    "VfuIrq",
+    "create_device",
+    "library",
+]

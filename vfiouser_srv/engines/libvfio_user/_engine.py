@@ -1,0 +1,779 @@
+"""One device served by libvfio-user: the C library speaks the protocol, our model answers.
+
+Concepts
+    *Context.* One `vfu_ctx_t` per device, created in non-blocking attach mode; it listens on
+    the socket path from construction (QEMU must find it listening) until `close()`. The
+    library serves one client at a time; after a client leaves we attach the next one.
+
+    *Threads.* Everything that touches the context runs on the trio thread, except two
+    blocking calls: `vfu_attach_ctx` (accepts, then reads the client's VERSION with a
+    blocking `recv`) and message-mode DMA (`vfu_sgl_read/write` send a DMA_READ/WRITE and
+    block until the client answers). Both run in a worker thread while `_lock` is held, so
+    no other call enters the library meanwhile (it is not thread-safe). Callbacks fire on
+    whichever thread is inside the library; the ones that can fire on a worker thread
+    (lost connection, DMA unregister) only touch plain Python state.
+
+    *Quiescence.* The library asks the device to quiesce before DMA_MAP, DMA_UNMAP, reset
+    and a lost connection. With no device task running we are quiesced at once: callbacks
+    run on the trio thread, so no task is between checkpoints, and a `DmaPort.view` is valid
+    only until the next checkpoint anyway. With tasks running we answer EBUSY, give them
+    `QUIESCE_GRACE` seconds to finish, cancel the rest (tasks are restartable by design,
+    DESIGN.md section 1) and then call `vfu_device_quiesced`, which runs the waiting command.
+
+    *Deadlock rule (DESIGN.md 2.8).* Region callbacks are synchronous and never wait for the
+    client; message-mode DMA runs only in device tasks, never in a callback.
+
+Error handling
+    Each trampoline catches everything. A model's `DeviceError`/`DmaError`/`OSError` is the
+    errno of the reply, logged as a warning, as in `dispatch`. Anything else is returned to
+    C as EIO, stored, and re-raised by `_raise_errors()` right after the library call
+    returns; the connection loop then logs it with its traceback (the Python engine's "EIO,
+    logged with traceback, connection kept") and counts it in `callback_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import socket
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from devices.sdk.interface import (
+    NUM_PCI_IRQS,
+    DeviceContext,
+    DeviceError,
+    DeviceModel,
+    DmaError,
+    DmaPort,
+    IrqIndex,
+    IrqPort,
+    IrqSpec,
+    RegionIndex,
+    RegionSpec,
+)
+
+from ...dispatch import errno_of
+from ...session import TaskGroup
+from . import _bindings as b
+
+log = logging.getLogger(__name__)
+lib_log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".lib")
+
+#: how long quiescing waits for device tasks to finish before cancelling them (the Python
+#: engine's unmap drain uses the same)
+QUIESCE_GRACE = 1.0
+#: DMA_MAP limit we give the library (the Python engine's default max_dma_maps)
+MAX_DMA_REGIONS = 65535
+#: PCI config space sizes: conventional and extended
+CFG_SIZE = 256
+CFG_EXP_SIZE = 4096
+#: the bits of a BAR register that say "I/O space"
+BAR_IO_SPACE = 0x1
+BAR0_OFFSET = 0x10
+
+_SYSLOG_TO_LOGGING = {
+    b.LOG_ERR: logging.ERROR,
+    b.LOG_WARNING: logging.WARNING,
+    b.LOG_NOTICE: logging.INFO,
+    b.LOG_INFO: logging.INFO,
+    b.LOG_DEBUG: logging.DEBUG,
+}
+
+
+class EngineError(OSError):
+    """A libvfio-user call failed; carries the call's errno."""
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise EngineError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+# --------------------------------------------------------------------------- DMA
+
+
+@dataclass(frozen=True)
+class _Window:
+    """One DMA region the library registered; `vaddr` 0 means message mode (no fd)."""
+
+    iova: int
+    size: int
+    vaddr: int
+    prot: int
+
+    @property
+    def end(self) -> int:
+        return self.iova + self.size
+
+
+class VfuDma(DmaPort):
+    """The model's DmaPort: mmap'd windows by address, the rest by DMA_READ/WRITE messages.
+
+    The window table is fed by the library's register/unregister callbacks. Mapped windows
+    are read and written with plain memory copies through the library's own mapping
+    (`vfu_dma_info_t.vaddr`), so no copy waits for anything; message-mode pieces go through
+    `vfu_addr_to_sgl` + `vfu_sgl_read/write` in a worker thread under the context lock.
+    """
+
+    def __init__(self, device: LibvfioUserDevice) -> None:
+        self._device = device
+        self.windows: list[_Window] = []
+        #: served message-mode transfers, for tests that check which path was taken
+        self.messages = 0
+
+    # ------------------------------------------------------------ table (callbacks)
+
+    def add(self, info: b.DmaInfo) -> None:
+        w = _Window(info.iova.iov_base or 0, info.iova.iov_len, info.vaddr or 0, info.prot)
+        self.windows.append(w)
+        self.windows.sort(key=lambda x: x.iova)
+        log.debug(
+            "%s: DMA window %#x+%#x %s",
+            self._device.name,
+            w.iova,
+            w.size,
+            "mmap" if w.vaddr else "message",
+        )
+
+    def remove(self, info: b.DmaInfo) -> None:
+        iova = info.iova.iov_base or 0
+        self.windows = [w for w in self.windows if w.iova != iova]
+
+    def clear(self) -> None:
+        self.windows = []
+
+    # ------------------------------------------------------------ lookup
+
+    def _find(self, address: int) -> _Window:
+        for w in self.windows:
+            if w.iova <= address < w.end:
+                return w
+        raise DmaError(errno.EFAULT, f"DMA address {address:#x} is not mapped")
+
+    def _spans(self, address: int, size: int, write: bool) -> list[tuple[_Window, int, int]]:
+        if size < 0 or address < 0 or address + size > 1 << 64:
+            raise DmaError(errno.EINVAL, f"bad DMA range {address:#x}+{size:#x}")
+        need = mmap.PROT_WRITE if write else mmap.PROT_READ
+        pieces = []
+        pos, end = address, address + size
+        while pos < end:
+            w = self._find(pos)
+            if not w.prot & need:
+                what = "writable" if write else "readable"
+                raise DmaError(errno.EPERM, f"DMA window at {w.iova:#x} is not {what}")
+            n = min(end, w.end) - pos
+            pieces.append((w, pos - w.iova, n))
+            pos += n
+        return pieces
+
+    # ------------------------------------------------------------ DmaPort
+
+    def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
+        pieces = self._spans(address, size, write)
+        if len(pieces) != 1:
+            return None if pieces else memoryview(b"")
+        w, off, n = pieces[0]
+        if not w.vaddr:
+            return None
+        return memoryview((ctypes.c_char * n).from_address(w.vaddr + off)).cast("B")
+
+    async def read(self, address: int, size: int) -> bytes:
+        out = bytearray(size)
+        pos = 0
+        for w, off, n in self._spans(address, size, False):
+            if w.vaddr:
+                out[pos : pos + n] = ctypes.string_at(w.vaddr + off, n)
+            else:
+                out[pos : pos + n] = await self._message(False, w.iova + off, n, None)
+            pos += n
+        return bytes(out)
+
+    async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        pos = 0
+        for w, off, n in self._spans(address, len(mv), True):
+            if w.vaddr:
+                ctypes.memmove(w.vaddr + off, bytes(mv[pos : pos + n]), n)
+            else:
+                await self._message(True, w.iova + off, n, bytes(mv[pos : pos + n]))
+            pos += n
+
+    async def _message(self, write: bool, address: int, size: int, data: bytes | None) -> bytes:
+        dev = self._device
+        lib = dev.lib
+        async with dev.lock:
+            ctx = dev.ctx_for_dma()
+            sgl = ctypes.create_string_buffer(lib.dma_sg_size())
+            prot = mmap.PROT_WRITE if write else mmap.PROT_READ
+            n = lib.vfu_addr_to_sgl(ctx, address, size, sgl, 1, prot)
+            if n != 1:
+                err = ctypes.get_errno() if n == -1 else errno.EFAULT
+                raise DmaError(err or errno.EFAULT, f"DMA {address:#x}+{size:#x} not one window")
+            buf = ctypes.create_string_buffer(data or b"", size)
+            fn = lib.vfu_sgl_write if write else lib.vfu_sgl_read
+
+            def transfer() -> tuple[int, int]:
+                ret = fn(ctx, sgl, 1, buf, 0)
+                return ret, ctypes.get_errno()
+
+            # Blocks until the client answers: off the trio thread, still under the lock.
+            ret, err = await trio.to_thread.run_sync(transfer)
+            self.messages += 1
+        if ret < 0:
+            raise DmaError(
+                err or errno.EIO,
+                f"DMA_{'WRITE' if write else 'READ'} failed: {os.strerror(err or errno.EIO)}",
+            )
+        return b"" if write else buf.raw[:size]
+
+
+# --------------------------------------------------------------------------- IRQs
+
+
+class VfuIrq(IrqPort):
+    """The model's IrqPort over `vfu_irq_trigger`, with our own masks and pending bits.
+
+    libvfio-user keeps one eventfd array for INTx/MSI/MSI-X (whichever the client set last)
+    and tells us of MASK/UNMASK through the IRQ state callback; masks, pending bits, INTx
+    automasking and the level re-signal at unmask are kept here, as `irq.IrqTable` does for
+    the Python engine. ERR and REQ cannot be raised through the library's API.
+    """
+
+    def __init__(self, device: LibvfioUserDevice, specs: list[IrqSpec]) -> None:
+        self._device = device
+        by_index = {s.index: s for s in specs}
+        self.specs = [by_index.get(i, IrqSpec(i, 0)) for i in range(NUM_PCI_IRQS)]
+        self.masked = [[False] * s.count for s in self.specs]
+        self.pend = [[False] * s.count for s in self.specs]
+        self.intx_level = False
+        #: vectors the library accepted (for tests)
+        self.fired = 0
+
+    def clear(self) -> None:
+        self.masked = [[False] * s.count for s in self.specs]
+        self.pend = [[False] * s.count for s in self.specs]
+
+    def trigger(self, index: int, vector: int = 0) -> bool:
+        if not 0 <= index < NUM_PCI_IRQS or not 0 <= vector < self.specs[index].count:
+            return False
+        if index in (IrqIndex.ERR, IrqIndex.REQ):
+            log.debug(
+                "%s: IRQ index %d cannot be raised through libvfio-user", self._device.name, index
+            )
+            return False
+        if self.masked[index][vector]:
+            self.pend[index][vector] = True
+            return False
+        ctx = self._device.ctx_or_none()
+        if ctx is None or self._device.lib.vfu_irq_trigger(ctx, vector) < 0:
+            return False  # no eventfd assigned (ENOENT) or no client
+        if self.specs[index].automasked:
+            self.masked[index][vector] = True
+        self.fired += 1
+        return True
+
+    def set_intx(self, level: bool) -> None:
+        rising = level and not self.intx_level
+        self.intx_level = level
+        if rising:
+            self.trigger(IrqIndex.INTX, 0)
+        elif not level and self.specs[IrqIndex.INTX].count:
+            self.pend[IrqIndex.INTX][0] = False
+
+    def pending(self, index: int, vector: int) -> bool:
+        return (
+            0 <= index < NUM_PCI_IRQS
+            and 0 <= vector < self.specs[index].count
+            and (self.pend[index][vector])
+        )
+
+    def enabled(self, index: int) -> bool:
+        # The library does not say which index holds eventfds; a device that has the index
+        # is assumed enabled (a trigger without an eventfd is dropped and returns False).
+        return 0 <= index < NUM_PCI_IRQS and self.specs[index].count > 0
+
+    def on_state(self, index: int, start: int, count: int, mask: bool) -> list[int]:
+        """SET_IRQS MASK/UNMASK arrived; returns the vectors unmasked (for the model hook)."""
+        unmasked = []
+        for v in range(start, min(start + count, self.specs[index].count)):
+            was = self.masked[index][v]
+            self.masked[index][v] = mask
+            if mask:
+                continue
+            unmasked.append(v)
+            if index == IrqIndex.INTX:
+                if self.intx_level and was:
+                    self.trigger(index, v)
+            elif self.pend[index][v]:
+                self.pend[index][v] = False
+                self.trigger(index, v)
+        return unmasked
+
+
+# --------------------------------------------------------------------------- the device
+
+
+class LibvfioUserDevice(DeviceContext):
+    """A `devices/` model served by libvfio-user on `socket_path`; also its DeviceContext.
+
+    Resource handling: the constructor creates, sets up and realizes the context, so the
+    socket listens when it returns; `close()` destroys it (the library unlinks nothing: we
+    do). The trampolines live on this object for the context's whole lifetime. `serve()`
+    runs in the server's nursery and owns the device's task group.
+    """
+
+    def __init__(self, name: str, model: DeviceModel, socket_path: str) -> None:
+        self.name = name
+        self.model = model
+        self.socket_path = socket_path
+        self.lib = b.library()
+        self.lock = trio.Lock()
+        self.tasks = TaskGroup(f"{name}(libvfio-user)")
+        self.attached = False
+        self.callback_errors = 0
+        self.clients = 0
+        self._dma = VfuDma(self)
+        self._irq = VfuIrq(self, model.irqs())
+        self._regions: dict[int, RegionSpec] = {r.index: r for r in model.regions() if r.size}
+        self._errors: list[BaseException] = []
+        self._refs: list[Any] = []  # ctypes callbacks: must outlive the context
+        self._active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._quiesce_done: trio.Event | None = None
+        self._nursery: trio.Nursery | None = None
+        self._trio_thread: int | None = None
+        self._listen_fd = -1
+        self._ctx: int | None = None
+        self._ctx = self._create()
+
+    # ------------------------------------------------------------ DeviceContext
+
+    @property
+    def dma(self) -> DmaPort:
+        return self._dma
+
+    @property
+    def irq(self) -> IrqPort:
+        return self._irq
+
+    def start_task(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
+        self.tasks.start_soon(self._counted, fn, *args, name=name or getattr(fn, "__name__", ""))
+
+    async def _counted(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._active += 1
+        self._idle = trio.Event() if self._active == 1 else self._idle
+        try:
+            await fn(*args)
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    def ctx_or_none(self) -> int | None:
+        return self._ctx if self.attached else None
+
+    def ctx_for_dma(self) -> int:
+        if self._ctx is None or not self.attached:
+            raise DmaError(errno.ENOTCONN, "client is gone")
+        return self._ctx
+
+    # ------------------------------------------------------------ setup
+
+    def _keep(self, cb: Any) -> Any:
+        self._refs.append(cb)
+        return cb
+
+    def _create(self) -> int:
+        lib = self.lib
+        ctx = lib.vfu_create_ctx(
+            b.VFU_TRANS_SOCK,
+            os.fsencode(self.socket_path),
+            b.LIBVFIO_USER_FLAG_ATTACH_NB,
+            None,
+            b.VFU_DEV_TYPE_PCI,
+        )
+        if not ctx:
+            err = ctypes.get_errno()
+            raise EngineError(err, f"vfu_create_ctx({self.socket_path}): {os.strerror(err)}")
+        try:
+            self._setup(ctx)
+            _check(lib.vfu_realize_ctx(ctx), "vfu_realize_ctx")
+            self._listen_fd = os.dup(_check(lib.vfu_get_poll_fd(ctx), "vfu_get_poll_fd"))
+        except BaseException:
+            lib.vfu_destroy_ctx(ctx)
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+            raise
+        self._raise_errors()
+        return int(ctx)
+
+    def _setup(self, ctx: int) -> None:
+        lib = self.lib
+        level = b.LOG_DEBUG if lib_log.isEnabledFor(logging.DEBUG) else b.LOG_INFO
+        _check(lib.vfu_setup_log(ctx, self._keep(b.LOG_CB(self._on_log)), level), "vfu_setup_log")
+        cfg = self._regions.get(RegionIndex.CONFIG)
+        if cfg is None or cfg.size not in (CFG_SIZE, CFG_EXP_SIZE):
+            raise EngineError(errno.EINVAL, f"{self.name}: region 7 must be 256 or 4096 bytes")
+        pci_type = (
+            b.VFU_PCI_TYPE_EXPRESS if cfg.size == CFG_EXP_SIZE else (b.VFU_PCI_TYPE_CONVENTIONAL)
+        )
+        _check(lib.vfu_pci_init(ctx, pci_type, b.PCI_HEADER_TYPE_NORMAL, 0), "vfu_pci_init")
+        header = self.model.region_read(RegionIndex.CONFIG, 0, 64)
+        # The model's config space is authoritative (ALWAYS_CB below); the library's copy is
+        # seeded with the same header only so that its own logs and checks agree.
+
+        def u16(off: int) -> int:
+            return int.from_bytes(header[off : off + 2], "little")
+
+        lib.vfu_pci_set_id(ctx, u16(0x00), u16(0x02), u16(0x2C), u16(0x2E))
+        lib.vfu_pci_set_class(ctx, header[0x0B], header[0x0A], header[0x09])
+        for _, spec in sorted(self._regions.items()):
+            self._setup_region(ctx, spec, header)
+        for index in range(NUM_PCI_IRQS):
+            count = self._irq.specs[index].count
+            _check(lib.vfu_setup_device_nr_irqs(ctx, index, count), f"nr_irqs({index})")
+            if index in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX) and count:
+                cb = self._keep(b.IRQ_STATE_CB(self._trampoline(self._irq_state_for(index))))
+                _check(lib.vfu_setup_irq_state_callback(ctx, index, cb), "irq_state_cb")
+        _check(
+            lib.vfu_setup_device_dma(
+                ctx,
+                MAX_DMA_REGIONS,
+                self._keep(b.DMA_CB(self._trampoline(self._on_dma_register, void=True))),
+                self._keep(b.DMA_CB(self._trampoline(self._on_dma_unregister, void=True))),
+            ),
+            "vfu_setup_device_dma",
+        )
+        _check(
+            lib.vfu_setup_device_reset_cb(
+                ctx, self._keep(b.RESET_CB(self._trampoline(self._on_reset)))
+            ),
+            "vfu_setup_device_reset_cb",
+        )
+        lib.vfu_setup_device_quiesce_cb(ctx, self._keep(b.QUIESCE_CB(self._on_quiesce)))
+
+    def _setup_region(self, ctx: int, spec: RegionSpec, header: bytes) -> None:
+        flags = (b.VFU_REGION_FLAG_READ if spec.readable else 0) | (
+            b.VFU_REGION_FLAG_WRITE if spec.writable else 0
+        )
+        if not flags:
+            log.warning(
+                "%s: region %d is neither readable nor writable; not offered", self.name, spec.index
+            )
+            return
+        if spec.index == RegionIndex.CONFIG:
+            flags = b.VFU_REGION_FLAG_READ | b.VFU_REGION_FLAG_WRITE | b.VFU_REGION_FLAG_ALWAYS_CB
+        elif spec.index <= RegionIndex.BAR5:
+            bar = int.from_bytes(header[BAR0_OFFSET + 4 * spec.index :][:4], "little")
+            if not bar & BAR_IO_SPACE:
+                flags |= b.VFU_REGION_FLAG_MEM
+        elif spec.index == RegionIndex.ROM:
+            flags |= b.VFU_REGION_FLAG_MEM
+        cb = self._keep(b.REGION_ACCESS_CB(self._trampoline(self._region_cb_for(spec))))
+        areas = None
+        nr = 0
+        if spec.fd is not None and spec.mmap_areas:
+            nr = len(spec.mmap_areas)
+            arr = (b.Iovec * nr)(*(b.Iovec(a.offset, a.size) for a in spec.mmap_areas))
+            areas = self._keep(arr)
+        fd = spec.fd if spec.fd is not None else -1
+        _check(
+            self.lib.vfu_setup_region(
+                ctx,
+                spec.index,
+                spec.size,
+                cb,
+                flags,
+                areas,
+                nr,
+                fd,
+                spec.fd_offset if spec.fd is not None else 0,
+            ),
+            f"vfu_setup_region({spec.index})",
+        )
+
+    # ------------------------------------------------------------ trampolines
+
+    def _trampoline(self, fn: Callable[..., Any], *, void: bool = False) -> Callable[..., Any]:
+        """Wrap a callback for C: nothing escapes; errors become errno (see module doc)."""
+
+        def tramp(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except (DeviceError, DmaError, OSError) as exc:
+                err = errno_of(exc)
+                log.warning(
+                    "%s: %s failed: %s (errno %d)",
+                    self.name,
+                    getattr(fn, "__name__", "callback"),
+                    exc,
+                    err,
+                )
+            except BaseException as exc:
+                err = errno.EIO
+                self._errors.append(exc)
+            ctypes.set_errno(err)
+            return None if void else -1
+
+        return tramp
+
+    def _raise_errors(self) -> None:
+        """Re-raise what a callback caught, now that the C call has returned."""
+        if not self._errors:
+            return
+        errors, self._errors = self._errors, []
+        for extra in errors[1:]:
+            log.error("%s: further callback error", self.name, exc_info=extra)
+        raise errors[0]
+
+    def _on_log(self, _ctx: int, level: int, msg: bytes | None) -> None:
+        try:
+            text = (msg or b"").decode(errors="replace")
+            lib_log.log(_SYSLOG_TO_LOGGING.get(level, logging.DEBUG), "%s: %s", self.name, text)
+        except BaseException as exc:  # a log line must never unwind into C
+            self._errors.append(exc)
+
+    def _region_cb_for(self, spec: RegionSpec) -> Callable[..., int]:
+        index, size, model = spec.index, spec.size, self.model
+
+        def region_access(_ctx: int, buf: int, count: int, offset: int, is_write: bool) -> int:
+            if offset < 0 or offset + count > size:
+                raise DeviceError(errno.EINVAL, f"region {index}: {offset:#x}+{count} past end")
+            if is_write:
+                if not spec.writable:
+                    raise DeviceError(errno.EINVAL, f"region {index} is not writable")
+                model.region_write(index, offset, ctypes.string_at(buf, count))
+            else:
+                if not spec.readable:
+                    raise DeviceError(errno.EINVAL, f"region {index} is not readable")
+                data = model.region_read(index, offset, count)
+                if len(data) != count:
+                    raise DeviceError(errno.EIO, f"model returned {len(data)} bytes for {count}")
+                ctypes.memmove(buf, data, count)
+            return count
+
+        region_access.__name__ = f"region{index}_access"
+        return region_access
+
+    def _irq_state_for(self, index: int) -> Callable[..., None]:
+        def irq_state(_ctx: int, start: int, count: int, mask: bool) -> None:
+            for v in self._irq.on_state(index, start, count, mask):
+                self.model.irq_unmasked(index, v)
+
+        irq_state.__name__ = f"irq{index}_state"
+        return irq_state
+
+    def _on_dma_register(self, _ctx: int, info: Any) -> None:
+        self._dma.add(info.contents)
+
+    def _on_dma_unregister(self, _ctx: int, info: Any) -> None:
+        self._dma.remove(info.contents)
+
+    def _on_reset(self, _ctx: int, kind: int) -> int:
+        if kind == b.VFU_RESET_LOST_CONN:
+            log.info("%s: client connection lost", self.name)
+            return 0
+        if not self.model.supports_reset:
+            raise DeviceError(errno.EINVAL, "device does not support reset")
+        # quiesce ran first (DEVICE_RESET needs it): no device task is left
+        self.model.reset()
+        return 0
+
+    def _on_quiesce(self, _ctx: int) -> int:
+        try:
+            if self._active == 0 or threading.get_ident() != self._trio_thread:
+                return 0  # see "Quiescence" in the module docstring
+            if self._nursery is None:
+                return 0
+            self._quiesce_done = trio.Event()
+            self._nursery.start_soon(self._quiesce, self._quiesce_done)
+            ctypes.set_errno(errno.EBUSY)
+            return -1
+        except BaseException as exc:
+            self._errors.append(exc)
+            ctypes.set_errno(errno.EIO)
+            return -1
+
+    async def _quiesce(self, done: trio.Event) -> None:
+        try:
+            with trio.move_on_after(QUIESCE_GRACE):
+                await self._idle.wait()
+            if self._active:
+                log.info("%s: cancelling %d device task(s) to quiesce", self.name, self._active)
+                await self.tasks.cancel_all()
+            # The run loop holds the lock and waits for `done`: nobody else is in the library.
+            assert self._ctx is not None
+            ret = self.lib.vfu_device_quiesced(self._ctx, 0)
+            if ret < 0:
+                log.warning(
+                    "%s: vfu_device_quiesced: %s", self.name, os.strerror(ctypes.get_errno())
+                )
+        finally:
+            done.set()
+
+    # ------------------------------------------------------------ serving
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve clients one after another until cancelled."""
+        self._trio_thread = threading.get_ident()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.tasks.run)
+            task_status.started()
+            try:
+                while True:
+                    if not await self._attach():
+                        continue
+                    try:
+                        await self._serve_client()
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await self._detach()
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def _attach(self) -> bool:
+        await trio.lowlevel.wait_readable(self._listen_fd)
+        async with self.lock:
+            ret, err = await self._attach_in_thread()
+            self._raise_errors()
+        if ret < 0:
+            if err not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                log.warning("%s: attach failed: %s", self.name, os.strerror(err))
+            return False
+        self.attached = True
+        self.clients += 1
+        self._irq.clear()
+        self.model.attach(self)
+        log.info("%s: client attached (libvfio-user)", self.name)
+        return True
+
+    async def _attach_in_thread(self) -> tuple[int, int]:
+        """`vfu_attach_ctx` accepts, then blocks reading VERSION: run it in a thread.
+
+        A thread cannot be cancelled, so if we are cancelled meanwhile (shutdown while a
+        client connected but sent nothing) the half-open connection is shut down, which
+        makes the library's `recv` return and the thread finish.
+        """
+        assert self._ctx is not None
+        ctx, lib = self._ctx, self.lib
+        finished = False
+
+        def attach() -> tuple[int, int]:
+            ret = lib.vfu_attach_ctx(ctx)
+            return ret, ctypes.get_errno()
+
+        async def watchdog() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not finished:
+                    self._abort_negotiation()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watchdog)
+            try:
+                result = await trio.to_thread.run_sync(attach)
+            finally:
+                finished = True
+                nursery.cancel_scope.cancel()
+        return result
+
+    def _abort_negotiation(self) -> None:
+        assert self._ctx is not None
+        fd = self.lib.vfu_get_poll_fd(self._ctx)
+        if fd < 0 or fd == self._listen_fd:
+            return
+        with contextlib.suppress(OSError):
+            dup = os.dup(fd)
+            with socket.socket(fileno=dup) as s:
+                s.shutdown(socket.SHUT_RDWR)
+
+    async def _serve_client(self) -> None:
+        assert self._ctx is not None
+        # The poll fd changes at attach; wait on our own duplicate so that the library
+        # closing its descriptor can never leave trio watching a recycled number.
+        wait_fd = os.dup(_check(self.lib.vfu_get_poll_fd(self._ctx), "vfu_get_poll_fd"))
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(wait_fd)
+                async with self.lock:
+                    try:
+                        if not await self._drain():
+                            return
+                    except EngineError:
+                        raise
+                    except Exception:
+                        self.callback_errors += 1
+                        log.exception("%s: error in a device callback", self.name)
+        finally:
+            trio.lowlevel.notify_closing(wait_fd)
+            os.close(wait_fd)
+
+    async def _drain(self) -> bool:
+        """Run the context until the socket is empty; False once the client is gone."""
+        assert self._ctx is not None
+        while True:
+            ret = self.lib.vfu_run_ctx(self._ctx)
+            err = ctypes.get_errno() if ret < 0 else 0
+            self._raise_errors()
+            if ret > 0:
+                continue
+            if ret == 0:
+                return True
+            if err == errno.EBUSY and self._quiesce_done is not None:
+                await self._quiesce_done.wait()
+                self._quiesce_done = None
+                self._raise_errors()
+                continue
+            if err == errno.ENOTCONN:
+                log.info("%s: client left", self.name)
+                return False
+            raise EngineError(err, f"vfu_run_ctx: {os.strerror(err)}")
+
+    async def _detach(self) -> None:
+        if not self.attached:
+            return
+        await self.tasks.cancel_all()
+        self.attached = False
+        self._dma.clear()
+        self._irq.clear()
+        try:
+            self.model.detach()
+        except Exception:
+            log.exception("%s: model detach failed", self.name)
+        log.info("%s: detached", self.name)
+
+    def close(self) -> None:
+        """Destroy the context (the current client, if any, is disconnected)."""
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None:
+            self.attached = False
+            self.lib.vfu_destroy_ctx(ctx)
+        if self._listen_fd >= 0:
+            with contextlib.suppress(RuntimeError):
+                trio.lowlevel.notify_closing(self._listen_fd)
+            os.close(self._listen_fd)
+            self._listen_fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        try:
+            self._raise_errors()
+        except Exception:
+            log.exception("%s: error in a callback during destroy", self.name)
+
+
+__all__ = ["QUIESCE_GRACE", "EngineError", "LibvfioUserDevice", "VfuDma", "VfuIrq"]
