@@ -124,7 +124,9 @@ def build_server(groups: list[GroupConfig], devs: list[DeviceConfig]) -> Server:
 
             load_engine(d.engine)  # raises with a clear reason when unavailable
         model = devices.create(d.model, d.options)
-        server.add_device(d.name, model, socket_path=d.socket_path, fd=d.fd, group=d.group)
+        server.add_device(
+            d.name, model, socket_path=d.socket_path, fd=d.fd, group=d.group, engine=d.engine
+        )
     return server
 
 

@@ -19,6 +19,7 @@ import socket
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -51,12 +52,29 @@ class _Listener:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+class EngineDevice(Protocol):
+    """A device served by another engine (`vfiouser_srv.engines`), which owns its socket."""
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _EngineRunner:
+    device: EngineDevice
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    running: bool = False
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 class Server:
     def __init__(self, caps: Capabilities | None = None) -> None:
         self.caps = caps or DEFAULT_CAPS
         self.devices: dict[str, Device] = {}
         self.groups: dict[str, Group] = {}
         self._listeners: dict[str, _Listener] = {}
+        self._engines: dict[str, _EngineRunner] = {}
         self._regions: dict[str, dict[int, RegionSpec]] = {}
         self._nursery: trio.Nursery | None = None
         self.sessions: set[Session] = set()
@@ -79,29 +97,60 @@ class Server:
         socket_path: str | None = None,
         fd: int | None = None,
         group: str | None = None,
+        engine: str = "python",
     ) -> Device:
         """Register a device and start listening at once (hot add when already serving).
 
         The socket listens before this returns: QEMU fails to start if it cannot connect.
+        With `engine` other than "python" that engine owns the socket and the protocol
+        (`vfiouser_srv.engines`); the device is still registered here, in its group.
         """
         if name in self.devices:
             raise ObjectError(errno.EEXIST, f"device {name!r} already exists")
         if (socket_path is None) == (fd is None):
             raise ValueError("give exactly one of socket_path and fd")
-        sock = _listen_path(socket_path) if socket_path is not None else _adopt_fd(fd)  # type: ignore[arg-type]
+        if engine != "python":
+            self._add_engine_device(name, model, socket_path, fd, engine)
+            sock = None
+        else:
+            sock = _listen_path(socket_path) if socket_path is not None else _adopt_fd(fd)  # type: ignore[arg-type]
         g = self.group(group or name)
         dev = Device(name, model, socket_path, g)
         g.devices.append(dev)
         self.devices[name] = dev
         self._regions[name] = {r.index: r for r in model.regions()}
-        listener = _Listener(sock, socket_path)
-        self._listeners[name] = listener
-        if self._nursery is not None:
-            self._nursery.start_soon(self._accept_loop, dev, listener)
+        if sock is not None:
+            listener = _Listener(sock, socket_path)
+            self._listeners[name] = listener
+            if self._nursery is not None:
+                self._nursery.start_soon(self._accept_loop, dev, listener)
+        elif self._nursery is not None:
+            self._nursery.start_soon(self._run_engine, self._engines[name])
         log.info(
             "device %s (%s) listening on %s", name, type(model).__name__, socket_path or f"fd {fd}"
         )
         return dev
+
+    def _add_engine_device(
+        self, name: str, model: DeviceModel, socket_path: str | None, fd: int | None, engine: str
+    ) -> None:
+        from .engines import load_engine
+
+        if socket_path is None:
+            raise ObjectError(
+                errno.EINVAL, f"engine {engine!r} creates its own socket: give a path, not fd {fd}"
+            )
+        _clear_stale(socket_path)
+        device: EngineDevice = load_engine(engine).create_device(name, model, socket_path)
+        self._engines[name] = _EngineRunner(device)
+
+    async def _run_engine(self, runner: _EngineRunner) -> None:
+        runner.running = True
+        try:
+            with runner.scope:
+                await runner.device.serve()
+        finally:
+            runner.done.set()
 
     def region_specs(self, device: Device) -> dict[int, RegionSpec]:
         return self._regions[device.name]
@@ -117,12 +166,17 @@ class Server:
                 self._nursery = nursery
                 for name, listener in self._listeners.items():
                     nursery.start_soon(self._accept_loop, self.devices[name], listener)
+                for runner in self._engines.values():
+                    nursery.start_soon(self._run_engine, runner)
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
             self._nursery = None
             for name in list(self._listeners):
                 self._close_listener(name)
+            for runner in self._engines.values():
+                with contextlib.suppress(Exception):
+                    runner.device.close()
             for dev in self.devices.values():
                 with contextlib.suppress(Exception):
                     dev.model.close()
@@ -193,6 +247,12 @@ class Server:
             raise ObjectError(errno.ENODEV, f"no device {name!r} to remove (or already removing)")
         dev.state = DeviceState.REMOVING
         self._close_listener(name)
+        runner = self._engines.pop(name, None)
+        if runner is not None:  # its engine owns the client: no REQ escalation, just stop it
+            runner.scope.cancel()
+            if runner.running:
+                await runner.done.wait()
+            runner.device.close()
         requests = 0
         session = dev.session
         if session is not None:
@@ -231,6 +291,20 @@ class Server:
 
 
 def _listen_path(path: str) -> socket.socket:
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def _clear_stale(path: str) -> None:
+    """Unlink a dead server's socket at `path`; refuse a live one or a non-socket."""
     with contextlib.suppress(FileNotFoundError):
         st = os.stat(path)
         if not stat.S_ISSOCK(st.st_mode):
@@ -244,15 +318,6 @@ def _listen_path(path: str) -> socket.socket:
             raise ObjectError(errno.EADDRINUSE, f"another server is listening on {path}")
         finally:
             probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        sock.listen(16)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
 
 
 def _adopt_fd(fd: int) -> socket.socket:
