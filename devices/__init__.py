@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from devices.edu import Edu
+from devices.nvme import Nvme
 from devices.sdk.interface import DeviceModel, OptionSpec
 from devices.virtio.blk import VirtioBlk
 
 MODELS: dict[str, type[DeviceModel]] = {
     Edu.name: Edu,
+    Nvme.name: Nvme,
     VirtioBlk.name: VirtioBlk,
 }
 

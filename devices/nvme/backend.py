@@ -1,0 +1,166 @@
+"""Namespace storage: a raw image file or anonymous memory.
+
+Backends are synchronous and blocking on purpose: the worker calls a file backend through
+`trio.to_thread.run_sync` (never on the trio thread) and a memory backend inline (a memcpy
+is cheaper than a thread hop). `threaded` tells the worker which one it holds.
+
+Data moves with vectored calls (`preadv`/`pwritev`) straight between the file and the
+caller's buffers, which are memoryviews of guest memory when the DMA window is mmap'd, so
+a 1 MiB read is one syscall and no copy in Python.
+
+Deallocation (Dataset Management, Write Zeroes) punches holes in the file, so deallocated
+blocks read back as zeros (Identify Namespace DLFEAT = 001b says so) and give the space
+back to the host filesystem.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from devices.sdk.bits import BytesLike
+
+IOV_MAX = 1024
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+class Backend(Protocol):
+    """What a namespace stores its blocks in (byte offsets, already bounds-checked)."""
+
+    size: int
+    #: True when calls block on I/O and must run in a worker thread
+    threaded: bool
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None: ...
+
+    def write(self, offset: int, bufs: Sequence[BytesLike]) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def deallocate(self, offset: int, length: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryBackend:
+    """Anonymous memory: pages are committed by the kernel only once written."""
+
+    threaded = False
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._map = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._buf = memoryview(self._map)
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        for buf in bufs:
+            n = len(buf)
+            buf[:] = self._buf[offset : offset + n]
+            offset += n
+
+    def write(self, offset: int, bufs: Sequence[BytesLike]) -> None:
+        for buf in bufs:
+            n = len(buf)
+            self._buf[offset : offset + n] = buf
+            offset += n
+
+    def flush(self) -> None:
+        """Memory is as durable as it gets."""
+
+    def deallocate(self, offset: int, length: int) -> None:
+        self._buf[offset : offset + length] = bytes(length)
+
+    def close(self) -> None:
+        self._buf.release()
+        self._map.close()
+
+
+class FileBackend:
+    """A raw image file, created and extended to `size` when needed (never truncated).
+
+    Resource handling: the file descriptor is opened here and closed by `close()`; a
+    closed backend holds -1, so a stale number never reaches a reused descriptor.
+    """
+
+    threaded = True
+
+    def __init__(self, path: str | os.PathLike[str], size: int = 0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            current = os.fstat(fd).st_size
+            if size == 0:
+                size = current
+            if size <= 0:
+                raise ValueError(f"{self.path}: empty image and no size given")
+            if current < size:
+                os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        self.size = size
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        for start in range(0, len(bufs), IOV_MAX):
+            chunk = list(bufs[start : start + IOV_MAX])
+            while chunk:
+                n = os.preadv(self.fd, chunk, offset)
+                if n == 0:  # past EOF (cannot happen for a sized image): zeros
+                    for b in chunk:
+                        b[:] = bytes(len(b))
+                    break
+                offset += n
+                chunk = _consume(chunk, n)
+
+    def write(self, offset: int, bufs: Sequence[BytesLike]) -> None:
+        for start in range(0, len(bufs), IOV_MAX):
+            chunk = [memoryview(b) for b in bufs[start : start + IOV_MAX]]
+            while chunk:
+                n = os.pwritev(self.fd, chunk, offset)
+                offset += n
+                chunk = _consume(chunk, n)
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def deallocate(self, offset: int, length: int) -> None:
+        if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise OSError(err, os.strerror(err))
+            zeros = memoryview(bytes(min(length, _ZERO_CHUNK)))
+            while length:
+                n = min(length, len(zeros))
+                os.pwrite(self.fd, zeros[:n], offset)
+                offset += n
+                length -= n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _consume(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first `n` bytes of a buffer list (after a short vectored transfer)."""
+    while bufs and n >= len(bufs[0]):
+        n -= len(bufs[0])
+        bufs = bufs[1:]
+    if bufs and n:
+        bufs = [bufs[0][n:], *bufs[1:]]
+    return bufs
