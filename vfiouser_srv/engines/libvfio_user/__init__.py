@@ -9,14 +9,15 @@ with `EngineUnavailable` and a message saying what is missing, not at the first 
 `Server.add_device(..., engine="libvfio-user")` does all of that inside the server.
 
 How it differs from the Python engine on the wire is listed, with reasons, in
-`PARITY_DIFFERENCES` (the parity test in tests/engines checks exactly these).
+`PARITY_DIFFERENCES` (the parity test in tests/engines checks exactly these); what the
+scripted session cannot show is in `BEHAVIOUR_DIFFERENCES`.
 """
 
 from __future__ import annotations
 
 from ._bindings import LIBRARY_ENV, library
 from ._engine import QUIESCE_GRACE, EngineError, LibvfioUserDevice, VfuDma, VfuIrq
-from ._parity import PARITY_DIFFERENCES
+from ._parity import BEHAVIOUR_DIFFERENCES, PARITY_DIFFERENCES
 
 #: what `Server.add_device(..., engine="libvfio-user")` constructs
 create_device = LibvfioUserDevice
@@ -24,6 +25,7 @@ create_device = LibvfioUserDevice
 library()  # EngineUnavailable here, when the engine is asked for, not at the first client
 
 __all__ = [
+    "BEHAVIOUR_DIFFERENCES",
     "LIBRARY_ENV",
     "PARITY_DIFFERENCES",
     "QUIESCE_GRACE",

@@ -41,7 +41,7 @@ import mmap
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +131,8 @@ class VfuDma(DmaPort):
         self.windows: list[_Window] = []
         #: served message-mode transfers, for tests that check which path was taken
         self.messages = 0
+        #: views handed out by `pin` and not yet released
+        self.pins = 0
 
     # ------------------------------------------------------------ table (callbacks)
 
@@ -187,6 +189,23 @@ class VfuDma(DmaPort):
         if not w.vaddr:
             return None
         return memoryview((ctypes.c_char * n).from_address(w.vaddr + off)).cast("B")
+
+    @contextlib.contextmanager
+    def pin(self, address: int, size: int, *, write: bool = False) -> Iterator[memoryview | None]:
+        """`view` that stays valid across awaits: while pinned, quiescing (which comes
+        before any DMA_UNMAP) waits, so the library cannot unmap under the view."""
+        view = self.view(address, size, write=write)
+        if view is None:
+            yield None
+            return
+        self.pins += 1
+        try:
+            yield view
+        finally:
+            with contextlib.suppress(BufferError):
+                view.release()
+            self.pins -= 1
+            self._device.note_idle()
 
     async def read(self, address: int, size: int) -> bytes:
         out = bytearray(size)
@@ -350,7 +369,6 @@ class LibvfioUserDevice(DeviceContext):
         self._refs: list[Any] = []  # ctypes callbacks: must outlive the context
         self._active = 0
         self._idle = trio.Event()
-        self._idle.set()
         self._quiesce_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._trio_thread: int | None = None
@@ -373,13 +391,16 @@ class LibvfioUserDevice(DeviceContext):
 
     async def _counted(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         self._active += 1
-        self._idle = trio.Event() if self._active == 1 else self._idle
         try:
             await fn(*args)
         finally:
             self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+            self.note_idle()
+
+    def note_idle(self) -> None:
+        """A task ended or a pin was released: wake a waiting quiesce if nothing is left."""
+        if not self._active and not self._dma.pins:
+            self._idle.set()
 
     def ctx_or_none(self) -> int | None:
         return self._ctx if self.attached else None
@@ -593,7 +614,8 @@ class LibvfioUserDevice(DeviceContext):
 
     def _on_quiesce(self, _ctx: int) -> int:
         try:
-            if self._active == 0 or threading.get_ident() != self._trio_thread:
+            busy = self._active or self._dma.pins
+            if not busy or threading.get_ident() != self._trio_thread:
                 return 0  # see "Quiescence" in the module docstring
             if self._nursery is None:
                 return 0
@@ -609,7 +631,9 @@ class LibvfioUserDevice(DeviceContext):
     async def _quiesce(self, done: trio.Event) -> None:
         try:
             with trio.move_on_after(QUIESCE_GRACE):
-                await self._idle.wait()
+                while self._active or self._dma.pins:
+                    self._idle = trio.Event()
+                    await self._idle.wait()
             if self._active:
                 log.info("%s: cancelling %d device task(s) to quiesce", self.name, self._active)
                 await self.tasks.cancel_all()

@@ -1,12 +1,70 @@
 """Where the libvfio-user engine answers differently from the Python engine, and why.
 
-Keys name a step of the scripted session in tests/engines/test_parity.py; the test compares
-every other reply field by field and requires each listed difference to actually occur, so
-this table cannot drift from the behaviour.
+Keys name a step of the scripted session in tests/engines/script.py; the parity test compares
+every other step's reply field by field and requires each difference listed here to actually
+occur, so this table cannot drift from the behaviour.
+
+Behaviour that the scripted session cannot show on the wire is listed in
+`BEHAVIOUR_DIFFERENCES`.
 """
 
 from __future__ import annotations
 
-PARITY_DIFFERENCES: dict[str, str] = {}
+PARITY_DIFFERENCES: dict[str, str] = {
+    "version.caps": (
+        "max_msg_fds: libvfio-user advertises its compile-time limit (8, SERVER_MAX_FDS) and "
+        "cannot be told ours (16); the other capabilities agree."
+    ),
+    "irq_info.0": (
+        "libvfio-user reports only VFIO_IRQ_INFO_EVENTFD; we report INTx as MASKABLE | "
+        "AUTOMASKED like Linux vfio-pci. Masking and automasking still work (kept by the "
+        "engine through the IRQ state callback), the flags just do not say so."
+    ),
+    "irq_info.1": (
+        "libvfio-user reports only EVENTFD; we add NORESIZE for MSI like vfio-pci (QEMU then "
+        "sets all MSI vectors at once)."
+    ),
+    "irq_info.2": (
+        "an index with count 0: libvfio-user still sets EVENTFD, we report no flags at all."
+    ),
+    "dma_map.overlap": (
+        "an overlapping DMA_MAP: libvfio-user answers EINVAL, we answer EEXIST (DESIGN.md "
+        "section 3, like the kernel's vfio_dma_do_map)."
+    ),
+}
 
-__all__ = ["PARITY_DIFFERENCES"]
+BEHAVIOUR_DIFFERENCES: dict[str, str] = {
+    "second client": (
+        "libvfio-user serves one client per context and does not accept() while one is "
+        "attached: a second client waits in the listen backlog instead of getting EBUSY."
+    ),
+    "ownership and groups": (
+        "the device is registered in its group, but libvfio-user does the accepting, so "
+        "SO_PEERCRED ownership policies and shared containers do not apply to it."
+    ),
+    "--fd": "libvfio-user creates and binds its own socket; an inherited fd is refused.",
+    "message-mode DMA": (
+        "vfu_sgl_read/write send DMA_READ/WRITE and block until the reply, treating the next "
+        "message as that reply (no twin_socket here): a client command sent meanwhile breaks "
+        "the stream (libvfio-user issue 279). QEMU with shared memfd RAM never takes this "
+        "path. There is no 5 s timeout as in the Python engine."
+    ),
+    "ERR and REQ interrupts": (
+        "vfu_irq_trigger cannot raise them, so IrqPort.trigger returns False and hot remove "
+        "cannot ask the client to let go (it disconnects at once)."
+    ),
+    "IrqPort.enabled": (
+        "the library does not say which index holds eventfds; any index the device has is "
+        "reported enabled."
+    ),
+    "quiesce": (
+        "libvfio-user quiesces before DMA_MAP/UNMAP too, where the Python engine only drains "
+        "pinned windows at unmap: device tasks still running after QUIESCE_GRACE are cancelled."
+    ),
+    "split frames": (
+        "the library reads a message body with a blocking recv: a client that sends a header "
+        "and stalls before the body stalls this device's engine (one QEMU never does this)."
+    ),
+}
+
+__all__ = ["BEHAVIOUR_DIFFERENCES", "PARITY_DIFFERENCES"]
