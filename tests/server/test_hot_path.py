@@ -1,0 +1,356 @@
+"""The REGION_READ / REGION_WRITE hot path answers exactly like the full decoder + handlers.
+
+One script of well-formed, malformed and out-of-range region accesses (and model failures)
+is sent over a raw socket to two servers: one as shipped, one with the hot path switched off
+(`dispatch.HOT_COMMANDS` empty, so every frame is decoded into a message and dispatched).
+The replies must be byte-for-byte identical, No_reply variants must produce no reply on
+either, and both connections must survive the whole script. The script runs once with one
+frame per read (the single-frame shortcut) and once pipelined into a few big reads.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+
+from devices.sdk.interface import RegionIndex
+from protocol import HEADER, Capabilities, Command, HeaderFlags, Version, pack_header
+from vfiouser_srv import dispatch
+from vfiouser_srv.client import make_eventfd
+
+from . import models
+from .conftest import MakeServer, count_fds, path_of
+from .models import Scratch
+
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
+
+BAR0 = int(RegionIndex.BAR0)
+BAR1 = int(RegionIndex.BAR1)
+BAR2 = int(RegionIndex.BAR2)
+ROM = int(RegionIndex.ROM)
+CONFIG = int(RegionIndex.CONFIG)
+READ = int(Command.REGION_READ)
+WRITE = int(Command.REGION_WRITE)
+NO_REPLY = int(HeaderFlags.NO_REPLY)
+ERROR_FLAG = int(HeaderFlags.ERROR)
+MAX = 1 << 20
+ACCESS = struct.Struct("<QII")
+SYNC_ID = 0xFFFF
+
+
+def access(offset: int, region: int, count: int, data: bytes = b"") -> bytes:
+    return ACCESS.pack(offset, region, count) + data
+
+
+def u32(value: int) -> bytes:
+    return struct.pack("<I", value)
+
+
+#: expected value for a case whose answer is only compared between the two paths
+PARITY_ONLY = -1
+
+# name -> (command, header flags, payload, header error field, expected errno or 0, or None
+# for "no reply at all")
+Case = tuple[int, int, bytes, int, int | None]
+CASES: dict[str, Case] = {
+    # reads
+    "read_ok_config": (READ, 0, access(0, CONFIG, 4), 0, 0),
+    "read_ok_bar0_reg": (READ, 0, access(models.ID, BAR0, 4), 0, 0),
+    "read_ok_bar2_memory": (READ, 0, access(0x2000, BAR2, 16), 0, 0),
+    "read_ok_msix_trap": (READ, 0, access(models.MSIX_TABLE, BAR2, 16), 0, 0),
+    "read_ok_rom": (READ, 0, access(0, ROM, 12), 0, 0),
+    "read_ok_count0": (READ, 0, access(0, CONFIG, 0), 0, 0),
+    "read_ok_count0_at_end": (READ, 0, access(256, CONFIG, 0), 0, 0),
+    "read_ok_last_bytes": (READ, 0, access(models.BAR2_SIZE - 4, BAR2, 4), 0, 0),
+    "read_empty_payload": (READ, 0, b"", 0, errno.EINVAL),
+    "read_short_payload": (READ, 0, access(0, CONFIG, 4)[:15], 0, errno.EINVAL),
+    "read_trailing_byte": (READ, 0, access(0, CONFIG, 4) + b"\0", 0, errno.EINVAL),
+    "read_with_data": (READ, 0, access(0, CONFIG, 4, b"\0" * 4), 0, errno.EINVAL),
+    "read_region_9": (READ, 0, access(0, 9, 4), 0, errno.EINVAL),
+    "read_region_max": (READ, 0, access(0, 0xFFFF_FFFF, 4), 0, errno.EINVAL),
+    "read_region_absent": (READ, 0, access(0, BAR1, 4), 0, errno.EINVAL),
+    "read_region_absent_count0": (READ, 0, access(0, BAR1, 0), 0, errno.EINVAL),
+    "read_vga_absent": (READ, 0, access(0, 8, 1), 0, errno.EINVAL),
+    "read_past_end": (READ, 0, access(models.BAR0_SIZE - 4, BAR0, 8), 0, errno.EINVAL),
+    "read_at_end": (READ, 0, access(models.BAR0_SIZE, BAR0, 4), 0, errno.EINVAL),
+    "read_wraps": (READ, 0, access((1 << 64) - 4, BAR0, 8), 0, errno.EINVAL),
+    "read_offset_huge": (READ, 0, access(1 << 63, CONFIG, 1), 0, errno.EINVAL),
+    "read_above_max_xfer": (READ, 0, access(0, BAR2, MAX + 1), 0, errno.EINVAL),
+    "read_count_huge": (READ, 0, access(0, BAR2, 0xFFFF_FFFF), 0, errno.EINVAL),
+    "read_model_errno": (READ, 0, access(models.READ_ERRNO, BAR0, 4), 0, errno.EBADMSG),
+    "read_model_bug": (READ, 0, access(models.READ_BUG, BAR0, 4), 0, errno.EIO),
+    "read_model_bug_wide": (READ, 0, access(models.READ_BUG, BAR0, 12), 0, errno.EIO),
+    # writes
+    "write_ok_reg": (WRITE, 0, access(models.SCRATCH, BAR0, 4, u32(0x1234)), 0, 0),
+    "write_ok_bar2": (WRITE, 0, access(0x3000, BAR2, 8, b"hotpath!"), 0, 0),
+    "write_ok_config": (WRITE, 0, access(0x3C, CONFIG, 1, b"\x0b"), 0, 0),
+    "write_ok_count0": (WRITE, 0, access(0x10, BAR0, 0), 0, 0),
+    "write_short_payload": (WRITE, 0, access(0, BAR0, 4)[:12], 0, errno.EINVAL),
+    "write_data_short": (WRITE, 0, access(models.SCRATCH, BAR0, 4, b"\1\2\3"), 0, errno.EINVAL),
+    "write_data_long": (WRITE, 0, access(models.SCRATCH, BAR0, 4, b"\1" * 5), 0, errno.EINVAL),
+    "write_no_data": (WRITE, 0, access(models.SCRATCH, BAR0, 4), 0, errno.EINVAL),
+    "write_region_9": (WRITE, 0, access(0, 9, 4, u32(1)), 0, errno.EINVAL),
+    "write_region_absent": (WRITE, 0, access(0, BAR1, 4, u32(1)), 0, errno.EINVAL),
+    "write_region_absent_count0": (WRITE, 0, access(0, BAR1, 0), 0, errno.EINVAL),
+    "write_rom_read_only": (WRITE, 0, access(0, ROM, 4, u32(1)), 0, errno.EINVAL),
+    "write_past_end": (WRITE, 0, access(255, CONFIG, 2, b"\1\1"), 0, errno.EINVAL),
+    "write_wraps": (WRITE, 0, access((1 << 64) - 2, BAR0, 4, u32(1)), 0, errno.EINVAL),
+    "write_above_max_xfer": (
+        WRITE,
+        0,
+        access(0, BAR2, MAX + 1, b"\x77" * (MAX + 1)),
+        0,
+        errno.EINVAL,
+    ),
+    "write_model_errno": (WRITE, 0, access(models.FAIL_ERRNO, BAR0, 4, u32(28)), 0, errno.ENOSPC),
+    "write_model_oserror": (WRITE, 0, access(models.FAIL_OSERR, BAR0, 4, u32(30)), 0, errno.EROFS),
+    "write_model_bug": (WRITE, 0, access(models.FAIL_BUG, BAR0, 4, u32(1)), 0, errno.EIO),
+    # header variants: never hot, same answer
+    "read_unknown_flag": (READ, 0x40, access(0, CONFIG, 4), 0, errno.EINVAL),
+    "write_unknown_flag": (WRITE, 0x80, access(models.SCRATCH, BAR0, 4, u32(9)), 0, errno.EINVAL),
+    "read_error_field": (READ, 0, access(0, CONFIG, 4), 5, errno.EINVAL),
+    # the Error flag on a command (error value 0): the codec does not reject it today;
+    # only parity is checked (PARITY_ONLY)
+    "write_error_flag": (
+        WRITE,
+        ERROR_FLAG,
+        access(models.SCRATCH, BAR0, 4, u32(9)),
+        0,
+        PARITY_ONLY,
+    ),
+    "read_type_2": (READ, 2, access(0, CONFIG, 4), 0, errno.EINVAL),
+}
+
+#: a reply-typed frame from the client answers nothing: no reply in either path
+SILENT: dict[str, Case] = {
+    "read_as_reply": (READ, int(HeaderFlags.TYPE_REPLY), access(0, CONFIG, 4, b"\0" * 4), 0, None),
+}
+
+
+class RawConn:
+    """A bare vfio-user connection: frames in, frames out, nothing interpreted."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    @classmethod
+    async def connect(cls, path: str) -> RawConn:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.connect(path)
+        conn = cls(sock)
+        payload = Version(0, 0, Capabilities(max_msg_fds=16)).encode()
+        await conn.send(frame(1, Command.VERSION, 0, payload))
+        head = HEADER.unpack_from(await conn.recv_message())
+        assert head[3] == HeaderFlags.TYPE_REPLY, head
+        return conn
+
+    async def send(self, data: bytes, fds: list[int] | None = None) -> None:
+        view = memoryview(data)
+        if fds:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sent = await self.sock.sendmsg([view], anc)
+            view = view[sent:]
+        while view:
+            sent = await self.sock.send(view)
+            view = view[sent:]
+
+    async def recv_message(self) -> bytes:
+        with trio.fail_after(10):
+            while True:
+                if len(self.buf) >= 16:
+                    size = HEADER.unpack_from(self.buf)[2]
+                    if len(self.buf) >= size:
+                        msg = bytes(self.buf[:size])
+                        del self.buf[:size]
+                        return msg
+                chunk = await self.sock.recv(1 << 20)
+                assert chunk, "server closed the connection"
+                self.buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def frame(msg_id: int, command: int, flags: int, payload: bytes, error: int = 0) -> bytes:
+    return pack_header(msg_id, command, 16 + len(payload), flags, error) + payload
+
+
+SYNC = frame(SYNC_ID, READ, 0, access(models.ID, BAR0, 4))
+
+
+def script(cases: dict[str, Case]) -> list[tuple[str, bytes, bool]]:
+    """(name, frame, expects a reply) for every case, plus its No_reply twin."""
+    out: list[tuple[str, bytes, bool]] = []
+    msg_id = 100
+    for name, (command, flags, payload, error, expected) in cases.items():
+        out.append((name, frame(msg_id, command, flags, payload, error), expected is not None))
+        msg_id += 1
+        out.append(
+            (name + "+no_reply", frame(msg_id, command, flags | NO_REPLY, payload, error), False)
+        )
+        msg_id += 1
+    return out
+
+
+async def run_one_by_one(conn: RawConn, steps: list[tuple[str, bytes, bool]]) -> list[bytes]:
+    """Each frame in a read of its own; after a frame that expects no reply, a sync read
+    proves none came (the sync reply is the very next message)."""
+    replies: list[bytes] = []
+    for name, data, expects_reply in steps:
+        await conn.send(data)
+        if expects_reply:
+            replies.append(await conn.recv_message())
+        else:
+            await conn.send(SYNC)
+            msg = await conn.recv_message()
+            assert HEADER.unpack_from(msg)[0] == SYNC_ID, f"{name}: got an unexpected reply"
+            replies.append(b"(none)")
+    await conn.send(SYNC)
+    assert HEADER.unpack_from(await conn.recv_message())[0] == SYNC_ID
+    return replies
+
+
+async def run_pipelined(conn: RawConn, steps: list[tuple[str, bytes, bool]]) -> list[bytes]:
+    """All frames back to back (a few big reads), then every reply in order."""
+    blob = b"".join(data for _, data, _ in steps) + SYNC
+    expected = sum(1 for _, _, r in steps if r)
+
+    async def sender() -> None:
+        await conn.send(blob)
+
+    replies: list[bytes] = []
+    async with trio.open_nursery() as n:
+        n.start_soon(sender)
+        for _ in range(expected + 1):
+            replies.append(await conn.recv_message())
+    assert HEADER.unpack_from(replies.pop())[0] == SYNC_ID
+    return replies
+
+
+Runner = Callable[[RawConn, list[tuple[str, bytes, bool]]], Any]
+
+
+async def run_both(
+    make_server: MakeServer,
+    monkeypatch: pytest.MonkeyPatch,
+    runner: Runner,
+    steps: list[tuple[str, bytes, bool]],
+) -> tuple[list[bytes], list[bytes], int]:
+    """(replies with the hot path, replies without it, frames the hot path handled)."""
+    hot_calls = 0
+    real_run_hot = dispatch.run_hot
+
+    def counting_run_hot(session: Any, f: Any) -> bytes | None:
+        nonlocal hot_calls
+        hot_calls += 1
+        return real_run_hot(session, f)
+
+    srv = await make_server({"hot": Scratch(), "full": Scratch()})
+    monkeypatch.setattr(dispatch, "run_hot", counting_run_hot)
+    hot = await RawConn.connect(path_of(srv, "hot"))
+    try:
+        with_hot = await runner(hot, steps)
+    finally:
+        hot.close()
+    handled = hot_calls
+
+    monkeypatch.setattr(dispatch, "HOT_COMMANDS", frozenset())
+    full = await RawConn.connect(path_of(srv, "full"))
+    try:
+        without = await runner(full, steps)
+    finally:
+        full.close()
+    assert hot_calls == handled, "the hot path ran while switched off"
+    return with_hot, without, handled
+
+
+def check_expectations(steps: list[tuple[str, bytes, bool]], replies: list[bytes]) -> None:
+    """Absolute expectations, so that both paths being equally wrong still fails."""
+    expectations = {**CASES, **SILENT}
+    for (name, data, expects_reply), reply in zip(steps, replies, strict=True):
+        if not expects_reply:
+            continue
+        command, _flags, payload, _error, err = expectations[name]
+        if err == PARITY_ONLY:
+            continue
+        msg_id, r_command, size, r_flags, r_error = HEADER.unpack_from(reply)
+        assert msg_id == HEADER.unpack_from(data)[0], name
+        assert r_command == command, name
+        if err:
+            assert r_flags == HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR, name
+            assert (r_error, size) == (err, 16), (name, r_error)
+        else:
+            assert (r_flags, r_error) == (HeaderFlags.TYPE_REPLY, 0), (name, r_error)
+            offset, region, count = ACCESS.unpack_from(payload)
+            assert ACCESS.unpack_from(reply, 16) == (offset, region, count), name
+            assert size == 32 + (count if command == READ else 0), name
+
+
+@pytest.mark.parametrize("mode", ["one_by_one", "pipelined"])
+async def test_hot_path_replies_like_the_full_path(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    steps = script({**CASES, **SILENT})
+    runner: Runner = run_one_by_one if mode == "one_by_one" else run_pipelined
+    with_hot, without, handled = await run_both(make_server, monkeypatch, runner, steps)
+    assert handled >= len(CASES)  # the hot path really served this script
+    replies_of = [name for name, _, r in steps if r or mode == "one_by_one"]
+    assert len(with_hot) == len(without) == len(replies_of)
+    for name, a, b in zip(replies_of, with_hot, without, strict=True):
+        assert a == b, f"{name}: hot path {a[:48]!r} != full path {b[:48]!r}"
+    if mode == "one_by_one":
+        check_expectations(steps, with_hot)
+        for (name, _, expects_reply), reply in zip(steps, with_hot, strict=True):
+            assert (reply == b"(none)") == (not expects_reply), name
+    else:
+        answered = [s for s in steps if s[2]]
+        check_expectations(answered, with_hot)
+
+
+async def test_hot_reads_see_the_state_the_script_left(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes applied on one path are visible identically on the other (posted included)."""
+    steps = [
+        ("w", frame(1, WRITE, NO_REPLY, access(models.SCRATCH, BAR0, 4, u32(0xCAFE))), False),
+        ("r", frame(2, READ, 0, access(models.SCRATCH, BAR0, 4)), True),
+        ("w2", frame(3, WRITE, NO_REPLY, access(0x5000, BAR2, 4, b"abcd")), False),
+        ("r2", frame(4, READ, 0, access(0x5000, BAR2, 4)), True),
+    ]
+    with_hot, without, handled = await run_both(make_server, monkeypatch, run_pipelined, steps)
+    assert with_hot == without
+    assert handled == 5  # the four and the closing sync read
+    assert with_hot[0][32:] == u32(0xCAFE)
+    assert with_hot[1][32:] == b"abcd"
+
+
+async def test_region_access_with_an_fd_takes_the_full_path_and_closes_it(
+    make_server: MakeServer,
+) -> None:
+    srv = await make_server({"s": Scratch()})
+    conn = await RawConn.connect(path_of(srv, "s"))
+    try:
+        with make_eventfd() as fd:
+            before = count_fds()
+            await conn.send(frame(7, READ, 0, access(0, CONFIG, 4)), [fd.fileno()])
+            reply = await conn.recv_message()
+            assert HEADER.unpack_from(reply) == (7, READ, 16, 0x21, errno.EINVAL)
+            await conn.send(
+                frame(8, WRITE, NO_REPLY, access(4, CONFIG, 2, b"\x02\x00")), [fd.fileno()]
+            )
+            await conn.send(SYNC)
+            assert HEADER.unpack_from(await conn.recv_message())[0] == SYNC_ID
+            assert count_fds() == before
+            # the refused posted write was not applied
+            await conn.send(frame(9, READ, 0, access(4, CONFIG, 2)))
+            assert (await conn.recv_message())[32:] == b"\0\0"
+    finally:
+        conn.close()
