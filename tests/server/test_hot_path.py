@@ -26,7 +26,7 @@ from vfiouser_srv import dispatch
 from vfiouser_srv.client import make_eventfd
 
 from . import models
-from .conftest import MakeServer, count_fds, path_of
+from .conftest import MakeServer, count_fds, path_of, settle
 from .models import Scratch
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
@@ -352,5 +352,33 @@ async def test_region_access_with_an_fd_takes_the_full_path_and_closes_it(
             # the refused posted write was not applied
             await conn.send(frame(9, READ, 0, access(4, CONFIG, 2)))
             assert (await conn.recv_message())[32:] == b"\0\0"
+    finally:
+        conn.close()
+
+
+async def test_frames_split_across_reads_are_reassembled(make_server: MakeServer) -> None:
+    """Short reads: a frame arriving in pieces is one message, even when its last piece
+    looks exactly like a complete hot frame of its own."""
+    srv = await make_server({"s": Scratch()})
+    conn = await RawConn.connect(path_of(srv, "s"))
+    try:
+        decoy = frame(0x0D, READ, 0, access(models.ID, BAR0, 4))  # 32 bytes, a valid read
+        data = b"\x11" * 64 + decoy
+        outer = frame(0x0A, WRITE, 0, access(0x4000, BAR2, len(data), data))
+        await conn.send(outer[: len(outer) - len(decoy)])
+        await settle()  # the server has read (and buffered) everything but the decoy
+        await conn.send(decoy)
+        reply = await conn.recv_message()
+        assert HEADER.unpack_from(reply) == (0x0A, WRITE, 32, HeaderFlags.TYPE_REPLY, 0)
+        # byte by byte, each byte in a read of its own
+        read = frame(0x0B, READ, 0, access(0x4000, BAR2, len(data)))
+        for i in range(len(read)):
+            await conn.send(read[i : i + 1])
+            await settle()
+        reply = await conn.recv_message()
+        assert HEADER.unpack_from(reply)[:2] == (0x0B, READ)
+        assert reply[32:] == data  # the decoy went to BAR2 as data, and got no reply
+        await conn.send(SYNC)
+        assert HEADER.unpack_from(await conn.recv_message())[0] == SYNC_ID
     finally:
         conn.close()
