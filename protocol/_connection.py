@@ -111,6 +111,7 @@ class ErrorReply:
 Event = Request | BadRequest | Reply | ErrorReply
 
 _NO_REPLY = int(HeaderFlags.NO_REPLY)
+_ERROR_FLAG = int(HeaderFlags.ERROR)
 _TYPE_MASK = int(HeaderFlags.TYPE_MASK)
 _UNKNOWN_FLAGS = ~int(HEADER_FLAGS_KNOWN)
 
@@ -239,7 +240,7 @@ class Connection:
             raise RemoteProtocolError(f"header flags {f.flags:#x} invalid", fds=f.fds)
         if f.is_reply:
             return self._reply_event(f)
-        if f.error:
+        if f.error or f.flags & _ERROR_FLAG:
             raise RemoteProtocolError("a command must not carry an error", fds=f.fds)
         if f.command == Command.VERSION:
             if not self._allowed(Step.RECV_VERSION):

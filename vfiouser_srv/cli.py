@@ -23,7 +23,7 @@ from devices import OptionError
 
 from .engines import EngineUnavailable
 from .objects import ObjectError, OwnerPolicy
-from .server import Server
+from .server import Server, raise_fd_limit
 
 log = logging.getLogger("vfiouser_srv")
 
@@ -164,6 +164,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         ]
         groups = []
+    raise_fd_limit()
     server = build_server(groups, devs)
     ready = [f"READY {d.socket_path if d.socket_path else f'fd:{d.fd}'}" for d in devs]
     trio.run(serve_until_signalled, server, ready)

@@ -5,8 +5,10 @@ Concepts (after libvfio-user's `lib/dma.c`):
 * A *window* is what one DMA_MAP added: [address, address + size) of the client's IOVA
   space, with read/write permission. Windows are sorted and never overlap.
 * A window that came with a file descriptor is mmap'd here (MAP_SHARED, protection from its
-  permission) and served with zero-copy memoryviews; the descriptor is closed as soon as the
-  mapping exists, because the mapping holds the file by itself. A window without an fd is
+  permission) and served with zero-copy memoryviews. The descriptor the client sent is
+  closed at once, but CPython's `mmap` keeps a duplicate of its own until the window is
+  unmapped, so every mmap'd window costs one descriptor: the server raises its descriptor
+  limit at start and advertises a `max_dma_maps` well below it. A window without an fd is
   served by DMA_READ / DMA_WRITE messages on the connection that mapped it.
 * A *pin* is an access that spans awaits (e.g. file I/O in a worker thread straight into
   guest memory). DMA_UNMAP waits for the pins of the windows it removes before it replies,

@@ -64,7 +64,9 @@ class IrqLine:
 
     @property
     def flags(self) -> int:
-        f = IrqInfoFlags.EVENTFD if self.spec.count else 0
+        if not self.spec.count:
+            return 0  # an unused index has no capabilities to report
+        f = IrqInfoFlags.EVENTFD
         if self.spec.maskable:
             f |= IrqInfoFlags.MASKABLE
         if self.spec.automasked:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import socket
 import stat
 from collections.abc import Iterator
@@ -36,7 +37,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPS = Capabilities(
     max_msg_fds=16,
     max_data_xfer_size=1 << 20,
-    max_dma_maps=65535,
+    # Each mmap'd window holds one descriptor (see container.py); QEMU without a vIOMMU
+    # maps a handful of windows, so this bounds what one client can pin, not what works.
+    max_dma_maps=4096,
     pgsizes=4096,
     write_multiple=True,
 )
@@ -66,6 +69,17 @@ class _EngineRunner:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     running: bool = False
     done: trio.Event = field(default_factory=trio.Event)
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft descriptor limit to the hard one (windows and eventfds are fds)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+    return soft
 
 
 class Server:
