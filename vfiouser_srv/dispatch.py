@@ -74,7 +74,7 @@ from protocol import (
 )
 
 from .container import Container, DmaWindow
-from .objects import ObjectError
+from .objects import DeviceState, ObjectError
 
 if TYPE_CHECKING:
     from .session import Session
@@ -238,6 +238,8 @@ def on_version(session: Session, req: Version) -> Result:
     caps = negotiate(req.capabilities, session.server.caps)
     session.conn.peer_caps = req.capabilities
     reply = VersionReply(PROTOCOL_MAJOR, min(req.minor, PROTOCOL_MINOR), caps)
+    if session.device.state is not DeviceState.ACTIVE:  # no grace for a device going away
+        raise ObjectError(errno.ENODEV, f"device {session.device.name} is being removed")
     previous = session.device.session
     if previous is not None and previous is not session:
         # A client that disconnects and reconnects at once may beat its old session's
