@@ -8,7 +8,7 @@ summary and the servers' logs to ``benchmarks/results/``.
 
 Servers are preset names or ``NAME=CMD`` (``{sock}`` is replaced by the socket path)::
 
-    python benchmarks/compare.py c-gpio py-edu
+    python benchmarks/compare.py c-gpio py-edu vfu-edu
     python benchmarks/compare.py c-gpio --server 'mine=./my-server --socket-path={sock}'
 """
 
@@ -84,10 +84,33 @@ def preset(name: str, samples: str | None) -> ServerSpec:
             region=0, offset=0, ready_line="READY", cwd=REPO,
             env={"PYTHONUNBUFFERED": "1"}, missing=missing,
         )
+    if name == "vfu-edu":
+        # Our edu model, protocol handled by libvfio-user through our ctypes engine: the same
+        # device as py-edu, so the two rows compare the engines and nothing else.
+        return ServerSpec(
+            name,
+            [sys.executable, "-m", "vfiouser_srv", "serve", "edu", "--engine", "libvfio-user",
+             "--socket-path", "{sock}"],
+            region=0, offset=0, ready_line="READY", cwd=REPO,
+            env={"PYTHONUNBUFFERED": "1"}, missing=libvfio_user_engine_missing(),
+        )
     raise KeyError(name)
 
 
-PRESETS = ("c-gpio", "py-edu")
+def libvfio_user_engine_missing() -> str | None:
+    """Why `--engine libvfio-user` cannot run here (the engine's own message), or None."""
+    probe = subprocess.run(
+        [sys.executable, "-c",
+         "from vfiouser_srv.engines import load_engine; load_engine('libvfio-user')"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    if probe.returncode == 0:
+        return None
+    lines = probe.stderr.strip().splitlines()
+    return lines[-1] if lines else f"engine probe exited with {probe.returncode}"
+
+
+PRESETS = ("c-gpio", "py-edu", "vfu-edu")
 
 
 def parse_server(arg: str, samples: str | None) -> ServerSpec:
@@ -311,9 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="presets: c-gpio (libvfio-user's gpio-pci-idio-16 sample, "
-                                       "BAR2) and py-edu (python -m vfiouser_srv serve edu, BAR0)")
+                                       "BAR2), py-edu (python -m vfiouser_srv serve edu, BAR0) "
+                                       "and vfu-edu (the same edu, --engine libvfio-user; needs "
+                                       "LIBVFIO_USER_PATH or a system libvfio-user)")
     p.add_argument("servers", nargs="*",
-                   help="preset name or NAME=CMD with {sock}; default: c-gpio py-edu")
+                   help="preset name or NAME=CMD with {sock}; default: c-gpio py-edu vfu-edu")
     p.add_argument("--server", action="append", default=[], metavar="NAME=CMD",
                    help="another server command ({sock} = socket path); repeatable")
     p.add_argument("--region", action="append", default=[], metavar="NAME=IDX[:OFFSET]",
