@@ -14,11 +14,13 @@ from devices.edu import Edu
 from devices.nvme import Nvme
 from devices.sdk.interface import DeviceModel, OptionSpec
 from devices.virtio.blk import VirtioBlk
+from devices.virtio.net import VirtioNet
 
 MODELS: dict[str, type[DeviceModel]] = {
     Edu.name: Edu,
     Nvme.name: Nvme,
     VirtioBlk.name: VirtioBlk,
+    VirtioNet.name: VirtioNet,
 }
 
 _TRUE = frozenset({"1", "true", "yes", "on"})

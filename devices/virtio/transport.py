@@ -303,6 +303,13 @@ class VirtioPciDevice(PciDevice):
             return
         await kick.wait()
 
+    async def wait_more(self, queue: Virtqueue) -> None:
+        """Sleep until the driver adds buffers beyond those available now."""
+        kick = self._kicks[queue.index] = trio.Event()
+        if await queue.enable_notify_for_more(self.dma):
+            return
+        await kick.wait()
+
     @property
     def dma(self) -> DmaPort:
         """The DMA port of the attached client (workers run only while one is attached)."""

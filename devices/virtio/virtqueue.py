@@ -272,12 +272,25 @@ class Virtqueue:
         it); without, it clears USED_F_NO_NOTIFY. Re-checking afterwards closes the race
         with a driver that added a buffer just before it saw the new value.
         """
+        await self._publish_avail_event(dma, self.last_avail_idx)
+        return await self.has_work(dma)
+
+    async def enable_notify_for_more(self, dma: DmaPort) -> bool:
+        """Ask for a kick when the driver adds *more* buffers than it has now.
+
+        For a consumer that found too few buffers (a large frame over mergeable receive
+        buffers): waking on "any buffer available" would spin. True if more arrived already.
+        """
+        seen = await self.avail_idx(dma)
+        await self._publish_avail_event(dma, seen)
+        return await self.avail_idx(dma) != seen
+
+    async def _publish_avail_event(self, dma: DmaPort, idx: int) -> None:
         if self.event_idx:
             await write_guest(dma, self.used_addr + RING_HEADER + USED_ELEM_SIZE * self.size,
-                              _U16.pack(self.last_avail_idx))
+                              _U16.pack(idx))
         else:
             await write_guest(dma, self.used_addr, _U16.pack(0))
-        return await self.has_work(dma)
 
     async def disable_notify(self, dma: DmaPort) -> None:
         """Tell the driver not to kick while the device is busy draining the ring anyway."""

@@ -1,0 +1,273 @@
+"""virtio-net (virtio 1.2, 5.1) over a TAP device.
+
+Queues: 0 = receive, 1 = transmit (one pair; no control queue). Frames travel between the
+rings and the TAP unchanged, header included, because the TAP is opened with
+``IFF_VNET_HDR`` and a 12-byte header, which is exactly ``struct virtio_net_hdr_v1``::
+
+    u8 flags | u8 gso_type | le16 hdr_len | le16 gso_size | le16 csum_start
+    | le16 csum_offset | le16 num_buffers
+
+Offloads follow from that: the guest may hand us partially checksummed and TSO frames
+(CSUM, HOST_TSO4/6), which the TAP's kernel side completes; the TAP hands us such frames
+(GUEST_CSUM, GUEST_TSO4/6) only after `TUNSETOFFLOAD` says the driver accepted them, which is
+set when the driver sets FEATURES_OK. Large received frames are spread over several
+receive buffers (VIRTIO_NET_F_MRG_RXBUF, with ``num_buffers`` in the first header).
+
+Receive path: the worker waits for the TAP to become readable, reads every frame that is
+ready (up to `RX_BATCH`), places them, and interrupts once. If the driver has not posted
+enough buffers, the frame waits (and the TAP queues further frames, dropping on overflow as
+a NIC would) until the driver kicks the receive queue.
+
+Transmit path: every available chain is written to the TAP with one ``write`` per frame;
+the TAP never blocks a writer, and a frame it refuses is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import struct
+from typing import ClassVar
+
+import trio
+
+from devices.sdk import OptionSpec
+
+from .tap import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    VNET_HDR_SIZE,
+    Tap,
+    TapConfig,
+)
+from .transport import VirtioPciDevice
+from .virtqueue import Chain, Virtqueue, gather, scatter
+
+log = logging.getLogger(__name__)
+
+VIRTIO_ID_NET = 1
+CLASS_NETWORK_ETHERNET = 0x020000
+RX_QUEUE = 0
+TX_QUEUE = 1
+#: frames read from the TAP per wake-up before they are placed and one interrupt is sent
+RX_BATCH = 64
+#: largest frame the TAP can give us: 64 KiB GSO frame + Ethernet header + vnet header
+MAX_FRAME = 65536 + 14 + VNET_HDR_SIZE + 4
+NUM_BUFFERS_OFFSET = 10
+LINK_UP = 1
+DEFAULT_MAC = "52:54:00:12:34:56"
+
+
+class NetFeature(enum.IntFlag):
+    CSUM = 1 << 0
+    GUEST_CSUM = 1 << 1
+    MTU = 1 << 3
+    MAC = 1 << 5
+    GUEST_TSO4 = 1 << 7
+    GUEST_TSO6 = 1 << 8
+    HOST_TSO4 = 1 << 11
+    HOST_TSO6 = 1 << 12
+    MRG_RXBUF = 1 << 15
+    STATUS = 1 << 16
+
+
+_CONFIG = struct.Struct("<6sHHH")  # mac, status, max_virtqueue_pairs, mtu
+_U16 = struct.Struct("<H")
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6:
+        raise ValueError(f"bad MAC address {text!r}")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"bad MAC address {text!r}") from None
+    if mac[0] & 1:
+        raise ValueError(f"{text} is a multicast address")
+    return mac
+
+
+class VirtioNet(VirtioPciDevice):
+    name = "virtio-net"
+    description = "virtio-net (modern virtio-pci) over a TAP device (needs CAP_NET_ADMIN)"
+    options = (
+        OptionSpec("tap", str, "vfu0", "TAP interface to create"),
+        OptionSpec("netns", str, "", "network namespace to move the TAP into (created if "
+                   "missing, deleted on exit if we created it)"),
+        OptionSpec("bridge", str, "", "bridge to attach the TAP to (created if missing)"),
+        OptionSpec("address", str, "", "host address/prefix to put on the TAP (or bridge)"),
+        OptionSpec("mac", str, DEFAULT_MAC, "the guest's MAC address"),
+        OptionSpec("mtu", int, 1500, "MTU offered to the guest and set on the TAP"),
+        OptionSpec("link", bool, True, "link status reported to the guest"),
+        OptionSpec("queue_size", int, 256, "maximum descriptors per queue"),
+    )
+    virtio_id = VIRTIO_ID_NET
+    class_code: ClassVar[int] = CLASS_NETWORK_ETHERNET
+
+    def __init__(self, tap: str = "vfu0", netns: str = "", bridge: str = "",
+                 address: str = "", mac: str = DEFAULT_MAC, mtu: int = 1500,
+                 link: bool = True, queue_size: int = 256) -> None:
+        if not 68 <= mtu <= 65535:
+            raise ValueError("mtu must be 68..65535")
+        self.mac = parse_mac(mac)
+        self.mtu = mtu
+        self.link_up = link
+        self.tx_dropped = 0
+        self.rx_dropped = 0
+        super().__init__(num_queues=2, queue_size=queue_size)
+        # Built before trio.run by the CLI (pyroute2's sync API must stay off trio threads).
+        self.tap = Tap.open(TapConfig(tap, netns=netns, bridge=bridge, mtu=mtu,
+                                      address=address))
+
+    def device_features(self) -> int:
+        return int(NetFeature.CSUM | NetFeature.GUEST_CSUM | NetFeature.MTU | NetFeature.MAC
+                   | NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.HOST_TSO4
+                   | NetFeature.HOST_TSO6 | NetFeature.MRG_RXBUF | NetFeature.STATUS)
+
+    def read_device_config(self, offset: int, count: int) -> bytes:
+        cfg = _CONFIG.pack(self.mac, LINK_UP if self.link_up else 0, 1, self.mtu)
+        chunk = cfg[offset : offset + count]
+        return chunk + bytes(count - len(chunk))
+
+    def set_link(self, up: bool) -> None:
+        """Change the link status the guest sees (with a config-change interrupt)."""
+        if up != self.link_up:
+            self.link_up = up
+            self.notify_config()
+
+    def features_ok_hook(self) -> bool:
+        offload = 0
+        if self.negotiated(NetFeature.GUEST_CSUM):
+            offload |= TUN_F_CSUM
+            if self.negotiated(NetFeature.GUEST_TSO4):
+                offload |= TUN_F_TSO4
+            if self.negotiated(NetFeature.GUEST_TSO6):
+                offload |= TUN_F_TSO6
+        try:
+            self.tap.set_offload(offload)
+        except OSError as exc:
+            log.warning("%s: TUNSETOFFLOAD %#x failed: %s", self.name, offload, exc)
+            return False
+        return True
+
+    def on_virtio_reset(self) -> None:
+        try:
+            self.tap.set_offload(0)
+        except OSError as exc:
+            log.warning("%s: TUNSETOFFLOAD 0 failed: %s", self.name, exc)
+
+    def close(self) -> None:
+        self.tap.close()
+        super().close()
+
+    async def queue_worker(self, queue: Virtqueue) -> None:
+        if queue.index == RX_QUEUE:
+            await self._receive(queue)
+        else:
+            await self.serve_requests(queue)
+
+    # ------------------------------------------------------------------ transmit
+
+    async def process_batch(self, queue: Virtqueue,
+                            chains: list[Chain]) -> list[tuple[int, int]]:
+        dma = self.dma
+        fd = self.tap.fd
+        for chain in chains:
+            frame = await gather(dma, chain.readable)
+            if len(frame) <= VNET_HDR_SIZE:
+                self.tx_dropped += 1
+                continue
+            try:
+                os.write(fd, frame)
+            except OSError as exc:
+                # EAGAIN (queue full), EINVAL (a header the TAP rejects): drop, as a NIC would.
+                self.tx_dropped += 1
+                log.debug("%s: TX frame of %d bytes dropped: %s", self.name, len(frame), exc)
+        return [(chain.head, 0) for chain in chains]
+
+    # ------------------------------------------------------------------ receive
+
+    async def _receive(self, queue: Virtqueue) -> None:
+        # A dup, so the stream's close at cancellation leaves the device's TAP fd open.
+        stream = trio.lowlevel.FdStream(os.dup(self.tap.fd))
+        async with stream:
+            pending: list[bytes] = []
+            while True:
+                if not pending:
+                    pending.append(await stream.receive_some(MAX_FRAME))
+                    pending += self._read_ready(stream.fileno(), RX_BATCH - 1)
+                placed = await self._place(queue, pending)
+                del pending[:placed]
+                if pending:
+                    await self.wait_more(queue)  # out of buffers: wait for the driver
+
+    @staticmethod
+    def _read_ready(fd: int, limit: int) -> list[bytes]:
+        frames: list[bytes] = []
+        while len(frames) < limit:
+            try:
+                frames.append(os.read(fd, MAX_FRAME))
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EIO):
+                    raise
+                break
+        return frames
+
+    async def _place(self, queue: Virtqueue, frames: list[bytes]) -> int:
+        """Put frames into receive buffers; returns how many were placed."""
+        mergeable = self.negotiated(NetFeature.MRG_RXBUF)
+        done: list[tuple[int, int]] = []
+        placed = 0
+        for frame in frames:
+            used = await (self._place_merged(queue, frame) if mergeable
+                          else self._place_whole(queue, frame))
+            if used is None:
+                break
+            done += used
+            placed += 1
+        await self.complete(queue, done)
+        return placed
+
+    async def _place_whole(self, queue: Virtqueue, frame: bytes) -> list[tuple[int, int]] | None:
+        chain = await queue.pop(self.dma)
+        if chain is None:
+            return None
+        if chain.writable_len < len(frame):
+            self.rx_dropped += 1  # a buffer too small for the frame: drop the frame
+            return [(chain.head, 0)]
+        data = bytearray(frame)
+        data[NUM_BUFFERS_OFFSET : NUM_BUFFERS_OFFSET + 2] = _U16.pack(1)
+        written = await scatter(self.dma, chain.writable, data)
+        return [(chain.head, written)]
+
+    async def _place_merged(self, queue: Virtqueue,
+                            frame: bytes) -> list[tuple[int, int]] | None:
+        dma = self.dma
+        start = queue.last_avail_idx
+        used: list[tuple[int, int]] = []
+        first: Chain | None = None
+        pos = 0
+        while pos < len(frame):
+            chain = await queue.pop(dma)
+            if chain is None:
+                queue.last_avail_idx = start  # give the buffers back; retry after a kick
+                return None
+            if first is None:
+                first = chain
+            n = await scatter(dma, chain.writable, memoryview(frame)[pos:])
+            if n == 0:
+                queue.last_avail_idx = start
+                self.rx_dropped += 1
+                log.warning("%s: zero-length receive buffer", self.name)
+                return []
+            used.append((chain.head, n))
+            pos += n
+        assert first is not None
+        await scatter(dma, first.writable, _U16.pack(len(used)), skip=NUM_BUFFERS_OFFSET)
+        return used
