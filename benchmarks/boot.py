@@ -27,7 +27,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 async def boot_once(config: str) -> tuple[float, float]:
-    run = await run_config(config, test=None, echo=False, timeout=120.0)
+    # test=b"": no test script at all (None would mean the configuration's default test)
+    run = await run_config(config, test=b"", echo=False, timeout=120.0)
     res = run.guest
     if not res.ok:
         raise SystemExit(f"{config}: guest run failed; logs in {res.run_dir}")
