@@ -61,6 +61,12 @@ wire_log = logging.getLogger("vfiouser_srv.wire")
 
 #: how long a device's DMA_READ/DMA_WRITE may wait for the client (QEMU's own is 5 s)
 DMA_REQUEST_TIMEOUT = 5.0
+#: Message-mode DMA moves at most this much per request, one request at a time. Why: the
+#: read loop sends its replies inline, so if our big DMA_WRITE fills the socket while
+#: QEMU is blocked sending us a big DMA_READ reply, both ends wait in send() for a reader
+#: that never comes. Keeping what is in flight below the socket buffers (~200 KiB each
+#: way) rules that out.
+MESSAGE_DMA_CHUNK = 64 << 10
 
 
 class TaskGroup:
@@ -221,6 +227,7 @@ class Session(DeviceContext):
         self.tasks = TaskGroup(f"{device.name}#{self.conn_id}")
         self._dma = SessionDma(self)
         self._pending: dict[int, _Waiter] = {}
+        self._dma_lock = trio.Lock()
         #: (size, readable, writable) per region index, for the hot path
         self.region_limits: list[tuple[int, bool, bool]] = []
         self.max_xfer = 0
@@ -453,10 +460,11 @@ class Session(DeviceContext):
 
     async def dma_read(self, address: int, size: int) -> bytes:
         out = bytearray()
-        limit = self._xfer_limit()
+        limit = min(self._xfer_limit(), MESSAGE_DMA_CHUNK)
         while len(out) < size:
             n = min(limit, size - len(out))
-            reply = await self._request(DmaRead(address + len(out), n))
+            async with self._dma_lock:
+                reply = await self._request(DmaRead(address + len(out), n))
             if not isinstance(reply, DmaReadReply) or len(reply.data) != n:
                 raise DmaError(errno.EIO, "short DMA_READ reply")
             out += reply.data
@@ -464,9 +472,10 @@ class Session(DeviceContext):
 
     async def dma_write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data)
-        limit = self._xfer_limit()
+        limit = min(self._xfer_limit(), MESSAGE_DMA_CHUNK)
         for pos in range(0, len(mv), limit):
-            await self._request(DmaWrite(address + pos, bytes(mv[pos : pos + limit])))
+            async with self._dma_lock:
+                await self._request(DmaWrite(address + pos, bytes(mv[pos : pos + limit])))
 
 
 def _log_item(name: str, ev: Event | Frame) -> None:
