@@ -446,6 +446,14 @@ class Worker:
             else:
                 self.update_intx()
 
+    async def _complete_or_log(self, sq: SubmissionQueue, cid: int, status: int,
+                               result: int) -> None:
+        """`complete`, for callers that cannot report a lost completion to anyone."""
+        try:
+            await self.complete(sq, cid, status, result)
+        except DmaError as exc:
+            log.error("nvme: completion of cid %d on SQ %d lost: %s", cid, sq.qid, exc)
+
     # ------------------------------------------------------------------ guest memory
 
     async def _read_guest(self, address: int, size: int) -> bytes:
@@ -509,7 +517,7 @@ class Worker:
             log.warning("nvme: admin %#x cid %d: DMA failed: %s", cmd.opcode, cmd.cid, exc)
             outcome = (Status.DATA_TRANSFER_ERROR, 0)
         if outcome is not None and self.sqs.get(0) is sq:
-            await self.complete(sq, cmd.cid, outcome[0], outcome[1])
+            await self._complete_or_log(sq, cmd.cid, outcome[0], outcome[1])
 
     async def _identify(self, cmd: Command) -> Outcome:
         cns = cmd.cdw10 & 0xFF
@@ -747,7 +755,7 @@ class Worker:
                     result = 0
                 if scope.cancel_called:
                     return  # controller reset: the command is aborted without a completion
-                await self.complete(sq, cmd.cid, status, result)
+                await self._complete_or_log(sq, cmd.cid, status, result)
         finally:
             del self._inflight[scope]
             changed, self._inflight_changed = self._inflight_changed, trio.Event()

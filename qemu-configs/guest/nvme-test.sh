@@ -1,0 +1,140 @@
+#!/bin/sh
+# nvme-test.sh: the guest's own nvme driver does block I/O on the first NVMe controller.
+#
+# Runs as /test.sh against QEMU's built-in `-device nvme` or our NVMe model behind
+# vfio-user-pci; "RESULT key=value" lines must be identical for both (same image size).
+# The first namespace must be at least 32 MiB. Data written is a pattern the host can
+# rebuild: the line "vfiouser nvme pattern seed $SEED" repeated, cut to 4 MiB.
+# Knobs (kernel cmdline words `vfu_name=value` arrive as variables):
+#   vfu_nvme_steps=ident,pattern,discard   steps, in order; also `verify` (a second boot
+#                                          checks what `pattern` wrote) and `ns2`
+#   vfu_seed=1                             pattern seed
+#   vfu_bench=N                            N rounds of throughput measurements (BENCH lines)
+#   vfu_bench_mib=32                       MiB per sequential round
+
+res()  { echo "RESULT $1=$2"; }
+info() { echo "INFO $*"; }
+FAILED=0
+fail() { echo "RESULT $1=FAIL${2:+ ($2)}"; FAILED=1; }
+
+STEPS=$(echo "${vfu_nvme_steps:-ident,pattern,discard}" | tr ',' ' ')
+SEED=${vfu_seed:-1}
+DISK=/dev/nvme0n1
+MIB=1048576
+
+md5() { dd if="${3:-$DISK}" bs=1M skip="$1" count="$2" iflag=direct 2>/dev/null |
+        md5sum | cut -d' ' -f1; }
+zero_md5() { dd if=/dev/zero bs=1M count="$1" 2>/dev/null | md5sum | cut -d' ' -f1; }
+make_pattern() { yes "vfiouser nvme pattern seed $SEED" | head -c $((4 * MIB)) > /tmp/pat; }
+# nanoseconds since boot, from the one clock busybox can read at that resolution
+now_ns() { awk '/^now at/ { print $3; exit }' /proc/timer_list; }
+
+step_ident() {
+    DEV=""
+    for d in /sys/bus/pci/devices/*; do
+        [ "$(cat "$d/class")" = 0x010802 ] && DEV=$d && break
+    done
+    [ -n "$DEV" ] || { fail found "no NVMe function (class 010802)"; exit 1; }
+    res found yes
+    res driver "$(basename "$(readlink "$DEV/driver")")"
+    info "bdf=${DEV##*/} id=$(cat "$DEV/vendor"):$(cat "$DEV/device") irq=$(cat "$DEV/irq")" \
+         "msi_irqs=$(ls "$DEV/msi_irqs" 2>/dev/null | wc -l)"
+    i=0
+    while [ ! -b $DISK ] && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+    [ -b $DISK ] || { fail disk "no $DISK"; exit 1; }
+    c=/sys/class/nvme/nvme0
+    info "model='$(cat $c/model)' serial='$(cat $c/serial)' fw='$(cat $c/firmware_rev)'" \
+         "queues=$(ls -d /sys/block/nvme0n1/mq/* | wc -l)"
+    res namespaces "$(ls -d /sys/block/nvme0n* | wc -l)"
+    for b in /sys/block/nvme0n*; do
+        n=${b##*/}
+        res "${n}_bytes" $(($(cat "$b/size") * 512))
+        res "${n}_logical_block" "$(cat "$b/queue/logical_block_size")"
+    done
+    res write_cache "$(cat /sys/block/nvme0n1/queue/write_cache | tr ' ' _)"
+    [ "$(cat /sys/block/nvme0n1/queue/discard_max_bytes)" -gt 0 ] && res discard_max yes ||
+        res discard_max no
+}
+
+step_pattern() {
+    make_pattern
+    res pattern_md5 "$(md5sum < /tmp/pat | cut -d' ' -f1)"
+    # O_DIRECT at 0, and through the page cache with fsync at 8 MiB
+    dd if=/tmp/pat of=$DISK bs=1M oflag=direct 2>/dev/null && res direct_write ok ||
+        fail direct_write
+    dd if=/tmp/pat of=$DISK bs=1M seek=8 conv=fsync 2>/dev/null && res fsync_write ok ||
+        fail fsync_write
+    echo 3 > /proc/sys/vm/drop_caches
+    res readback_md5 "$(md5 0 4)"
+    res readback_fsync_md5 "$(md5 8 4)"
+    # small unaligned-to-MiB transfers: 4 KiB blocks scattered over the pattern
+    dd if=$DISK of=/tmp/small bs=4k skip=3 count=5 iflag=direct 2>/dev/null
+    res small_read_md5 "$(md5sum < /tmp/small | cut -d' ' -f1)"
+}
+
+step_verify() {
+    make_pattern
+    res verify_md5 "$(md5 0 4)"
+    res pattern_md5 "$(md5sum < /tmp/pat | cut -d' ' -f1)"
+}
+
+step_discard() {
+    make_pattern
+    dd if=/tmp/pat of=$DISK bs=1M seek=16 count=1 oflag=direct 2>/dev/null
+    if blkdiscard -o $((16 * MIB)) -l $MIB $DISK 2>/dev/null; then
+        res discard ok
+        [ "$(md5 16 1)" = "$(zero_md5 1)" ] && res discard_zeroes yes || res discard_zeroes no
+    else
+        res discard unsupported
+    fi
+}
+
+step_ns2() {
+    [ -b /dev/nvme0n2 ] || { fail ns2 "no /dev/nvme0n2"; return; }
+    make_pattern
+    dd if=/tmp/pat of=/dev/nvme0n2 bs=1M count=2 oflag=direct 2>/dev/null
+    res ns2_md5 "$(md5 0 2 /dev/nvme0n2)"
+    res ns1_untouched "$( [ "$(md5 0 2)" != "$(md5 0 2 /dev/nvme0n2)" ] && echo yes || echo no)"
+}
+
+# BENCH lines: bytes and nanoseconds per measurement, for the host to turn into ratios.
+bench() {
+    rounds=${vfu_bench:-0}
+    mib=${vfu_bench_mib:-32}
+    blocks=$(( $(cat /sys/block/nvme0n1/size) / 8 ))
+    r=0
+    while [ "$r" -lt "$rounds" ]; do
+        r=$((r + 1))
+        t0=$(now_ns)
+        dd if=/dev/zero of=$DISK bs=1M count="$mib" seek=32 oflag=direct 2>/dev/null
+        t1=$(now_ns)
+        dd if=$DISK of=/dev/null bs=1M count="$mib" skip=32 iflag=direct 2>/dev/null
+        t2=$(now_ns)
+        n=0
+        while [ $n -lt 200 ]; do
+            dd if=$DISK of=/dev/null bs=4k count=1 skip=$(( (n * 7919 + r * 104729) % blocks )) \
+                iflag=direct 2>/dev/null
+            n=$((n + 1))
+        done
+        t3=$(now_ns)
+        # the same loop without I/O: process start-up cost, subtracted on the host
+        n=0
+        while [ $n -lt 200 ]; do
+            dd if=/dev/zero of=/dev/null bs=4k count=1 2>/dev/null
+            n=$((n + 1))
+        done
+        t4=$(now_ns)
+        echo "BENCH round=$r seq_write bytes=$((mib * MIB)) ns=$((t1 - t0))"
+        echo "BENCH round=$r seq_read bytes=$((mib * MIB)) ns=$((t2 - t1))"
+        echo "BENCH round=$r rand_read_4k ops=200 ns=$((t3 - t2)) baseline_ns=$((t4 - t3))"
+    done
+}
+
+for s in $STEPS; do
+    echo "STAGE $s"
+    "step_$s"
+done
+echo "STAGE checks-done"
+bench
+res failed "$FAILED"
+exit "$FAILED"
