@@ -42,6 +42,7 @@ from .tap import (
     VNET_HDR_SIZE,
     Tap,
     TapConfig,
+    TapPermissionError,
 )
 from .transport import VirtioPciDevice
 from .virtqueue import Chain, Virtqueue, gather, scatter
@@ -120,8 +121,12 @@ class VirtioNet(VirtioPciDevice):
         self.rx_dropped = 0
         super().__init__(num_queues=2, queue_size=queue_size)
         # Built before trio.run by the CLI (pyroute2's sync API must stay off trio threads).
-        self.tap = Tap.open(TapConfig(tap, netns=netns, bridge=bridge, mtu=mtu,
-                                      address=address))
+        try:
+            self.tap = Tap.open(TapConfig(tap, netns=netns, bridge=bridge, mtu=mtu,
+                                          address=address))
+        except TapPermissionError as exc:
+            # ValueError is what the registry turns into a one-line CLI error.
+            raise ValueError(str(exc)) from None
 
     def device_features(self) -> int:
         return int(NetFeature.CSUM | NetFeature.GUEST_CSUM | NetFeature.MTU | NetFeature.MAC

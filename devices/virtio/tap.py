@@ -54,11 +54,10 @@ class TapPermissionError(PermissionError):
     """The process lacks what creating a TAP needs; the message says what exactly."""
 
 
-def _permission_message(what: str, exc: BaseException) -> str:
-    return (f"{what} failed ({exc}): creating and configuring a TAP needs CAP_NET_ADMIN "
-            "and read/write access to /dev/net/tun; run the server as root or grant it "
-            "cap_net_admin (e.g. `setcap cap_net_admin+ep` on the interpreter), or use a TAP "
-            "made for you by an administrator")
+def _permission_message(what: str, why: str) -> str:
+    return (f"{what} failed ({why}): creating and configuring a TAP needs CAP_NET_ADMIN "
+            "and read/write access to /dev/net/tun; run the server as root or give it "
+            "cap_net_admin (e.g. `setcap cap_net_admin+ep` on the Python interpreter)")
 
 
 @dataclass
@@ -95,20 +94,23 @@ class Tap:
 
     def _setup(self) -> None:
         cfg = self.config
+        exists = ValueError(f"interface {cfg.name} already exists; pick another tap= (an "
+                            "existing interface is never taken over, it would be deleted)")
         try:
             with IPRoute() as ipr:
+                if ipr.link_lookup(ifname=cfg.name):
+                    raise exists
                 ipr.link("add", ifname=cfg.name, kind="tuntap", mode="tap", vnet_hdr=True)
         except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
-                raise ValueError(f"interface {cfg.name} already exists; pick another tap=") \
-                    from None
+            if exc.code in (errno.EEXIST, errno.EBUSY):
+                raise exists from None
             if exc.code == errno.EPERM:
-                raise TapPermissionError(_permission_message(f"creating TAP {cfg.name}", exc)) \
-                    from None
+                raise TapPermissionError(_permission_message(
+                    f"creating TAP {cfg.name}", os.strerror(exc.code))) from None
             raise
         except PermissionError as exc:
-            raise TapPermissionError(_permission_message(f"creating TAP {cfg.name}", exc)) \
-                from None
+            raise TapPermissionError(_permission_message(f"creating TAP {cfg.name}",
+                                                         exc.strerror or str(exc))) from None
         self.created.append(("tap", cfg.name))
         self.fd = self._attach(cfg.name)
         if cfg.netns:
