@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -47,7 +47,7 @@ from protocol import (
 )
 
 from . import dispatch
-from .container import Container
+from .container import Container, DmaWindow
 from .fds import close_all
 from .irq import IrqTable
 from .objects import ClientId, Device, new_connection_id
@@ -180,6 +180,36 @@ class SessionDma:
                 yield view
             finally:
                 view.release()
+
+    @contextlib.contextmanager
+    def pin_ranges(
+        self, ranges: Sequence[tuple[int, int]], *, write: bool = False
+    ) -> Iterator[list[memoryview] | None]:
+        """Views of many ranges, each window pinned once (see `pinned_views`); None when a
+        range has no mmap'd window of its own (message mode, or it spans windows)."""
+        container = self.container
+        views: list[memoryview] = []
+        windows: dict[int, DmaWindow] = {}
+        try:
+            for address, size in ranges:
+                w = container.find(address)
+                if not (w.writable if write else w.readable):
+                    raise DmaError(errno.EPERM, f"DMA window at {w.address:#x}: no access")
+                off = address - w.address
+                if w.view is None or off + size > w.size:
+                    break
+                views.append(w.view[off : off + size])
+                windows[id(w)] = w
+            else:
+                with contextlib.ExitStack() as pins:
+                    for w in windows.values():
+                        pins.enter_context(container.pin(w))
+                    yield views
+                return
+        finally:
+            for v in views:
+                v.release()
+        yield None
 
     async def read(self, address: int, size: int) -> bytes:
         out = bytearray(size)

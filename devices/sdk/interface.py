@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -149,6 +149,25 @@ class PinningDmaPort(Protocol):
         (e.g. a file read in a worker thread straight into guest memory): an unmap of its
         window waits for the pin to go (the container's pin, DESIGN.md 3)."""
         ...
+
+
+@contextlib.contextmanager
+def pinned_views(
+    dma: DmaPort, ranges: Sequence[tuple[int, int]], *, write: bool = False
+) -> Iterator[list[memoryview] | None]:
+    """Zero-copy views of many (address, size) ranges, all valid across awaits, or None
+    when any range is not in one mmap'd window (or the engine cannot pin): then copy.
+
+    For scatter-gather I/O (a PRP or descriptor list of a hundred pages) this pins each
+    window once instead of once per range, which is what makes it cheap. Engines offer it
+    as `pin_ranges(ranges, write=...)`; looked up by name so the check costs nothing.
+    """
+    pin_ranges = getattr(dma, "pin_ranges", None)
+    if pin_ranges is None:
+        yield None
+        return
+    with pin_ranges(ranges, write=write) as views:
+        yield views
 
 
 @contextlib.contextmanager

@@ -39,6 +39,16 @@ class FakeDma:
         finally:
             self.pins -= 1
 
+    @contextlib.contextmanager
+    def pin_ranges(
+        self, ranges: list[tuple[int, int]], *, write: bool = False
+    ) -> Iterator[list[memoryview] | None]:
+        self.pins += 1
+        try:
+            yield [memoryview(self.ram)[self._range(a, n)] for a, n in ranges]
+        finally:
+            self.pins -= 1
+
     async def read(self, address: int, size: int) -> bytes:
         await trio.lowlevel.checkpoint()
         data = bytes(self.ram[self._range(address, size)])
