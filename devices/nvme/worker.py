@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
-from devices.sdk.interface import DmaError, DmaPort, pinned_view
+from devices.sdk.interface import DmaError, DmaPort, pinned_views
 
 from . import identify as idf
 from .backend import Backend
@@ -822,14 +822,8 @@ class Worker:
 
     async def _read_to_guest(self, ns: Namespace, offset: int, segs: Segments) -> None:
         dma = self.dma
-        with contextlib.ExitStack() as pins:
-            views: list[memoryview] = []
-            for addr, n in segs:
-                view = pins.enter_context(pinned_view(dma, addr, n, write=True))
-                if view is None:
-                    break
-                views.append(view)
-            else:
+        with pinned_views(dma, segs, write=True) as views:
+            if views is not None:
                 await self._backend(ns, ns.backend.readinto, offset, views)
                 return
         buf = bytearray(sum(n for _, n in segs))
@@ -841,14 +835,8 @@ class Worker:
 
     async def _write_from_guest(self, ns: Namespace, offset: int, segs: Segments) -> None:
         dma = self.dma
-        with contextlib.ExitStack() as pins:
-            views: list[memoryview] = []
-            for addr, n in segs:
-                view = pins.enter_context(pinned_view(dma, addr, n))
-                if view is None:
-                    break
-                views.append(view)
-            else:
+        with pinned_views(dma, segs) as views:
+            if views is not None:
                 await self._backend(ns, ns.backend.write, offset, views)
                 return
         chunks: list[bytes] = []

@@ -1,0 +1,142 @@
+"""Guest-measured NVMe throughput: QEMU's built-in nvme against ours, as ratios.
+
+Boots the test guest once with QEMU's `-device nvme` and once with our NVMe model behind
+vfio-user-pci (shared RAM, so DMA goes through mmap), both on a fresh raw image file of the
+same size. The guest (`qemu-configs/guest/nvme-test.sh`, `vfu_bench=N`) runs N rounds of:
+
+* sequential write: busybox `dd bs=1M oflag=direct`, MIB MiB from /dev/zero;
+* sequential read: the same range back with `iflag=direct`;
+* 4 KiB random reads: 200 single-block `dd iflag=direct` runs at scattered offsets, minus
+  the time of the same 200 `dd` runs without I/O (process start-up in a TCG guest costs
+  more than the read itself), giving the per-read latency and IOPS.
+
+Timing is the guest's nanosecond clock (`/proc/timer_list`). For every metric the best
+round is taken (first rounds are always slower) and the ratio ours / QEMU's is reported
+(> 1 means ours is faster). Runs alternate order when `--boots` > 1.
+
+    .venv/bin/python benchmarks/nvme_guest.py [--rounds 5] [--mib 32] [--boots 1]
+
+Results go to benchmarks/results/nvme-guest-<stamp>.{json,txt}. Run it alone on the
+machine (one QEMU at a time): `flock /tmp/vfiouser-qemu.lock .venv/bin/python ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from vfiouser_srv.qemu import run_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MIB = 1 << 20
+IMAGE_SIZE = 128 * MIB
+_BENCH = re.compile(r"^BENCH round=(\d+) (\S+) (.*)$")
+
+Metrics = dict[str, float]
+
+
+def parse_bench(lines: list[str]) -> list[Metrics]:
+    """One dict per round: seq_write / seq_read MiB/s, rand_read_4k IOPS and latency µs."""
+    rounds: dict[int, Metrics] = {}
+    for line in lines:
+        m = _BENCH.match(line.strip())
+        if not m:
+            continue
+        rnd, kind = int(m.group(1)), m.group(2)
+        fields = {k: int(v) for k, v in (kv.split("=") for kv in m.group(3).split())}
+        out = rounds.setdefault(rnd, {})
+        if kind in ("seq_write", "seq_read"):
+            out[f"{kind}_mib_s"] = fields["bytes"] / MIB / (fields["ns"] / 1e9)
+        elif kind == "rand_read_4k":
+            per_op_ns = max(fields["ns"] - fields["baseline_ns"], 1) / fields["ops"]
+            out["rand_read_4k_iops"] = 1e9 / per_op_ns
+            out["rand_read_4k_us"] = per_op_ns / 1e3
+            out["rand_read_4k_dd_us"] = fields["ns"] / fields["ops"] / 1e3
+    return [rounds[k] for k in sorted(rounds)]
+
+
+def best(rounds: list[Metrics]) -> Metrics:
+    out: Metrics = {}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds if key in r]
+        out[key] = min(values) if key.endswith("_us") else max(values)
+    return out
+
+
+async def run_one(which: str, workdir: Path, rounds: int, mib: int) -> list[Metrics]:
+    img = workdir / f"{which}.img"
+    with img.open("wb") as f:
+        f.truncate(IMAGE_SIZE)
+    env = {"nvme_steps": "ident", "bench": str(rounds), "bench_mib": str(mib)}
+    if which == "qemu":
+        run = await run_config("qemu-nvme", placeholders={"DISK": str(img)}, guest_env=env,
+                               timeout=900)
+    else:
+        run = await run_config("nvme", server_sets=[f"backing={img}", "size=128M"],
+                               guest_env=env, timeout=900)
+    res = run.guest
+    if not res.ok:
+        raise SystemExit(f"{which}: guest run failed; logs in {res.run_dir}")
+    parsed = parse_bench(res.console)
+    if len(parsed) != rounds:
+        raise SystemExit(f"{which}: expected {rounds} BENCH rounds; logs in {res.run_dir}")
+    return parsed
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    per: dict[str, list[Metrics]] = {"qemu": [], "ours": []}
+    with tempfile.TemporaryDirectory(prefix="nvme-bench-") as tmp:
+        for boot in range(args.boots):
+            order = ["qemu", "ours"] if boot % 2 == 0 else ["ours", "qemu"]
+            for which in order:
+                t0 = time.monotonic()
+                got = await run_one(which, Path(tmp), args.rounds, args.mib)
+                per[which] += got
+                print(f"[boot {boot + 1}] {which}: {len(got)} rounds in "
+                      f"{time.monotonic() - t0:.1f} s; best {best(got)}")
+    b = {k: best(v) for k, v in per.items()}
+    ratios = {key: (b["qemu"][key] / b["ours"][key] if key.endswith("_us")
+                    else b["ours"][key] / b["qemu"][key]) for key in b["qemu"]}
+    return {"rounds": args.rounds, "boots": args.boots, "mib": args.mib,
+            "image_bytes": IMAGE_SIZE, "per_round": per, "best": b, "ratio_ours_over_qemu": ratios}
+
+
+def render(out: dict[str, object]) -> str:
+    b: dict[str, Metrics] = out["best"]  # type: ignore[assignment]
+    ratios: Metrics = out["ratio_ours_over_qemu"]  # type: ignore[assignment]
+    rows = [("sequential write, 1 MiB O_DIRECT", "seq_write_mib_s", "MiB/s"),
+            ("sequential read, 1 MiB O_DIRECT", "seq_read_mib_s", "MiB/s"),
+            ("random read 4 KiB, dd start-up removed", "rand_read_4k_iops", "IOPS"),
+            ("random read 4 KiB, whole dd per read", "rand_read_4k_dd_us", "µs")]
+    lines = [f"NVMe in the guest (TCG, 1 vCPU), best of {out['rounds']} rounds x "
+             f"{out['boots']} boot(s), {out['mib']} MiB sequential",
+             f"  {'':42} {'QEMU nvme':>12} {'ours':>12} {'ours/QEMU':>10}"]
+    for label, key, unit in rows:
+        lines.append(f"  {label:42} {b['qemu'][key]:>8.1f} {unit:<3} {b['ours'][key]:>8.1f} "
+                     f"{unit:<3} {ratios[key]:>9.2f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5, help="bench rounds per boot")
+    p.add_argument("--mib", type=int, default=32, help="MiB per sequential measurement")
+    p.add_argument("--boots", type=int, default=1, help="boots per device (alternating)")
+    args = p.parse_args()
+    out = trio.run(main_async, args)
+    text = render(out)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"nvme-guest-{stamp}.json").write_text(json.dumps(out, indent=2) + "\n")
+    (RESULTS / f"nvme-guest-{stamp}.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
