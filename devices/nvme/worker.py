@@ -42,7 +42,7 @@ import trio
 from devices.sdk.interface import DmaError, DmaPort, pinned_views
 
 from . import identify as idf
-from .backend import Backend
+from .backend import Backend, consume
 from .prp import PrpError, Segments, walk_prps
 from .queue import CompletionQueue, DoorbellError, SubmissionQueue
 from .spec import (
@@ -824,14 +824,20 @@ class Worker:
         dma = self.dma
         with pinned_views(dma, segs, write=True) as views:
             if views is not None:
-                await self._backend(ns, ns.backend.readinto, offset, views)
+                await self._read_backend(ns, offset, views)
                 return
         buf = bytearray(sum(n for _, n in segs))
-        await self._backend(ns, ns.backend.readinto, offset, [memoryview(buf)])
+        await self._read_backend(ns, offset, [memoryview(buf)])
         pos = 0
         for addr, n in segs:
             await dma.write(addr, memoryview(buf)[pos : pos + n])
             pos += n
+
+    async def _read_backend(self, ns: Namespace, offset: int, bufs: list[memoryview]) -> None:
+        """Cached data inline (non-blocking), the rest in a worker thread."""
+        done = ns.backend.readinto_nowait(offset, bufs)
+        if done < sum(len(b) for b in bufs):
+            await self._backend(ns, ns.backend.readinto, offset + done, consume(bufs, done))
 
     async def _write_from_guest(self, ns: Namespace, offset: int, segs: Segments) -> None:
         dma = self.dma
