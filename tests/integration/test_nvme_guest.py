@@ -48,13 +48,14 @@ def diff(ref: RunResult, ours: RunResult) -> str:
 
 async def boot(config: str, configs: ConfigFile, *, image: Path | None = None,
                sets: tuple[str, ...] = (), steps: str = STEPS) -> RunResult:
-    kw: dict[str, object] = {"configs": configs, "timeout": 240,
-                             "guest_env": {"nvme_steps": steps, "seed": SEED}}
+    env = {"nvme_steps": steps, "seed": SEED}
     if config.startswith("qemu-"):
         assert image is not None
-        run = await run_config(config, placeholders={"DISK": os.fspath(image)}, **kw)
+        run = await run_config(config, configs=configs, timeout=240, guest_env=env,
+                               placeholders={"DISK": os.fspath(image)})
     else:
-        run = await run_config(config, server_sets=list(sets), **kw)
+        run = await run_config(config, configs=configs, timeout=240, guest_env=env,
+                               server_sets=list(sets))
     return run.guest
 
 

@@ -18,7 +18,7 @@ async def nvme_ctx(nursery: trio.Nursery) -> FakeContext:
 
 @pytest.fixture
 async def dev(nvme_ctx: FakeContext) -> AsyncIterator[Nvme]:
-    d = Nvme(size="1M")
+    d = Nvme(size="4M")
     d.attach(nvme_ctx)
     yield d
     d.detach()

@@ -55,6 +55,10 @@ class Queue:
     head: int = 0
     phase: int = 1
     shadow: bool = False
+    cq_size: int = 0
+
+    def __post_init__(self) -> None:
+        self.cq_size = self.cq_size or self.size
 
 
 class Host:
@@ -87,6 +91,7 @@ class Host:
                 await trio.sleep(0.001)
 
     async def enable(self, cc_extra: int = 0) -> None:
+        self.ram[ACQ : ACQ + QSIZE * 16] = bytes(QSIZE * 16)  # as a driver allocates it
         self.wr(Reg.AQA, (QSIZE - 1) | (QSIZE - 1) << 16)
         self.wr(Reg.ASQ, ASQ, 8)
         self.wr(Reg.ACQ, ACQ, 8)
@@ -131,7 +136,7 @@ class Host:
         result, _, sqhd, sqid, cid, st = CQE.unpack_from(self.ram, off)
         if st & 1 != q.phase:
             return None
-        q.head = (q.head + 1) % q.size
+        q.head = (q.head + 1) % q.cq_size
         if q.head == 0:
             q.phase ^= 1
         if q.shadow:
@@ -161,11 +166,14 @@ class Host:
     async def admin(self, opcode: int, **kw: object) -> Cqe:
         return await self.cmd(0, opcode, **kw)
 
-    async def create_io_queues(self, qid: int = 1, size: int = QSIZE, vector: int = 1) -> None:
+    async def create_io_queues(self, qid: int = 1, size: int = QSIZE, vector: int = 1,
+                               cq_size: int | None = None) -> None:
+        cq_size = cq_size or size
+        self.ram[IOCQ : IOCQ + cq_size * 16] = bytes(cq_size * 16)
         c = await self.admin(AdminOpcode.CREATE_CQ, prp1=IOCQ,
-                             cdw=((size - 1) << 16 | qid, vector << 16 | 0x3))
+                             cdw=((cq_size - 1) << 16 | qid, vector << 16 | 0x3))
         assert c.code == 0, hex(c.status)
         c = await self.admin(AdminOpcode.CREATE_SQ, prp1=IOSQ, cdw=((size - 1) << 16 | qid,
                                                                    qid << 16 | 0x1))
         assert c.code == 0, hex(c.status)
-        self.queues[qid] = Queue(qid, IOSQ, IOCQ, size)
+        self.queues[qid] = Queue(qid, IOSQ, IOCQ, size, cq_size=cq_size)

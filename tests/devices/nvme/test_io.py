@@ -1,0 +1,323 @@
+"""NVM I/O commands over PRPs, status paths, backpressure, shadow doorbells, reset mid-I/O."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+
+from devices.nvme import Nvme
+from devices.nvme.backend import FileBackend, MemoryBackend
+from devices.nvme.spec import DNR, AdminOpcode, IoOpcode, Reg, Status
+from devices.sdk.bits import BytesLike
+
+from ..fakes import FakeContext
+from .host import DATA, DBS, EIS, PAGE, PRP_LISTS, Host
+
+IO = IoOpcode
+BLOCKS = (4 << 20) // 512
+
+
+def rw(slba: int, nlb: int, extra: int = 0) -> tuple[int, int, int]:
+    return slba & 0xFFFFFFFF, slba >> 32, (nlb - 1) | extra
+
+
+async def write_read(h: Host, data: bytes, slba: int = 0, *, prp2: int = 0,
+                     dst: int = DATA + 0x80000) -> bytes:
+    n = len(data)
+    h.ram[DATA : DATA + n] = data
+
+    def prp2_for(base: int, lists: int) -> int:
+        if n <= 2 * PAGE:
+            return base + PAGE
+        pages = [base + i * PAGE for i in range(1, -(-n // PAGE))]
+        h.ram[lists : lists + 8 * len(pages)] = struct.pack(f"<{len(pages)}Q", *pages)
+        return lists
+
+    c = await h.cmd(1, IO.WRITE, nsid=1, prp1=DATA, prp2=prp2 or prp2_for(DATA, PRP_LISTS),
+                    cdw=rw(slba, n // 512))
+    assert c.code == 0, hex(c.status)
+    c = await h.cmd(1, IO.READ, nsid=1, prp1=dst, prp2=prp2_for(dst, PRP_LISTS + PAGE),
+                    cdw=rw(slba, n // 512))
+    assert c.code == 0, hex(c.status)
+    return bytes(h.ram[dst : dst + n])
+
+
+@pytest.fixture
+async def io(host: Host) -> Host:
+    await host.create_io_queues()
+    return host
+
+
+async def test_write_read_two_pages(io: Host) -> None:
+    data = os.urandom(2 * PAGE)
+    assert await write_read(io, data, slba=40) == data
+
+
+async def test_write_read_with_prp_list_scattered(io: Host) -> None:
+    pages = [DATA + 0x40000 + i * 3 * PAGE for i in range(6)]
+    data = os.urandom(6 * PAGE)
+    for i, p in enumerate(pages):
+        io.ram[p : p + PAGE] = data[i * PAGE : (i + 1) * PAGE]
+    io.ram[PRP_LISTS : PRP_LISTS + 40] = struct.pack("<5Q", *pages[1:])
+    c = await io.cmd(1, IO.WRITE, nsid=1, prp1=pages[0], prp2=PRP_LISTS, cdw=rw(8, 48))
+    assert c.code == 0
+    ns = io.dev.worker.namespaces[1].backend
+    out = memoryview(bytearray(6 * PAGE))
+    ns.readinto(8 * 512, [out])
+    assert bytes(out) == data
+
+
+async def test_unaligned_prp1_offset(io: Host) -> None:
+    io.ram[DATA + 512 : DATA + 1024] = b"x" * 512
+    c = await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA + 512, cdw=rw(0, 1))
+    assert c.code == 0
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA + 0x10000 + 3584, prp2=DATA + 0x20000,
+                     cdw=rw(0, 2))
+    assert c.code == 0
+    assert io.ram[DATA + 0x10000 + 3584 : DATA + 0x10000 + 4096] == b"x" * 512
+
+
+@pytest.mark.parametrize(("nsid", "opcode", "cdw", "flags", "want"), [
+    (2, IO.READ, rw(0, 1), 0, Status.INVALID_NAMESPACE),
+    (0, IO.WRITE, rw(0, 1), 0, Status.INVALID_NAMESPACE),
+    (1, IO.READ, rw(BLOCKS - 1, 2), 0, Status.LBA_OUT_OF_RANGE),
+    (1, IO.WRITE, rw(1 << 40, 1), 0, Status.LBA_OUT_OF_RANGE),
+    (1, IO.WRITE_ZEROES, rw(BLOCKS, 1), 0, Status.LBA_OUT_OF_RANGE),
+    (1, IO.READ, rw(0, 1), 1 << 6, Status.INVALID_FIELD),       # SGL asked for
+    (1, IO.READ, rw(0, 2049 * 2), 0, Status.INVALID_FIELD),     # > MDTS (1 MiB)
+    (1, IO.COMPARE, rw(0, 1), 0, Status.INVALID_OPCODE),
+    (1, 0x7E, (), 0, Status.INVALID_OPCODE),
+])
+async def test_io_errors(io: Host, nsid: int, opcode: int, cdw: tuple[int, ...], flags: int,
+                         want: Status) -> None:
+    c = await io.cmd(1, opcode, nsid=nsid, prp1=DATA, prp2=DATA + PAGE, cdw=cdw, flags=flags)
+    assert c.code == want and c.status & DNR
+
+
+async def test_bad_prps_and_unmapped_memory(io: Host) -> None:
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA + 2, cdw=rw(0, 1))
+    assert c.code == Status.INVALID_PRP_OFFSET
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA, prp2=DATA + 0x10 + PAGE, cdw=rw(0, 16))
+    assert c.code == Status.INVALID_PRP_OFFSET
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=1 << 40, cdw=rw(0, 1))
+    assert c.code == Status.DATA_TRANSFER_ERROR
+    c = await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, prp2=1 << 40, cdw=rw(0, 16))
+    assert c.code == Status.DATA_TRANSFER_ERROR  # PRP list itself unreachable
+    # the controller is still fine
+    assert await write_read(io, b"ok" * 256) == b"ok" * 256
+
+
+async def test_write_zeroes_and_deallocate(io: Host) -> None:
+    data = b"\xaa" * (4 * PAGE)
+    await write_read(io, data, slba=0)
+    assert (await io.cmd(1, IO.WRITE_ZEROES, nsid=1, cdw=rw(0, 8))).code == 0
+    ranges = struct.pack("<IIQ", 0, 8, 16) + struct.pack("<IIQ", 0, 0, 999999)  # 2nd: empty
+    io.ram[DATA : DATA + 32] = ranges
+    c = await io.cmd(1, IO.DATASET_MANAGEMENT, nsid=1, prp1=DATA, cdw=(1, 1 << 2))
+    assert c.code == 0
+    out = memoryview(bytearray(4 * PAGE))
+    io.dev.worker.namespaces[1].backend.readinto(0, [out])
+    assert bytes(out[: 8 * 512]) == bytes(8 * 512)
+    assert bytes(out[8 * 512 : 16 * 512]) == b"\xaa" * 8 * 512
+    assert bytes(out[16 * 512 : 24 * 512]) == bytes(8 * 512)
+    assert bytes(out[24 * 512 :]) == b"\xaa" * 8 * 512
+    # a range out of bounds fails the whole command; no attribute = a hint, success
+    io.ram[DATA : DATA + 16] = struct.pack("<IIQ", 0, 8, BLOCKS - 4)
+    c = await io.cmd(1, IO.DATASET_MANAGEMENT, nsid=1, prp1=DATA, cdw=(0, 1 << 2))
+    assert c.code == Status.LBA_OUT_OF_RANGE
+    assert (await io.cmd(1, IO.DATASET_MANAGEMENT, nsid=1, prp1=DATA, cdw=(0, 0))).code == 0
+
+
+class CountingBackend(MemoryBackend):
+    threaded = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.flushes = 0
+        self.gate: threading.Event | None = None
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def readinto_nowait(self, offset: int, bufs: Sequence[memoryview]) -> int:
+        return 0
+
+    def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        if self.gate is not None:
+            self.gate.wait(5)
+        super().readinto(offset, bufs)
+
+    def write(self, offset: int, bufs: Sequence[BytesLike]) -> None:
+        super().write(offset, bufs)
+
+
+def use_counting_backend(dev: Nvme) -> CountingBackend:
+    ns = dev.worker.namespaces[1]
+    ns.backend.close()
+    ns.backend = CountingBackend(4 << 20)
+    return ns.backend
+
+
+async def test_flush_fua_and_write_cache_off(io: Host) -> None:
+    be = use_counting_backend(io.dev)
+    assert (await io.cmd(1, IO.FLUSH, nsid=1)).code == 0
+    assert (await io.cmd(1, IO.FLUSH, nsid=0xFFFFFFFF)).code == 0
+    assert (await io.cmd(1, IO.FLUSH, nsid=7)).code == Status.INVALID_NAMESPACE
+    assert be.flushes == 2
+    c = await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 1, 1 << 30))  # FUA
+    assert c.code == 0 and be.flushes == 3
+    await io.admin(AdminOpcode.SET_FEATURES, cdw=(0x06, 0))  # write cache off
+    await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 1))
+    assert be.flushes == 4
+
+
+async def test_shutdown_flushes(io: Host) -> None:
+    be = use_counting_backend(io.dev)
+    io.wr(Reg.CC, io.rd(Reg.CC) | 1 << 14)
+    await io.until(lambda: (io.rd(Reg.CSTS) >> 2) & 3 == 2)
+    assert be.flushes == 1
+
+
+async def test_controller_reset_in_the_middle_of_io(io: Host) -> None:
+    """Disable while reads sit in worker threads: RDY stays 1 until they return, no
+    completion is ever posted for them, and the controller comes back clean."""
+    be = use_counting_backend(io.dev)
+    be.gate = threading.Event()
+    for i in range(3):
+        io.submit(1, io.sqe(IO.READ, nsid=1, prp1=DATA + i * PAGE, cdw=rw(i * 8, 8)))
+    await io.until(lambda: len(io.dev.worker._inflight) == 3)
+    io.wr(Reg.CC, (6 << 16) | (4 << 20))
+    await trio.sleep(0.05)
+    assert io.rd(Reg.CSTS) & 1  # still draining
+    be.gate.set()
+    await io.until(lambda: not io.rd(Reg.CSTS) & 1)
+    assert io.poll(1) is None and not io.dev.worker.sqs
+    await io.enable()
+    await io.create_io_queues()
+    be.gate = None
+    assert await write_read(io, b"\x5a" * 1024) == b"\x5a" * 1024
+
+
+async def test_cq_full_backpressure(host: Host) -> None:
+    """A CQ of 2 entries holds one completion; the next waits for the head doorbell."""
+    await host.create_io_queues(size=8, cq_size=2)
+    for _ in range(3):
+        host.submit(1, host.sqe(IO.FLUSH, nsid=1))
+    cq = host.dev.worker.cqs[1]
+    await host.until(lambda: cq.outstanding == 1)
+    await trio.sleep(0.02)
+    assert cq.outstanding == 1  # still one: full
+    seen = [await host.wait(1) for _ in range(3)]  # each poll rings the head doorbell
+    assert [c.code for c in seen] == [0, 0, 0]
+
+
+async def test_shadow_doorbells_skip_mmio(io: Host) -> None:
+    c = await io.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=DBS, prp2=EIS)
+    assert c.code == 0
+    io.queues[1].shadow = True
+    before = io.mmio_doorbells
+    # submit a burst with only the first doorbell rung, the rest through the shadow
+    cids = [io.submit(1, io.sqe(IO.FLUSH, nsid=1), ring=(i == 0)) for i in range(5)]
+    got = [await io.wait(1) for _ in cids]
+    assert sorted(c.cid for c in got) == sorted(cids)
+    assert io.mmio_doorbells - before == 1
+    ei = int.from_bytes(io.ram[EIS + 8 : EIS + 12], "little")
+    assert ei == io.queues[1].tail  # the device published how far it has read
+    # idle: the next submission crosses the event index, so the host rings again
+    c = await io.cmd(1, IO.FLUSH, nsid=1)
+    assert c.code == 0 and io.mmio_doorbells - before == 2
+
+
+async def test_invalid_doorbell_values_are_ignored(io: Host) -> None:
+    io.wr(0x1000 + 8, 64)  # SQ 1 tail == size
+    io.wr(0x1000 + 12, 5)  # CQ 1 head beyond tail
+    io.wr(0x1000 + 8 * 9, 1)  # a queue that does not exist
+    io.wr(0x1000 + 2, 1)  # misaligned
+    assert io.dev.worker.sqs[1].tail == 0
+    assert await write_read(io, b"z" * 512) == b"z" * 512
+
+
+class MessageDma:
+    """A DMA port without mmap (view() is None, no pinning): the DMA_READ/WRITE path."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+
+    def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
+        self.inner._range(address, size)  # type: ignore[attr-defined]
+        return None
+
+    async def read(self, address: int, size: int) -> bytes:
+        return await self.inner.read(address, size)  # type: ignore[attr-defined, no-any-return]
+
+    async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.write(address, data)  # type: ignore[attr-defined]
+
+
+async def test_message_mode_dma(io: Host, nvme_ctx: FakeContext) -> None:
+    nvme_ctx._dma = MessageDma(nvme_ctx._dma)  # type: ignore[assignment]
+    data = os.urandom(3 * PAGE)
+    io.ram[PRP_LISTS : PRP_LISTS + 16] = struct.pack("<2Q", DATA + PAGE, DATA + 2 * PAGE)
+    io.ram[DATA : DATA + len(data)] = data
+    c = await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, prp2=PRP_LISTS, cdw=rw(0, 24))
+    assert c.code == 0
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA + 0x80000, prp2=PRP_LISTS, cdw=rw(0, 8))
+    assert c.code == 0 and io.ram[DATA + 0x80000 : DATA + 0x80000 + 4096] == data[:4096]
+
+
+async def test_file_backed_namespace(tmp_path: Path, nvme_ctx: FakeContext) -> None:
+    img = tmp_path / "sub" / "disk.img"
+    dev = Nvme(backing=str(img), size="1M")
+    try:
+        assert img.stat().st_size == 1 << 20
+        dev.attach(nvme_ctx)
+        h = Host(dev, nvme_ctx)
+        h.enable_pci()
+        await h.enable()
+        await h.create_io_queues()
+        data = os.urandom(8 * PAGE)
+        h.ram[PRP_LISTS : PRP_LISTS + 56] = struct.pack(
+            "<7Q", *(DATA + i * PAGE for i in range(1, 8)))
+        h.ram[DATA : DATA + len(data)] = data
+        c = await h.cmd(1, IO.WRITE, nsid=1, prp1=DATA, prp2=PRP_LISTS, cdw=rw(64, 64))
+        assert c.code == 0
+        assert (await h.cmd(1, IO.FLUSH, nsid=1)).code == 0
+        assert img.read_bytes()[64 * 512 : 64 * 512 + len(data)] == data
+        c = await h.cmd(1, IO.READ, nsid=1, prp1=DATA + 0x80000, prp2=PRP_LISTS,
+                        cdw=rw(64, 64))
+        assert c.code == 0
+        h.ram[PRP_LISTS : PRP_LISTS + 56] = struct.pack(
+            "<7Q", *(DATA + 0x80000 + i * PAGE for i in range(1, 8)))
+        ranges = struct.pack("<IIQ", 0, 64, 64)
+        h.ram[DATA : DATA + 16] = ranges
+        c = await h.cmd(1, IO.DATASET_MANAGEMENT, nsid=1, prp1=DATA, cdw=(0, 1 << 2))
+        assert c.code == 0
+        assert img.read_bytes()[64 * 512 : 128 * 512] == bytes(64 * 512)
+        dev.detach()
+    finally:
+        dev.close()
+    # reopened without a size: the file's size, data kept
+    again = FileBackend(img)
+    assert again.size == 1 << 20
+    again.close()
+
+
+def test_two_namespaces_from_options(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    dev = Nvme(backing=f"{a}:{b}", size="1M:2M")
+    try:
+        assert [ns.blocks for ns in dev.worker.namespaces.values()] == [2048, 4096]
+        assert dev.worker.info.num_namespaces == 2
+    finally:
+        dev.close()
+    mem = Nvme(namespaces=3, size="1M")
+    try:
+        assert len(mem.worker.namespaces) == 3
+    finally:
+        mem.close()
