@@ -94,7 +94,7 @@ class Backend:
     def read(self, offset: int, count: int) -> bytes:
         raise NotImplementedError
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray) -> None:
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -118,7 +118,7 @@ class MemoryBackend(Backend):
     def read(self, offset: int, count: int) -> bytes:
         return bytes(self.buf[offset : offset + count])
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray) -> None:
         self.buf[offset : offset + len(data)] = data
 
 
@@ -167,7 +167,7 @@ class FileBackend(Backend):
         data = os.pread(self.fd, count, offset)
         return data + bytes(count - len(data))
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | bytearray) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -197,7 +197,7 @@ class _Request:
     chain: Chain
     type: int
     sector: int
-    data: bytes = b""
+    data: bytes | bytearray = b""
     segments: tuple[tuple[int, int, int], ...] = ()
     status: int = ReqStatus.OK
     result: bytes = b""

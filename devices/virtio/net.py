@@ -44,8 +44,8 @@ from .tap import (
     TapConfig,
     TapPermissionError,
 )
-from .transport import VirtioPciDevice
-from .virtqueue import Chain, Virtqueue, gather, scatter
+from .transport import MemoryRetry, VirtioPciDevice
+from .virtqueue import Chain, GuestMemoryError, Virtqueue, VirtqueueError, gather, scatter
 
 log = logging.getLogger(__name__)
 
@@ -201,11 +201,19 @@ class VirtioNet(VirtioPciDevice):
         stream = trio.lowlevel.FdStream(os.dup(self.tap.fd))
         async with stream:
             pending: list[bytes] = []
+            retry = MemoryRetry()
             while True:
                 if not pending:
                     pending.append(await stream.receive_some(MAX_FRAME))
                     pending += self._read_ready(stream.fileno(), RX_BATCH - 1)
-                placed = await self._place(queue, pending)
+                start = queue.last_avail_idx
+                try:
+                    placed = await self._place(queue, pending)
+                except GuestMemoryError as exc:
+                    queue.last_avail_idx = start  # nothing pushed yet; frames stay pending
+                    await retry.wait(exc)
+                    continue
+                retry.reset()
                 del pending[:placed]
                 if pending:
                     await self.wait_more(queue)  # out of buffers: wait for the driver
@@ -236,7 +244,11 @@ class VirtioNet(VirtioPciDevice):
                 break
             done += used
             placed += 1
-        await self.complete(queue, done)
+        try:
+            await self.complete(queue, done)
+        except GuestMemoryError as exc:
+            # Pushes may have happened: retrying would hand buffers back twice.
+            raise VirtqueueError(str(exc)) from None
         return placed
 
     async def _place_whole(self, queue: Virtqueue, frame: bytes) -> list[tuple[int, int]] | None:

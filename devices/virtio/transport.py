@@ -66,7 +66,7 @@ from devices.sdk import (
 from devices.sdk.bits import get_le
 from devices.sdk.interface import DmaPort
 
-from .virtqueue import Chain, Virtqueue, VirtqueueError
+from .virtqueue import Chain, GuestMemoryError, Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,29 @@ QUEUE_DEVICE = 0x30
 
 #: the transport features every device offers
 TRANSPORT_FEATURES = Feature.VERSION_1 | Feature.RING_EVENT_IDX | Feature.RING_INDIRECT_DESC
+
+
+class MemoryRetry:
+    """Back-off for `GuestMemoryError`: retry for up to `limit` seconds, then give up.
+
+    A gap in the DMA mappings lasts a few milliseconds (QEMU remapping RAM for firmware);
+    a ring that points at memory that never gets mapped is malformed after all.
+    """
+
+    def __init__(self, limit: float = 5.0) -> None:
+        self.limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        self.waited = 0.0
+        self.delay = 0.001
+
+    async def wait(self, exc: GuestMemoryError) -> None:
+        if self.waited >= self.limit:
+            raise exc
+        await trio.sleep(self.delay)
+        self.waited += self.delay
+        self.delay = min(self.delay * 2, 0.1)
 
 
 def virtio_cap(cfg_type: CfgType, bar: int, offset: int, length: int,
@@ -586,13 +609,22 @@ class VirtioPciDevice(PciDevice):
 
     async def serve_requests(self, queue: Virtqueue) -> None:
         """Pop every available chain, hand the batch to `process_batch`, complete, sleep."""
+        retry = MemoryRetry()
         while True:
             dma = self.dma
+            start = queue.last_avail_idx
             chains: list[Chain] = []
-            while (chain := await queue.pop(dma)) is not None:
-                chains.append(chain)
+            try:
+                while (chain := await queue.pop(dma)) is not None:
+                    chains.append(chain)
+                done = await self.process_batch(queue, chains) if chains else []
+            except GuestMemoryError as exc:
+                # Nothing was pushed yet: give the chains back and try again shortly.
+                queue.last_avail_idx = start
+                await retry.wait(exc)
+                continue
+            retry.reset()
             if chains:
-                done = await self.process_batch(queue, chains)
                 await self.complete(queue, done)
                 continue
             await self.wait_kick(queue)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from pathlib import Path
 
 import trio
 
-from devices.sdk import IrqIndex
+from devices.sdk import DmaError, IrqIndex
 from devices.virtio import transport as t
 from devices.virtio.blk import SECTOR, BlkFeature, ReqStatus, ReqType, VirtioBlk
 from devices.virtio.transport import Feature, Status
@@ -222,3 +223,38 @@ async def test_function_level_reset(ctx: FakeContext) -> None:
     dev.reset()
     assert drv.status() == 0
     assert cfg_read(dev, 4, 2) == 0
+
+
+async def test_transient_unmapped_memory_is_retried(ctx: FakeContext) -> None:
+    """QEMU unmaps and remaps guest RAM while firmware runs: a gap must not break the disk."""
+    dev = VirtioBlk(size=1 << 20)
+    drv = attach(dev, ctx)
+    drv.setup(BASIC)
+    real_view = ctx.dma.view
+    gap = {"left": 5}
+
+    def flaky_view(address: int, size: int, *, write: bool = False) -> memoryview | None:
+        if gap["left"] > 0:
+            gap["left"] -= 1
+            raise DmaError(errno.EFAULT, "not mapped (remap in progress)")
+        return real_view(address, size, write=write)
+
+    ctx.dma.view = flaky_view  # type: ignore[method-assign]
+    head = request(drv, 0, ReqType.FLUSH, 0)
+    assert await drv.wait_used(0) == [(head, 1)]
+    assert not drv.status() & Status.DEVICE_NEEDS_RESET
+
+
+async def test_memory_that_never_gets_mapped_needs_reset(ctx: FakeContext,
+                                                         autojump_clock: object) -> None:
+    dev = VirtioBlk(size=1 << 20)
+    drv = attach(dev, ctx)
+    drv.setup(BASIC)
+    ring = drv.rings[0]
+    ring.write_desc(ring.desc, 0, 1 << 40, 16, 1, 1)
+    ring.write_desc(ring.desc, 1, STATUS_BYTE, 1, 2, 0)
+    ring.publish(0)
+    drv.kick(0)
+    with trio.fail_after(60):
+        while not drv.status() & Status.DEVICE_NEEDS_RESET:
+            await trio.sleep(0.5)
