@@ -7,7 +7,8 @@
 # rebuild: the line "vfiouser nvme pattern seed $SEED" repeated, cut to 4 MiB.
 # Knobs (kernel cmdline words `vfu_name=value` arrive as variables):
 #   vfu_nvme_steps=ident,pattern,discard   steps, in order; also `verify` (a second boot
-#                                          checks what `pattern` wrote) and `ns2`
+#                                          checks what `pattern` wrote), `ns2` and
+#                                          `reset` (controller reset under I/O)
 #   vfu_seed=1                             pattern seed
 #   vfu_bench=N                            N rounds of throughput measurements (BENCH lines)
 #   vfu_bench_mib=32                       MiB per sequential round
@@ -95,6 +96,22 @@ step_ns2() {
     dd if=/tmp/pat of=/dev/nvme0n2 bs=1M count=2 oflag=direct 2>/dev/null
     res ns2_md5 "$(md5 0 2 /dev/nvme0n2)"
     res ns1_untouched "$( [ "$(md5 0 2)" != "$(md5 0 2 /dev/nvme0n2)" ] && echo yes || echo no)"
+}
+
+# controller reset while a 16 MiB O_DIRECT write is in flight: the driver re-queues what
+# was aborted, so the write completes and the data is all there
+step_reset() {
+    make_pattern
+    for i in 1 2 3 4; do cat /tmp/pat; done > /tmp/pat16
+    dd if=/tmp/pat16 of=$DISK bs=64k seek=$((24 * 16)) oflag=direct 2>/dev/null &
+    pid=$!
+    usleep 20000
+    echo 1 > /sys/class/nvme/nvme0/reset_controller && res reset_issued yes
+    wait $pid && res reset_io ok || fail reset_io "dd failed"
+    echo 3 > /proc/sys/vm/drop_caches
+    [ "$(md5 24 16)" = "$(md5sum < /tmp/pat16 | cut -d' ' -f1)" ] && res reset_data ok ||
+        fail reset_data "read back differs"
+    res reset_state "$(cat /sys/class/nvme/nvme0/state)"
 }
 
 # BENCH lines: bytes and nanoseconds per measurement, for the host to turn into ratios.

@@ -47,15 +47,16 @@ def diff(ref: RunResult, ours: RunResult) -> str:
 
 
 async def boot(config: str, configs: ConfigFile, *, image: Path | None = None,
-               sets: tuple[str, ...] = (), steps: str = STEPS) -> RunResult:
+               sets: tuple[str, ...] = (), steps: str = STEPS,
+               append: tuple[str, ...] = ()) -> RunResult:
     env = {"nvme_steps": steps, "seed": SEED}
     if config.startswith("qemu-"):
         assert image is not None
         run = await run_config(config, configs=configs, timeout=240, guest_env=env,
-                               placeholders={"DISK": os.fspath(image)})
+                               placeholders={"DISK": os.fspath(image)}, append_extra=append)
     else:
         run = await run_config(config, configs=configs, timeout=240, guest_env=env,
-                               server_sets=list(sets))
+                               server_sets=list(sets), append_extra=append)
     return run.guest
 
 
@@ -126,3 +127,25 @@ async def test_two_namespaces(qemu_configs: ConfigFile, tmp_path: Path) -> None:
     data = await trio.to_thread.run_sync(b.read_bytes)
     assert data[: 2 * MIB] == pattern()[: 2 * MIB]
     assert await trio.to_thread.run_sync(lambda: a.stat().st_size) == DISK_SIZE
+
+
+async def test_intx_fallback(qemu_configs: ConfigFile, tmp_path: Path) -> None:
+    """`pci=nomsi`: the driver runs on INTx; no interrupt storm ("nobody cared")."""
+    img = tmp_path / "disk.img"
+    res = await boot("nvme", qemu_configs, sets=(f"backing={img}", "size=64M"),
+                     append=("pci=nomsi",))
+    check_io(res)
+    assert any("msi_irqs=0" in line for line in res.console), describe(res)
+    assert not any("nobody cared" in line for line in res.console), describe(res)
+
+
+async def test_controller_reset_under_io(qemu_configs: ConfigFile, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    res = await boot("nvme", qemu_configs, sets=(f"backing={img}", "size=64M"),
+                     steps="ident,reset")
+    assert res.ok, describe(res)
+    got = res.result_dict
+    assert got.get("reset_io") == "ok" and got.get("reset_data") == "ok", describe(res)
+    assert got.get("reset_state") == "live", describe(res)
+    data = await trio.to_thread.run_sync(img.read_bytes)
+    assert data[24 * MIB : 40 * MIB] == pattern() * 4

@@ -255,7 +255,17 @@ async def test_doorbell_buffer_config(host: Host) -> None:
     assert c.code == 0
     w = host.dev.worker
     assert w.dbbuf == (DBS, EIS)
+    assert host.rd(0) and host.dev.msix_enabled()
     assert w.sqs[0].shadow_db is None  # the admin queue keeps MMIO doorbells (as Linux does)
     await host.create_io_queues()
     assert w.sqs[1].shadow_db == DBS + 8 and w.cqs[1].shadow_db == DBS + 12
     assert w.sqs[1].event_idx == EIS + 8
+
+
+async def test_doorbell_buffer_config_refused_without_msix(dev: Nvme,
+                                                         nvme_ctx: FakeContext) -> None:
+    h = Host(dev, nvme_ctx)
+    h.enable_pci(msix=False)
+    await h.enable()
+    c = await h.admin(A.DOORBELL_BUFFER_CONFIG, prp1=DBS, prp2=EIS)
+    assert c.code == Status.INVALID_FIELD and dev.worker.dbbuf is None
