@@ -107,13 +107,36 @@ async def write_guest(dma: DmaPort, address: int, data: bytes | bytearray | memo
         raise GuestMemoryError(f"guest memory 0x{address:x}+{len(data)}: {exc}") from None
 
 
-async def gather(dma: DmaPort, segments: list[tuple[int, int]], skip: int = 0,
-                 limit: int | None = None) -> bytearray:
-    """Concatenate the bytes of `segments`, starting `skip` bytes in, at most `limit` bytes.
+#: largest guest range `span_view` asks for in one piece
+MAX_SPAN = 1 << 30
 
-    One preallocated buffer filled straight from the mmap'd views: a 1 MiB write request
-    arrives as ~256 page-sized segments, and per-segment copies were the hot spot.
+
+def span_view(dma: DmaPort, pieces: list[tuple[int, int]],
+              write: bool = False) -> tuple[int, memoryview] | None:
+    """One mmap'd view covering every piece, as (base address, view), or None.
+
+    Why: a 1 MiB request is ~256 page-sized pieces, and asking the DMA port for each was
+    the server's main cost. Guest RAM is normally one window, so one view of the pieces'
+    bounding range serves them all; if the range crosses a hole or a window edge, the
+    caller falls back to one view per piece.
     """
+    if not pieces:
+        return None
+    lo = min(a for a, _ in pieces)
+    hi = max(a + n for a, n in pieces)
+    if hi - lo > MAX_SPAN:
+        return None
+    try:
+        view = dma.view(lo, hi - lo, write=write)
+    except DmaError:
+        return None
+    return (lo, view) if view is not None else None
+
+
+def _clip(segments: list[tuple[int, int]], skip: int,
+          limit: int | None) -> list[tuple[int, int]]:
+    """The (address, length) pieces of `segments` after skipping `skip` bytes, up to
+    `limit` bytes in total."""
     pieces: list[tuple[int, int]] = []
     total = 0
     for addr, length in segments:
@@ -128,17 +151,27 @@ async def gather(dma: DmaPort, segments: list[tuple[int, int]], skip: int = 0,
         pieces.append((addr + skip, take))
         total += take
         skip = 0
-    out = bytearray(total)
+    return pieces
+
+
+async def gather(dma: DmaPort, segments: list[tuple[int, int]], skip: int = 0,
+                 limit: int | None = None) -> bytearray:
+    """Concatenate the bytes of `segments`, starting `skip` bytes in, at most `limit` bytes.
+
+    One preallocated buffer filled straight from mmap'd views (see `span_view`).
+    """
+    pieces = _clip(segments, skip, limit)
+    out = bytearray(sum(n for _, n in pieces))
     pos = 0
+    span = span_view(dma, pieces) if len(pieces) > 1 else None
+    if span is not None:
+        base, view = span
+        for addr, take in pieces:
+            out[pos : pos + take] = view[addr - base : addr - base + take]
+            pos += take
+        return out
     for addr, take in pieces:
-        try:
-            view = dma.view(addr, take)
-        except DmaError as exc:
-            raise GuestMemoryError(f"guest memory 0x{addr:x}+{take}: {exc}") from None
-        if view is not None:
-            out[pos : pos + take] = view
-        else:
-            out[pos : pos + take] = await read_guest(dma, addr, take)
+        out[pos : pos + take] = await read_guest(dma, addr, take)
         pos += take
     return out
 
@@ -147,17 +180,18 @@ async def scatter(dma: DmaPort, segments: list[tuple[int, int]],
                   data: bytes | bytearray | memoryview, skip: int = 0) -> int:
     """Spread `data` over `segments` starting `skip` bytes in; returns the bytes written."""
     mv = memoryview(data).cast("B")
+    pieces = _clip(segments, skip, len(mv))
+    span = span_view(dma, pieces, write=True) if len(pieces) > 1 else None
     pos = 0
-    for addr, length in segments:
-        if pos >= len(mv):
-            break
-        if skip >= length:
-            skip -= length
-            continue
-        take = min(length - skip, len(mv) - pos)
-        await write_guest(dma, addr + skip, mv[pos : pos + take])
+    if span is not None:
+        base, view = span
+        for addr, take in pieces:
+            view[addr - base : addr - base + take] = mv[pos : pos + take]
+            pos += take
+        return pos
+    for addr, take in pieces:
+        await write_guest(dma, addr, mv[pos : pos + take])
         pos += take
-        skip = 0
     return pos
 
 
