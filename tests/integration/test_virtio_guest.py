@@ -70,11 +70,13 @@ def diff(ref: RunResult, ours: RunResult) -> str:
 # ------------------------------------------------------------------ virtio-blk
 
 async def run_blk(config: str, workdir: Path, configs: ConfigFile | None = None,
-                  guest_env: dict[str, str] | None = None) -> tuple[RunResult, bytes, bytes]:
+                  guest_env: dict[str, str] | None = None,
+                  append_extra: tuple[str, ...] = ()) -> tuple[RunResult, bytes, bytes]:
     """Boot `config` on a fresh seeded image; returns (run, seed data, image afterwards)."""
     img = workdir / f"{config}.img"
     data = await trio.to_thread.run_sync(make_disk, img)
-    kw: dict[str, object] = {"configs": configs, "guest_env": guest_env or {}, "timeout": 240}
+    kw: dict[str, object] = {"configs": configs, "guest_env": guest_env or {}, "timeout": 240,
+                             "append_extra": append_extra}
     if config.startswith("qemu-"):
         run = await run_config(config, placeholders={"DISK": os.fspath(img)}, **kw)
     else:
@@ -102,6 +104,14 @@ async def test_our_virtio_blk_in_guest(qemu_configs: ConfigFile, tmp_path: Path)
     res, data, after = await run_blk("virtio-blk", tmp_path, qemu_configs)
     check_blk(res, data, after)
     assert res.result_dict.get("driver") == "virtio-pci"
+
+
+async def test_our_virtio_blk_with_intx_only(qemu_configs: ConfigFile, tmp_path: Path) -> None:
+    """`pci=nomsi`: the driver falls back to INTx and acknowledges through the ISR register."""
+    res, data, after = await run_blk("virtio-blk", tmp_path, qemu_configs,
+                                     append_extra=("pci=nomsi",))
+    check_blk(res, data, after)
+    assert any("msi_irqs=0" in line for line in res.console), describe(res)
 
 
 async def test_our_virtio_blk_matches_builtin(qemu_configs: ConfigFile, tmp_path: Path) -> None:
