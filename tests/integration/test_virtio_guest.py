@@ -22,7 +22,7 @@ import random
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,12 +75,11 @@ async def run_blk(config: str, workdir: Path, configs: ConfigFile | None = None,
     """Boot `config` on a fresh seeded image; returns (run, seed data, image afterwards)."""
     img = workdir / f"{config}.img"
     data = await trio.to_thread.run_sync(make_disk, img)
-    kw: dict[str, object] = {"configs": configs, "guest_env": guest_env or {}, "timeout": 240,
-                             "append_extra": append_extra}
-    if config.startswith("qemu-"):
-        run = await run_config(config, placeholders={"DISK": os.fspath(img)}, **kw)
-    else:
-        run = await run_config(config, server_sets=[f"path={img}"], **kw)
+    ours = not config.startswith("qemu-")
+    run = await run_config(config, configs=configs, guest_env=guest_env or {}, timeout=240,
+                           append_extra=append_extra,
+                           server_sets=[f"path={img}"] if ours else [],
+                           placeholders={} if ours else {"DISK": os.fspath(img)})
     after = await trio.to_thread.run_sync(img.read_bytes)
     return run.guest, data, after
 
@@ -228,14 +227,20 @@ def configure_tap(ns: str, ifname: str, timeout: float = 30.0) -> None:
         ipr.link("set", index=found[0], state="up")
 
 
-@contextlib.contextmanager
-def namespace() -> Iterator[str]:
+async def _configure_tap(ns: str, tap: str) -> None:
+    await trio.to_thread.run_sync(configure_tap, ns, tap)
+
+
+@contextlib.asynccontextmanager
+async def namespace() -> AsyncIterator[str]:
+    """A fresh network namespace, always deleted (pyroute2 runs in worker threads)."""
     name = f"vfutest-{uuid.uuid4().hex[:6]}"
-    netns_add(name)
+    await trio.to_thread.run_sync(netns_add, name)
     try:
         yield name
     finally:
-        netns_del(name)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(netns_del, name)
 
 
 @dataclass
@@ -322,11 +327,11 @@ async def run_net(config: str, configs: ConfigFile | None = None, rounds: int = 
     """Boot `config` with its TAP in a fresh namespace and the peer running there."""
     tap = f"vfu{uuid.uuid4().hex[:8]}"
     env = {"host": HOST_ADDR, "guest": GUEST_ADDR, "rounds": str(rounds)}
-    with namespace() as ns:
+    async with namespace() as ns:
         if config.startswith("qemu-"):
             qemu = in_netns(await trio.to_thread.run_sync(find_qemu, None), ns)
             async with peer(ns, rounds, timeout) as report, trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, configure_tap, ns, tap)
+                nursery.start_soon(_configure_tap, ns, tap)
                 run = await run_config(config, configs=configs, qemu=qemu, guest_env=env,
                                        placeholders={"TAP": tap}, timeout=timeout)
         else:
