@@ -19,6 +19,7 @@ import errno
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 import uuid
@@ -191,6 +192,8 @@ def have_net_admin() -> tuple[bool, str]:
         return False, "needs root (CAP_NET_ADMIN) to create a network namespace and a TAP"
     if not os.path.exists("/dev/net/tun"):
         return False, "no /dev/net/tun on this host"
+    if shutil.which("ip") is None:
+        return False, "needs iproute2's `ip` (ip netns exec) on the host"
     return True, ""
 
 

@@ -126,7 +126,8 @@ def arp_request() -> bytes:
     return bytes(12) + eth + arp
 
 
-async def test_virtio_net_tx_and_rx_through_the_tap(ctx: FakeContext) -> None:
+@pytest.mark.parametrize("mergeable", [True, False])
+async def test_virtio_net_tx_and_rx_through_the_tap(ctx: FakeContext, mergeable: bool) -> None:
     ns, name = unique("vfuns"), unique("vfut")
     dev = await trio.to_thread.run_sync(lambda: VirtioNet(
         tap=name, netns=ns, address="10.96.0.1/24", mac="52:54:00:ab:cd:ef", mtu=1500))
@@ -136,7 +137,7 @@ async def test_virtio_net_tx_and_rx_through_the_tap(ctx: FakeContext) -> None:
         assert drv.devcfg(0, 6) == int.from_bytes(GUEST_MAC, "little")
         assert drv.devcfg(6, 2) == 1  # link up
         assert drv.devcfg(10, 2) == 1500
-        drv.setup(FEATURES, size=16)
+        drv.setup(FEATURES if mergeable else FEATURES & ~int(NetFeature.MRG_RXBUF), size=16)
         rx, tx = drv.rings
         for i in range(8):  # mergeable-style receive buffers of 2 KiB
             rx.add([], [(RX_BUFS + i * 2048, 2048)])
@@ -162,3 +163,21 @@ async def test_virtio_net_tx_and_rx_through_the_tap(ctx: FakeContext) -> None:
         await trio.to_thread.run_sync(dev.close)
     assert ns not in netns.listnetns()
     assert drv.rd(t.NUM_QUEUES, 2) == 2
+
+
+async def test_link_status_change_interrupts_the_driver(ctx: FakeContext) -> None:
+    name = unique("vfut")
+    dev = await trio.to_thread.run_sync(lambda: VirtioNet(tap=name, link=False))
+    try:
+        dev.attach(ctx)
+        drv = Driver(dev, ctx.dma.ram)
+        assert drv.devcfg(6, 2) == 0  # link down
+        drv.setup(FEATURES, size=16)
+        generation = drv.rd(t.CONFIG_GENERATION, 1)
+        dev.set_link(True)
+        assert drv.devcfg(6, 2) == 1
+        assert drv.rd(t.CONFIG_GENERATION, 1) != generation
+        assert ctx.irq.triggers[-1] == (2, 0)  # MSI-X, the config vector
+        await drv.reset()
+    finally:
+        await trio.to_thread.run_sync(dev.close)
