@@ -321,3 +321,18 @@ def test_two_namespaces_from_options(tmp_path: Path) -> None:
         assert len(mem.worker.namespaces) == 3
     finally:
         mem.close()
+
+
+@pytest.mark.parametrize("dstrd", [1, 3])
+async def test_doorbell_stride(nvme_ctx: FakeContext, dstrd: int) -> None:
+    dev = Nvme(size="1M", dstrd=dstrd)
+    try:
+        dev.attach(nvme_ctx)
+        h = Host(dev, nvme_ctx)
+        h.enable_pci()
+        await h.enable()
+        await h.create_io_queues()
+        assert await write_read(h, b"s" * 1024) == b"s" * 1024
+        dev.detach()
+    finally:
+        dev.close()
