@@ -113,6 +113,7 @@ Event = Request | BadRequest | Reply | ErrorReply
 _NO_REPLY = int(HeaderFlags.NO_REPLY)
 _ERROR_FLAG = int(HeaderFlags.ERROR)
 _TYPE_MASK = int(HeaderFlags.TYPE_MASK)
+_TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
 _UNKNOWN_FLAGS = ~int(HEADER_FLAGS_KNOWN)
 
 #: size of the fixed structs in front of bulk data, so a frame limit covers the biggest one
@@ -298,7 +299,7 @@ class Connection:
             raise LocalProtocolError(f"{body.COMMAND.name} before VERSION completed")
         msg_id = self._new_id()
         payload = body.encode()
-        flags = HeaderFlags.TYPE_COMMAND | (HeaderFlags.NO_REPLY if no_reply else 0)
+        flags = _NO_REPLY if no_reply else 0
         return (
             msg_id,
             pack_header(msg_id, body.COMMAND, HEADER_SIZE + len(payload), flags) + payload,
@@ -314,14 +315,14 @@ class Connection:
             self._step(Step.SEND_VERSION_REPLY)
             self.caps = body.capabilities
         payload = body.encode()
-        head = pack_header(msg_id, body.COMMAND, HEADER_SIZE + len(payload), HeaderFlags.TYPE_REPLY)
+        head = pack_header(msg_id, body.COMMAND, HEADER_SIZE + len(payload), _TYPE_REPLY)
         return head + payload, body.fds
 
     def send_error(self, msg_id: int, command: int, err: int) -> bytes:
         """Frame an error reply (header only). A failed VERSION returns to AWAIT_VERSION."""
         if command == Command.VERSION and self._allowed(Step.VERSION_FAILED):
             self._step(Step.VERSION_FAILED)
-        flags = HeaderFlags.TYPE_REPLY | HeaderFlags.ERROR
+        flags = _TYPE_REPLY | _ERROR_FLAG
         return pack_header(msg_id, command & 0xFFFF, HEADER_SIZE, flags, err or errno.EIO)
 
     def close(self) -> list[Any]:

@@ -38,6 +38,10 @@ from .fds import OwnedFd
 log = logging.getLogger(__name__)
 
 _ADDRESS_LIMIT = 1 << 64
+# Plain ints: IntFlag arithmetic costs microseconds per operation on Python 3.11.
+_READ = int(DmaMapFlags.READ)
+_WRITE = int(DmaMapFlags.WRITE)
+_KNOWN = _READ | _WRITE
 
 
 @dataclass(eq=False)
@@ -110,7 +114,7 @@ class Container:
                 fd.close()
 
     def _map(self, req: DmaMap, fd: OwnedFd | None, owner: Any) -> DmaWindow:
-        known = DmaMapFlags.READ | DmaMapFlags.WRITE
+        known = _KNOWN
         if req.flags & ~int(known):
             raise RemoteProtocolError(f"DMA_MAP: unknown flags {req.flags:#x}")
         if not req.flags & known:
@@ -133,8 +137,8 @@ class Container:
             raise RemoteProtocolError(
                 f"DMA_MAP: already {len(self._windows)} windows", errno=errno.ENOSPC
             )
-        readable = bool(req.flags & DmaMapFlags.READ)
-        writable = bool(req.flags & DmaMapFlags.WRITE)
+        readable = bool(req.flags & _READ)
+        writable = bool(req.flags & _WRITE)
         window = DmaWindow(req.address, req.size, readable, writable, req.offset, owner=owner)
         if fd is not None:
             window.mapping = self._mmap(fd, req, writable)

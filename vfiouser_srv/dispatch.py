@@ -159,6 +159,7 @@ _REPLY_HEAD = struct.Struct("<HHIIIQII")  # 16-byte header + region access struc
 _READ = int(Command.REGION_READ)
 _WRITE = int(Command.REGION_WRITE)
 _TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
+_UNMAP_ALL = int(DmaUnmapFlags.ALL)
 
 
 def run_hot(session: Session, frame: Frame) -> bytes | None:
@@ -279,9 +280,9 @@ async def _release_pinned(session: Session, windows: list[DmaWindow], reply: Bod
 
 
 def on_dma_unmap(session: Session, req: DmaUnmap) -> Result:
-    if req.flags & ~int(DmaUnmapFlags.ALL):
+    if req.flags & ~_UNMAP_ALL:
         raise RemoteProtocolError(f"DMA_UNMAP: flags {req.flags:#x} not supported")
-    unmap_all = bool(req.flags & DmaUnmapFlags.ALL)
+    unmap_all = bool(req.flags & _UNMAP_ALL)
     if unmap_all and (req.address or req.size):
         raise RemoteProtocolError("DMA_UNMAP: unmap-all needs address = size = 0")
     container = session.container
