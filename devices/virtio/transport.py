@@ -345,8 +345,7 @@ class VirtioPciDevice(PciDevice):
         if not done:
             return
         dma = self.dma
-        for head, written in done:
-            await queue.push(dma, head, written)
+        await queue.push_many(dma, done)
         if await queue.should_interrupt(dma):
             self.notify_queue(queue)
 

@@ -3,6 +3,8 @@ index, and every malformed shape a driver could produce."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from devices.virtio.virtqueue import (
@@ -21,8 +23,27 @@ from .ring import DriverRing
 BUF = 0x40000
 
 
+class MessageDma(FakeDma):
+    """Guest memory without an fd: no views, every access is a DMA_READ/WRITE message."""
+
+    def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
+        self._range(address, size)
+        return None
+
+
+_dma_class: list[type[FakeDma]] = [FakeDma]
+
+
+@pytest.fixture(autouse=True, params=["mmap", "messages"])
+def dma_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test runs over mmap'd guest memory (fast path) and message DMA (slow path)."""
+    _dma_class[0] = FakeDma if request.param == "mmap" else MessageDma
+    yield
+    _dma_class[0] = FakeDma
+
+
 def make(size: int = 8, *, event_idx: bool = False) -> tuple[FakeDma, DriverRing, Virtqueue]:
-    dma = FakeDma(1 << 20)
+    dma = _dma_class[0](1 << 20)
     ring = DriverRing(dma.ram, 0x1000, size)
     q = Virtqueue(0, size)
     q.desc_addr, q.avail_addr, q.used_addr = ring.desc, ring.avail, ring.used
