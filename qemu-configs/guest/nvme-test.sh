@@ -8,7 +8,8 @@
 # Knobs (kernel cmdline words `vfu_name=value` arrive as variables):
 #   vfu_nvme_steps=ident,pattern,discard   steps, in order; also `verify` (a second boot
 #                                          checks what `pattern` wrote), `ns2` and
-#                                          `reset` (controller reset under I/O)
+#                                          `reset` (controller reset under I/O), `flr`
+#                                          (PCI function reset with the driver bound)
 #   vfu_seed=1                             pattern seed
 #   vfu_bench=N                            N rounds of throughput measurements (BENCH lines)
 #   vfu_bench_mib=32                       MiB per sequential round
@@ -112,6 +113,22 @@ step_reset() {
     [ "$(md5 24 16)" = "$(md5sum < /tmp/pat16 | cut -d' ' -f1)" ] && res reset_data ok ||
         fail reset_data "read back differs"
     res reset_state "$(cat /sys/class/nvme/nvme0/state)"
+}
+
+# PCI function reset with the driver bound (sysfs `reset`: the driver quiesces, the function
+# is reset, which QEMU turns into DEVICE_RESET, and the driver brings the controller back)
+step_flr() {
+    dev=$(readlink -f /sys/class/nvme/nvme0/device)
+    echo 1 > "$dev/reset" && res flr_issued yes || fail flr_issued
+    i=0
+    while [ "$(cat /sys/class/nvme/nvme0/state)" != live ] && [ $i -lt 100 ]; do
+        usleep 100000; i=$((i + 1))
+    done
+    res flr_state "$(cat /sys/class/nvme/nvme0/state)"
+    make_pattern
+    dd if=/tmp/pat of=$DISK bs=1M seek=40 oflag=direct 2>/dev/null
+    [ "$(md5 40 4)" = "$(md5sum < /tmp/pat | cut -d' ' -f1)" ] && res flr_io ok ||
+        fail flr_io "read back differs"
 }
 
 # BENCH lines: bytes and nanoseconds per measurement, for the host to turn into ratios.

@@ -140,12 +140,15 @@ async def test_intx_fallback(qemu_configs: ConfigFile, tmp_path: Path) -> None:
 
 
 async def test_controller_reset_under_io(qemu_configs: ConfigFile, tmp_path: Path) -> None:
+    """Controller reset (CC.EN 1->0->1) while a write is in flight, then a PCI function
+    reset with the driver bound (DEVICE_RESET): the driver recovers and I/O is intact."""
     img = tmp_path / "disk.img"
     res = await boot("nvme", qemu_configs, sets=(f"backing={img}", "size=64M"),
-                     steps="ident,reset")
+                     steps="ident,reset,flr")
     assert res.ok, describe(res)
     got = res.result_dict
     assert got.get("reset_io") == "ok" and got.get("reset_data") == "ok", describe(res)
     assert got.get("reset_state") == "live", describe(res)
+    assert got.get("flr_state") == "live" and got.get("flr_io") == "ok", describe(res)
     data = await trio.to_thread.run_sync(img.read_bytes)
     assert data[24 * MIB : 40 * MIB] == pattern() * 4
