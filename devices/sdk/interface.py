@@ -163,11 +163,24 @@ def pinned_views(
     as `pin_ranges(ranges, write=...)`; looked up by name so the check costs nothing.
     """
     pin_ranges = getattr(dma, "pin_ranges", None)
-    if pin_ranges is None:
+    if pin_ranges is not None:
+        with pin_ranges(ranges, write=write) as views:
+            yield views
+        return
+    if not isinstance(dma, PinningDmaPort):
         yield None
         return
-    with pin_ranges(ranges, write=write) as views:
-        yield views
+    with contextlib.ExitStack() as pins:  # an engine with only `pin`: one pin per range
+        out: list[memoryview] = []
+        for address, size in ranges:
+            view = pins.enter_context(dma.pin(address, size, write=write))
+            if view is None:
+                break
+            out.append(view)
+        else:
+            yield out
+            return
+    yield None
 
 
 @contextlib.contextmanager
