@@ -19,35 +19,9 @@ import trio
 
 from devices.edu import Edu
 from devices.sdk.interface import DeviceModel
-from vfiouser_srv.engines import EngineUnavailable, load_engine
 from vfiouser_srv.server import Server
 
-ENGINES = ("python", "libvfio-user")
-
-
-def libvfio_user_unavailable() -> str | None:
-    """None if the libvfio-user engine loads here, else why not (the skip reason)."""
-    try:
-        load_engine("libvfio-user")
-    except EngineUnavailable as exc:
-        return f"libvfio-user engine unavailable: {exc}"
-    return None
-
-
-def engine_param(name: str) -> object:
-    """A pytest param for `name`; the libvfio-user one skips (one reason) without the library."""
-    if name == "python":
-        return pytest.param(name, id=name)
-    why = libvfio_user_unavailable()
-    return pytest.param(
-        name,
-        id=name,
-        marks=[pytest.mark.libvfio_user, pytest.mark.skipif(why is not None, reason=why or "")],
-    )
-
-
-#: every engine, for `@pytest.mark.parametrize("engine", ENGINE_PARAMS)` outside this package
-ENGINE_PARAMS = [engine_param(e) for e in ENGINES]
+from .params import ENGINE_PARAMS, ENGINES, engine_param, libvfio_user_unavailable
 
 
 @pytest.fixture(params=ENGINE_PARAMS)
@@ -71,3 +45,6 @@ def serve_model(nursery: trio.Nursery, tmp_path: Path) -> ServeEdu:
         return srv, path
 
     return serve
+
+
+__all__ = ["ENGINES", "ENGINE_PARAMS", "engine_param", "libvfio_user_unavailable"]
