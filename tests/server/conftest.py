@@ -78,7 +78,16 @@ def small_caps(**changes: Any) -> Capabilities:
 
 
 @pytest.fixture
-async def make_server(nursery: trio.Nursery, tmp_path: Path) -> MakeServer:
+def engine() -> str:
+    """The engine `make_server` registers devices with: "python" unless a module opts in to
+    both with `pytestmark = pytest.mark.parametrize("engine", ENGINE_PARAMS)` (see
+    tests/engines/params.py), which overrides this fixture. `VFIOUSER_TEST_ENGINE=libvfio-user`
+    changes the default, to see which other tests hold on that engine too."""
+    return os.environ.get("VFIOUSER_TEST_ENGINE", "python")
+
+
+@pytest.fixture
+async def make_server(nursery: trio.Nursery, tmp_path: Path, engine: str) -> MakeServer:
     """`await make_server(devices={"name": model}, caps=..., groups={"g": policy},
     members={"name": "g"})`: a `Server` serving in the test's nursery.
 
@@ -98,7 +107,11 @@ async def make_server(nursery: trio.Nursery, tmp_path: Path) -> MakeServer:
         models = devices if devices is not None else {"edu": Edu()}
         for name, model in models.items():
             srv.add_device(
-                name, model, socket_path=sock_path(tmp_path, name), group=(members or {}).get(name)
+                name,
+                model,
+                socket_path=sock_path(tmp_path, name),
+                group=(members or {}).get(name),
+                engine=engine,
             )
         await nursery.start(srv.serve)
         return srv
