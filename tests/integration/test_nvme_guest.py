@@ -48,15 +48,17 @@ def diff(ref: RunResult, ours: RunResult) -> str:
 
 async def boot(config: str, configs: ConfigFile, *, image: Path | None = None,
                sets: tuple[str, ...] = (), steps: str = STEPS,
-               append: tuple[str, ...] = ()) -> RunResult:
+               append: tuple[str, ...] = (), qemu_args: tuple[str, ...] = ()) -> RunResult:
     env = {"nvme_steps": steps, "seed": SEED}
     if config.startswith("qemu-"):
         assert image is not None
         run = await run_config(config, configs=configs, timeout=240, guest_env=env,
-                               placeholders={"DISK": os.fspath(image)}, append_extra=append)
+                               placeholders={"DISK": os.fspath(image)}, append_extra=append,
+                               extra_qemu_args=qemu_args)
     else:
         run = await run_config(config, configs=configs, timeout=240, guest_env=env,
-                               server_sets=list(sets), append_extra=append)
+                               server_sets=list(sets), append_extra=append,
+                               extra_qemu_args=qemu_args)
     return run.guest
 
 
@@ -152,3 +154,13 @@ async def test_controller_reset_under_io(qemu_configs: ConfigFile, tmp_path: Pat
     assert got.get("flr_state") == "live" and got.get("flr_io") == "ok", describe(res)
     data = await trio.to_thread.run_sync(img.read_bytes)
     assert data[24 * MIB : 40 * MIB] == pattern() * 4
+
+
+async def test_two_vcpus_two_io_queues(qemu_configs: ConfigFile, tmp_path: Path) -> None:
+    """`-smp 2`: the driver makes one I/O queue pair per CPU, each CQ with its own vector."""
+    img = tmp_path / "disk.img"
+    res = await boot("nvme", qemu_configs, sets=(f"backing={img}", "size=64M"),
+                     qemu_args=("-smp", "2"))
+    check_io(res)
+    info = " ".join(line for line in res.console if line.startswith("INFO"))
+    assert "queues=2" in info and "msi_irqs=3" in info, describe(res)
