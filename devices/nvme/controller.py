@@ -201,7 +201,7 @@ class Nvme(PciDevice):
                 Field("RDY", 0, access=Access.RO), Field("CFS", 1, access=Access.RO),
                 Field("SHST", 2, 2, access=Access.RO), Field("NSSRO", 4, access=Access.RW1C),
                 Field("PP", 5, access=Access.RO),
-            ]),
+            ], on_read=self._csts_read),
             Register("NSSR", Reg.NSSR, access=Access.RO),
             Register("AQA", Reg.AQA, fields=[Field("ASQS", 0, 12), Field("ACQS", 16, 12)]),
             Register("ASQ", Reg.ASQ, 8, fields=[Field("ASQB", 12, 52)]),
@@ -292,6 +292,15 @@ class Nvme(PciDevice):
             self.worker.cq_doorbell(qid, value)
         else:
             self.worker.sq_doorbell(qid, value)
+
+    def _csts_read(self) -> int:
+        """The guest polls CSTS while it waits for us: if a state change is still owed and
+        the worker is not running (the engine cancelled it since), start it again."""
+        w = self.worker
+        if not w.running and (w.reset_pending or w.shutdown_pending
+                              or w.want_enable != w.enabled):
+            w.kick()
+        return self.regs["CSTS"]
 
     def _read_intmask(self) -> int:
         return self.intmask

@@ -128,3 +128,17 @@ def test_parse_size(text: str, value: int) -> None:
 def test_bad_options(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Nvme(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_csts_poll_restarts_a_cancelled_worker(dev: Nvme, nvme_ctx: FakeContext) -> None:
+    """The engine may cancel device tasks (quiesce); a pending enable must still complete
+    when the guest only polls CSTS afterwards."""
+    h = Host(dev, nvme_ctx)
+    h.enable_pci()
+    real_ctx = dev.ctx
+    dev.ctx = None  # no task group: the CC write cannot start the worker
+    h.wr(Reg.AQA, 0x003F003F)
+    h.wr(Reg.CC, 1 | (6 << 16) | (4 << 20))
+    assert not dev.worker.running
+    dev.ctx = real_ctx
+    await h.until(lambda: h.rd(Reg.CSTS) & CSTS_RDY)
