@@ -31,6 +31,13 @@ make_pattern() { yes "vfiouser nvme pattern seed $SEED" | head -c $((4 * MIB)) >
 # nanoseconds since boot, from the one clock busybox can read at that resolution
 now_ns() { awk '/^now at/ { print $3; exit }' /proc/timer_list; }
 
+# the block device of namespace ID $1
+disk_of() {
+    for b in /sys/block/nvme0n*; do
+        [ "$(cat "$b/nsid")" = "$1" ] && echo "/dev/${b##*/}" && return
+    done
+}
+
 step_ident() {
     DEV=""
     for d in /sys/bus/pci/devices/*; do
@@ -44,17 +51,27 @@ step_ident() {
     i=0
     while [ ! -b $DISK ] && [ $i -lt 100 ]; do usleep 100000; i=$((i + 1)); done
     [ -b $DISK ] || { fail disk "no $DISK"; exit 1; }
+    # namespaces appear one by one: wait until their number holds still for 0.3 s
+    n=0; same=0; i=0
+    while [ $same -lt 3 ] && [ $i -lt 50 ]; do
+        m=$(ls -d /sys/block/nvme0n* | wc -l)
+        [ "$m" = "$n" ] && same=$((same + 1)) || same=0
+        n=$m; i=$((i + 1)); usleep 100000
+    done
     c=/sys/class/nvme/nvme0
     info "model='$(cat $c/model)' serial='$(cat $c/serial)' fw='$(cat $c/firmware_rev)'" \
          "queues=$(ls -d /sys/block/nvme0n1/mq/* | wc -l)"
     res namespaces "$(ls -d /sys/block/nvme0n* | wc -l)"
+    # keyed by NSID: the driver scans namespaces concurrently, so nvme0n1 need not be NSID 1
     for b in /sys/block/nvme0n*; do
-        n=${b##*/}
+        n=ns$(cat "$b/nsid")
         res "${n}_bytes" $(($(cat "$b/size") * 512))
         res "${n}_logical_block" "$(cat "$b/queue/logical_block_size")"
     done
-    res write_cache "$(cat /sys/block/nvme0n1/queue/write_cache | tr ' ' _)"
-    [ "$(cat /sys/block/nvme0n1/queue/discard_max_bytes)" -gt 0 ] && res discard_max yes ||
+    DISK=$(disk_of 1)
+    b=/sys/block/${DISK##*/}
+    res write_cache "$(cat "$b/queue/write_cache" | tr ' ' _)"
+    [ "$(cat "$b/queue/discard_max_bytes")" -gt 0 ] && res discard_max yes ||
         res discard_max no
 }
 
@@ -92,11 +109,12 @@ step_discard() {
 }
 
 step_ns2() {
-    [ -b /dev/nvme0n2 ] || { fail ns2 "no /dev/nvme0n2"; return; }
+    ns2=$(disk_of 2)
+    [ -n "$ns2" ] || { fail ns2 "no namespace 2"; return; }
     make_pattern
-    dd if=/tmp/pat of=/dev/nvme0n2 bs=1M count=2 oflag=direct 2>/dev/null
-    res ns2_md5 "$(md5 0 2 /dev/nvme0n2)"
-    res ns1_untouched "$( [ "$(md5 0 2)" != "$(md5 0 2 /dev/nvme0n2)" ] && echo yes || echo no)"
+    dd if=/tmp/pat of="$ns2" bs=1M count=2 oflag=direct 2>/dev/null
+    res ns2_md5 "$(md5 0 2 "$ns2")"
+    res ns1_untouched "$( [ "$(md5 0 2)" != "$(md5 0 2 "$ns2")" ] && echo yes || echo no)"
 }
 
 # controller reset while a 16 MiB O_DIRECT write is in flight: the driver re-queues what
@@ -135,7 +153,7 @@ step_flr() {
 bench() {
     rounds=${vfu_bench:-0}
     mib=${vfu_bench_mib:-32}
-    blocks=$(( $(cat /sys/block/nvme0n1/size) / 8 ))
+    blocks=$(( $(cat "/sys/block/${DISK##*/}/size") / 8 ))
     r=0
     while [ "$r" -lt "$rounds" ]; do
         r=$((r + 1))

@@ -67,7 +67,7 @@ def check_io(res: RunResult) -> None:
     got = res.result_dict
     want = hashlib.md5(pattern()).hexdigest()
     assert got.get("driver") == "nvme", describe(res)
-    assert got.get("nvme0n1_bytes") == str(DISK_SIZE), describe(res)
+    assert got.get("ns1_bytes") == str(DISK_SIZE), describe(res)
     assert got.get("pattern_md5") == want, describe(res)
     assert got.get("readback_md5") == want, describe(res)
     assert got.get("readback_fsync_md5") == want, describe(res)
@@ -122,8 +122,8 @@ async def test_two_namespaces(qemu_configs: ConfigFile, tmp_path: Path) -> None:
     assert res.ok, describe(res)
     got = res.result_dict
     assert got.get("namespaces") == "2", describe(res)
-    assert got.get("nvme0n1_bytes") == str(DISK_SIZE)
-    assert got.get("nvme0n2_bytes") == str(32 * MIB)
+    assert got.get("ns1_bytes") == str(DISK_SIZE), describe(res)
+    assert got.get("ns2_bytes") == str(32 * MIB), describe(res)
     assert got.get("ns2_md5") == hashlib.md5(pattern()[: 2 * MIB]).hexdigest(), describe(res)
     assert got.get("ns1_untouched") == "yes"
     data = await trio.to_thread.run_sync(b.read_bytes)
