@@ -225,6 +225,7 @@ class Virtqueue:
         self.event_idx = False
         self.indirect = False
         self.last_avail_idx = 0
+        self._known_avail = 0
         self.used_idx = 0
         self.signalled_used = 0
         self.signalled_valid = False
@@ -236,7 +237,12 @@ class Virtqueue:
         return int(_U16.unpack(raw)[0])
 
     async def has_work(self, dma: DmaPort) -> bool:
+        if 0 < (self._known_avail - self.last_avail_idx) & 0xFFFF <= self.size:
+            # The driver already published more than we consumed (it never takes back):
+            # no need to ask guest memory again, which costs a message in message mode.
+            return True
         avail = await self.avail_idx(dma)
+        self._known_avail = avail
         pending = (avail - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
@@ -394,8 +400,19 @@ class Virtqueue:
         except DmaError:
             used = None
         if used is None:
-            for head, written in done:
-                await self.push(dma, head, written)
+            # Message mode: the elements in at most two DMA writes (the ring may wrap),
+            # then the index, instead of two writes per element.
+            idx = self.used_idx
+            while done:
+                slot = idx % self.size
+                run = done[: self.size - slot]
+                done = done[len(run):]
+                data = b"".join(_USED_ELEM.pack(h, w) for h, w in run)
+                await write_guest(dma, self.used_addr + RING_HEADER + USED_ELEM_SIZE * slot,
+                                  data)
+                idx = (idx + len(run)) & 0xFFFF
+            await write_guest(dma, self.used_addr + 2, _U16.pack(idx))
+            self.used_idx = idx
             return
         idx = self.used_idx
         for head, written in done:
