@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -59,13 +60,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 wire_log = logging.getLogger("vfiouser_srv.wire")
 
+#: replies the writer may hold for a peer that is not reading before the read loop stops
+#: reading too (backpressure)
+WRITE_BACKLOG_LIMIT = 8 << 20
+#: how long a closing connection waits for its queued replies to go out
+OUTPUT_DRAIN_TIMEOUT = 1.0
+
 #: how long a device's DMA_READ/DMA_WRITE may wait for the client (QEMU's own is 5 s)
 DMA_REQUEST_TIMEOUT = 5.0
-#: Message-mode DMA moves at most this much per request, one request at a time. Why: the
-#: read loop sends its replies inline, so if our big DMA_WRITE fills the socket while
-#: QEMU is blocked sending us a big DMA_READ reply, both ends wait in send() for a reader
-#: that never comes. Keeping what is in flight below the socket buffers (~200 KiB each
-#: way) rules that out.
+#: Message-mode DMA moves at most this much per request, one request at a time. Our read
+#: loop never blocks in send() (see `Session._send`), but QEMU's main loop does: a big
+#: DMA_WRITE that fills the socket stalls QEMU (and the guest) until it is read. Keeping
+#: what is in flight below the socket buffers (~200 KiB each way) keeps both sides moving.
 MESSAGE_DMA_CHUNK = 64 << 10
 
 
@@ -266,6 +272,12 @@ class Session(DeviceContext):
         self._close_requested = False
         self._scope = trio.CancelScope()
         self._verbose = False
+        self._outq: deque[tuple[bytes, tuple[Any, ...]]] = deque()
+        self._out_bytes = 0
+        self._out_wakeup = trio.Event()
+        self._out_room = trio.Event()
+        self._out_empty = trio.Event()
+        self._send_broken = False
         self.name = f"{device.name}#{self.conn_id}(pid {pid})"
 
     # ------------------------------------------------------------ DeviceContext
@@ -352,8 +364,14 @@ class Session(DeviceContext):
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.tasks.run)
+            await nursery.start(self._writer)
             try:
                 await self._read_loop()
+                # Whatever was answered goes out before the connection closes (e.g. the
+                # EBUSY reply to a VERSION that is refused), unless the peer stopped reading.
+                with trio.move_on_after(OUTPUT_DRAIN_TIMEOUT):
+                    while self._outq and not self._send_broken:
+                        await self._out_empty.wait()
             finally:
                 with trio.CancelScope(shield=True):
                     await self.detach()
@@ -439,16 +457,69 @@ class Session(DeviceContext):
                 out.append(self.conn.send_error(ev.msg_id, ev.command, ev.error.errno))
 
     async def _flush(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:
+        """Send a batch of replies; waits only when the peer has stopped reading for long."""
         if out:
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
             if self._verbose:
                 _log_out(self.name, data, len(fds))
+            self._send(data, fds)
+            while self._out_bytes > WRITE_BACKLOG_LIMIT and not self._close_requested:
+                self._out_room = trio.Event()
+                await self._out_room.wait()
+
+    def _send(self, data: bytes, fds: tuple[Any, ...] = ()) -> None:
+        """Queue one whole message (or batch) for the peer; never waits.
+
+        The read loop must not block in send(): the peer may be blocked sending to us (a
+        large DMA_READ reply while we send a large DMA_WRITE), and then neither side would
+        read again. So everything outgoing, replies and our own requests alike, goes through
+        one FIFO drained by the writer task; when the FIFO is empty the bytes are sent
+        directly (the common case: one syscall, no task switch). Only this method and the
+        writer touch the socket for sending, and the direct send happens without a
+        checkpoint, so messages can never interleave.
+        """
+        if self._send_broken:
+            return
+        if not self._outq:
+            try:
+                sent = self.stream.send_some(data, fds)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.info("%s: send failed (%s)", self.name, exc)
+                self._send_broken = self._close_requested = True
+                return
+            if sent == len(data):
+                return
+            if sent:
+                data, fds = data[sent:], ()
+        self._outq.append((data, fds))
+        self._out_bytes += len(data)
+        self._out_wakeup.set()
+
+    async def _writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        task_status.started()
+        while True:
+            while not self._outq:
+                self._out_empty.set()
+                self._out_wakeup = trio.Event()
+                await self._out_wakeup.wait()
+            self._out_empty = trio.Event()
+            data, fds = self._outq[0]
             try:
                 await self.stream.send(data, fds)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.info("%s: send failed (%s)", self.name, exc)
-                self._close_requested = True
+                self._send_broken = self._close_requested = True
+                self._outq.clear()
+                self._out_bytes = 0
+                self._out_room.set()
+                return
+            self._outq.popleft()
+            self._out_bytes -= len(data)
+            if self._out_bytes <= WRITE_BACKLOG_LIMIT:
+                self._out_room.set()
 
     # ------------------------------------------------------------ server -> client
 
@@ -471,11 +542,13 @@ class Session(DeviceContext):
         waiter = _Waiter()
         self._pending[msg_id] = waiter
         try:
-            await self.stream.send(data, fds)
+            if self._verbose:
+                _log_out(self.name, data, len(fds))
+            self._send(data, fds)
+            if self._send_broken:
+                raise DmaError(errno.ENOTCONN, "client is gone")
             with trio.move_on_after(DMA_REQUEST_TIMEOUT):
                 await waiter.event.wait()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise DmaError(errno.ENOTCONN, "client is gone") from None
         finally:
             self._pending.pop(msg_id, None)
         if waiter.result is None:

@@ -105,9 +105,7 @@ class FdStream:
         view, fds = await self.receive_view(wait_first=wait_first)
         return bytes(view), fds
 
-    async def receive_view(
-        self, *, wait_first: bool = False
-    ) -> tuple[memoryview, list[OwnedFd]]:
+    async def receive_view(self, *, wait_first: bool = False) -> tuple[memoryview, list[OwnedFd]]:
         """Like `receive`, but the bytes are a view of a buffer shared by every stream of
         this thread: use or copy them before the next checkpoint. Empty at EOF.
 
@@ -148,27 +146,38 @@ class FdStream:
             return self.sock.sendmsg([data], anc)
         return self.sock.send(data)
 
+    def send_some(self, data: bytes, fds: Sequence[Any] = ()) -> int:
+        """Send what the socket takes now; `fds` ride with the first byte. Returns the count
+        sent, 0 when the buffer is full or a `send` is in progress (whose remaining bytes
+        must not be overtaken). Never waits, never checkpoints."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        if self._send_lock.locked():
+            return 0
+        try:
+            return self._sendmsg(memoryview(data), fds)
+        except BlockingIOError:
+            return 0
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
     async def send(self, data: bytes, fds: Sequence[Any] = ()) -> None:
         """Send all of `data`; `fds` ride with its first byte. Concurrent callers queue.
 
-        The fast path (nobody else mid-send, socket buffer has room) completes without a
-        checkpoint: one syscall per batch is the point of this transport.
+        The lock is taken synchronously before the first byte goes out and held until the
+        last one has, so another task can never slip a message into the middle of a
+        partially sent one. The fast path (lock free, socket buffer has room) completes
+        without a checkpoint: one syscall per batch is the point of this transport.
         """
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        view = memoryview(data)
-        if not self._send_lock.locked():
-            try:
-                sent = self._sendmsg(view, fds)
-            except BlockingIOError:
-                sent = 0
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            if sent == len(view):
-                return
-            if sent:
-                view, fds = view[sent:], ()
-        async with self._send_lock:
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            view = memoryview(data)
             while view:
                 try:
                     sent = self._sendmsg(view, fds)
@@ -177,8 +186,14 @@ class FdStream:
                     continue
                 except (BrokenPipeError, ConnectionResetError) as exc:
                     raise trio.BrokenResourceError(str(exc)) from exc
+                except OSError as exc:
+                    if self._closed:
+                        raise trio.ClosedResourceError("stream closed") from None
+                    raise trio.BrokenResourceError(str(exc)) from exc
                 if sent:
                     view, fds = view[sent:], ()
+        finally:
+            lock.release()
 
     # ------------------------------------------------------------------ close
 
