@@ -326,13 +326,14 @@ class VfuIrq(IrqPort):
         """SET_IRQS MASK/UNMASK arrived; returns the vectors unmasked (for the model hook)."""
         unmasked = []
         for v in range(start, min(start + count, self.specs[index].count)):
-            was = self.masked[index][v]
             self.masked[index][v] = mask
             if mask:
                 continue
             unmasked.append(v)
             if index == IrqIndex.INTX:
-                if self.intx_level and was:
+                # the line still asserted at unmask is signalled again, masked before or not
+                # (as irq.IrqTable: also covers a level raised before the eventfd was set)
+                if self.intx_level:
                     self.trigger(index, v)
             elif self.pend[index][v]:
                 self.pend[index][v] = False
