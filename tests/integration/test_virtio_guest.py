@@ -42,6 +42,8 @@ GUEST_ADDR = "10.99.0.2"
 PREFIX = 24
 NET_BYTES = 10 * MIB
 GUEST_MAC = "52:54:00:12:34:56"
+#: extra `--set` options for our virtio-net (benchmarks: VFU_NET_SETS=queue_size=256)
+EXTRA_SETS: list[str] = [s for s in os.environ.get("VFU_NET_SETS", "").split(",") if s]
 
 
 def seed_data(n: int = SEED_BYTES, seed: int = 5) -> bytes:
@@ -342,7 +344,7 @@ async def run_net(config: str, configs: ConfigFile | None = None, rounds: int = 
                 run = await run_config(config, configs=configs, qemu=qemu, guest_env=env,
                                        placeholders={"TAP": tap}, timeout=timeout)
         else:
-            sets = [f"tap={tap}", f"netns={ns}", f"address={HOST_ADDR}/{PREFIX}",
+            sets = [f"tap={tap}", f"netns={ns}", f"address={HOST_ADDR}/{PREFIX}", *EXTRA_SETS,
                     f"mac={GUEST_MAC}"]
             async with peer(ns, rounds, timeout) as report:
                 run = await run_config(config, configs=configs, server_sets=sets,
