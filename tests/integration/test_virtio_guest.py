@@ -270,11 +270,12 @@ class PeerReport:
 
 
 @contextlib.asynccontextmanager
-async def peer(ns: str, rounds: int, timeout: float = 200.0) -> AsyncIterator[PeerReport]:
+async def peer(ns: str, rounds: int, timeout: float = 200.0,
+               nbytes: int = NET_BYTES) -> AsyncIterator[PeerReport]:
     """The host-side peer process in `ns`; its report fills in while it runs."""
     report = PeerReport()
     argv = ["ip", "netns", "exec", ns, sys.executable, "-c", PEER, GUEST_ADDR,
-            str(NET_BYTES), str(rounds), str(timeout)]
+            str(nbytes), str(rounds), str(timeout)]
     proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE,
                                             stderr=subprocess.STDOUT)
     assert proc.stdout is not None
@@ -332,36 +333,37 @@ class NetRun:
 
 
 async def run_net(config: str, configs: ConfigFile | None = None, rounds: int = 1,
-                  timeout: float = 120.0) -> NetRun:
+                  timeout: float = 120.0, nbytes: int = NET_BYTES) -> NetRun:
     """Boot `config` with its TAP in a fresh namespace and the peer running there."""
     tap = f"vfu{uuid.uuid4().hex[:8]}"
     env = {"host": HOST_ADDR, "guest": GUEST_ADDR, "rounds": str(rounds)}
     async with namespace() as ns:
         if config.startswith("qemu-"):
             qemu = in_netns(await trio.to_thread.run_sync(find_qemu, None), ns)
-            async with peer(ns, rounds, timeout) as report, trio.open_nursery() as nursery:
+            async with peer(ns, rounds, timeout, nbytes) as report, \
+                    trio.open_nursery() as nursery:
                 nursery.start_soon(_configure_tap, ns, tap)
                 run = await run_config(config, configs=configs, qemu=qemu, guest_env=env,
                                        placeholders={"TAP": tap}, timeout=timeout)
         else:
             sets = [f"tap={tap}", f"netns={ns}", f"address={HOST_ADDR}/{PREFIX}", *EXTRA_SETS,
                     f"mac={GUEST_MAC}"]
-            async with peer(ns, rounds, timeout) as report:
+            async with peer(ns, rounds, timeout, nbytes) as report:
                 run = await run_config(config, configs=configs, server_sets=sets,
                                        guest_env=env, timeout=timeout)
         return NetRun(run.guest, report)
 
 
-def check_net(run: NetRun, rounds: int = 1) -> None:
+def check_net(run: NetRun, rounds: int = 1, nbytes: int = NET_BYTES) -> None:
     res = run.guest
     assert res.ok, describe(res) + "\npeer: " + "; ".join(run.peer.lines)
     got = res.result_dict
-    want = hashlib.md5(random.Random(7).randbytes(NET_BYTES)).hexdigest()
+    want = hashlib.md5(random.Random(7).randbytes(nbytes)).hexdigest()
     assert got.get("ping_host") == "ok", describe(res)
     assert run.peer.pinged, f"the host could not ping the guest: {run.peer.lines}"
-    assert got.get("rx_md5") == want and got.get("rx_bytes") == str(NET_BYTES), describe(res)
+    assert got.get("rx_md5") == want and got.get("rx_bytes") == str(nbytes), describe(res)
     assert run.peer.sent() == [want] * rounds
-    assert run.peer.received() == [(NET_BYTES, want)] * rounds, run.peer.lines
+    assert run.peer.received() == [(nbytes, want)] * rounds, run.peer.lines
     assert got.get("mac") == GUEST_MAC and got.get("carrier") == "1"
 
 
