@@ -323,6 +323,9 @@ class VirtioPciDevice(PciDevice):
         dma = self.dma
         kick = self._kicks[queue.index] = trio.Event()
         if await queue.enable_notify(dma):
+            # Work arrived meanwhile. Still a checkpoint: on the mmap path nothing above
+            # awaits for real, and a worker must never monopolise the trio thread.
+            await trio.lowlevel.checkpoint()
             return
         await kick.wait()
 
@@ -330,6 +333,7 @@ class VirtioPciDevice(PciDevice):
         """Sleep until the driver adds buffers beyond those available now."""
         kick = self._kicks[queue.index] = trio.Event()
         if await queue.enable_notify_for_more(self.dma):
+            await trio.lowlevel.checkpoint()
             return
         await kick.wait()
 

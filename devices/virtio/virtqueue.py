@@ -282,6 +282,7 @@ class Virtqueue:
         if avail is None or desc is None:
             raise _NoView
         avail_idx = _U16.unpack_from(avail, 2)[0]
+        self._known_avail = avail_idx  # keeps `has_work`'s shortcut from going stale
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "

@@ -222,3 +222,16 @@ async def test_unmapped_ring() -> None:
     q.avail_addr = 1 << 40
     with pytest.raises(VirtqueueError, match="guest memory"):
         await q.pop(dma)
+
+
+async def test_has_work_is_honest_after_a_long_run_of_pops() -> None:
+    """The avail index `has_work` remembers must follow the pops: a stale value once
+    claimed work after ~2**16 fast-path pops and made a worker spin without a checkpoint."""
+    dma, ring, q = make(4)
+    for i in range(0x10000 + 8):
+        ring.add([(BUF, 1)], [])
+        chain = await q.pop(dma)
+        assert chain is not None, i
+        await q.push(dma, chain.head, 0)
+        if q.last_avail_idx == 0xFFFE:  # 2 behind the value remembered at the start
+            assert not await q.has_work(dma), i
