@@ -350,7 +350,7 @@ class LibvfioUserDevice(DeviceContext):
     Resource handling: the constructor creates, sets up and realizes the context, so the
     socket listens when it returns; `close()` destroys it (the library unlinks nothing: we
     do). The trampolines live on this object for the context's whole lifetime. `serve()`
-    runs in the server's nursery and owns the device's task group.
+    runs in the server's nursery and owns each client's task group.
     """
 
     def __init__(self, name: str, model: DeviceModel, socket_path: str) -> None:
@@ -655,11 +655,10 @@ class LibvfioUserDevice(DeviceContext):
         self._trio_thread = threading.get_ident()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await nursery.start(self.tasks.run)
             task_status.started()
             try:
                 while True:
-                    if not await self._attach():
+                    if not await self._attach(nursery):
                         continue
                     try:
                         await self._serve_client()
@@ -670,7 +669,7 @@ class LibvfioUserDevice(DeviceContext):
                 self._nursery = None
                 nursery.cancel_scope.cancel()
 
-    async def _attach(self) -> bool:
+    async def _attach(self, nursery: trio.Nursery) -> bool:
         await trio.lowlevel.wait_readable(self._listen_fd)
         async with self.lock:
             ret, err = await self._attach_in_thread()
@@ -679,6 +678,9 @@ class LibvfioUserDevice(DeviceContext):
             if err not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 log.warning("%s: attach failed: %s", self.name, os.strerror(err))
             return False
+        # one task group per client, as the Python engine's sessions (closed at detach)
+        self.tasks = TaskGroup(f"{self.name}(libvfio-user)")
+        await nursery.start(self.tasks.run)
         self.attached = True
         self.clients += 1
         self._irq.clear()
@@ -772,7 +774,9 @@ class LibvfioUserDevice(DeviceContext):
     async def _detach(self) -> None:
         if not self.attached:
             return
-        await self.tasks.cancel_all()
+        # Closed, not restarted: at shutdown the group's own task is cancelled with us and
+        # would never start again, so `cancel_all` (which waits for that) would hang.
+        await self.tasks.close()
         self.attached = False
         self._dma.clear()
         self._irq.clear()
