@@ -657,7 +657,8 @@ class LibvfioUserDevice(DeviceContext):
             self._nursery = nursery
             task_status.started()
             try:
-                while True:
+                # closed (e.g. hot removed before this task first ran): nothing to serve
+                while self._ctx is not None:
                     if not await self._attach(nursery):
                         continue
                     try:
