@@ -71,6 +71,8 @@ lib_log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".lib")
 #: how long quiescing waits for device tasks to finish before cancelling them (the Python
 #: engine's unmap drain uses the same)
 QUIESCE_GRACE = 1.0
+#: how often a cancelled attach retries shutting down the connection being negotiated
+ABORT_RETRY = 0.01
 #: DMA_MAP limit we give the library (the Python engine's default max_dma_maps)
 MAX_DMA_REGIONS = 65535
 #: PCI config space sizes: conventional and extended
@@ -708,8 +710,12 @@ class LibvfioUserDevice(DeviceContext):
             try:
                 await trio.sleep_forever()
             finally:
-                if not finished:
-                    self._abort_negotiation()
+                # The thread may not have accepted yet (then there is no connection to shut
+                # down, and it would then block reading VERSION): retry until it returns.
+                with trio.CancelScope(shield=True):
+                    while not finished:
+                        self._abort_negotiation()
+                        await trio.sleep(ABORT_RETRY)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watchdog)
