@@ -65,6 +65,29 @@ BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "the library reads a message body with a blocking recv: a client that sends a header "
         "and stalls before the body stalls this device's engine (one QEMU never does this)."
     ),
+    "large messages": (
+        "the library reads a message body with one recv(2) and refuses a short read (EINVAL, "
+        "logged as 'short read'; the rest of the body is then parsed as headers): a body "
+        "larger than what the peer's socket buffer holds at once (about 200 KiB by default, "
+        "e.g. a 1 MiB REGION_WRITE) cannot be received, although max_data_xfer_size is 1 MiB."
+    ),
+    "protocol validation": (
+        "libvfio-user decodes and validates messages itself: commands before VERSION, bad "
+        "argsz, unknown flag bits, unknown commands (EINVAL, not ENOTSUP), DMA_MAP/UNMAP "
+        "argument checks, surplus fds and broken frames get other errnos, a reply or a "
+        "dropped connection where tests/server/test_errno.py expects the Python engine's "
+        "answer (DESIGN.md section 3); the Python-engine cases there say which."
+    ),
+    "SET_IRQS validation": (
+        "libvfio-user validates SET_IRQS itself, more loosely than vfio-pci: MASK/UNMASK are "
+        "accepted on any index (MSI too, where we answer EINVAL), and eventfds given with "
+        "MASK/UNMASK are accepted but never signalled."
+    ),
+    "INTx asserted before its eventfd": (
+        "the library does not tell the device when eventfds are set, so a line already "
+        "asserted when the client sets the INTx eventfd is signalled at the next unmask (the "
+        "guest's EOI) or rising edge, not at once as in the Python engine."
+    ),
 }
 
 __all__ = ["BEHAVIOUR_DIFFERENCES", "PARITY_DIFFERENCES"]
