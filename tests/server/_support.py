@@ -105,9 +105,12 @@ def add_edu(
     *,
     group: str | None = None,
     model: Edu | None = None,
+    engine: str = "python",
 ) -> tuple[Device, str]:
     path = str(tmp_path / f"{name}.sock")
-    dev = server.add_device(name, model or TrackedEdu(), socket_path=path, group=group)
+    dev = server.add_device(
+        name, model or TrackedEdu(), socket_path=path, group=group, engine=engine
+    )
     return dev, path
 
 
@@ -146,9 +149,7 @@ class Removal:
         return self.requests
 
 
-async def start_removal(
-    nursery: trio.Nursery, server: Server, name: str, **kwargs: Any
-) -> Removal:
+async def start_removal(nursery: trio.Nursery, server: Server, name: str, **kwargs: Any) -> Removal:
     """Start hot-removing `name` and return once it has done what it can without waiting."""
     removal = Removal()
 
@@ -223,4 +224,3 @@ def make_memfd(name: str, size: int, data: bytes = b"") -> OwnedFd:
 def unique(prefix: str, tmp_path: Path) -> str:
     """A name no other test (or earlier run) uses, for memfds seen in /proc/self/maps."""
     return f"{prefix}-{os.getpid()}-{tmp_path.name}"
-

@@ -77,12 +77,44 @@ def small_caps(**changes: Any) -> Capabilities:
     return replace(DEFAULT_CAPS, **changes)
 
 
+def python_engine_only(reason: str) -> pytest.MarkDecorator:
+    """Mark a test (or, in `pytestmark`, a module) as run on the Python engine only.
+
+    `reason` is one line: the Python-engine internals it checks (`session_of`, container or
+    IRQ tables, groups and ownership policies, the hot path), or the documented difference
+    (`vfiouser_srv.engines.libvfio_user.BEHAVIOUR_DIFFERENCES` / `PARITY_DIFFERENCES`) that
+    makes its expectation Python-only. In a module parametrized over engines its other
+    engines' cases are deselected (see `pytest_collection_modifyitems`), and `engine` is
+    "python" for it even under `VFIOUSER_TEST_ENGINE`.
+    """
+    return pytest.mark.python_engine_only(reason=reason)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the non-Python engine cases of `python_engine_only` tests."""
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        engine = callspec.params.get("engine", "python") if callspec is not None else "python"
+        if engine != "python" and item.get_closest_marker("python_engine_only") is not None:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
-def engine() -> str:
-    """The engine `make_server` registers devices with: "python" unless a module opts in to
-    both with `pytestmark = pytest.mark.parametrize("engine", ENGINE_PARAMS)` (see
-    tests/engines/params.py), which overrides this fixture. `VFIOUSER_TEST_ENGINE=libvfio-user`
-    changes the default, to see which other tests hold on that engine too."""
+def engine(request: pytest.FixtureRequest) -> str:
+    """The engine `make_server` (and `_support.add_edu`) registers devices with: "python"
+    unless a module opts in to both with `pytestmark = pytest.mark.parametrize("engine",
+    ENGINE_PARAMS)` (see tests/engines/params.py), which overrides this fixture.
+    `VFIOUSER_TEST_ENGINE=libvfio-user` changes the default, except for `python_engine_only`
+    tests."""
+    if request.node.get_closest_marker("python_engine_only") is not None:
+        return "python"
     return os.environ.get("VFIOUSER_TEST_ENGINE", "python")
 
 
@@ -181,6 +213,7 @@ __all__ = [
     "irq_table_of",
     "open_client",
     "path_of",
+    "python_engine_only",
     "session_of",
     "settle",
     "small_caps",

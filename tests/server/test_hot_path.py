@@ -26,10 +26,16 @@ from vfiouser_srv import dispatch
 from vfiouser_srv.client import make_eventfd
 
 from . import models
-from .conftest import MakeServer, count_fds, path_of, settle
+from .conftest import MakeServer, count_fds, path_of, python_engine_only, settle
 from .models import Scratch
 
-pytestmark = pytest.mark.usefixtures("no_fd_leak")
+pytestmark = [
+    pytest.mark.usefixtures("no_fd_leak"),
+    python_engine_only(
+        "compares the Python engine's hot path with its own full decoder (libvfio-user has "
+        "neither; split frames: BEHAVIOUR_DIFFERENCES 'split frames')"
+    ),
+]
 
 BAR0 = int(RegionIndex.BAR0)
 BAR1 = int(RegionIndex.BAR1)

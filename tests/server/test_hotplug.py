@@ -26,6 +26,7 @@ from vfiouser_srv.client import (
 )
 from vfiouser_srv.objects import DeviceState, ObjectError
 
+from ..engines.params import ENGINE_PARAMS
 from ._support import (
     BAR0,
     EDU_ID,
@@ -42,6 +43,7 @@ from ._support import (
     u32,
     unique,
 )
+from .conftest import python_engine_only
 
 
 def tracked(dev: object) -> TrackedEdu:
@@ -50,19 +52,23 @@ def tracked(dev: object) -> TrackedEdu:
     return model
 
 
-pytestmark = pytest.mark.usefixtures("fd_leak_check")
+# Every test runs on both engines (tests/engines/params.py) unless marked python_engine_only.
+pytestmark = [
+    pytest.mark.usefixtures("fd_leak_check"),
+    pytest.mark.parametrize("engine", ENGINE_PARAMS),
+]
 
 # ------------------------------------------------------------------------ hot add
 
 
-async def test_hot_add_while_serving(tmp_path: Path) -> None:
+async def test_hot_add_while_serving(tmp_path: Path, engine: str) -> None:
     async with running_server() as server:
         assert not server.devices
-        _, a = add_edu(server, tmp_path, "a")
+        _, a = add_edu(server, tmp_path, "a", engine=engine)
         async with open_client(a) as ca:
             assert from_u32(await ca.region_read(BAR0, 0, 4)) == EDU_ID
             # A second device added while the first one has a client.
-            _, b = add_edu(server, tmp_path, "b")
+            _, b = add_edu(server, tmp_path, "b", engine=engine)
             async with open_client(b) as cb:
                 await cb.region_write(BAR0, Reg.LIVENESS, u32(1))
                 assert from_u32(await cb.region_read(BAR0, Reg.LIVENESS, 4)) == 0xFFFFFFFE
@@ -72,9 +78,10 @@ async def test_hot_add_while_serving(tmp_path: Path) -> None:
 
 async def test_hot_add_duplicate_name_is_refused_without_touching_anything(
     tmp_path: Path,
+    engine: str,
 ) -> None:
     async with running_server() as server:
-        _, a = add_edu(server, tmp_path, "a")
+        _, a = add_edu(server, tmp_path, "a", engine=engine)
         other = str(tmp_path / "other.sock")
         with pytest.raises(ObjectError) as info:
             server.add_device("a", TrackedEdu(), socket_path=other)
@@ -87,11 +94,11 @@ async def test_hot_add_duplicate_name_is_refused_without_touching_anything(
 # ------------------------------------------------------------------------ hot remove
 
 
-async def test_remove_without_client_completes_at_once(tmp_path: Path) -> None:
+async def test_remove_without_client_completes_at_once(tmp_path: Path, engine: str) -> None:
     """Also the regression for a hot remove before the new accept loop first ran: its
     getsockopt on the closed listener raised EBADF out of serve() (fixed in 1d5b426)."""
     async with running_server() as server:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         model = tracked(dev)
         assert await server.remove_device("edu") == 0
         assert not os.path.exists(path)
@@ -101,11 +108,16 @@ async def test_remove_without_client_completes_at_once(tmp_path: Path) -> None:
     assert model.closed == 1  # the server's shutdown does not close it again
 
 
+@python_engine_only(
+    "hot remove of a libvfio-user device disconnects its client at once (BEHAVIOUR_DIFFERENCES "
+    "'ERR and REQ interrupts')"
+)
 async def test_remove_unlinks_socket_first_and_completes_when_client_leaves(
     tmp_path: Path,
+    engine: str,
 ) -> None:
     async with running_server() as server, trio.open_nursery() as nursery:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         model = tracked(dev)
         async with open_client(path) as c:
             removal = await start_removal(nursery, server, "edu", interval=60)
@@ -122,9 +134,12 @@ async def test_remove_unlinks_socket_first_and_completes_when_client_leaves(
         assert dev.state is DeviceState.REMOVED and "edu" not in server.devices
 
 
-async def test_remove_signals_req_eventfd_at_each_interval(tmp_path: Path) -> None:
+@python_engine_only(
+    "libvfio-user cannot raise REQ (BEHAVIOUR_DIFFERENCES 'ERR and REQ interrupts')"
+)
+async def test_remove_signals_req_eventfd_at_each_interval(tmp_path: Path, engine: str) -> None:
     async with running_server() as server, trio.open_nursery() as nursery:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         model = tracked(dev)
         with make_eventfd() as req:
             async with open_client(path) as c:
@@ -144,9 +159,15 @@ async def test_remove_signals_req_eventfd_at_each_interval(tmp_path: Path) -> No
         assert model.closed == 1
 
 
-async def test_remove_without_req_eventfd_still_waits_for_release(tmp_path: Path) -> None:
+@python_engine_only(
+    "hot remove of a libvfio-user device disconnects its client at once (BEHAVIOUR_DIFFERENCES "
+    "'ERR and REQ interrupts')"
+)
+async def test_remove_without_req_eventfd_still_waits_for_release(
+    tmp_path: Path, engine: str
+) -> None:
     async with running_server() as server, trio.open_nursery() as nursery:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         async with open_client(path):
             removal = await start_removal(nursery, server, "edu", interval=0.01)
             with trio.move_on_after(0.1):
@@ -156,19 +177,22 @@ async def test_remove_without_req_eventfd_still_waits_for_release(tmp_path: Path
         assert tracked(dev).closed == 1
 
 
-async def test_remove_deadline_disconnects_a_client_that_ignores_req(tmp_path: Path) -> None:
+@python_engine_only(
+    "libvfio-user cannot raise REQ (BEHAVIOUR_DIFFERENCES 'ERR and REQ interrupts')"
+)
+async def test_remove_deadline_disconnects_a_client_that_ignores_req(
+    tmp_path: Path, engine: str
+) -> None:
     name = unique("hot-remove-ram", tmp_path)
     async with running_server() as server, trio.open_nursery() as nursery:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         model = tracked(dev)
         with make_memfd(name, 0x1000) as ram, make_eventfd() as req:
             async with open_client(path) as c:
                 await c.dma_map(0, 0x1000, fd=ram)
                 await c.set_irq_eventfds(IrqIndex.REQ, 0, [req])
                 assert mappings_of(name) == 1
-                removal = await start_removal(
-                    nursery, server, "edu", interval=0.02, deadline=0.2
-                )
+                removal = await start_removal(nursery, server, "edu", interval=0.02, deadline=0.2)
                 with trio.fail_after(5):
                     await c.wait_disconnected()
                 requests = await removal.wait()
@@ -181,9 +205,13 @@ async def test_remove_deadline_disconnects_a_client_that_ignores_req(tmp_path: P
         assert dev.group.users == 0
 
 
-async def test_removing_device_refuses_version_with_enodev(tmp_path: Path) -> None:
+@python_engine_only(
+    "needs a second client while one is attached (BEHAVIOUR_DIFFERENCES 'second client'); "
+    "checks session_of"
+)
+async def test_removing_device_refuses_version_with_enodev(tmp_path: Path, engine: str) -> None:
     async with running_server() as server, trio.open_nursery() as nursery:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         async with open_client(path) as first, open_client(path, version=False) as late:
             removal = await start_removal(nursery, server, "edu", interval=60)
             with pytest.raises(VfioUserError) as info:
@@ -196,10 +224,14 @@ async def test_removing_device_refuses_version_with_enodev(tmp_path: Path) -> No
         await removal.wait()
 
 
-async def test_unversioned_connection_does_not_hold_up_removal(tmp_path: Path) -> None:
+@python_engine_only(
+    "a connected client that sends no VERSION holds vfu_attach_ctx (BEHAVIOUR_DIFFERENCES "
+    "'split frames')"
+)
+async def test_unversioned_connection_does_not_hold_up_removal(tmp_path: Path, engine: str) -> None:
     """A connection without VERSION is not a user: removal completes; VERSION is ENODEV."""
     async with running_server() as server:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         async with open_client(path, version=False) as c:
             await settle()
             assert await server.remove_device("edu") == 0
@@ -211,13 +243,14 @@ async def test_unversioned_connection_does_not_hold_up_removal(tmp_path: Path) -
         assert tracked(dev).closed == 1
 
 
-async def test_readd_after_remove_on_the_same_path(tmp_path: Path) -> None:
+@python_engine_only("checks the Python engine's session (session_of)")
+async def test_readd_after_remove_on_the_same_path(tmp_path: Path, engine: str) -> None:
     async with running_server() as server:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         async with open_client(path) as c:
             await c.region_write(BAR0, Reg.LIVENESS, u32(7))
         await server.remove_device("edu")
-        new, new_path = add_edu(server, tmp_path)
+        new, new_path = add_edu(server, tmp_path, engine=engine)
         assert new_path == path and new is not dev
         async with open_client(path) as c:
             # A new model: fresh state.
@@ -225,11 +258,13 @@ async def test_readd_after_remove_on_the_same_path(tmp_path: Path) -> None:
             assert session_of(new).device is new
 
 
-async def test_remove_one_device_of_a_group_leaves_the_other_served(tmp_path: Path) -> None:
+async def test_remove_one_device_of_a_group_leaves_the_other_served(
+    tmp_path: Path, engine: str
+) -> None:
     async with running_server() as server:
         server.group("g")
-        _, a = add_edu(server, tmp_path, "a", group="g")
-        _, b = add_edu(server, tmp_path, "b", group="g")
+        _, a = add_edu(server, tmp_path, "a", group="g", engine=engine)
+        _, b = add_edu(server, tmp_path, "b", group="g", engine=engine)
         async with open_client(b) as cb:
             assert await server.remove_device("a") == 0
             assert [d.name for d in server.groups["g"].devices] == ["b"]
@@ -238,9 +273,13 @@ async def test_remove_one_device_of_a_group_leaves_the_other_served(tmp_path: Pa
         assert os.path.exists(b)
 
 
-async def test_second_remove_of_the_same_device_is_enodev(tmp_path: Path) -> None:
+@python_engine_only(
+    "waits for a client release that libvfio-user does not wait for (BEHAVIOUR_DIFFERENCES 'ERR "
+    "and REQ interrupts')"
+)
+async def test_second_remove_of_the_same_device_is_enodev(tmp_path: Path, engine: str) -> None:
     async with running_server() as server, trio.open_nursery() as nursery:
-        dev, path = add_edu(server, tmp_path)
+        dev, path = add_edu(server, tmp_path, engine=engine)
         async with open_client(path):
             removal = await start_removal(nursery, server, "edu", interval=60)
             with pytest.raises(ObjectError) as info, trio.fail_after(5):

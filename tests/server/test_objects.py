@@ -38,6 +38,7 @@ from ._support import (
     unique,
     wait_detached,
 )
+from .conftest import python_engine_only
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,7 +82,13 @@ async def two_device_group(
     return a, b
 
 
-pytestmark = pytest.mark.usefixtures("fd_leak_check")
+pytestmark = [
+    pytest.mark.usefixtures("fd_leak_check"),
+    python_engine_only(
+        "groups, SO_PEERCRED ownership policies and shared containers are the Python "
+        "engine's (BEHAVIOUR_DIFFERENCES 'ownership and groups', 'second client')"
+    ),
+]
 
 # ------------------------------------------------------------------------ ownership
 
