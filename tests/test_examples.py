@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from devices.sdk.interface import IrqIndex
@@ -15,14 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from copyengine import CopyEngine
 
+from tests.engines.params import ENGINE_PARAMS
+
 CONFIG = 7
 COMMAND_MEMORY_BUS_MASTER = 0x6
 
 
-async def test_readme_copy_engine(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+async def test_readme_copy_engine(tmp_path: Path, engine: str) -> None:
     server = Server()
     dev = CopyEngine()
-    server.add_device("ce", dev, socket_path=str(tmp_path / "ce.sock"))
+    server.add_device("ce", dev, socket_path=str(tmp_path / "ce.sock"), engine=engine)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
         async with open_client(str(tmp_path / "ce.sock")) as client:

@@ -24,6 +24,7 @@ import trio
 
 from devices.edu import Reg
 from devices.sdk.interface import IrqIndex
+from tests.engines.params import ENGINE_PARAMS
 from vfiouser_srv.client import VfioUserError, make_eventfd, open_client
 from vfiouser_srv.engines import EngineUnavailable, load_engine
 from vfiouser_srv.transport import FdStream
@@ -123,11 +124,14 @@ async def use_edu(path: str) -> None:
 # ------------------------------------------------------------------------ serve --socket-path
 
 
-async def test_serve_ready_then_usable_then_sigterm_removes_socket(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+async def test_serve_ready_then_usable_then_sigterm_removes_socket(
+    tmp_path: Path, engine: str
+) -> None:
     path = str(tmp_path / "edu.sock")
     neighbour = tmp_path / "keep.txt"
     neighbour.write_text("not ours")
-    async with cli("serve", "edu", "--socket-path", path) as srv:
+    async with cli("serve", "edu", "--socket-path", path, "--engine", engine) as srv:
         assert await srv.readline() == f"READY {path}"
         await use_edu(path)  # connects at once: no retry loop
         async with open_client(path) as c:

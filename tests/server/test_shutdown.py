@@ -13,15 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import trio
 
+from tests.engines.params import ENGINE_PARAMS
 from vfiouser_srv.client import make_eventfd, open_client
 
 
-async def test_sigterm_with_connected_client_exits_promptly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+async def test_sigterm_with_connected_client_exits_promptly(tmp_path: Path, engine: str) -> None:
     sock = tmp_path / "edu.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vfiouser_srv", "serve", "edu", "--socket-path", str(sock)],
+        [sys.executable, "-m", "vfiouser_srv", "serve", "edu", "--socket-path", str(sock),
+         "--engine", engine],
         stdout=subprocess.PIPE,
     )
     try:
