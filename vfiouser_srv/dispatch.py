@@ -224,11 +224,6 @@ def run_frame(session: Session, frame: Frame) -> bytes | None:
 # --------------------------------------------------------------------------- handlers
 
 
-def _attached(session: Session) -> None:
-    if not session.attached:
-        raise ObjectError(errno.EINVAL, "device not attached")
-
-
 #: how long a new client waits for the device's previous client to finish detaching
 PREVIOUS_CLIENT_GRACE = 0.5
 

@@ -18,7 +18,6 @@ import os
 import resource
 import socket
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -297,8 +296,6 @@ class Server:
         log.info("%s: removed", name)
         return requests
 
-    def iter_sessions(self) -> Iterator[Session]:
-        return iter(list(self.sessions))
 
 
 # ---------------------------------------------------------------------- sockets

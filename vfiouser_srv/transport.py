@@ -14,7 +14,6 @@ and `TransportError` is raised.
 from __future__ import annotations
 
 import array
-import contextlib
 import errno
 import socket
 import threading
@@ -208,9 +207,4 @@ class FdStream:
         await trio.lowlevel.checkpoint()
 
 
-def shutdown_quietly(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-__all__ = ["SCM_MAX_FD", "FdStream", "TransportError", "shutdown_quietly"]
+__all__ = ["SCM_MAX_FD", "FdStream", "TransportError"]
