@@ -116,6 +116,12 @@ _TYPE_MASK = int(HeaderFlags.TYPE_MASK)
 _TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
 _UNKNOWN_FLAGS = ~int(HEADER_FLAGS_KNOWN)
 
+
+def _plain_hot(command: int, flags: int, error: int, hot: frozenset[int]) -> bool:
+    """A request in `hot` whose header needs no rule beyond No_reply (see the callers)."""
+    return command in hot and not error and (flags == 0 or flags == _NO_REPLY)
+
+
 #: size of the fixed structs in front of bulk data, so a frame limit covers the biggest one
 _STRUCT_HEADROOM = 64
 
@@ -169,14 +175,7 @@ class Connection:
     def next_event(self) -> Event | None:
         """The next event, or None until more data arrives."""
         frame = self._decoder.next_frame()
-        if frame is None:
-            return None
-        try:
-            return self._event(frame)
-        except FatalProtocolError:
-            raise
-        except RemoteProtocolError as exc:
-            return BadRequest(frame.msg_id, frame.command, frame.no_reply, exc)
+        return None if frame is None else self.event_from_frame(frame)
 
     def single_hot_frame(
         self, data: bytes | bytearray | memoryview, hot: frozenset[int]
@@ -190,19 +189,10 @@ class Connection:
         only taken when the decoder holds no bytes and no descriptors, so stream positions
         and fd attribution stay exactly as if the data had been fed.
         """
-        if (
-            len(data) < HEADER_SIZE
-            or self.phase is not Phase.READY
-            or not self._decoder.idle
-        ):
+        if len(data) < HEADER_SIZE or self.phase is not Phase.READY or not self._decoder.idle:
             return None
         msg_id, command, size, flags, error = HEADER.unpack_from(data)
-        if (
-            size != len(data)
-            or command not in hot
-            or error
-            or (flags != 0 and flags != _NO_REPLY)
-        ):
+        if size != len(data) or not _plain_hot(command, flags, error, hot):
             return None
         return Frame(msg_id, command, flags, 0, bytes(data[HEADER_SIZE:]), [])
 
@@ -218,11 +208,9 @@ class Connection:
         if frame is None:
             return None
         if (
-            frame.command in hot
-            and (frame.flags == 0 or frame.flags == _NO_REPLY)
-            and not frame.fds
-            and not frame.error
+            not frame.fds
             and self.phase is Phase.READY
+            and _plain_hot(frame.command, frame.flags, frame.error, hot)
         ):
             return frame
         return self.event_from_frame(frame)

@@ -74,6 +74,7 @@ from protocol import (
 )
 
 from .container import Container, DmaWindow
+from .fds import close_all
 from .objects import DeviceState, ObjectError
 
 if TYPE_CHECKING:
@@ -133,8 +134,6 @@ def run_handler(
     try:
         result = handler(session, req.body)
     except Exception as exc:
-        from .fds import close_all
-
         close_all(req.body.fds)
         return _fail(session, req, exc)
     if isinstance(result, Coroutine):
@@ -215,6 +214,12 @@ def run_frame(session: Session, frame: Frame) -> bytes | None:
         assert out is None or isinstance(out, bytes), "region handlers answer at once"
         return out
     assert isinstance(ev, BadRequest)
+    return reject(session, ev)
+
+
+def reject(session: Session, ev: BadRequest) -> bytes | None:
+    """A message that could not be accepted: close its fds, log it, frame the errno reply."""
+    close_all(ev.error.fds)
     log.warning(
         "%s: rejected msg %d (command %d): %s", session.name, ev.msg_id, ev.command, ev.error
     )

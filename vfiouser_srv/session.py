@@ -449,12 +449,9 @@ class Session(DeviceContext):
         elif isinstance(ev, (Reply, ErrorReply)):
             self._route_reply(ev)
         else:
-            close_all(ev.error.fds)
-            log.warning(
-                "%s: rejected msg %d (command %d): %s", self.name, ev.msg_id, ev.command, ev.error
-            )
-            if not ev.no_reply:
-                out.append(self.conn.send_error(ev.msg_id, ev.command, ev.error.errno))
+            rejection = dispatch.reject(self, ev)
+            if rejection is not None:
+                out.append(rejection)
 
     async def _flush(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:
         """Send a batch of replies; waits only when the peer has stopped reading for long."""
