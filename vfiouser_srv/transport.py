@@ -27,6 +27,9 @@ from .fds import OwnedFd, close_all
 #: SCM_MAX_FD in the kernel: the most descriptors one sendmsg can carry
 SCM_MAX_FD = 253
 _INT_SIZE = array.array("i").itemsize
+#: plain ints: `socket.MSG_*` are IntFlags, whose `&` costs half a microsecond per message
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 _buffers: dict[tuple[int, int], memoryview] = {}
@@ -86,7 +89,7 @@ class FdStream:
 
     def _recv_nowait(self) -> tuple[memoryview, list[OwnedFd]]:
         n, anc, flags, _addr = self.sock.recvmsg_into(
-            [self._view], self._ancsize, socket.MSG_CMSG_CLOEXEC
+            [self._view], self._ancsize, _MSG_CMSG_CLOEXEC
         )
         fds: list[OwnedFd] = []
         for level, kind, data in anc or ():
@@ -94,7 +97,7 @@ class FdStream:
                 arr = array.array("i")
                 arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
                 fds.extend(OwnedFd(fd) for fd in arr)
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             close_all(fds)
             raise TransportError("control data truncated (MSG_CTRUNC): descriptors lost")
         return self._view[:n], fds
@@ -117,7 +120,7 @@ class FdStream:
             raise trio.ClosedResourceError("stream closed")
         if wait_first:
             self._reads_without_checkpoint = 0
-            await trio.lowlevel.wait_readable(self.sock)
+            await trio.lowlevel.wait_readable(self._fileno)
         self._reads_without_checkpoint += 1
         if self._reads_without_checkpoint >= 64:
             self._reads_without_checkpoint = 0
@@ -134,7 +137,7 @@ class FdStream:
                     raise trio.ClosedResourceError("stream closed") from None
                 raise TransportError(f"recvmsg: {exc}") from exc
             self._reads_without_checkpoint = 0
-            await trio.lowlevel.wait_readable(self.sock)
+            await trio.lowlevel.wait_readable(self._fileno)
 
     # ------------------------------------------------------------------ send
 

@@ -216,7 +216,7 @@ class VirtioNet(VirtioPciDevice):
                 try:
                     placed = await self._place(queue, pending)
                 except GuestMemoryError as exc:
-                    queue.last_avail_idx = start  # nothing pushed yet; frames stay pending
+                    queue.rewind(start)  # nothing pushed yet; frames stay pending
                     await retry.wait(exc)
                     continue
                 retry.reset()
@@ -279,13 +279,13 @@ class VirtioNet(VirtioPciDevice):
         while pos < len(frame):
             chain = await queue.pop(dma)
             if chain is None:
-                queue.last_avail_idx = start  # give the buffers back; retry after a kick
+                queue.rewind(start)  # give the buffers back; retry after a kick
                 return None
             if first is None:
                 first = chain
             n = await scatter(dma, chain.writable, memoryview(frame)[pos:])
             if n == 0:
-                queue.last_avail_idx = start
+                queue.rewind(start)
                 self.rx_dropped += 1
                 log.warning("%s: zero-length receive buffer", self.name)
                 return []

@@ -623,7 +623,7 @@ class VirtioPciDevice(PciDevice):
                 done = await self.process_batch(queue, chains) if chains else []
             except GuestMemoryError as exc:
                 # Nothing was pushed yet: give the chains back and try again shortly.
-                queue.last_avail_idx = start
+                queue.rewind(start)
                 await retry.wait(exc)
                 continue
             retry.reset()

@@ -58,6 +58,12 @@ class VirtqueueError(Exception):
     """The driver put something malformed in the ring; the device must enter NEEDS_RESET."""
 
 
+class DeviceBugError(VirtqueueError):
+    """The device model broke the ring protocol itself (e.g. pushed a head it does not
+    hold). Raised rather than written, so the guest never sees a corrupt used ring; the
+    transport then sets NEEDS_RESET and logs the reason."""
+
+
 class GuestMemoryError(VirtqueueError):
     """An address the rings point at is not mapped (DmaError).
 
@@ -229,6 +235,40 @@ class Virtqueue:
         self.used_idx = 0
         self.signalled_used = 0
         self.signalled_valid = False
+        #: heads popped and not yet pushed -> the avail index they were popped at
+        self._inflight: dict[int, int] = {}
+
+    # ---------------------------------------------------------------- in-flight heads
+
+    def _track(self, head: int) -> None:
+        """Record a popped head. A head the driver offers while we still hold it means the
+        two sides disagree about ownership: completing both would hand the driver a buffer
+        twice, which it reports as "id N is not a head", so it is refused here instead."""
+        if head in self._inflight:
+            raise VirtqueueError(f"queue {self.index}: head {head} made available again "
+                                 "while the device still holds it")
+        self._inflight[head] = self.last_avail_idx
+
+    def rewind(self, start: int) -> None:
+        """Give back every chain popped since avail index `start` (none of them pushed):
+        the next `pop` returns them again. For workers that must retry a batch."""
+        count = (self.last_avail_idx - start) & 0xFFFF
+        if count:
+            for head, at in list(self._inflight.items()):
+                if (at - start) & 0xFFFF < count:
+                    del self._inflight[head]
+        self.last_avail_idx = start
+
+    @property
+    def in_flight(self) -> int:
+        """How many chains the device holds (popped, not pushed)."""
+        return len(self._inflight)
+
+    def _untrack(self, head: int) -> None:
+        """A head is being pushed: it must be one we hold, or we would corrupt the ring."""
+        if self._inflight.pop(head, None) is None:
+            raise DeviceBugError(f"queue {self.index}: pushing head {head}, which the "
+                                 "device does not hold")
 
     # ---------------------------------------------------------------- avail side
 
@@ -261,6 +301,7 @@ class Virtqueue:
         raw = await read_guest(dma, self.avail_addr + RING_HEADER + 2 * slot, 2)
         head = _U16.unpack(raw)[0]
         chain = await self._walk(dma, head)
+        self._track(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return chain
 
@@ -333,6 +374,7 @@ class Virtqueue:
                 raise VirtqueueError(f"queue {self.index}: next {nxt} out of range "
                                      f"({table_len})")
             index = nxt
+        self._track(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return chain
 
@@ -395,6 +437,8 @@ class Virtqueue:
 
     async def push_many(self, dma: DmaPort, done: list[tuple[int, int]]) -> None:
         """`push` for a batch: one view of the used ring when it is mmap'd, else one by one."""
+        for head, _ in done:
+            self._untrack(head)
         try:
             used = dma.view(self.used_addr, RING_HEADER + USED_ELEM_SIZE * self.size + 2,
                             write=True)
@@ -416,6 +460,12 @@ class Virtqueue:
             self.used_idx = idx
             return
         idx = self.used_idx
+        seen = _U16.unpack_from(used, 2)[0]
+        if seen != idx:
+            # Only the device writes used.idx: a different value means someone else wrote
+            # the used ring (a stray DMA, or a driver scribbling on device memory).
+            raise VirtqueueError(f"queue {self.index}: used idx in guest memory is {seen}, "
+                                 f"the device last wrote {idx}")
         for head, written in done:
             _USED_ELEM.pack_into(used, RING_HEADER + USED_ELEM_SIZE * (idx % self.size),
                                  head, written)
@@ -426,6 +476,7 @@ class Virtqueue:
 
     async def push(self, dma: DmaPort, head: int, written: int) -> None:
         """Return a chain to the driver with `written` bytes placed in its writable part."""
+        self._untrack(head)
         slot = self.used_idx % self.size
         await write_guest(dma, self.used_addr + RING_HEADER + USED_ELEM_SIZE * slot,
                           _USED_ELEM.pack(head, written))

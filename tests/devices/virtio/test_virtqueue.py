@@ -11,6 +11,7 @@ from devices.virtio.virtqueue import (
     DESC_F_INDIRECT,
     DESC_F_NEXT,
     DESC_F_WRITE,
+    DeviceBugError,
     Virtqueue,
     VirtqueueError,
     gather,
@@ -235,3 +236,47 @@ async def test_has_work_is_honest_after_a_long_run_of_pops() -> None:
         await q.push(dma, chain.head, 0)
         if q.last_avail_idx == 0xFFFE:  # 2 behind the value remembered at the start
             assert not await q.has_work(dma), i
+
+
+# ------------------------------------------------------------------ ownership of heads
+
+
+async def test_a_head_offered_again_while_held_is_a_driver_error() -> None:
+    dma, ring, q = make()
+    head = ring.add([(BUF, 16)], [])
+    assert (await q.pop(dma)) is not None
+    ring.publish(head)  # the same head again, never returned by the device
+    with pytest.raises(VirtqueueError, match=f"head {head} made available again"):
+        await q.pop(dma)
+
+
+async def test_pushing_a_head_the_device_does_not_hold_is_refused() -> None:
+    dma, ring, q = make()
+    head = ring.add([(BUF, 16)], [])
+    chain = await q.pop(dma)
+    assert chain is not None
+    await q.push_many(dma, [(head, 0)])
+    with pytest.raises(DeviceBugError, match=f"pushing head {head}"):
+        await q.push_many(dma, [(head, 0)])  # twice: the driver would see "not a head"
+    with pytest.raises(DeviceBugError):
+        await q.push(dma, 5, 0)  # never popped
+    assert ring.take_used() == [(head, 0)]  # nothing bogus reached the used ring
+
+
+async def test_rewind_gives_back_only_the_chains_popped_since() -> None:
+    dma, ring, q = make()
+    heads = [ring.add([(BUF + i, 1)], []) for i in range(4)]
+    first = await q.pop(dma)
+    assert first is not None and first.head == heads[0]
+    start = q.last_avail_idx
+    for _ in range(3):
+        assert await q.pop(dma) is not None
+    assert q.in_flight == 4
+    q.rewind(start)
+    assert q.in_flight == 1 and q.last_avail_idx == start
+    again = [await q.pop(dma) for _ in range(3)]  # the same chains, no "made available again"
+    assert [c.head for c in again if c is not None] == heads[1:]
+    await q.push_many(dma, [(c.head, 0) for c in [first, *again] if c is not None])
+    assert q.in_flight == 0
+    assert [h for h, _ in ring.take_used()] == heads
+
