@@ -314,6 +314,14 @@ def summary_table(names: list[str], aggs: dict[str, Result], ref: str | None,
 # --------------------------------------------------------------------------- main
 
 
+def pinning(cpu: int | None, server_cpu: int | None) -> str:
+    if cpu is None:
+        return "none"
+    if server_cpu == cpu:
+        return f"client and servers on CPU {cpu}"
+    return f"client on CPU {cpu}, servers on CPU {server_cpu}"
+
+
 def environment(cpu: int | None) -> Result:
     model = ""
     with contextlib.suppress(OSError):
@@ -350,6 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6, help="measured rounds per server")
     p.add_argument("--warmup-rounds", type=int, default=1, help="discarded rounds per server")
     p.add_argument("--cpu", type=int, default=0, help="CPU for client and servers")
+    p.add_argument("--server-cpu", type=int, default=None, metavar="N",
+                   help="pin the servers to CPU N instead (the client stays on --cpu): the "
+                   "topology of QEMU and a device server on CPUs of their own")
     p.add_argument("--no-pin", action="store_true", help="do not pin (numbers get bimodal)")
     p.add_argument("--ready-timeout", type=float, default=20.0)
     p.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -386,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if shutil.which("taskset") is None:
             p.error("taskset not found (util-linux); use --no-pin")
         os.sched_setaffinity(0, {cpu})
+    server_cpu = cpu if a.server_cpu is None or cpu is None else a.server_cpu
 
     a.results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -400,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if spec.missing:
                 skipped[spec.name] = spec.missing
                 continue
-            srv = Server(spec, cpu, sock_dir, Path(f"{base}-{spec.name}.log"))
+            srv = Server(spec, server_cpu, sock_dir, Path(f"{base}-{spec.name}.log"))
             try:
                 srv.start(a.ready_timeout)
             except RuntimeError as e:
@@ -468,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     text: list[str] = [
         f"vfio-user server comparison, {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        f"pinning: {'client and servers on CPU ' + str(cpu) if cpu is not None else 'none'}; "
+        f"pinning: {pinning(cpu, server_cpu)}; "
         f"{a.rounds} rounds (+{a.warmup_rounds} warm-up) per server, alternating; "
         "medians of rounds",
     ]
@@ -503,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = "\n".join(text)
     print(summary)
 
-    doc = {"environment": environment(cpu), "reference": ref, "skipped": skipped,
+    env = {**environment(cpu), "server_cpu": server_cpu}
+    doc = {"environment": env, "reference": ref, "skipped": skipped,
            "servers": {n: {"argv": servers[n].argv(), "region": servers[n].spec.region,
                            "offset": servers[n].spec.offset, "starts": servers[n].starts}
                        for n in ran},

@@ -177,24 +177,25 @@ class Connection:
         frame = self._decoder.next_frame()
         return None if frame is None else self.event_from_frame(frame)
 
-    def single_hot_frame(
+    def single_hot_header(
         self, data: bytes | bytearray | memoryview, hot: frozenset[int]
-    ) -> Frame | None:
-        """The frame, if `data` (one whole read that carried no fds) is exactly one plain
-        hot command and nothing else is buffered; otherwise None, and the caller feeds
-        `data` through `receive_data` as usual.
+    ) -> tuple[int, int, int] | None:
+        """(msg_id, command, flags) if `data` (one whole read that carried no fds) is exactly
+        one plain hot command and nothing else is buffered; otherwise None, and the caller
+        feeds `data` through `receive_data` as usual. The payload is `data[HEADER_SIZE:]`.
 
         This is the request/reply steady state of a running guest (one MMIO access per
-        read), and skipping the reassembly buffer saves copies on every round trip. It is
-        only taken when the decoder holds no bytes and no descriptors, so stream positions
-        and fd attribution stay exactly as if the data had been fed.
+        read): skipping the reassembly buffer and the frame object saves copies and
+        allocations on every round trip. It is only taken when the decoder holds no bytes
+        and no descriptors, so stream positions and fd attribution stay exactly as if the
+        data had been fed.
         """
         if len(data) < HEADER_SIZE or self.phase is not Phase.READY or not self._decoder.idle:
             return None
         msg_id, command, size, flags, error = HEADER.unpack_from(data)
         if size != len(data) or not _plain_hot(command, flags, error, hot):
             return None
-        return Frame(msg_id, command, flags, 0, bytes(data[HEADER_SIZE:]), [])
+        return msg_id, command, flags
 
     def next_event_or_hot_frame(self, hot: frozenset[int]) -> Event | Frame | None:
         """Like `next_event`, but a plain command whose number is in `hot` comes back as

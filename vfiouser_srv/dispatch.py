@@ -162,48 +162,59 @@ _UNMAP_ALL = int(DmaUnmapFlags.ALL)
 
 
 def run_hot(session: Session, frame: Frame) -> bytes | None:
-    """REGION_READ / REGION_WRITE without building message objects.
+    """REGION_READ / REGION_WRITE without building message objects (see `run_hot_parts`)."""
+    return run_hot_parts(session, frame.msg_id, frame.command, frame.flags, frame.payload)
 
-    Anything unusual (bad sizes, ranges, permissions) is handed to the full decoder and
-    handlers, so the fast path never has to produce an error reply of its own except for
-    failures raised by the model itself.
+
+def run_hot_parts(
+    session: Session, msg_id: int, command: int, flags: int, payload: bytes | memoryview
+) -> bytes | None:
+    """A plain REGION_READ / REGION_WRITE from its header fields and payload.
+
+    `payload` may be a view of the receive buffer (used before the next checkpoint, and
+    copied before a model sees written data). Anything unusual (bad sizes, ranges,
+    permissions) is handed to the full decoder and handlers, so the fast path never has to
+    produce an error reply of its own except for failures raised by the model itself.
     """
-    payload = frame.payload
     if len(payload) < 16:
-        return run_frame(session, frame)
+        return _slow(session, msg_id, command, flags, payload)
     offset, region, count = _ACCESS.unpack_from(payload)
     limits = session.region_limits
     if region >= len(limits) or count > session.max_xfer:
-        return run_frame(session, frame)
+        return _slow(session, msg_id, command, flags, payload)
     size, readable, writable = limits[region]
     if offset + count > size:
-        return run_frame(session, frame)
-    no_reply = frame.flags != 0
+        return _slow(session, msg_id, command, flags, payload)
+    no_reply = flags != 0
     model = session.device.model
-    if frame.command == _READ:
+    if command == _READ:
         if not readable or len(payload) != 16:
-            return run_frame(session, frame)
+            return _slow(session, msg_id, command, flags, payload)
         try:
             data = model.region_read(region, offset, count)
             if len(data) != count:
                 raise DeviceError(errno.EIO, f"model returned {len(data)} bytes for {count}")
         except Exception as exc:
-            return _fail_raw(session, frame.msg_id, _READ, no_reply, exc)
+            return _fail_raw(session, msg_id, _READ, no_reply, exc)
         if no_reply:
             return None
-        return (
-            _REPLY_HEAD.pack(frame.msg_id, _READ, 32 + count, _TYPE_REPLY, 0, offset, region, count)
-            + data
-        )
+        head = _REPLY_HEAD.pack(msg_id, _READ, 32 + count, _TYPE_REPLY, 0, offset, region, count)
+        return head + data
     if not writable or len(payload) - 16 != count:
-        return run_frame(session, frame)
+        return _slow(session, msg_id, command, flags, payload)
     try:
-        model.region_write(region, offset, payload[16:])
+        model.region_write(region, offset, bytes(payload[16:]))
     except Exception as exc:
-        return _fail_raw(session, frame.msg_id, _WRITE, no_reply, exc)
+        return _fail_raw(session, msg_id, _WRITE, no_reply, exc)
     if no_reply:
         return None
-    return _REPLY_HEAD.pack(frame.msg_id, _WRITE, 32, _TYPE_REPLY, 0, offset, region, count)
+    return _REPLY_HEAD.pack(msg_id, _WRITE, 32, _TYPE_REPLY, 0, offset, region, count)
+
+
+def _slow(
+    session: Session, msg_id: int, command: int, flags: int, payload: bytes | memoryview
+) -> bytes | None:
+    return run_frame(session, Frame(msg_id, command, flags, 0, bytes(payload), []))
 
 
 def run_frame(session: Session, frame: Frame) -> bytes | None:

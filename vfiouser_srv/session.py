@@ -63,6 +63,12 @@ wire_log = logging.getLogger("vfiouser_srv.wire")
 #: replies the writer may hold for a peer that is not reading before the read loop stops
 #: reading too (backpressure)
 WRITE_BACKLOG_LIMIT = 8 << 20
+#: Replies to a read holding many requests leave in batches of this many: one sendmsg for
+#: all of them would leave a pipelining peer (QEMU on another CPU) idle until the last one
+#: is done; per-reply sends would cost a syscall each. 16 replies amortise the syscall and
+#: let the peer work in parallel (pipelined throughput with client and server on separate
+#: CPUs: see benchmarks/README.md).
+REPLY_BATCH = 16
 #: how long a closing connection waits for its queued replies to go out
 OUTPUT_DRAIN_TIMEOUT = 1.0
 
@@ -381,11 +387,11 @@ class Session(DeviceContext):
         conn, stream = self.conn, self.stream
         hot = dispatch.HOT_COMMANDS
         run_hot = dispatch.run_hot
-        drained = False
+        run_hot_parts = dispatch.run_hot_parts
         verbose = self._verbose = wire_log.isEnabledFor(logging.DEBUG)
         while not self._close_requested:
             try:
-                data, fds = await stream.receive_view(wait_first=drained)
+                data, fds = await stream.receive_view()
             except TransportError as exc:
                 log.warning("%s: %s; disconnecting", self.name, exc)
                 return
@@ -393,16 +399,21 @@ class Session(DeviceContext):
                 close_all(fds)
                 log.info("%s: client closed the connection", self.name)
                 return
-            # A short read almost surely emptied the socket: wait before reading again.
-            drained = len(data) < 4096
             if not fds:
-                frame = conn.single_hot_frame(data, hot)
-                if frame is not None:  # the steady state: one MMIO access per read
+                head = conn.single_hot_header(data, hot)
+                if head is not None:  # the steady state: one MMIO access per read
+                    msg_id, command, flags = head
                     if verbose:
-                        _log_item(self.name, frame)
-                    reply = run_hot(self, frame)
+                        payload = bytes(data[HEADER_SIZE:])
+                        _log_item(self.name, Frame(msg_id, command, flags, 0, payload, []))
+                    reply = run_hot_parts(self, msg_id, command, flags, data[HEADER_SIZE:])
                     if reply is not None:
-                        await self._flush([reply])
+                        if verbose:
+                            await self._flush([reply])
+                        else:  # `_flush` without its list and logging
+                            self._send(reply)
+                            if self._out_bytes > WRITE_BACKLOG_LIMIT:
+                                await self._flush([])
                     continue
             try:
                 conn.receive_data(data, fds)
@@ -427,6 +438,8 @@ class Session(DeviceContext):
                     reply = run_hot(self, item)
                     if reply is not None:
                         out.append(reply)
+                        if len(out) >= REPLY_BATCH:
+                            await self._flush(out)
                 else:
                     await self._handle(item, out)
             await self._flush(out)
@@ -461,9 +474,9 @@ class Session(DeviceContext):
             if self._verbose:
                 _log_out(self.name, data, len(fds))
             self._send(data, fds)
-            while self._out_bytes > WRITE_BACKLOG_LIMIT and not self._close_requested:
-                self._out_room = trio.Event()
-                await self._out_room.wait()
+        while self._out_bytes > WRITE_BACKLOG_LIMIT and not self._close_requested:
+            self._out_room = trio.Event()
+            await self._out_room.wait()
 
     def _send(self, data: bytes, fds: tuple[Any, ...] = ()) -> None:
         """Queue one whole message (or batch) for the peer; never waits.

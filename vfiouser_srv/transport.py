@@ -102,25 +102,24 @@ class FdStream:
             raise TransportError("control data truncated (MSG_CTRUNC): descriptors lost")
         return self._view[:n], fds
 
-    async def receive(self, *, wait_first: bool = False) -> tuple[bytes, list[OwnedFd]]:
+    async def receive(self) -> tuple[bytes, list[OwnedFd]]:
         """Next chunk of bytes with the descriptors that came with it; b'' at EOF."""
-        view, fds = await self.receive_view(wait_first=wait_first)
+        view, fds = await self.receive_view()
         return bytes(view), fds
 
-    async def receive_view(self, *, wait_first: bool = False) -> tuple[memoryview, list[OwnedFd]]:
+    async def receive_view(self) -> tuple[memoryview, list[OwnedFd]]:
         """Like `receive`, but the bytes are a view of a buffer shared by every stream of
         this thread: use or copy them before the next checkpoint. Empty at EOF.
 
-        Checkpoints only when it has to wait (and every 64 immediate reads, so a flooding
-        peer cannot starve other tasks). `wait_first` skips the speculative read when the
-        caller knows the socket was just drained (a request/reply peer has nothing more to
-        say until it has our reply): that saves one failing syscall per round trip.
+        Reads first and waits only on EAGAIN, checkpointing only when it has to wait (and
+        every 64 immediate reads, so a flooding peer cannot starve other tasks). Reading
+        first matters most for a request/reply peer on the same CPU: our reply wakes it,
+        it often runs at once and sends its next request before we get here, and then the
+        read succeeds without entering the event loop (epoll_ctl + epoll_wait + a
+        scheduler round). Measured in benchmarks/README.md ("try first").
         """
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        if wait_first:
-            self._reads_without_checkpoint = 0
-            await trio.lowlevel.wait_readable(self._fileno)
         self._reads_without_checkpoint += 1
         if self._reads_without_checkpoint >= 64:
             self._reads_without_checkpoint = 0

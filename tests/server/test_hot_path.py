@@ -252,15 +252,15 @@ async def run_both(
 ) -> tuple[list[bytes], list[bytes], int]:
     """(replies with the hot path, replies without it, frames the hot path handled)."""
     hot_calls = 0
-    real_run_hot = dispatch.run_hot
+    real_run_hot = dispatch.run_hot_parts
 
-    def counting_run_hot(session: Any, f: Any) -> bytes | None:
+    def counting_run_hot(session: Any, *args: Any) -> bytes | None:
         nonlocal hot_calls
         hot_calls += 1
-        return real_run_hot(session, f)
+        return real_run_hot(session, *args)
 
     srv = await make_server({"hot": Scratch(), "full": Scratch()})
-    monkeypatch.setattr(dispatch, "run_hot", counting_run_hot)
+    monkeypatch.setattr(dispatch, "run_hot_parts", counting_run_hot)
     hot = await RawConn.connect(path_of(srv, "hot"))
     try:
         with_hot = await runner(hot, steps)
