@@ -177,25 +177,36 @@ class Connection:
         frame = self._decoder.next_frame()
         return None if frame is None else self.event_from_frame(frame)
 
-    def single_hot_header(
+    def hot_prefix(
         self, data: bytes | bytearray | memoryview, hot: frozenset[int]
-    ) -> tuple[int, int, int] | None:
-        """(msg_id, command, flags) if `data` (one whole read that carried no fds) is exactly
-        one plain hot command and nothing else is buffered; otherwise None, and the caller
-        feeds `data` through `receive_data` as usual. The payload is `data[HEADER_SIZE:]`.
+    ) -> tuple[list[tuple[int, int, int, int, int]], int]:
+        """The plain hot commands at the front of one read, without the reassembly buffer.
 
-        This is the request/reply steady state of a running guest (one MMIO access per
-        read): skipping the reassembly buffer and the frame object saves copies and
-        allocations on every round trip. It is only taken when the decoder holds no bytes
-        and no descriptors, so stream positions and fd attribution stay exactly as if the
-        data had been fed.
+        Returns ``(frames, used)``: one ``(msg_id, command, flags, payload_start,
+        payload_end)`` per whole frame (offsets into `data`) and the number of bytes they
+        span. The caller handles those itself and feeds ``data[used:]`` (if any) through
+        `receive_data` as usual; a frame the rules below do not allow ends the prefix.
+
+        This is the steady state of a running guest: one MMIO access per read, or a burst
+        of them. Skipping the buffer and the frame objects saves copies and allocations on
+        every message. Only taken when the connection is READY, the read carried no fds
+        (the caller checks) and the decoder holds nothing, so the decoder's stream
+        positions and fd attribution stay exactly as if everything had been fed.
         """
-        if len(data) < HEADER_SIZE or self.phase is not Phase.READY or not self._decoder.idle:
-            return None
-        msg_id, command, size, flags, error = HEADER.unpack_from(data)
-        if size != len(data) or not _plain_hot(command, flags, error, hot):
-            return None
-        return msg_id, command, flags
+        frames: list[tuple[int, int, int, int, int]] = []
+        if self.phase is not Phase.READY or not self._decoder.idle:
+            return frames, 0
+        unpack = HEADER.unpack_from
+        n = len(data)
+        pos = 0
+        while n - pos >= HEADER_SIZE:
+            msg_id, command, size, flags, error = unpack(data, pos)
+            end = pos + size
+            if size < HEADER_SIZE or end > n or not _plain_hot(command, flags, error, hot):
+                break  # a partial, odd or bad frame: the decoder takes it from here
+            frames.append((msg_id, command, flags, pos + HEADER_SIZE, end))
+            pos = end
+        return frames, pos
 
     def next_event_or_hot_frame(self, hot: frozenset[int]) -> Event | Frame | None:
         """Like `next_event`, but a plain command whose number is in `hot` comes back as

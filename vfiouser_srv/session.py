@@ -387,7 +387,6 @@ class Session(DeviceContext):
         conn, stream = self.conn, self.stream
         hot = dispatch.HOT_COMMANDS
         run_hot = dispatch.run_hot
-        run_hot_parts = dispatch.run_hot_parts
         verbose = self._verbose = wire_log.isEnabledFor(logging.DEBUG)
         while not self._close_requested:
             try:
@@ -400,21 +399,14 @@ class Session(DeviceContext):
                 log.info("%s: client closed the connection", self.name)
                 return
             if not fds:
-                head = conn.single_hot_header(data, hot)
-                if head is not None:  # the steady state: one MMIO access per read
-                    msg_id, command, flags = head
-                    if verbose:
-                        payload = bytes(data[HEADER_SIZE:])
-                        _log_item(self.name, Frame(msg_id, command, flags, 0, payload, []))
-                    reply = run_hot_parts(self, msg_id, command, flags, data[HEADER_SIZE:])
-                    if reply is not None:
-                        if verbose:
-                            await self._flush([reply])
-                        else:  # `_flush` without its list and logging
-                            self._send(reply)
-                            if self._out_bytes > WRITE_BACKLOG_LIMIT:
-                                await self._flush([])
-                    continue
+                frames, used = conn.hot_prefix(data, hot)
+                if frames:  # the steady state: MMIO accesses and nothing else
+                    self._run_hot_frames(data, frames)
+                    if self._out_bytes > WRITE_BACKLOG_LIMIT:
+                        await self._flush([])
+                    if used == len(data):
+                        continue
+                    data = data[used:]
             try:
                 conn.receive_data(data, fds)
             except FatalProtocolError as exc:
@@ -444,6 +436,45 @@ class Session(DeviceContext):
                     await self._handle(item, out)
             await self._flush(out)
 
+    def _run_hot_frames(
+        self, data: memoryview, frames: list[tuple[int, int, int, int, int]]
+    ) -> None:
+        """Serve `Connection.hot_prefix` frames; replies leave `REPLY_BATCH` at a time.
+
+        Synchronous (no coroutine per read on the hottest path); the caller applies the
+        write backlog limit afterwards."""
+        run_hot_parts = dispatch.run_hot_parts
+        verbose = self._verbose
+        if len(frames) == 1:  # one access per read: no list, no join
+            msg_id, command, flags, start, end = frames[0]
+            if verbose:
+                _log_item(self.name, Frame(msg_id, command, flags, 0, bytes(data[start:end]), []))
+            reply = run_hot_parts(self, msg_id, command, flags, data[start:end])
+            if reply is not None:
+                if verbose:
+                    _log_out(self.name, reply, 0)
+                self._send(reply)
+            return
+        out: list[bytes] = []
+        for msg_id, command, flags, start, end in frames:
+            if verbose:
+                _log_item(self.name, Frame(msg_id, command, flags, 0, bytes(data[start:end]), []))
+            reply = run_hot_parts(self, msg_id, command, flags, data[start:end])
+            if reply is not None:
+                out.append(reply)
+                if len(out) >= REPLY_BATCH:
+                    self._send_batch(out)
+        if out:
+            self._send_batch(out)
+
+    def _send_batch(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:
+        """`_send` for a list of replies (joined, logged with -v); empties the list."""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self._verbose:
+            _log_out(self.name, data, len(fds))
+        self._send(data, fds)
+
     async def _handle(self, ev: Event, out: list[bytes]) -> None:
         if isinstance(ev, Request):
             result = dispatch.run_handler(self, dispatch.HANDLERS.get(ev.body.COMMAND), ev)
@@ -469,11 +500,7 @@ class Session(DeviceContext):
     async def _flush(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:
         """Send a batch of replies; waits only when the peer has stopped reading for long."""
         if out:
-            data = out[0] if len(out) == 1 else b"".join(out)
-            out.clear()
-            if self._verbose:
-                _log_out(self.name, data, len(fds))
-            self._send(data, fds)
+            self._send_batch(out, fds)
         while self._out_bytes > WRITE_BACKLOG_LIMIT and not self._close_requested:
             self._out_room = trio.Event()
             await self._out_room.wait()

@@ -140,7 +140,7 @@ class FdStream:
 
     # ------------------------------------------------------------------ send
 
-    def _sendmsg(self, data: memoryview, fds: Sequence[Any]) -> int:
+    def _sendmsg(self, data: bytes | memoryview, fds: Sequence[Any]) -> int:
         if fds:
             nums = array.array("i", [f.fileno() if hasattr(f, "fileno") else int(f) for f in fds])
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, nums.tobytes())]
@@ -156,7 +156,7 @@ class FdStream:
         if self._send_lock.locked():
             return 0
         try:
-            return self._sendmsg(memoryview(data), fds)
+            return self._sendmsg(data, fds) if fds else self.sock.send(data)
         except BlockingIOError:
             return 0
         except (BrokenPipeError, ConnectionResetError) as exc:

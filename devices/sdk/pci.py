@@ -237,10 +237,14 @@ class PciDevice(DeviceModel):
                 raise DeviceError(errno.EINVAL, "the device has no expansion ROM")
             self._check(offset, count, self.rom.size, index)
             return self.rom.read(offset, count)
+        bar = self.bars.get(index)
+        if bar is not None and not self._traps[index] and offset >= 0 and count >= 0 \
+                and offset + count <= bar.size:
+            # Fast path (checks inlined): most BARs have no traps, and a guest's MMIO reads
+            # are the hottest messages a server sees.
+            return bar.backing.read(offset, count) if bar.backing is not None else bytes(count)
         bar = self._bar(index, offset, count)
         if not self._traps[index]:
-            # Fast path: most BARs have no traps, and a guest's MMIO reads are the hottest
-            # messages a server sees.
             return bar.backing.read(offset, count) if bar.backing is not None else bytes(count)
         out = bytearray()
         for handler, rel, length in self._segments(bar, offset, count):

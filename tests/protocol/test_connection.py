@@ -429,6 +429,20 @@ def test_hot_frames_that_are_not_plain_become_events() -> None:
     bad(early.next_event_or_hot_frame(HOT))
 
 
+def test_hot_prefix_takes_whole_plain_frames_and_stops_at_anything_else() -> None:
+    server = ready_server()
+    read = RegionRead(0x10, 0, 4).encode()
+    a, b = frame(9, read, msg_id=1), frame(9, read, msg_id=2, flags=0x10)
+    frames, used = server.hot_prefix(a + b + frame(13, msg_id=3) + a, HOT)
+    assert used == len(a + b)
+    assert frames == [(1, 9, 0, 16, len(a)), (2, 9, 0x10, len(a) + 16, len(a + b))]
+    assert server.hot_prefix(a[:-1], HOT) == ([], 0)  # partial: the decoder's job
+    assert server.hot_prefix(frame(9, read, error=1), HOT) == ([], 0)
+    server.receive_data(a[:5])  # the decoder holds bytes: no prefix until it is idle
+    assert server.hot_prefix(a, HOT) == ([], 0)
+    assert Connection(Role.SERVER).hot_prefix(a, HOT) == ([], 0)  # not READY
+
+
 # ------------------------------------------------------------------ hypothesis: fuzz
 
 
@@ -616,3 +630,52 @@ def test_valid_stream_split_like_the_kernel_decodes_exactly(
         assert len(got) == len(body.fds)
         assert all(a is b for a, b in zip(got, body.fds, strict=True))
     assert server.close() == []
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(fuzz_frame(), max_size=8), cuts=st.lists(st.integers(0, 2000),
+                                                                  max_size=6))
+def test_hot_prefix_then_decoder_sees_what_the_decoder_alone_sees(
+    pieces: list[bytes], cuts: list[int]
+) -> None:
+    """Whatever the chunking, serving the hot prefix of each idle read and feeding the rest
+    yields the same frames, in the same order, as feeding everything."""
+    data = b"".join(pieces)
+    reference, fast = ready_server(), ready_server()
+
+    def drain(conn: Connection, out: list[Any]) -> bool:
+        while True:
+            try:
+                item = conn.next_event_or_hot_frame(HOT)
+            except FatalProtocolError:
+                out.append("fatal")
+                return False
+            if item is None:
+                return True
+            out.append((item.msg_id, item.command, item.payload) if isinstance(item, Frame)
+                       else repr(item))  # repr: error events carry exceptions
+
+    want: list[Any] = []
+    got: list[Any] = []
+    ref_ok = fast_ok = True
+    for chunk in split(data, cuts):
+        if ref_ok:
+            try:
+                reference.receive_data(chunk)
+            except FatalProtocolError:
+                want.append("fatal")
+                ref_ok = False
+            else:
+                ref_ok = drain(reference, want)
+        if fast_ok:
+            frames, used = fast.hot_prefix(chunk, HOT)
+            got += [(m, c, chunk[s:e]) for m, c, _f, s, e in frames]
+            if used < len(chunk):
+                try:
+                    fast.receive_data(chunk[used:])
+                except FatalProtocolError:
+                    got.append("fatal")
+                    fast_ok = False
+                else:
+                    fast_ok = drain(fast, got)
+    assert got == want
