@@ -437,7 +437,11 @@ class Worker:
         entry = CQE.pack(result & 0xFFFF_FFFF, 0, sq.head, sq.qid, cid, (status << 1) | phase)
         view = self.dma.view(addr, CQE.size, write=True)
         if view is not None:
-            view[:] = entry
+            # The driver polls the phase bit (last dword) and then reads the rest: the
+            # first 12 bytes go first, the last dword (command id, status, phase) in one
+            # store after them, so a new phase is never visible before its entry.
+            view[:12] = entry[:12]
+            view[12:16].cast("I")[0] = int.from_bytes(entry[12:16], "little")
         else:
             await self.dma.write(addr, entry)
         if cq.interrupts:
