@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from . import idlewait
 from .fds import OwnedFd, close_all
 
 #: SCM_MAX_FD in the kernel: the most descriptors one sendmsg can carry
@@ -30,6 +31,11 @@ _INT_SIZE = array.array("i").itemsize
 #: plain ints: `socket.MSG_*` are IntFlags, whose `&` costs half a microsecond per message
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+#: flags of every recvmsg: descriptors arrive close-on-exec
+RECV_FLAGS = _MSG_CMSG_CLOEXEC
+#: the returned msg_flags bit that makes a read fatal (the kernel echoes MSG_CMSG_CLOEXEC
+#: back in msg_flags, so test this bit, not the whole value)
+RECV_TRUNCATED = _MSG_CTRUNC
 
 
 _buffers: dict[tuple[int, int], memoryview] = {}
@@ -64,9 +70,22 @@ class FdStream:
         self._fileno = sock.fileno()
         self._view = _shared_buffer(recv_size)
         self._ancsize = socket.CMSG_SPACE(max_fds * _INT_SIZE)
+        #: What a caller's own receive loop needs (`Session._hot_loop`): a read is
+        #: ``n, anc, flags, _ = sock.recvmsg_into(iov, ancsize, RECV_FLAGS)``, then
+        #: `chunk(n, anc, flags)` (or ``view[:n]`` when there is no ancillary data and no
+        #: flag), `read_failed(exc)` for an OSError, and `count_reads` for the reads done.
+        self.view = self._view
+        self.iov = [self._view]
+        self.ancsize = self._ancsize
+        self.waiter = idlewait.IdleWaiter(self._fileno)
         self._send_lock = trio.Lock()
+        #: `send` calls running or queued for the lock: while non-zero, a direct send would
+        #: overtake them (a plain int: `Lock.locked()` is a Python call per reply)
+        self.sending = 0
         self._closed = False
         self._reads_without_checkpoint = 0
+        #: the last `receive_now` found nothing, so `receive_view` waits before reading
+        self._would_block = False
 
     @classmethod
     def pair(cls) -> tuple[FdStream, FdStream]:
@@ -88,11 +107,18 @@ class FdStream:
     # ------------------------------------------------------------------ receive
 
     def _recv_nowait(self) -> tuple[memoryview, list[OwnedFd]]:
-        n, anc, flags, _addr = self.sock.recvmsg_into(
-            [self._view], self._ancsize, _MSG_CMSG_CLOEXEC
-        )
+        n, anc, flags, _addr = self.sock.recvmsg_into(self.iov, self._ancsize, RECV_FLAGS)
+        if not anc and not flags & _MSG_CTRUNC:
+            return self._view[:n], []
+        return self.chunk(n, anc, flags)
+
+    def chunk(
+        self, n: int, anc: list[tuple[int, int, bytes]], flags: int
+    ) -> tuple[memoryview, list[OwnedFd]]:
+        """(bytes, fds) of a `recvmsg_into(self.iov, self.ancsize, ...)` result: every
+        descriptor becomes an `OwnedFd` at once; MSG_CTRUNC closes them and raises."""
         fds: list[OwnedFd] = []
-        for level, kind, data in anc or ():
+        for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
                 arr.frombytes(data[: len(data) - len(data) % _INT_SIZE])
@@ -101,6 +127,40 @@ class FdStream:
             close_all(fds)
             raise TransportError("control data truncated (MSG_CTRUNC): descriptors lost")
         return self._view[:n], fds
+
+    def receive_now(self) -> tuple[memoryview, list[OwnedFd]] | None:
+        """`receive_view` without the coroutine: the next chunk if it is already there and
+        no checkpoint is owed, else None (then await `receive_view`, which will not repeat
+        a read that just found nothing). The hot loop calls this first: a coroutine per
+        message is measurable on a serial round trip."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        count = self._reads_without_checkpoint + 1
+        if count >= 64:
+            return None
+        try:
+            got = self._recv_nowait()
+        except OSError as exc:
+            return self.read_failed(exc)
+        self._reads_without_checkpoint = count
+        return got
+
+    def read_failed(self, exc: OSError) -> tuple[memoryview, list[OwnedFd]] | None:
+        """What a failed non-blocking read means: None for EAGAIN (wait, then read:
+        `receive_view` will not read again first), an empty chunk (EOF) for a reset peer;
+        anything else raises."""
+        if isinstance(exc, BlockingIOError):
+            self._would_block = True
+            return None
+        if isinstance(exc, ConnectionResetError):
+            return memoryview(b""), []
+        if exc.errno == errno.EBADF and self._closed:
+            raise trio.ClosedResourceError("stream closed") from None
+        raise TransportError(f"recvmsg: {exc}") from exc
+
+    def count_reads(self, reads: int) -> None:
+        """Reads done by a caller's own loop, towards the checkpoint owed every 64."""
+        self._reads_without_checkpoint += reads
 
     async def receive(self) -> tuple[bytes, list[OwnedFd]]:
         """Next chunk of bytes with the descriptors that came with it; b'' at EOF."""
@@ -115,30 +175,36 @@ class FdStream:
         every 64 immediate reads, so a flooding peer cannot starve other tasks). Reading
         first matters most for a request/reply peer on the same CPU: our reply wakes it,
         it often runs at once and sends its next request before we get here, and then the
-        read succeeds without entering the event loop (epoll_ctl + epoll_wait + a
-        scheduler round). Measured in benchmarks/README.md ("try first").
+        read succeeds without entering the event loop. Waiting goes through
+        `idlewait.IdleWaiter`, which skips trio's scheduler round when nothing else is
+        going on (benchmarks/README.md, "try first" and "idle wait").
         """
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         self._reads_without_checkpoint += 1
         if self._reads_without_checkpoint >= 64:
             self._reads_without_checkpoint = 0
+            self._would_block = False
             await trio.lowlevel.checkpoint()
         while True:
-            try:
-                return self._recv_nowait()
-            except BlockingIOError:
-                pass
-            except ConnectionResetError:
-                return memoryview(b""), []
-            except OSError as exc:
-                if exc.errno == errno.EBADF and self._closed:
-                    raise trio.ClosedResourceError("stream closed") from None
-                raise TransportError(f"recvmsg: {exc}") from exc
+            if self._would_block:  # receive_now just read nothing: wait before reading
+                self._would_block = False
+            else:
+                try:
+                    return self._recv_nowait()
+                except BlockingIOError:
+                    pass
+                except ConnectionResetError:
+                    return memoryview(b""), []
+                except OSError as exc:
+                    if exc.errno == errno.EBADF and self._closed:
+                        raise trio.ClosedResourceError("stream closed") from None
+                    raise TransportError(f"recvmsg: {exc}") from exc
             self._reads_without_checkpoint = 0
-            await trio.lowlevel.wait_readable(self._fileno)
+            await self.waiter.wait()
 
     # ------------------------------------------------------------------ send
+
 
     def _sendmsg(self, data: bytes | memoryview, fds: Sequence[Any]) -> int:
         if fds:
@@ -153,7 +219,7 @@ class FdStream:
         must not be overtaken). Never waits, never checkpoints."""
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        if self._send_lock.locked():
+        if self.sending:
             return 0
         try:
             return self._sendmsg(data, fds) if fds else self.sock.send(data)
@@ -173,10 +239,15 @@ class FdStream:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         lock = self._send_lock
+        self.sending += 1
         try:
             lock.acquire_nowait()
         except trio.WouldBlock:
-            await lock.acquire()
+            try:
+                await lock.acquire()
+            except BaseException:
+                self.sending -= 1
+                raise
         try:
             view = memoryview(data)
             while view:
@@ -194,6 +265,7 @@ class FdStream:
                 if sent:
                     view, fds = view[sent:], ()
         finally:
+            self.sending -= 1
             lock.release()
 
     # ------------------------------------------------------------------ close

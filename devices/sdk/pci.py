@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from . import config as cfg
-from .bars import Bar, BarHandler, BarKind, Rom, SharedMemory, Trap
+from .bars import Bar, BarHandler, BarKind, CallbackHandler, Rom, SharedMemory, Trap
 from .caps import Capability, ExtendedCapability, MsiCap, MsixCap, PcieCap, place_capabilities
 from .config import Command, ConfigSpace, Status
 from .interface import (
@@ -55,6 +55,9 @@ _CapT = TypeVar("_CapT", bound=Capability)
 
 #: Interrupt pin values (Interrupt Pin register): 0 none, 1..4 INTA#..INTD#.
 INTX_NONE = 0
+#: plain ints for the region-read fast path (an IntEnum member lookup costs ~0.1 µs)
+_CONFIG = int(RegionIndex.CONFIG)
+_ROM = int(RegionIndex.ROM)
 INTA = 1
 INTD = 4
 
@@ -129,6 +132,16 @@ class PciDevice(DeviceModel):
         for bar in self.bars.values():
             if isinstance(bar.backing, SharedMemory) and bar.backing.fd < 0:
                 bar.backing.allocate(bar.size)
+        # BAR index -> (size, read function) for BARs without traps: the region-read fast
+        # path is one dict lookup and one call (a CallbackHandler's own function, not its
+        # forwarding method). Bars are frozen and traps are only added above, so this holds.
+        self._fast_read: dict[int, tuple[int, Callable[[int, int], bytes]]] = {}
+        for index, bar in self.bars.items():
+            if self._traps[index] or bar.backing is None:
+                continue
+            backing = bar.backing
+            reader = backing.read_fn if isinstance(backing, CallbackHandler) else backing.read
+            self._fast_read[index] = (bar.size, reader)
 
         self._intx_level = False
         self._intx_out = False
@@ -229,20 +242,19 @@ class PciDevice(DeviceModel):
         ]
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
-        if index == RegionIndex.CONFIG:
+        if index == _CONFIG:
             self._check(offset, count, self.config.size, index)
             return self.config.read(offset, count)
-        if index == RegionIndex.ROM:
+        if index == _ROM:
             if self.rom is None:
                 raise DeviceError(errno.EINVAL, "the device has no expansion ROM")
             self._check(offset, count, self.rom.size, index)
             return self.rom.read(offset, count)
-        bar = self.bars.get(index)
-        if bar is not None and not self._traps[index] and offset >= 0 and count >= 0 \
-                and offset + count <= bar.size:
-            # Fast path (checks inlined): most BARs have no traps, and a guest's MMIO reads
-            # are the hottest messages a server sees.
-            return bar.backing.read(offset, count) if bar.backing is not None else bytes(count)
+        fast = self._fast_read.get(index)
+        if fast is not None and offset >= 0 and count >= 0 and offset + count <= fast[0]:
+            # Fast path: most BARs have no traps, and a guest's MMIO reads are the hottest
+            # messages a server sees.
+            return fast[1](offset, count)
         bar = self._bar(index, offset, count)
         if not self._traps[index]:
             return bar.backing.read(offset, count) if bar.backing is not None else bytes(count)

@@ -1,0 +1,349 @@
+"""`idlewait`: the poll() short-cut for an idle trio thread, and `Session._hot_loop` on it.
+
+The short-cut blocks the trio thread in poll() on our socket and trio's epoll descriptor.
+These tests pin down what must still work while it does: other tasks' I/O, deadlines,
+threads calling into trio, tasks our own code wakes, `wait_all_tasks_blocked`; that it
+stands aside when trio is not idle; and that a serial peer in another thread really is
+served by the hot loop (a silent fallback would only show up as a slower benchmark).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from devices.sdk import Bar, CallbackHandler, PciDevice, PciIdentity
+from protocol import HEADER, Capabilities, Command, HeaderFlags, Version, pack_header
+from vfiouser_srv import dispatch, idlewait
+from vfiouser_srv.idlewait import IdleWaiter
+
+from .conftest import MakeServer, path_of, python_engine_only
+
+pytestmark = python_engine_only("tests the Python engine's own wait and hot loop")
+
+READ = int(Command.REGION_READ)
+WRITE = int(Command.REGION_WRITE)
+ACCESS = struct.Struct("<QII")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.fixture
+def trio_waits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Descriptors passed to `trio.lowlevel.wait_readable` (the ordinary path) by anyone."""
+    seen: list[int] = []
+    real = trio.lowlevel.wait_readable
+
+    async def counting(fd: Any) -> None:
+        seen.append(fd if isinstance(fd, int) else fd.fileno())
+        await real(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting)
+    return seen
+
+
+def write_later(sock: socket.socket, delay: float, data: bytes = b"x") -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay), sock.send(data)), daemon=True)
+    thread.start()
+    return thread
+
+
+async def test_fast_path_is_available() -> None:
+    """Fails when a trio release moves the internals idlewait reads (the server would
+    silently fall back to the slow path: see the idlewait docstring)."""
+    assert idlewait.available()
+    waiter = IdleWaiter(0)
+    assert waiter.idle_deadline() == float("inf")
+
+
+async def test_wait_returns_without_trio_when_idle(
+    pair: tuple[socket.socket, socket.socket], trio_waits: list[int]
+) -> None:
+    a, b = pair
+    write_later(b, 0.05)
+    with trio.fail_after(5):
+        await IdleWaiter(a.fileno()).wait()
+    assert a.recv(1) == b"x"
+    assert trio_waits == []  # woke from poll(), never entered trio's wait
+
+
+async def test_other_tasks_io_is_served_while_one_waits(
+    pair: tuple[socket.socket, socket.socket], trio_waits: list[int]
+) -> None:
+    """A thread wakes task B, and only B can wake the waiter: this hangs if the poll did
+    not include trio's epoll descriptor."""
+    a, b = pair
+    c, d = socket.socketpair()
+    c.setblocking(False)
+
+    async def relay() -> None:
+        await trio.lowlevel.wait_readable(c)
+        c.recv(1)
+        b.send(b"y")
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(relay)
+                await trio.testing.wait_all_tasks_blocked()
+                write_later(d, 0.05)
+                await IdleWaiter(a.fileno()).wait()
+        assert a.recv(1) == b"y"
+        assert a.fileno() in trio_waits  # the waiter stood aside for B's event
+    finally:
+        c.close()
+        d.close()
+
+
+async def test_deadline_ends_the_wait(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, _b = pair
+    start = time.monotonic()
+    with trio.move_on_after(0.2) as scope:
+        await IdleWaiter(a.fileno()).wait()
+    elapsed = time.monotonic() - start
+    assert scope.cancelled_caught
+    assert 0.19 <= elapsed < 2.0
+
+
+async def test_thread_calling_into_trio_wakes_the_wait(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    token = trio.lowlevel.current_trio_token()
+
+    def from_thread() -> None:
+        time.sleep(0.05)
+        trio.from_thread.run_sync(lambda: b.send(b"z"), trio_token=token)
+
+    thread = threading.Thread(target=from_thread, daemon=True)
+    thread.start()
+    with trio.fail_after(5):
+        await IdleWaiter(a.fileno()).wait()
+    thread.join(5)
+    assert a.recv(1) == b"z"
+
+
+async def test_poll_until_stands_aside_for_a_task_our_code_woke(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """After idle_deadline, code in the same step wakes a task: poll_until must return at
+    once instead of blocking while that task is runnable (the watchdog write would end a
+    wrong block after 2 s; the elapsed time tells)."""
+    a, b = pair
+    waiter = IdleWaiter(a.fileno())
+    ran = trio.Event()
+
+    async def task() -> None:
+        ran.set()
+
+    async with trio.open_nursery() as nursery:
+        deadline = waiter.idle_deadline()
+        assert deadline is not None
+        nursery.start_soon(task)
+        write_later(b, 2.0)
+        start = time.monotonic()
+        assert waiter.poll_until(deadline) is False
+        assert time.monotonic() - start < 1.0
+        await ran.wait()
+    with trio.fail_after(5):  # the watchdog byte arrives; consume it
+        await trio.lowlevel.wait_readable(a)
+    a.recv(1)
+
+
+async def test_poll_until_stands_aside_for_a_deadline_our_code_set(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    waiter = IdleWaiter(a.fileno())
+    deadline = waiter.idle_deadline()
+    assert deadline == float("inf")
+    with trio.CancelScope(deadline=trio.current_time() + 0.1):
+        write_later(b, 2.0)
+        start = time.monotonic()
+        assert waiter.poll_until(deadline) is False
+        assert time.monotonic() - start < 1.0
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(a)
+    a.recv(1)
+
+
+async def test_not_idle_while_a_task_waits_for_all_tasks_blocked() -> None:
+    waiter = IdleWaiter(0)
+
+    async def blocked_waiter(*, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()  # it registers before it yields, so before start() returns
+        await trio.testing.wait_all_tasks_blocked(0.5)
+
+    async with trio.open_nursery() as nursery:
+        assert waiter.idle_deadline() is not None
+        await nursery.start(blocked_waiter)
+        assert waiter.idle_deadline() is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_not_idle_while_other_tasks_are_runnable() -> None:
+    waiter = IdleWaiter(0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.lowlevel.checkpoint)
+        assert waiter.idle_deadline() is None
+
+
+async def test_not_idle_while_a_task_later_in_this_batch_is_scheduled() -> None:
+    """trio runs a batch of scheduled tasks off an emptied run queue: the first of two
+    tasks woken together must see the second one as pending."""
+    seen: list[float | None] = []
+
+    async def look() -> None:
+        seen.append(IdleWaiter(0).idle_deadline())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(look)
+        nursery.start_soon(look)
+    assert len(seen) == 2
+    assert seen.count(None) >= 1, seen
+
+
+class _Probe(trio.abc.Instrument):
+    def before_io_wait(self, timeout: float) -> None:
+        pass
+
+
+@pytest.mark.parametrize("setting", ["mock_clock", "instrument"])
+def test_not_idle_with_a_mock_clock_or_an_instrument(setting: str) -> None:
+    found: list[float | None] = []
+
+    async def main() -> None:
+        found.append(IdleWaiter(0).idle_deadline())
+
+    if setting == "mock_clock":
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    else:
+        trio.run(main, instruments=[_Probe()])
+    assert found == [None]
+
+
+def test_outside_trio_the_waiter_is_not_idle() -> None:
+    assert IdleWaiter(0).idle_deadline() is None
+    assert not IdleWaiter(0).idle_poll()
+
+
+# --------------------------------------------------------------------- Session._hot_loop
+
+
+class Kicker(PciDevice):
+    """BAR0: a read returns how often the kick task ran; any write starts that task, which
+    also sets `kicked` (a threading.Event, so a client thread can wait for it)."""
+
+    name = "kicker"
+    identity = PciIdentity(vendor_id=0x1234, device_id=0xBEEF)
+
+    def __init__(self) -> None:
+        self.kicks = 0
+        self.kicked = threading.Event()
+        super().__init__(bars=[Bar(0, 0x1000, backing=CallbackHandler(self._read, self._write))])
+
+    def _read(self, offset: int, count: int) -> bytes:
+        return self.kicks.to_bytes(count, "little")
+
+    def _write(self, offset: int, data: bytes) -> None:
+        assert self.ctx is not None
+        self.ctx.start_task(self._kick)
+
+    async def _kick(self) -> None:
+        self.kicks += 1
+        self.kicked.set()
+
+
+class ThreadClient:
+    """A blocking vfio-user peer in its own thread: serial requests, as a vCPU makes them."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.next_id = 1
+        self.request(Command.VERSION, Version(0, 0, Capabilities(max_msg_fds=8)).encode())
+
+    def request(self, command: int, payload: bytes) -> bytes:
+        msg_id = self.next_id
+        self.next_id += 1
+        self.sock.sendall(pack_header(msg_id, command, 16 + len(payload), 0, 0) + payload)
+        head = self._exactly(16)
+        got_id, got_cmd, size, flags, error = HEADER.unpack_from(head)
+        assert (got_id, got_cmd, flags, error) == (msg_id, command, HeaderFlags.TYPE_REPLY, 0)
+        return self._exactly(size - 16)
+
+    def read32(self, offset: int) -> int:
+        body = self.request(READ, ACCESS.pack(offset, 0, 4))
+        return int.from_bytes(body[16:], "little")
+
+    def write32(self, offset: int, value: int) -> None:
+        self.request(WRITE, ACCESS.pack(offset, 0, 4) + value.to_bytes(4, "little"))
+
+    def _exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            assert chunk, "server closed the connection"
+            buf += chunk
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+async def test_serial_peer_is_served_by_the_hot_loop(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200 serial reads from another thread: (nearly) all answered inside `_hot_loop`, and
+    a write that starts a device task lets that task run while the peer sends nothing
+    (if the loop kept blocking in poll() with the task runnable, `kicked` never fires)."""
+    callers: dict[str, int] = {}
+    real = dispatch.run_hot_parts
+
+    def recording(*args: Any) -> bytes | None:
+        name = sys._getframe(1).f_code.co_name
+        callers[name] = callers.get(name, 0) + 1
+        return real(*args)
+
+    monkeypatch.setattr(dispatch, "run_hot_parts", recording)
+    model = Kicker()
+    srv = await make_server({"kicker": model})
+    results: dict[str, Any] = {}
+
+    def peer() -> None:
+        client = ThreadClient(path_of(srv, "kicker"))
+        try:
+            results["reads"] = [client.read32(0) for _ in range(200)]
+            client.write32(0, 1)
+            results["kicked"] = model.kicked.wait(5)
+            results["after"] = client.read32(0)
+        finally:
+            client.close()
+
+    with trio.fail_after(30):
+        await trio.to_thread.run_sync(peer)
+    assert results["reads"] == [0] * 200
+    assert results["kicked"], "the task started by the write never ran"
+    assert results["after"] == 1
+    # A read that arrives while trio has something to do (the worker thread's own
+    # wake-ups) takes the general path; the idle ones must not.
+    assert callers.get("_hot_loop", 0) >= 150, callers

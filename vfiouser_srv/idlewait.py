@@ -1,0 +1,185 @@
+"""Wait for one descriptor when the trio thread has nothing else to do, without a scheduler round.
+
+Why this exists: a serial vfio-user peer (QEMU's vCPU doing one MMIO read at a time, or the
+benchmark client) sends a request, waits for the reply, sends the next. Between two requests
+the server is idle, and `trio.lowlevel.wait_readable` costs an `epoll_ctl` to arm the
+one-shot registration, a pass of trio's run loop, an `epoll_wait`, and another pass to
+reschedule the task; trying the read first costs a BlockingIOError when nothing is there.
+On our 2-core VMs that made a trio server's serial round trip 2.3x libvfio-user's C sample
+even with no request handling at all (benchmarks/README.md, "idle wait").
+
+`IdleWaiter` short-cuts that case, and only that case. When no other task is scheduled, none
+waits in `trio.testing.wait_all_tasks_blocked`, no instrument is installed, the clock is the
+real one and trio is not in guest mode, it blocks in one `poll()` on two descriptors: ours,
+and trio's own epoll descriptor. An epoll descriptor polls readable as soon as any
+descriptor trio waits on has an event (another connection, the listener, an eventfd, a
+worker thread finishing through `run_sync_soon`, a signal through the wakeup socket), and
+the poll timeout is the next cancel-scope deadline. So the thread blocks exactly as long as
+trio itself would have, and then:
+
+- only our descriptor is ready: the caller reads it at once, no scheduler round;
+- anything else (trio has an event, a deadline is due): the caller goes through
+  `trio.lowlevel.wait_readable`, so trio handles it first with its usual semantics
+  (cancellation, fairness, deadlines).
+
+The fast case is not a checkpoint, like a non-blocking read that succeeds: callers that
+loop must checkpoint now and then themselves (`FdStream` and `Session._hot_loop` do every
+64 reads). Cancellation is not delayed by it: a cancel can only come from another task
+(none can run while we block), a deadline (the poll times out at it) or a signal or thread
+(their wakeup makes trio's epoll descriptor readable).
+
+It reads private attributes of trio's runner (`runq`, `tasks` and their `_next_send_fn`,
+`deadlines`, `clock`, `instruments`, `waiting_for_idle`, `io_manager._epoll`, `is_guest`).
+They have been stable for years; if a trio release moves them, the probe fails, the waiter
+quietly uses the ordinary path, and
+`tests/server/test_idlewait.py::test_fast_path_is_available` fails so we notice.
+"""
+
+from __future__ import annotations
+
+import math
+import select
+from typing import Any
+
+import trio
+
+try:  # trio internals: see the module docstring
+    from trio._core import _run as _trio_run
+except ImportError:  # pragma: no cover - depends on the installed trio
+    _trio_run = None  # type: ignore[assignment]
+_RUN_CONTEXT: Any = getattr(_trio_run, "GLOBAL_RUN_CONTEXT", None)
+_SystemClock: Any = getattr(_trio_run, "SystemClock", None)
+
+_POLLIN = select.POLLIN
+_INF = math.inf
+
+
+def _epoll_fd(runner: Any) -> int | None:
+    """trio's epoll descriptor for `runner`, or None when the fast path cannot be used in
+    this run (another I/O backend, guest mode, changed internals)."""
+    try:
+        epoll = runner.io_manager._epoll
+        if (
+            isinstance(epoll, select.epoll)
+            and not runner.is_guest
+            and hasattr(runner, "runq")
+            and hasattr(runner, "waiting_for_idle")
+            and isinstance(runner.tasks, set)
+            and all(hasattr(task, "_next_send_fn") for task in runner.tasks)
+            and hasattr(runner.deadlines, "next_deadline")
+            and isinstance(getattr(runner.deadlines, "_heap", None), list)
+            and hasattr(runner.instruments, "data")
+        ):
+            return epoll.fileno()
+    except AttributeError:
+        pass
+    return None
+
+
+def _current_runner() -> Any:
+    return getattr(_RUN_CONTEXT, "runner", None) if _RUN_CONTEXT is not None else None
+
+
+def available() -> bool:
+    """Whether the fast path can be used in the current trio run."""
+    runner = _current_runner()
+    return runner is not None and _epoll_fd(runner) is not None
+
+
+class IdleWaiter:
+    """Waits for one descriptor to become readable; see the module docstring.
+
+    One per descriptor: it keeps a `select.poll` object with both descriptors registered
+    (built again if it is used from another `trio.run`). The caller owns `fd` and must not
+    close it while a `wait` is running (as with `trio.lowlevel.wait_readable`).
+    """
+
+    __slots__ = ("_fd", "_heap_len", "_poller", "_runner")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._runner: Any = False  # never a runner: the first use sets up
+        self._poller: Any = None  # select.poll, or None when the fast path is unavailable
+        self._heap_len = 0  # trio's deadline heap size when idle_deadline last looked
+
+    def _setup(self, runner: Any) -> None:
+        self._runner = runner
+        epfd = _epoll_fd(runner)
+        if epfd is None:
+            self._poller = None
+            return
+        poller = select.poll()
+        poller.register(self._fd, _POLLIN)
+        poller.register(epfd, _POLLIN)
+        self._poller = poller
+
+    def idle_deadline(self) -> float | None:
+        """None when the fast path does not apply right now (other tasks runnable, an
+        instrument installed, another clock, backend or guest mode); otherwise the trio
+        time of the next cancel-scope deadline (inf if none) for `poll_until`.
+
+        Valid until the caller next yields to trio: while a task runs synchronously, no
+        other task can run, so a caller may serve several messages with one call to this
+        and one `poll_until` per message. (Its own synchronous code can still wake a task
+        or set a deadline, e.g. a register write that starts device work: `poll_until`
+        notices that and returns False.)"""
+        try:
+            runner = _RUN_CONTEXT.runner
+        except AttributeError:  # not inside trio.run, or no trio internals
+            return None
+        if runner is not self._runner:
+            self._setup(runner)
+        # Instruments always holds an "_all" key; any other key is a hook somebody installed.
+        # A task in `trio.testing.wait_all_tasks_blocked` must be woken by trio when all
+        # tasks block, which it cannot do while we block in poll().
+        if (
+            self._poller is None
+            or runner.runq
+            or runner.waiting_for_idle
+            or len(runner.instruments.data) != 1
+            or type(runner.clock) is not _SystemClock
+        ):
+            return None
+        # `runq` is only the *next* batch: trio takes a batch off it and runs the tasks one
+        # by one, so tasks later in the batch we run in are scheduled but in no queue. A
+        # scheduled task has a pending resume function; we have none while we run.
+        for task in runner.tasks:
+            if task._next_send_fn is not None:
+                return None
+        deadline: float = runner.deadlines.next_deadline()
+        self._heap_len = len(runner.deadlines._heap)
+        return deadline
+
+    def poll_until(self, deadline: float) -> bool:
+        """Block in `poll()` until our descriptor or trio's epoll descriptor is readable
+        or `deadline` (from `idle_deadline`) passes. True when only our descriptor is
+        ready: read it now, no scheduler round and no EAGAIN. False otherwise: trio has
+        something to do, so go through the ordinary trio path. Data already waiting makes
+        the poll return at once, so callers poll first instead of trying a read that may
+        raise BlockingIOError (raising costs more in CPython than the poll)."""
+        runner = self._runner
+        if runner.runq or len(runner.deadlines._heap) != self._heap_len:
+            return False  # our own code woke a task or set a deadline: let trio run
+        if deadline == _INF:
+            timeout = -1
+        else:
+            left = deadline - runner.clock.current_time()
+            if left <= 0:
+                return False
+            # round up: waking a little after the deadline costs one fallback, not a spin
+            timeout = math.ceil(left * 1000)
+        events = self._poller.poll(timeout)
+        return len(events) == 1 and events[0][0] == self._fd
+
+    def idle_poll(self) -> bool:
+        """`idle_deadline` and `poll_until` in one: False at once when not idle."""
+        deadline = self.idle_deadline()
+        return deadline is not None and self.poll_until(deadline)
+
+    async def wait(self) -> None:
+        """Return when the descriptor is readable (or at EOF or error)."""
+        if not self.idle_poll():
+            await trio.lowlevel.wait_readable(self._fd)
+
+
+__all__ = ["IdleWaiter", "available"]
