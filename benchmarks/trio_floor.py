@@ -1,7 +1,9 @@
-"""The floor for any trio server on this machine: a 40-line REGION_READ echo.
+"""What trio's ordinary wait costs: a 40-line REGION_READ echo.
 
 It answers VERSION and REGION_READ (4 zero bytes) and nothing else, with one
-`wait_readable` + `recvmsg_into` + `send` per message, the least a trio server can do. Run it
+`wait_readable` + `recvmsg_into` + `send` per message: the least a trio server that waits
+through trio's scheduler can do. (Our server beats it by waiting in one poll() when trio is
+idle: vfiouser_srv/idlewait.py and benchmarks/README.md.) Run it
 next to the C sample and our server (`compare.py ... --server "trio-floor=python
 benchmarks/trio_floor.py {sock}" --region trio-floor=0`) to see how much of a ratio is the
 event loop itself rather than our code.

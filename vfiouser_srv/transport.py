@@ -2,8 +2,10 @@
 
 `trio.SocketStream` has no recvmsg, so this is a small stream of our own. Hot-path rules
 (DESIGN.md section 4): try the non-blocking syscall first and wait for readiness only on
-EAGAIN; one `sendmsg` per outgoing batch (header + payload + fds together); receive into a
-preallocated buffer.
+EAGAIN, and wait through `idlewait.IdleWaiter` (one poll() instead of a scheduler round
+when trio is idle); one `sendmsg` per outgoing batch (header + payload + fds together);
+receive into a preallocated buffer. `Session._hot_loop` drives the socket itself for
+serial MMIO with the attributes documented in `FdStream.__init__`.
 
 Resource handling: every descriptor received becomes an `OwnedFd` at once. MSG_CTRUNC (the
 kernel dropped descriptors because our control buffer was too small) is fatal: the stream
