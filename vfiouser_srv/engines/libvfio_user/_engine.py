@@ -62,6 +62,7 @@ from devices.sdk.interface import (
 )
 
 from ...dispatch import errno_of
+from ...idlewait import IdleWaiter
 from ...session import TaskGroup
 from . import _bindings as b
 
@@ -741,9 +742,11 @@ class LibvfioUserDevice(DeviceContext):
         # The poll fd changes at attach; wait on our own duplicate so that the library
         # closing its descriptor can never leave trio watching a recycled number.
         wait_fd = os.dup(_check(self.lib.vfu_get_poll_fd(self._ctx), "vfu_get_poll_fd"))
+        # one poll() instead of a scheduler round while trio is idle (see idlewait)
+        waiter = IdleWaiter(wait_fd)
         try:
             while True:
-                await trio.lowlevel.wait_readable(wait_fd)
+                await waiter.wait()
                 async with self.lock:
                     try:
                         if not await self._drain():
