@@ -6,7 +6,8 @@ the server is idle, and `trio.lowlevel.wait_readable` costs an `epoll_ctl` to ar
 one-shot registration, a pass of trio's run loop, an `epoll_wait`, and another pass to
 reschedule the task; trying the read first costs a BlockingIOError when nothing is there.
 On our 2-core VMs that made a trio server's serial round trip 2.3x libvfio-user's C sample
-even with no request handling at all (benchmarks/README.md, "idle wait").
+even with no request handling at all (benchmarks/README.md, "Serial round trip: where the
+time went").
 
 `IdleWaiter` short-cuts that case, and only that case. When no other task is scheduled, none
 waits in `trio.testing.wait_all_tasks_blocked`, no instrument is installed, the clock is the

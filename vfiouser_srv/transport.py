@@ -75,7 +75,8 @@ class FdStream:
         #: What a caller's own receive loop needs (`Session._hot_loop`): a read is
         #: ``n, anc, flags, _ = sock.recvmsg_into(iov, ancsize, RECV_FLAGS)``, then
         #: `chunk(n, anc, flags)` (or ``view[:n]`` when there is no ancillary data and no
-        #: flag), `read_failed(exc)` for an OSError, and `count_reads` for the reads done.
+        #: RECV_TRUNCATED bit), `read_failed(exc)` for an OSError, and `count_reads` for the
+        #: reads done.
         self.view = self._view
         self.iov = [self._view]
         self.ancsize = self._ancsize
@@ -133,8 +134,8 @@ class FdStream:
     def receive_now(self) -> tuple[memoryview, list[OwnedFd]] | None:
         """`receive_view` without the coroutine: the next chunk if it is already there and
         no checkpoint is owed, else None (then await `receive_view`, which will not repeat
-        a read that just found nothing). The hot loop calls this first: a coroutine per
-        message is measurable on a serial round trip."""
+        a read that just found nothing). The session's read loop calls this first: a
+        coroutine per message is measurable on a serial round trip."""
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         count = self._reads_without_checkpoint + 1
@@ -179,7 +180,7 @@ class FdStream:
         it often runs at once and sends its next request before we get here, and then the
         read succeeds without entering the event loop. Waiting goes through
         `idlewait.IdleWaiter`, which skips trio's scheduler round when nothing else is
-        going on (benchmarks/README.md, "try first" and "idle wait").
+        going on (benchmarks/README.md, "Serial round trip: where the time went").
         """
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
@@ -189,24 +190,18 @@ class FdStream:
             self._would_block = False
             await trio.lowlevel.checkpoint()
         while True:
-            if self._would_block:  # receive_now just read nothing: wait before reading
-                self._would_block = False
-            else:
+            if not self._would_block:  # else receive_now just read nothing: wait first
                 try:
                     return self._recv_nowait()
-                except BlockingIOError:
-                    pass
-                except ConnectionResetError:
-                    return memoryview(b""), []
                 except OSError as exc:
-                    if exc.errno == errno.EBADF and self._closed:
-                        raise trio.ClosedResourceError("stream closed") from None
-                    raise TransportError(f"recvmsg: {exc}") from exc
+                    got = self.read_failed(exc)
+                    if got is not None:
+                        return got
+            self._would_block = False
             self._reads_without_checkpoint = 0
             await self.waiter.wait()
 
     # ------------------------------------------------------------------ send
-
 
     def _sendmsg(self, data: bytes | memoryview, fds: Sequence[Any]) -> int:
         if fds:
