@@ -23,6 +23,11 @@ trio itself would have, and then:
   `trio.lowlevel.wait_readable`, so trio handles it first with its usual semantics
   (cancellation, fairness, deadlines).
 
+`Session._hot_loop` goes one step further for a peer that is actively sending: between
+messages it asks `must_yield` (one poll(0) on trio's epoll descriptor, plus the checks
+above) and then blocks in recvmsg itself for at most `HOT_WAIT`, because waking from a
+blocking recvmsg is far quicker than waking from poll() when the peer is on another CPU.
+
 The fast case is not a checkpoint, like a non-blocking read that succeeds: callers that
 loop must checkpoint now and then themselves (`FdStream` and `Session._hot_loop` do every
 64 reads). Cancellation is not delayed by it: a cancel can only come from another task
@@ -53,6 +58,14 @@ _SystemClock: Any = getattr(_trio_run, "SystemClock", None)
 
 _POLLIN = select.POLLIN
 _INF = math.inf
+
+#: How long `Session._hot_loop` may block in a plain recvmsg for a serial peer's next
+#: request (the socket's SO_RCVTIMEO, see `FdStream`), delaying any other trio event by at
+#: most this much. Why block in recvmsg at all: with the peer on another CPU (QEMU's vCPU
+#: thread and us on CPUs of our own), a task woken out of a blocking recvmsg answered a
+#: serial peer in ~35 µs on our VMs, one woken out of poll() or epoll_wait() in ~80 µs
+#: (benchmarks/README.md). A vCPU's MMIO accesses come much closer together than this.
+HOT_WAIT = 0.0005
 
 
 def _epoll_fd(runner: Any) -> int | None:
@@ -95,13 +108,14 @@ class IdleWaiter:
     close it while a `wait` is running (as with `trio.lowlevel.wait_readable`).
     """
 
-    __slots__ = ("_fd", "_heap_len", "_poller", "_runner")
+    __slots__ = ("_epoll_poller", "_fd", "_heap_len", "_poller", "_runner")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._runner: Any = False  # never a runner: the first use sets up
         self._poller: Any = None  # select.poll, or None when the fast path is unavailable
         self._heap_len = 0  # trio's deadline heap size when idle_deadline last looked
+        self._epoll_poller: Any = None  # select.poll on trio's epoll descriptor alone
 
     def _setup(self, runner: Any) -> None:
         self._runner = runner
@@ -113,6 +127,8 @@ class IdleWaiter:
         poller.register(self._fd, _POLLIN)
         poller.register(epfd, _POLLIN)
         self._poller = poller
+        self._epoll_poller = select.poll()
+        self._epoll_poller.register(epfd, _POLLIN)
 
     def idle_deadline(self) -> float | None:
         """None when the fast path does not apply right now (other tasks runnable, an
@@ -172,6 +188,17 @@ class IdleWaiter:
         events = self._poller.poll(timeout)
         return len(events) == 1 and events[0][0] == self._fd
 
+    def must_yield(self, deadline: float) -> bool:
+        """After `idle_deadline`, before a read that may block for up to `HOT_WAIT`: True
+        when trio should run first (our own code woke a task or set a deadline, the
+        deadline is that close, or trio's epoll descriptor has an event). One poll(0)."""
+        runner = self._runner
+        if runner.runq or len(runner.deadlines._heap) != self._heap_len:
+            return True
+        if deadline != _INF and deadline - runner.clock.current_time() <= HOT_WAIT:
+            return True
+        return bool(self._epoll_poller.poll(0))
+
     def idle_poll(self) -> bool:
         """`idle_deadline` and `poll_until` in one: False at once when not idle."""
         deadline = self.idle_deadline()
@@ -183,4 +210,4 @@ class IdleWaiter:
             await trio.lowlevel.wait_readable(self._fd)
 
 
-__all__ = ["IdleWaiter", "available"]
+__all__ = ["HOT_WAIT", "IdleWaiter", "available"]

@@ -53,7 +53,7 @@ from .container import Container, DmaWindow
 from .fds import close_all
 from .irq import IrqTable
 from .objects import ClientId, Device, new_connection_id
-from .transport import RECV_FLAGS, RECV_TRUNCATED, FdStream, TransportError
+from .transport import RECV_FLAGS, RECV_TRUNCATED, SEND_FLAGS, FdStream, TransportError
 
 if TYPE_CHECKING:
     from .server import Server
@@ -459,18 +459,20 @@ class Session(DeviceContext):
     def _hot_loop(self) -> tuple[memoryview, list[Any]] | None:
         """Serve one-access reads back to back, synchronously, while trio is otherwise idle.
 
-        This is the serial round trip of a vCPU doing MMIO, the latency a guest feels.
-        Everything is hoisted into locals, the wait is `IdleWaiter.poll_until` (a poll()
-        on our socket and trio's epoll descriptor, see idlewait) and the reply is sent at
-        once: per message one poll, one recvmsg, one send and the handler, with no
-        coroutine, scheduler round, EAGAIN exception or reassembly buffer. On these VMs
-        every distinct object touched per message shows up in the round trip (the client
-        runs in between and evicts our caches), hence the flat, repetitive style.
+        This is the serial round trip of a vCPU doing MMIO, the latency a guest feels. Per
+        message: one poll(0) on trio's epoll descriptor (`IdleWaiter.must_yield`: does
+        trio have anything to do?), one recvmsg that blocks for the next request for
+        `idlewait.HOT_WAIT` at most, the handler, one send; no coroutine, scheduler round,
+        EAGAIN exception or reassembly buffer. Waking from a blocking recvmsg is much
+        faster than from poll() for a peer on another CPU, and on these VMs every distinct
+        object touched per message shows up in the round trip (with a peer on the same
+        CPU, it runs in between and evicts our caches), hence the flat style.
 
         Returns the first read that is not a single plain REGION_READ/WRITE (for the
-        general path), or None when the caller must go through trio: it is not idle, a
-        deadline is near, our handler woke a task, the read would block, the reply could
-        not be sent whole, or 63 reads went by without a checkpoint.
+        general path), or None when the caller must go through trio: it is not idle, trio
+        has an event, a deadline is near, our handler woke a task, no request came within
+        HOT_WAIT, the reply could not be sent whole, or 63 reads went by without a
+        checkpoint.
         """
         conn, stream = self.conn, self.stream
         if self._outq or self._close_requested or not conn.hot_ready():
@@ -479,9 +481,10 @@ class Session(DeviceContext):
         deadline = waiter.idle_deadline()
         if deadline is None:
             return None
-        poll_until = waiter.poll_until
+        must_yield = waiter.must_yield
         recv = stream.sock.recvmsg_into
         send = stream.sock.send
+        send_flags = SEND_FLAGS
         iov, ancsize, view, flags_in = stream.iov, stream.ancsize, stream.view, RECV_FLAGS
         truncated = RECV_TRUNCATED
         unpack = HEADER.unpack_from
@@ -490,10 +493,10 @@ class Session(DeviceContext):
         reads = 0
         try:
             while reads < _HOT_LOOP_READS:
-                if not poll_until(deadline):
+                if must_yield(deadline):
                     return None
                 reads += 1
-                try:
+                try:  # blocks for the peer's next request, HOT_WAIT at most
                     n, anc, mflags, _addr = recv(iov, ancsize, flags_in)
                 except OSError as exc:
                     return stream.read_failed(exc)
@@ -508,7 +511,7 @@ class Session(DeviceContext):
                         self._send(reply)
                         return None
                     try:
-                        sent = send(reply)
+                        sent = send(reply, send_flags)
                     except OSError:  # full or broken: `_send` queues or records it
                         self._send(reply)
                         return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import errno
 import socket
+import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -33,8 +34,14 @@ _INT_SIZE = array.array("i").itemsize
 #: plain ints: `socket.MSG_*` are IntFlags, whose `&` costs half a microsecond per message
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
-#: flags of every recvmsg: descriptors arrive close-on-exec
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+#: flags of the hot loop's blocking recvmsg: descriptors arrive close-on-exec. The socket
+#: itself is in blocking mode with SO_RCVTIMEO = idlewait.HOT_WAIT, and every other call
+#: on it passes MSG_DONTWAIT, so only that one read can block, and for HOT_WAIT at most.
 RECV_FLAGS = _MSG_CMSG_CLOEXEC
+_RECV_NOW = _MSG_CMSG_CLOEXEC | _DONTWAIT
+#: flags of every send: never block the trio thread
+SEND_FLAGS = _DONTWAIT
 #: the returned msg_flags bit that makes a read fatal (the kernel echoes MSG_CMSG_CLOEXEC
 #: back in msg_flags, so test this bit, not the whole value)
 RECV_TRUNCATED = _MSG_CTRUNC
@@ -67,7 +74,12 @@ class FdStream:
     def __init__(
         self, sock: socket.socket, *, recv_size: int = (1 << 20) + 4096, max_fds: int = SCM_MAX_FD
     ) -> None:
-        sock.setblocking(False)
+        # Blocking mode + MSG_DONTWAIT on every call except the hot loop's read (see
+        # RECV_FLAGS): O_NONBLOCK belongs to the shared file description, and toggling it
+        # per message cost more than it saved.
+        sock.setblocking(True)
+        usec = int(idlewait.HOT_WAIT * 1_000_000)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, usec))
         self.sock = sock
         self._fileno = sock.fileno()
         self._view = _shared_buffer(recv_size)
@@ -101,8 +113,6 @@ class FdStream:
 
     def peercred(self) -> tuple[int, int, int]:
         """(pid, uid, gid) of the peer, from SO_PEERCRED."""
-        import struct
-
         raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
         return pid, uid, gid
@@ -110,7 +120,7 @@ class FdStream:
     # ------------------------------------------------------------------ receive
 
     def _recv_nowait(self) -> tuple[memoryview, list[OwnedFd]]:
-        n, anc, flags, _addr = self.sock.recvmsg_into(self.iov, self._ancsize, RECV_FLAGS)
+        n, anc, flags, _addr = self.sock.recvmsg_into(self.iov, self._ancsize, _RECV_NOW)
         if not anc and not flags & _MSG_CTRUNC:
             return self._view[:n], []
         return self.chunk(n, anc, flags)
@@ -207,8 +217,8 @@ class FdStream:
         if fds:
             nums = array.array("i", [f.fileno() if hasattr(f, "fileno") else int(f) for f in fds])
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, nums.tobytes())]
-            return self.sock.sendmsg([data], anc)
-        return self.sock.send(data)
+            return self.sock.sendmsg([data], anc, SEND_FLAGS)
+        return self.sock.send(data, SEND_FLAGS)
 
     def send_some(self, data: bytes, fds: Sequence[Any] = ()) -> int:
         """Send what the socket takes now; `fds` ride with the first byte. Returns the count
@@ -219,7 +229,7 @@ class FdStream:
         if self.sending:
             return 0
         try:
-            return self._sendmsg(data, fds) if fds else self.sock.send(data)
+            return self._sendmsg(data, fds)
         except BlockingIOError:
             return 0
         except (BrokenPipeError, ConnectionResetError) as exc:
