@@ -163,8 +163,7 @@ class Edu(PciDevice):
         return count == 4 or (offset >= WIDE_REGS_START and count == 8)
 
     def _mmio_read(self, offset: int, count: int) -> bytes:
-        # _size_ok inlined: this is the MMIO read path a benchmark's round trip measures
-        if count != 4 and (offset < WIDE_REGS_START or count != 8):
+        if not self._size_ok(offset, count):
             log.debug("edu: %d-byte read at 0x%x rejected", count, offset)
             return b"\xff" * count
         getter = self._readers.get(offset)

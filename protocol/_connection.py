@@ -212,31 +212,8 @@ class Connection:
 
     def hot_ready(self) -> bool:
         """READY with nothing buffered: a read holding exactly one plain hot frame can be
-        served from its header alone (`single_hot`, `Session._hot_loop`)."""
+        served from its header alone (`Session._hot_loop`), as in `hot_prefix`."""
         return self.phase is _READY and self._decoder.idle
-
-    def single_hot(
-        self, data: bytes | bytearray | memoryview, hot: frozenset[int]
-    ) -> tuple[int, int, int] | None:
-        """``(msg_id, command, flags)`` when `data` is exactly one plain hot frame, else None.
-
-        `hot_prefix` for the commonest read of all, one MMIO access from a vCPU waiting for
-        it: no list and no offsets to build. Same conditions as `hot_prefix` (READY, nothing
-        buffered, the caller has checked that the read carried no fds); the payload is
-        ``data[HEADER_SIZE:]``.
-        """
-        if len(data) < HEADER_SIZE or self.phase is not _READY:
-            return None
-        msg_id, command, size, flags, error = HEADER.unpack_from(data)
-        if (
-            size != len(data)
-            or error
-            or command not in hot
-            or (flags and flags != _NO_REPLY)
-            or not self._decoder.idle
-        ):
-            return None
-        return msg_id, command, flags
 
     def next_event_or_hot_frame(self, hot: frozenset[int]) -> Event | Frame | None:
         """Like `next_event`, but a plain command whose number is in `hot` comes back as

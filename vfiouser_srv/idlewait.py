@@ -133,13 +133,14 @@ class IdleWaiter:
     def idle_deadline(self) -> float | None:
         """None when the fast path does not apply right now (other tasks runnable, an
         instrument installed, another clock, backend or guest mode); otherwise the trio
-        time of the next cancel-scope deadline (inf if none) for `poll_until`.
+        time of the next cancel-scope deadline (inf if none) for `poll_until` and
+        `must_yield`.
 
         Valid until the caller next yields to trio: while a task runs synchronously, no
         other task can run, so a caller may serve several messages with one call to this
-        and one `poll_until` per message. (Its own synchronous code can still wake a task
-        or set a deadline, e.g. a register write that starts device work: `poll_until`
-        notices that and returns False.)"""
+        and one `poll_until` or `must_yield` per message. (Its own synchronous code can
+        still wake a task or set a deadline, e.g. a register write that starts device
+        work: both notice that.)"""
         try:
             runner = _RUN_CONTEXT.runner
         except AttributeError:  # not inside trio.run, or no trio internals

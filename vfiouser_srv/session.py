@@ -393,8 +393,7 @@ class Session(DeviceContext):
         hot = dispatch.HOT_COMMANDS
         run_hot = dispatch.run_hot
         verbose = self._verbose = wire_log.isEnabledFor(logging.DEBUG)
-        receive_now, single_hot = stream.receive_now, conn.single_hot
-        run_hot_parts = dispatch.run_hot_parts
+        receive_now = stream.receive_now
         while not self._close_requested:
             try:
                 got = None if verbose else self._hot_loop()
@@ -408,16 +407,6 @@ class Session(DeviceContext):
                 close_all(fds)
                 log.info("%s: client closed the connection", self.name)
                 return
-            if not fds and not verbose:
-                # One MMIO access that `_hot_loop` did not take (trio was busy)
-                head = single_hot(data, hot)
-                if head is not None:
-                    reply = run_hot_parts(self, head[0], head[1], head[2], data[HEADER_SIZE:])
-                    if reply is not None:
-                        self._send(reply)
-                    if self._out_bytes > WRITE_BACKLOG_LIMIT:
-                        await self._flush([])
-                    continue
             if not fds:
                 frames, used = conn.hot_prefix(data, hot)
                 if frames:  # the steady state: MMIO accesses and nothing else
@@ -503,6 +492,7 @@ class Session(DeviceContext):
                 if anc or mflags & truncated or n < HEADER_SIZE:
                     return stream.chunk(n, anc, mflags)
                 msg_id, command, size, flags, error = unpack(view)
+                # one whole frame, plain by protocol._plain_hot's rule (inlined: hot path)
                 if size != n or error or command not in hot or (flags and flags != _NO_REPLY):
                     return view[:n], []
                 reply = run_hot_parts(self, msg_id, command, flags, view[HEADER_SIZE:n])

@@ -82,16 +82,14 @@ class FdStream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, usec))
         self.sock = sock
         self._fileno = sock.fileno()
-        self._view = _shared_buffer(recv_size)
-        self._ancsize = socket.CMSG_SPACE(max_fds * _INT_SIZE)
         #: What a caller's own receive loop needs (`Session._hot_loop`): a read is
         #: ``n, anc, flags, _ = sock.recvmsg_into(iov, ancsize, RECV_FLAGS)``, then
         #: `chunk(n, anc, flags)` (or ``view[:n]`` when there is no ancillary data and no
         #: RECV_TRUNCATED bit), `read_failed(exc)` for an OSError, and `count_reads` for the
         #: reads done.
-        self.view = self._view
-        self.iov = [self._view]
-        self.ancsize = self._ancsize
+        self.view = _shared_buffer(recv_size)
+        self.iov = [self.view]
+        self.ancsize = socket.CMSG_SPACE(max_fds * _INT_SIZE)
         self.waiter = idlewait.IdleWaiter(self._fileno)
         self._send_lock = trio.Lock()
         #: `send` calls running or queued for the lock: while non-zero, a direct send would
@@ -120,9 +118,9 @@ class FdStream:
     # ------------------------------------------------------------------ receive
 
     def _recv_nowait(self) -> tuple[memoryview, list[OwnedFd]]:
-        n, anc, flags, _addr = self.sock.recvmsg_into(self.iov, self._ancsize, _RECV_NOW)
+        n, anc, flags, _addr = self.sock.recvmsg_into(self.iov, self.ancsize, _RECV_NOW)
         if not anc and not flags & _MSG_CTRUNC:
-            return self._view[:n], []
+            return self.view[:n], []
         return self.chunk(n, anc, flags)
 
     def chunk(
@@ -139,7 +137,7 @@ class FdStream:
         if flags & _MSG_CTRUNC:
             close_all(fds)
             raise TransportError("control data truncated (MSG_CTRUNC): descriptors lost")
-        return self._view[:n], fds
+        return self.view[:n], fds
 
     def receive_now(self) -> tuple[memoryview, list[OwnedFd]] | None:
         """`receive_view` without the coroutine: the next chunk if it is already there and
