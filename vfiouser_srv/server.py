@@ -26,6 +26,7 @@ import trio
 from devices.sdk.interface import DeviceModel, IrqIndex, RegionSpec
 from protocol import Capabilities
 
+from .limits import DEFAULT_LIMITS, Limits
 from .objects import Device, DeviceState, Group, ObjectError, OwnerPolicy
 from .session import Session
 from .transport import FdStream
@@ -82,8 +83,9 @@ def raise_fd_limit() -> int:
 
 
 class Server:
-    def __init__(self, caps: Capabilities | None = None) -> None:
+    def __init__(self, caps: Capabilities | None = None, limits: Limits | None = None) -> None:
         self.caps = caps or DEFAULT_CAPS
+        self.limits = limits or DEFAULT_LIMITS
         self.devices: dict[str, Device] = {}
         self.groups: dict[str, Group] = {}
         self._listeners: dict[str, _Listener] = {}
