@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._caps import Capabilities
-from ._constants import HEADER_FLAGS_KNOWN, HEADER_SIZE, Command, HeaderFlags
+from ._constants import HEADER_FLAGS_KNOWN, HEADER_SIZE, MAX_VERSION_SIZE, Command, HeaderFlags
 from ._errors import FatalProtocolError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._messages import Body, Version, decode_body
 from ._wire import HEADER, Frame, FrameDecoder, pack_header
@@ -136,6 +136,7 @@ class Connection:
         role: Role,
         *,
         local_caps: Capabilities | None = None,
+        max_version_size: int = MAX_VERSION_SIZE,
     ) -> None:
         self.role = role
         self.phase = Phase.AWAIT_VERSION
@@ -145,9 +146,11 @@ class Connection:
         self.caps: Capabilities | None = None
         self.peer_caps: Capabilities | None = None
         self._next_id = 0
+        #: the frame limit once READY; until then frames are bounded by `max_version_size`,
+        #: so a peer that has agreed to nothing cannot make us buffer (or parse) megabytes
+        self._max_frame = HEADER_SIZE + _STRUCT_HEADROOM + self.local_caps.max_data_xfer_size
         self._decoder = FrameDecoder(
-            HEADER_SIZE + _STRUCT_HEADROOM + self.local_caps.max_data_xfer_size,
-            max(self.local_caps.max_msg_fds, 1),
+            min(max_version_size, self._max_frame), max(self.local_caps.max_msg_fds, 1)
         )
 
     # ---------------------------------------------------------------- phases
@@ -157,6 +160,8 @@ class Connection:
         if nxt is None:
             raise LocalProtocolError(f"{self.role.value}: {step.value} in phase {self.phase.value}")
         self.phase = nxt
+        if nxt is Phase.READY:
+            self._decoder.max_message_size = self._max_frame
 
     def _allowed(self, step: Step) -> bool:
         return (self.role, self.phase, step) in PHASE_TABLE

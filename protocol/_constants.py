@@ -10,6 +10,11 @@ import enum
 #: Size of the header that starts every message.
 HEADER_SIZE = 16
 
+#: Largest message accepted before VERSION completes (the VERSION exchange itself), header
+#: included. QEMU's VERSION is about 200 bytes; without a bound, a peer could make us buffer
+#: and parse up to max_data_xfer_size of JSON before any capability was agreed.
+MAX_VERSION_SIZE = 4096
+
 #: Protocol version we speak (the spec's current one; QEMU proposes 0.0).
 PROTOCOL_MAJOR = 0
 PROTOCOL_MINOR = 0

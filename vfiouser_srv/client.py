@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import logging
 import math
 import mmap
@@ -327,22 +328,32 @@ class GuestMemory:
         shared: bool = True,
         flags: int = DmaMapFlags.READ | DmaMapFlags.WRITE,
         dma_map: bool = True,
+        sealed: bool = True,
     ) -> RamWindow:
         """Create `size` bytes of RAM at `address` and (unless `dma_map=False`) map it.
 
         `shared` sends the memfd with DMA_MAP, like `memory-backend-memfd,share=on`, so the
         server can mmap it; otherwise DMA_MAP carries no fd and the server must use DMA_READ
-        / DMA_WRITE messages. If the server refuses the map, the RAM is released again and
-        `VfioUserError` propagates.
+        / DMA_WRITE messages. `sealed` seals the memfd against shrinking and growing, as
+        QEMU's memory-backend-memfd does by default: a server mmaps only a file that cannot
+        shrink under it (an unsealed one it serves with pread/pwrite). If the server refuses
+        the map, the RAM is released again and `VfioUserError` propagates.
         """
         if size <= 0 or address < 0:
             raise ValueError(f"bad RAM window {address:#x}+{size:#x}")
         for w in self.windows:
             if address < w.end and w.address < address + size:
                 raise ValueError(f"RAM {address:#x}+{size:#x} overlaps {w.address:#x}+{w.size:#x}")
-        fd = OwnedFd(os.memfd_create(f"vfiouser-guest-ram-{address:#x}", os.MFD_CLOEXEC))
+        fd = OwnedFd(
+            os.memfd_create(
+                f"vfiouser-guest-ram-{address:#x}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            )
+        )
         try:
             os.ftruncate(fd.fileno(), size)
+            if sealed:
+                seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                fcntl.fcntl(fd.fileno(), fcntl.F_ADD_SEALS, seals)
             mm = mmap.mmap(fd.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             fd.close()

@@ -4,12 +4,22 @@ Concepts (after libvfio-user's `lib/dma.c`):
 
 * A *window* is what one DMA_MAP added: [address, address + size) of the client's IOVA
   space, with read/write permission. Windows are sorted and never overlap.
-* A window that came with a file descriptor is mmap'd here (MAP_SHARED, protection from its
-  permission) and served with zero-copy memoryviews. The descriptor the client sent is
-  closed at once, but CPython's `mmap` keeps a duplicate of its own until the window is
-  unmapped, so every mmap'd window costs one descriptor: the server raises its descriptor
-  limit at start and advertises a `max_dma_maps` well below it. A window without an fd is
-  served by DMA_READ / DMA_WRITE messages on the connection that mapped it.
+* A window that came with a file descriptor of a file that *cannot shrink* (a memfd sealed
+  with F_SEAL_SHRINK, as QEMU's `memory-backend-memfd` does by default) is mmap'd here
+  (MAP_SHARED, protection from its permission) and served with zero-copy memoryviews. The
+  descriptor the client sent is closed at once, but CPython's `mmap` keeps a duplicate of
+  its own until the window is unmapped, so every mmap'd window costs one descriptor: the
+  server raises its descriptor limit at start and advertises a `max_dma_maps` well below it.
+* Guest memory is the client's file, and a file can shrink under a mapping: an access past
+  the new end of file is a SIGBUS that kills the whole process (every device). So a window
+  whose file is not sealed against shrinking (any other regular file: a memfd without
+  seals, a file on tmpfs or hugetlbfs) is *never* mapped: it keeps the descriptor and is
+  served with pread/pwrite at the window's file offset, which return short counts or
+  errors instead of faulting (`DmaWindow.file`). Its `view` is None, as in message mode,
+  so models take their copying path. An access past the end of file becomes
+  `DmaError(EFAULT)` for the model (docs/security.md, "Guest memory").
+* A window without an fd is served by DMA_READ / DMA_WRITE messages on the connection that
+  mapped it.
 * A *pin* is an access that spans awaits (e.g. file I/O in a worker thread straight into
   guest memory). DMA_UNMAP waits for the pins of the windows it removes before it replies,
   as the spec requires ("release all references ... including in-flight DMA").
@@ -20,6 +30,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -42,6 +53,17 @@ _ADDRESS_LIMIT = 1 << 64
 _READ = int(DmaMapFlags.READ)
 _WRITE = int(DmaMapFlags.WRITE)
 _KNOWN = _READ | _WRITE
+#: seals that make a mapping of the file safe: it can never get shorter
+_SEAL_SHRINK = int(getattr(fcntl, "F_SEAL_SHRINK", 0x0002))
+_F_GET_SEALS = int(getattr(fcntl, "F_GET_SEALS", 1034))
+
+
+def cannot_shrink(fd: int) -> bool:
+    """The file behind `fd` carries F_SEAL_SHRINK (seals are never removed once set)."""
+    try:
+        return bool(fcntl.fcntl(fd, _F_GET_SEALS) & _SEAL_SHRINK)
+    except OSError:  # EINVAL: a file that supports no seals
+        return False
 
 
 @dataclass(eq=False)
@@ -54,6 +76,8 @@ class DmaWindow:
     offset: int = 0
     mapping: mmap.mmap | None = None
     view: memoryview | None = None
+    #: the client's descriptor of a file that may shrink: accessed with pread/pwrite only
+    file: OwnedFd | None = None
     #: who mapped it: message-mode DMA goes back to this session
     owner: Any = None
     pins: int = 0
@@ -67,8 +91,54 @@ class DmaWindow:
     def mmapped(self) -> bool:
         return self.view is not None
 
+    @property
+    def mode(self) -> str:
+        """How the server reaches this window: "mmap", "file" (pread/pwrite) or "message"."""
+        return "mmap" if self.view is not None else "file" if self.file is not None else "message"
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Copy from a `file` window: pread at the window's file offset, never a fault."""
+        assert self.file is not None
+        fd, pos, want = self.file.fileno(), self.offset + offset, len(out)
+        got = 0
+        while got < want:
+            try:
+                n = os.preadv(fd, [out[got:]], pos + got)
+            except OSError as exc:
+                where = self.address + offset
+                raise DmaError(exc.errno or errno.EIO, f"DMA read at {where:#x}: {exc}") from None
+            if n == 0:
+                raise DmaError(
+                    errno.EFAULT,
+                    f"DMA read {self.address + offset:#x}+{want:#x} is past the end of the "
+                    "client's memory file (it shrank after DMA_MAP)",
+                )
+            got += n
+
+    def write_from(self, offset: int, data: memoryview) -> None:
+        """Copy into a `file` window with pwrite; refuses to write past the end of file
+        (which would grow the client's file instead of failing like the memory it was)."""
+        assert self.file is not None
+        fd, pos, want = self.file.fileno(), self.offset + offset, len(data)
+        if pos + want > os.fstat(fd).st_size:
+            raise DmaError(
+                errno.EFAULT,
+                f"DMA write {self.address + offset:#x}+{want:#x} is past the end of the "
+                "client's memory file (it shrank after DMA_MAP)",
+            )
+        done = 0
+        while done < want:
+            try:
+                done += os.pwritev(fd, [data[done:]], pos + done)
+            except OSError as exc:
+                where = self.address + offset
+                raise DmaError(exc.errno or errno.EIO, f"DMA write at {where:#x}: {exc}") from None
+
     def release(self) -> None:
         """Unmap. A device that kept a view past the unmap delays munmap until it drops it."""
+        file, self.file = self.file, None
+        if file is not None:
+            file.close()
         view, self.view = self.view, None
         mapping, self.mapping = self.mapping, None
         if view is not None:
@@ -105,12 +175,15 @@ class Container:
     # ----------------------------------------------------------------- map / unmap
 
     def map(self, req: DmaMap, owner: Any = None) -> DmaWindow:
-        """Add a window. Consumes `req.fd` (closed whether or not the map succeeds)."""
+        """Add a window. Consumes `req.fd`: closed whether or not the map succeeds, unless
+        the window keeps it (`DmaWindow.file`), in which case `release` closes it."""
         fd: OwnedFd | None = req.fd
+        window: DmaWindow | None = None
         try:
-            return self._map(req, fd, owner)
+            window = self._map(req, fd, owner)
+            return window
         finally:
-            if fd is not None:
+            if fd is not None and (window is None or window.file is not fd):
                 fd.close()
 
     def _map(self, req: DmaMap, fd: OwnedFd | None, owner: Any) -> DmaWindow:
@@ -141,8 +214,11 @@ class Container:
         writable = bool(req.flags & _WRITE)
         window = DmaWindow(req.address, req.size, readable, writable, req.offset, owner=owner)
         if fd is not None:
-            window.mapping = self._mmap(fd, req, writable)
-            window.view = memoryview(window.mapping)
+            if self._check_file(fd, req):
+                window.mapping = self._mmap(fd, req, writable)
+                window.view = memoryview(window.mapping)
+            else:
+                window.file = fd
         else:
             window.offset = 0
         i = bisect.bisect_left(self._starts, req.address)
@@ -151,14 +227,23 @@ class Container:
         return window
 
     @staticmethod
-    def _mmap(fd: OwnedFd, req: DmaMap, writable: bool) -> mmap.mmap:
+    def _check_file(fd: OwnedFd, req: DmaMap) -> bool:
+        """Validate the window's file; True when it may be mmap'd (it cannot shrink).
+
+        Only regular files back guest memory (memfd, tmpfs, hugetlbfs, a plain file): a
+        character device's mapping has semantics of its own and cannot be read safely.
+        """
         st = os.fstat(fd.fileno())
-        if stat.S_ISREG(st.st_mode) and req.offset + req.size > st.st_size:
+        if not stat.S_ISREG(st.st_mode):
+            raise RemoteProtocolError("DMA_MAP: descriptor is not a regular file (guest memory)")
+        if req.offset + req.size > st.st_size:
             raise RemoteProtocolError(
                 f"DMA_MAP: file of {st.st_size:#x} bytes cannot back {req.offset:#x}+{req.size:#x}"
             )
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
-            raise RemoteProtocolError("DMA_MAP: descriptor is not mappable memory")
+        return cannot_shrink(fd.fileno())
+
+    @staticmethod
+    def _mmap(fd: OwnedFd, req: DmaMap, writable: bool) -> mmap.mmap:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
             return mmap.mmap(fd.fileno(), req.size, mmap.MAP_SHARED, prot, offset=req.offset)

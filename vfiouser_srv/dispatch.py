@@ -273,9 +273,14 @@ async def _version_after_previous(session: Session, caps: Capabilities, reply: B
 def on_dma_map(session: Session, req: DmaMap) -> Body:
     assert session.container is not None
     w = session.container.map(req, owner=session)
-    log.debug(
-        "%s: mapped %#x+%#x %s", session.name, w.address, w.size, "mmap" if w.mmapped else "message"
-    )
+    if w.mode == "file":
+        log.info(
+            "%s: window %#x+%#x: its file is not sealed against shrinking, so it is served "
+            "with pread/pwrite instead of mmap (seal it with F_SEAL_SHRINK for zero copy)",
+            session.name, w.address, w.size,
+        )
+    else:
+        log.debug("%s: mapped %#x+%#x %s", session.name, w.address, w.size, w.mode)
     return DmaMapReply()
 
 

@@ -53,7 +53,14 @@ from .container import Container, DmaWindow
 from .fds import close_all
 from .irq import IrqTable
 from .objects import ClientId, Device, new_connection_id
-from .transport import RECV_FLAGS, RECV_TRUNCATED, SEND_FLAGS, FdStream, TransportError
+from .transport import (
+    RECV_BUDGET,
+    RECV_FLAGS,
+    RECV_TRUNCATED,
+    SEND_FLAGS,
+    FdStream,
+    TransportError,
+)
 
 if TYPE_CHECKING:
     from .server import Server
@@ -152,9 +159,10 @@ class TaskGroup:
 
 
 class _Waiter:
-    __slots__ = ("event", "result")
+    __slots__ = ("command", "event", "result")
 
-    def __init__(self) -> None:
+    def __init__(self, command: Command) -> None:
+        self.command = command
         self.event = trio.Event()
         self.result: Body | int | None = None
 
@@ -163,11 +171,12 @@ class SessionDma:
     """The device's DmaPort for this connection."""
 
     def __init__(self, session: Session) -> None:
-        self.session = session
+        #: None once the session ended (`Session._break_cycles`)
+        self.session: Session | None = session
 
     @property
     def container(self) -> Container:
-        c = self.session.container
+        c = self.session.container if self.session is not None else None
         if c is None:
             raise DmaError(errno.ENODEV, "no client attached")
         return c
@@ -230,13 +239,17 @@ class SessionDma:
 
     async def read(self, address: int, size: int) -> bytes:
         out = bytearray(size)
+        dst = memoryview(out)
         pos = 0
         for w, off, n in self.container.spans(address, size, False):
             if w.view is not None:
-                out[pos : pos + n] = w.view[off : off + n]
+                dst[pos : pos + n] = w.view[off : off + n]
+            elif w.file is not None:
+                w.read_into(off, dst[pos : pos + n])
             else:
-                out[pos : pos + n] = await self._message(w.owner).dma_read(w.address + off, n)
+                dst[pos : pos + n] = await self._message(w.owner).dma_read(w.address + off, n)
             pos += n
+        dst.release()
         return bytes(out)
 
     async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
@@ -245,6 +258,8 @@ class SessionDma:
         for w, off, n in self.container.spans(address, len(mv), True):
             if w.view is not None:
                 w.view[off : off + n] = mv[pos : pos + n]
+            elif w.file is not None:
+                w.write_from(off, mv[pos : pos + n])
             else:
                 await self._message(w.owner).dma_write(w.address + off, mv[pos : pos + n])
             pos += n
@@ -268,7 +283,9 @@ class Session(DeviceContext):
         except OSError:
             pid = uid = gid = -1
         self.client = ClientId(pid, uid, gid, self.conn_id)
-        self.conn = Connection(Role.SERVER, local_caps=server.caps)
+        self.conn = Connection(
+            Role.SERVER, local_caps=server.caps, max_version_size=server.limits.max_version_size
+        )
         self.container: Container | None = None
         self.irq_table: IrqTable | None = None
         self.tasks = TaskGroup(f"{device.name}#{self.conn_id}")
@@ -281,6 +298,9 @@ class Session(DeviceContext):
         self.attached = False
         self.closed = False
         self._close_requested = False
+        #: VERSION succeeded at some point (a failed attach may be retried)
+        self.attached_once = False
+        self._forced = False
         self._scope = trio.CancelScope()
         self._verbose = False
         self._outq: deque[tuple[bytes, tuple[Any, ...]]] = deque()
@@ -322,7 +342,8 @@ class Session(DeviceContext):
             for i in range(NUM_PCI_REGIONS)
         ]
         self.max_xfer = caps.max_data_xfer_size
-        self.attached = True
+        self.attached = self.attached_once = True
+        self._scope.deadline = float("inf")
         self.device.model.attach(self)
         log.info("%s: attached (caps %s)", self.name, caps.to_json())
 
@@ -361,16 +382,38 @@ class Session(DeviceContext):
 
     def force_close(self) -> None:
         """Disconnect now (hot-remove deadline); detaching still runs in full."""
+        self._forced = True
         self._scope.cancel()
 
     async def run(self) -> None:
+        # A client has `limits.version_timeout` to complete VERSION (`attach` lifts the
+        # deadline): one that connects and says nothing, or trickles bytes, must not hold a
+        # connection slot (and, for an owned group, block its owner) forever.
+        timeout = self.server.limits.version_timeout
+        self._scope.deadline = trio.current_time() + timeout
         try:
             with self._scope:
                 await self._run()
+            if self._scope.cancelled_caught and not self._forced and not self.attached_once:
+                log.warning(
+                    "%s: no VERSION within %.1fs of connecting; disconnecting", self.name, timeout
+                )
         finally:
             self.closed = True
             close_all(self.conn.close())
             self.stream.close()
+            self._break_cycles()
+
+    def _break_cycles(self) -> None:
+        """Drop what refers back to this session, so its memory (a partly received
+        megabyte frame, queued replies) is freed when the server lets go of it, not at the
+        next cyclic garbage collection. The model got `detach()` and must not use us again."""
+        self._dma.session = None
+        self._pending.clear()
+        self._outq.clear()
+        self._out_bytes = 0
+        self.container = None
+        self.irq_table = None
 
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -479,9 +522,9 @@ class Session(DeviceContext):
         unpack = HEADER.unpack_from
         hot = dispatch.HOT_COMMANDS
         run_hot_parts = dispatch.run_hot_parts
-        reads = 0
+        reads = nbytes = 0
         try:
-            while reads < _HOT_LOOP_READS:
+            while reads < _HOT_LOOP_READS and nbytes < RECV_BUDGET:
                 if must_yield(deadline):
                     return None
                 reads += 1
@@ -489,6 +532,7 @@ class Session(DeviceContext):
                     n, anc, mflags, _addr = recv(iov, ancsize, flags_in)
                 except OSError as exc:
                     return stream.read_failed(exc)
+                nbytes += n
                 if anc or mflags & truncated or n < HEADER_SIZE:
                     return stream.chunk(n, anc, mflags)
                 msg_id, command, size, flags, error = unpack(view)
@@ -512,7 +556,7 @@ class Session(DeviceContext):
                     return None
             return None
         finally:
-            stream.count_reads(reads)
+            stream.count_reads(reads, nbytes)
 
     def _run_hot_frames(
         self, data: memoryview, frames: list[tuple[int, int, int, int, int]]
@@ -629,13 +673,32 @@ class Session(DeviceContext):
     # ------------------------------------------------------------ server -> client
 
     def _route_reply(self, ev: Reply | ErrorReply) -> None:
+        """Hand a reply to the request that waits for it. Whatever the reply carries that
+        its request cannot take (descriptors: no reply to DMA_READ/DMA_WRITE has any; a
+        body of another command) is closed here and now, never left to the collector."""
         waiter = self._pending.pop(ev.msg_id, None)
+        if isinstance(ev, ErrorReply):
+            if waiter is None:
+                log.warning("%s: error reply to unknown request %d ignored", self.name, ev.msg_id)
+            else:
+                waiter.result = ev.errno
+                waiter.event.set()
+            return
+        fds = ev.body.fds
+        if fds:
+            close_all(fds)
         if waiter is None:
             log.warning("%s: reply to unknown request %d ignored", self.name, ev.msg_id)
-            if isinstance(ev, Reply):
-                close_all(ev.body.fds)
             return
-        waiter.result = ev.body if isinstance(ev, Reply) else ev.errno
+        if waiter.command != ev.body.COMMAND or fds:
+            log.warning(
+                "%s: reply %d is a %s%s, the request was %s; failing it with EPROTO",
+                self.name, ev.msg_id, ev.body.COMMAND.name,
+                f" with {len(fds)} fd(s)" if fds else "", waiter.command.name,
+            )
+            waiter.result = errno.EPROTO
+        else:
+            waiter.result = ev.body
         waiter.event.set()
 
     async def _request(self, body: Body) -> Body:
@@ -644,7 +707,7 @@ class Session(DeviceContext):
         msg_id, data, fds = self.conn.send_request(body)
         if msg_id in self._pending:
             raise DmaError(errno.EBUSY, "too many outstanding requests")
-        waiter = _Waiter()
+        waiter = _Waiter(body.COMMAND)
         self._pending[msg_id] = waiter
         try:
             if self._verbose:

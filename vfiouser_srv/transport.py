@@ -4,8 +4,8 @@
 (DESIGN.md section 4): try the non-blocking syscall first and wait for readiness only on
 EAGAIN, and wait through `idlewait.IdleWaiter` (one poll() instead of a scheduler round
 when trio is idle); one `sendmsg` per outgoing batch (header + payload + fds together);
-receive into a preallocated buffer. `Session._hot_loop` drives the socket itself for
-serial MMIO with the attributes documented in `FdStream.__init__`.
+receive into a preallocated buffer that the stream owns. `Session._hot_loop` drives the
+socket itself for serial MMIO with the attributes documented in `FdStream.__init__`.
 
 Resource handling: every descriptor received becomes an `OwnedFd` at once. MSG_CTRUNC (the
 kernel dropped descriptors because our control buffer was too small) is fatal: the stream
@@ -19,7 +19,6 @@ import array
 import errno
 import socket
 import struct
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,21 +46,16 @@ SEND_FLAGS = _DONTWAIT
 RECV_TRUNCATED = _MSG_CTRUNC
 
 
-_buffers: dict[tuple[int, int], memoryview] = {}
-
-
-def _shared_buffer(size: int) -> memoryview:
-    """One receive buffer per size for the whole thread.
-
-    Safe because `receive` copies what it read out of the buffer before it can yield, and
-    trio runs one task at a time; it saves allocating (and faulting in) a megabyte per
-    connection, which dominated the cost of a connect.
-    """
-    key = (threading.get_ident(), size)
-    view = _buffers.get(key)
-    if view is None:
-        view = _buffers[key] = memoryview(bytearray(size))
-    return view
+#: Bytes one stream receives per read. Each stream owns its buffer (see `FdStream.__init__`);
+#: a bigger message is reassembled by the decoder over several reads.
+RECV_SIZE = 16 << 10
+#: A stream that received this many bytes since its last checkpoint takes one before it
+#: reads again (as it does every `_READS_PER_CHECKPOINT` reads): a peer that floods us with
+#: small requests would otherwise keep the trio thread, and every other device, for as long
+#: as it keeps the socket full. One read is at most RECV_SIZE, so one turn handles at most
+#: 2 * RECV_SIZE bytes of requests (about a millisecond of 4-byte MMIO reads).
+RECV_BUDGET = RECV_SIZE
+_READS_PER_CHECKPOINT = 64
 
 
 class TransportError(Exception):
@@ -72,7 +66,7 @@ class FdStream:
     """One connected AF_UNIX stream socket carrying (bytes, fds)."""
 
     def __init__(
-        self, sock: socket.socket, *, recv_size: int = (1 << 20) + 4096, max_fds: int = SCM_MAX_FD
+        self, sock: socket.socket, *, recv_size: int = RECV_SIZE, max_fds: int = SCM_MAX_FD
     ) -> None:
         # Blocking mode + MSG_DONTWAIT on every call except the hot loop's read (see
         # RECV_FLAGS): O_NONBLOCK belongs to the shared file description, and toggling it
@@ -87,7 +81,15 @@ class FdStream:
         #: `chunk(n, anc, flags)` (or ``view[:n]`` when there is no ancillary data and no
         #: RECV_TRUNCATED bit), `read_failed(exc)` for an OSError, and `count_reads` for the
         #: reads done.
-        self.view = _shared_buffer(recv_size)
+        #:
+        #: The buffer is this stream's own. It once was one buffer per thread, shared by
+        #: every connection, and a session that kept a view of it across a checkpoint
+        #: (awaiting backpressure, then decoding the rest of the read) decoded bytes another
+        #: client had received into it meanwhile. The rule (docs/architecture.md, "Nothing
+        #: shared survives a checkpoint"): nothing a session reads from may be written by
+        #: another connection, so views of this buffer stay valid until this stream's next
+        #: read, whatever happens in between.
+        self.view = memoryview(bytearray(recv_size))
         self.iov = [self.view]
         self.ancsize = socket.CMSG_SPACE(max_fds * _INT_SIZE)
         self.waiter = idlewait.IdleWaiter(self._fileno)
@@ -97,6 +99,7 @@ class FdStream:
         self.sending = 0
         self._closed = False
         self._reads_without_checkpoint = 0
+        self._bytes_without_checkpoint = 0
         #: the last `receive_now` found nothing, so `receive_view` waits before reading
         self._would_block = False
 
@@ -147,13 +150,14 @@ class FdStream:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         count = self._reads_without_checkpoint + 1
-        if count >= 64:
+        if count >= _READS_PER_CHECKPOINT or self._bytes_without_checkpoint >= RECV_BUDGET:
             return None
         try:
             got = self._recv_nowait()
         except OSError as exc:
             return self.read_failed(exc)
         self._reads_without_checkpoint = count
+        self._bytes_without_checkpoint += len(got[0])
         return got
 
     def read_failed(self, exc: OSError) -> tuple[memoryview, list[OwnedFd]] | None:
@@ -169,9 +173,11 @@ class FdStream:
             raise trio.ClosedResourceError("stream closed") from None
         raise TransportError(f"recvmsg: {exc}") from exc
 
-    def count_reads(self, reads: int) -> None:
-        """Reads done by a caller's own loop, towards the checkpoint owed every 64."""
+    def count_reads(self, reads: int, nbytes: int) -> None:
+        """Reads done by a caller's own loop, towards the checkpoint owed every 64 reads
+        or `RECV_BUDGET` bytes."""
         self._reads_without_checkpoint += reads
+        self._bytes_without_checkpoint += nbytes
 
     async def receive(self) -> tuple[bytes, list[OwnedFd]]:
         """Next chunk of bytes with the descriptors that came with it; b'' at EOF."""
@@ -193,20 +199,26 @@ class FdStream:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         self._reads_without_checkpoint += 1
-        if self._reads_without_checkpoint >= 64:
-            self._reads_without_checkpoint = 0
+        if (
+            self._reads_without_checkpoint >= _READS_PER_CHECKPOINT
+            or self._bytes_without_checkpoint >= RECV_BUDGET
+        ):
+            self._reads_without_checkpoint = self._bytes_without_checkpoint = 0
             self._would_block = False
             await trio.lowlevel.checkpoint()
         while True:
             if not self._would_block:  # else receive_now just read nothing: wait first
                 try:
-                    return self._recv_nowait()
+                    chunk = self._recv_nowait()
                 except OSError as exc:
                     got = self.read_failed(exc)
                     if got is not None:
                         return got
+                else:
+                    self._bytes_without_checkpoint += len(chunk[0])
+                    return chunk
             self._would_block = False
-            self._reads_without_checkpoint = 0
+            self._reads_without_checkpoint = self._bytes_without_checkpoint = 0
             await self.waiter.wait()
 
     # ------------------------------------------------------------------ send

@@ -170,10 +170,24 @@ def test_malformed_version_leaves_server_waiting() -> None:
     server.receive_data(frame(1, b"\0\0{", msg_id=1))
     bad(one_event(server))
     assert server.phase is Phase.AWAIT_VERSION
-    server.receive_data(frame(1, b"\0\0" + b"[" * 50_000 + b"\0", msg_id=2))
+    server.receive_data(frame(1, b"\0\0" + b"[" * 4_000 + b"\0", msg_id=2))  # too deep
     bad(one_event(server))
     server.receive_data(frame(1, version_payload(), msg_id=3))
     assert isinstance(one_event(server), Request)
+
+
+def test_messages_before_version_are_bounded_by_max_version_size() -> None:
+    """Until VERSION completes, the header of a frame over `max_version_size` breaks the
+    stream at once (nothing is buffered); once READY, the limit is max_data_xfer_size."""
+    server = Connection(Role.SERVER, max_version_size=64)
+    server.receive_data(header(1, Command.VERSION, 65, 0, 0))
+    with pytest.raises(FatalProtocolError, match="outside"):
+        server.next_event()
+    pair = ConnectionPair()
+    pair.handshake()
+    big = frame(Command.REGION_WRITE, struct.pack("<QII", 0, 0, 8192) + bytes(8192))
+    pair.server.receive_data(big)
+    assert isinstance(pair.server.next_event(), Request)
 
 
 def test_send_error_zero_errno_becomes_eio() -> None:

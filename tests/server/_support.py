@@ -10,6 +10,7 @@ the kernel has delivered to it.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import struct
@@ -212,12 +213,16 @@ def mappings_of(name: str) -> int:
     return sum(1 for line in maps_lines() if f"/memfd:{name} " in line + " ")
 
 
-def make_memfd(name: str, size: int, data: bytes = b"") -> OwnedFd:
-    """A memfd of `size` bytes holding `data` at offset 0, not mapped by us."""
-    fd = OwnedFd(os.memfd_create(name, os.MFD_CLOEXEC))
+def make_memfd(name: str, size: int, data: bytes = b"", *, sealed: bool = True) -> OwnedFd:
+    """A memfd of `size` bytes holding `data` at offset 0, not mapped by us; `sealed`
+    against shrinking and growing like QEMU's memory-backend-memfd (the server mmaps only
+    such files)."""
+    fd = OwnedFd(os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
     os.ftruncate(fd.fileno(), size)
     if data:
         os.pwrite(fd.fileno(), data, 0)
+    if sealed:
+        fcntl.fcntl(fd.fileno(), fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
 
