@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import fcntl
 import json
 import os
 import socket
@@ -367,8 +368,11 @@ def bench_dma(conn: Conn, cfg: BenchConfig, pid: int | None, with_fd: bool) -> R
     addr = cfg.dma_address // page * page
     fd = -1
     if with_fd:
-        fd = os.memfd_create("vfu-bench-dma", os.MFD_CLOEXEC)
+        # sealed like QEMU's memory-backend-memfd: the Python server mmaps only a file that
+        # cannot shrink (docs/security.md), so this measures the path QEMU takes
+        fd = os.memfd_create("vfu-bench-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     fds = (fd,) if with_fd else ()
     map_ns: list[int] = []
     unmap_ns: list[int] = []

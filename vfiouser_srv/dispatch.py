@@ -273,10 +273,13 @@ async def _version_after_previous(session: Session, caps: Capabilities, reply: B
 def on_dma_map(session: Session, req: DmaMap) -> Body:
     assert session.container is not None
     w = session.container.map(req, owner=session)
-    if w.mode == "file":
-        log.info(
+    if w.mode == "file" and not session.warned_unsealed:
+        # once per connection: the deployment loses zero copy and should know why
+        session.warned_unsealed = True
+        log.warning(
             "%s: window %#x+%#x: its file is not sealed against shrinking, so it is served "
-            "with pread/pwrite instead of mmap (seal it with F_SEAL_SHRINK for zero copy)",
+            "with pread/pwrite instead of mmap (seal it with F_SEAL_SHRINK for zero copy); "
+            "said once per connection",
             session.name, w.address, w.size,
         )
     else:

@@ -298,6 +298,8 @@ class Session(DeviceContext):
         self.attached = False
         self.closed = False
         self._close_requested = False
+        #: a DMA window of this client was not sealed against shrinking (logged once)
+        self.warned_unsealed = False
         #: VERSION succeeded at some point (a failed attach may be retried)
         self.attached_once = False
         self._forced = False

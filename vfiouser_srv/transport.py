@@ -85,7 +85,7 @@ class FdStream:
         #: The buffer is this stream's own. It once was one buffer per thread, shared by
         #: every connection, and a session that kept a view of it across a checkpoint
         #: (awaiting backpressure, then decoding the rest of the read) decoded bytes another
-        #: client had received into it meanwhile. The rule (docs/architecture.md, "Nothing
+        #: client had received into it meanwhile. The rule (docs/security.md, "Nothing
         #: shared survives a checkpoint"): nothing a session reads from may be written by
         #: another connection, so views of this buffer stay valid until this stream's next
         #: read, whatever happens in between.

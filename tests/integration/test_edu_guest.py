@@ -89,6 +89,14 @@ async def test_our_edu_matches_builtin(reference: RefRunner, qemu_configs: Confi
                            timeout=120)
     assert_ok(run.guest)
     assert run.guest.result_lines == want.result_lines, diff(want, run.guest)
+    if ours == "edu":
+        # QEMU's memory-backend-memfd seals guest RAM against shrinking (F_SEAL_SHRINK), so
+        # the server mmaps it; an unsealed file would be served by pread/pwrite, with a
+        # warning in the server's log (docs/security.md, "Guest memory").
+        assert run.server_log is not None
+        log = run.server_log.read_text()
+        assert "READY" in log or "$ " in log  # it is the server's log
+        assert "not sealed against shrinking" not in log
 
 
 # (c) ---------------------------------------------------------------------------------------
