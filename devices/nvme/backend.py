@@ -11,6 +11,12 @@ a 1 MiB read is one syscall and no copy in Python.
 Deallocation (Dataset Management, Write Zeroes) punches holes in the file, so deallocated
 blocks read back as zeros (Identify Namespace DLFEAT = 001b says so) and give the space
 back to the host filesystem.
+
+Durability (docs/durability.md): `write` returns only after `pwritev` handed every byte to
+the kernel, so a completed write survives the server being killed; `flush` is `fdatasync`,
+so data written before it survives a host crash. A failed `fdatasync` is remembered and
+fails every later flush: the kernel reports a writeback error once and then marks the lost
+pages clean, so a retried fdatasync would succeed without the data ever reaching the disk.
 """
 
 from __future__ import annotations
@@ -108,6 +114,7 @@ class FileBackend:
     def __init__(self, path: str | os.PathLike[str], size: int = 0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             current = os.fstat(fd).st_size
@@ -117,12 +124,16 @@ class FileBackend:
                 raise ValueError(f"{self.path}: empty image and no size given")
             if current < size:
                 os.ftruncate(fd, size)
+            if created or current < size:
+                sync_new_file(fd, self.path)
         except BaseException:
             os.close(fd)
             raise
         self.fd = fd
         self.size = size
         self._nowait = hasattr(os, "RWF_NOWAIT")
+        #: the first fdatasync failure; every later flush raises it again (module docstring)
+        self.flush_error: OSError | None = None
 
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         for start in range(0, len(bufs), IOV_MAX):
@@ -169,7 +180,15 @@ class FileBackend:
                 chunk = consume(chunk, n)
 
     def flush(self) -> None:
-        os.fdatasync(self.fd)
+        if self.flush_error is not None:
+            raise OSError(self.flush_error.errno,
+                          f"an earlier flush failed ({self.flush_error.strerror}); data "
+                          "written before it may be lost") from self.flush_error
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self.flush_error = exc
+            raise
 
     def deallocate(self, offset: int, length: int) -> None:
         if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
@@ -187,6 +206,18 @@ class FileBackend:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+def sync_new_file(fd: int, path: Path) -> None:
+    """Make a file we created or grew durable as a whole: its size (fsync) and its name
+    (fsync of the directory). Why: fdatasync on a guest flush covers the data, but on a
+    host crash a never-synced directory entry may lose the whole image with it."""
+    os.fsync(fd)
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 def consume(bufs: list[memoryview], n: int) -> list[memoryview]:

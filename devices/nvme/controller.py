@@ -17,7 +17,7 @@ Register layout and field meanings: `spec`. Behaviour of the registers here:
   queues and sets CSTS.RDY); 1->0 asks for a controller reset (in-flight commands are
   aborted, queues deleted, then RDY clears). The guest polls RDY, so nothing here waits.
 * CC.SHN != 0 sets CSTS.SHST = occurring at once; the worker completes outstanding I/O,
-  flushes every backend and sets SHST = complete.
+  flushes every backend and sets SHST = complete (CSTS.CFS instead if a flush fails).
 * INTMS/INTMC set and clear the INTx mask (ignored by the spec while MSI-X is on); both
   read back the mask.
 * A doorbell write records the new SQ tail or CQ head and wakes the worker; an invalid

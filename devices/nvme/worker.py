@@ -20,6 +20,13 @@ enable builds the admin queues and sets CSTS.RDY; disable cancels in-flight comm
 waits for them, deletes every queue and clears RDY; shutdown lets in-flight commands
 finish, flushes the backends (fdatasync) and reports SHST = complete.
 
+Durability (docs/durability.md): a completion is posted only after the backend call it
+reports on has returned, i.e. written data was handed to the kernel (`pwritev`). Identify
+reports a volatile write cache (VWC present), so Flush (`fdatasync`) is what makes data
+stable; a FUA write or Write Zeroes, or any data-changing command while the host has turned
+the Volatile Write Cache feature off, is flushed before it completes, and turning the
+feature off flushes what earlier writes left in the cache.
+
 Shadow doorbells (Doorbell Buffer Config): for I/O queues the host writes tails and heads
 to a page of guest memory and rings the MMIO doorbell only when it passes the event index
 we publish. The worker reads the shadow values every time it looks at a queue, publishes
@@ -332,8 +339,16 @@ class Worker:
         log.info("nvme: disabled")
 
     async def _shutdown(self) -> None:
+        """Finish I/O, flush, report SHST = complete. Why a failed flush is fatal: "shutdown
+        complete" tells the host its data is safe to power off, which would be a lie; with
+        CSTS.CFS the host knows the controller failed instead."""
         await self._wait_inflight(lambda qid: qid != 0)
-        await self._flush_all()
+        try:
+            await self._flush_all()
+        except OSError as exc:
+            log.error("nvme: flush at shutdown failed (%s): controller fatal status", exc)
+            self.dev.set_csts(cfs=True)
+            return
         self.dev.set_csts(shst=Shst.COMPLETE)
         log.info("nvme: shutdown complete")
 
@@ -661,6 +676,14 @@ class Worker:
             return Status.SUCCESS, value
         if fid == FeatureId.VOLATILE_WRITE_CACHE:
             value &= 1
+            if not value and self.features[fid]:
+                # The host switches to write-through: from now on a completed write is
+                # stable, so what is still cached from before must be, too.
+                try:
+                    await self._flush_all()
+                except OSError as exc:
+                    log.error("nvme: flush when disabling the write cache failed: %s", exc)
+                    raise CommandError(Status.INTERNAL_ERROR, str(exc)) from exc
         elif fid == FeatureId.TEMPERATURE_THRESHOLD and value >> 16:
             return Status.SUCCESS, 0  # other sensors / under-threshold: accepted, not kept
         elif fid == FeatureId.INTERRUPT_VECTOR_CONFIG and (value & 0xFFFF) >= self.dev.vectors:
@@ -808,12 +831,12 @@ class Worker:
                 await self._write_from_guest(ns, offset, segs)
                 self.smart.write_commands += 1
                 self.smart.bytes_written += length
-                if cmd.cdw12 & FUA or not self.features[FeatureId.VOLATILE_WRITE_CACHE]:
-                    await self._backend(ns, ns.backend.flush)
+                await self._stable_if_asked(ns, fua=bool(cmd.cdw12 & FUA))
             return Status.SUCCESS, 0
         if op == IoOpcode.WRITE_ZEROES:
             offset, length = self._range(ns, slba, nlb)
             await self._backend(ns, ns.backend.deallocate, offset, length)
+            await self._stable_if_asked(ns, fua=bool(cmd.cdw12 & FUA))
             return Status.SUCCESS, 0
         if op == IoOpcode.DATASET_MANAGEMENT:
             nr = (cmd.cdw10 & 0xFF) + 1
@@ -827,8 +850,17 @@ class Worker:
                     ranges.append(self._range(ns, start, count))
             for offset, length in ranges:
                 await self._backend(ns, ns.backend.deallocate, offset, length)
+            if ranges:
+                await self._stable_if_asked(ns, fua=False)
             return Status.SUCCESS, 0
         raise CommandError(Status.INVALID_OPCODE, f"I/O opcode {op:#x}")
+
+    async def _stable_if_asked(self, ns: Namespace, *, fua: bool) -> None:
+        """Flush after a data-changing command that must be stable when it completes: it
+        set Force Unit Access, or the host turned the volatile write cache off (a host
+        may then rely on completions alone and never send a Flush)."""
+        if fua or not self.features[FeatureId.VOLATILE_WRITE_CACHE]:
+            await self._backend(ns, ns.backend.flush)
 
     async def _read_to_guest(self, ns: Namespace, offset: int, segs: Segments) -> None:
         dma = self.dma

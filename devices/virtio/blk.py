@@ -14,9 +14,16 @@ Request layout (one chain)::
                [payload for OUT / DISCARD / WRITE_ZEROES segments]
     writable:  [data for IN / GET_ID]  u8 status
 
-Durability: FLUSH is `fsync` of the backing file, so data written before a completed flush
-is on disk. Discard and write-zeroes punch holes (`fallocate`), falling back to writing
-zeroes where the file system cannot.
+Durability (docs/durability.md): a request completes only after its backend call returned,
+so written data was handed to the kernel (`pwrite`) and survives the server being killed.
+The device offers VIRTIO_BLK_F_FLUSH and VIRTIO_BLK_F_CONFIG_WCE and follows the spec's
+definition of a stable write (5.2.6.1): with FLUSH negotiated and `writeback` = 1 (the
+default) the disk has a write-back cache and FLUSH is `fsync` of the backing file; without
+FLUSH, or with `writeback` = 0, the disk is write-through: a batch that changed data is
+fsync'd before any of its requests completes. A failed fsync fails every later one (the
+kernel reports a writeback error once, then treats the lost pages as clean). Discard and
+write-zeroes punch holes (`fallocate`), falling back to writing zeroes where the file system
+cannot.
 """
 
 from __future__ import annotations
@@ -88,6 +95,11 @@ class ReqStatus(enum.IntEnum):
     UNSUPP = 2
 
 
+#: requests that change the disk's contents (made stable at once on a write-through disk)
+_WRITES = frozenset({ReqType.OUT, ReqType.DISCARD, ReqType.WRITE_ZEROES})
+#: offset of `u8 writeback` in struct virtio_blk_config (the only writable field)
+WRITEBACK_OFFSET = 32
+
 _OUTHDR = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 #: struct virtio_blk_config up to write_zeroes_may_unmap (+3 bytes of padding)
@@ -157,12 +169,16 @@ class FileBackend(Backend):
 
     def __init__(self, path: str, size: int = 0, readonly: bool = False) -> None:
         flags = (os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
+        changed = not os.path.exists(path)  # created, or grown below
         self.fd = os.open(path, flags, 0o644)
         try:
             current = os.fstat(self.fd).st_size
             if size > current and not readonly:
                 os.ftruncate(self.fd, size)
                 current = size
+                changed = True
+            if changed:
+                _sync_new_file(self.fd, path)
             if current < SECTOR:
                 raise ValueError(f"{path}: a disk needs at least {SECTOR} bytes (set size=)")
         except BaseException:
@@ -171,6 +187,8 @@ class FileBackend(Backend):
         self.size = current - current % SECTOR
         self.readonly = readonly
         self.path = path
+        #: the first fsync failure; every later flush raises it again (module docstring)
+        self.flush_error: OSError | None = None
         self._fallocate = _libc_fallocate()
         #: preadv(RWF_NOWAIT) works here (cleared on EOPNOTSUPP)
         self.nowait_reads = hasattr(os, "RWF_NOWAIT")
@@ -186,7 +204,15 @@ class FileBackend(Backend):
             view, offset = view[n:], offset + n
 
     def flush(self) -> None:
-        os.fsync(self.fd)
+        if self.flush_error is not None:
+            raise OSError(self.flush_error.errno,
+                          f"an earlier flush failed ({self.flush_error.strerror}); data "
+                          "written before it may be lost") from self.flush_error
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self.flush_error = exc
+            raise
 
     def zero(self, offset: int, count: int, unmap: bool) -> None:
         if self._fallocate is not None:
@@ -202,6 +228,19 @@ class FileBackend(Backend):
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+def _sync_new_file(fd: int, path: str) -> None:
+    """Make a file we created or grew durable as a whole: its size (fsync) and its name
+    (fsync of the directory). Why: fsync on a guest FLUSH covers the data, but on a host
+    crash a never-synced directory entry may lose the whole image with it."""
+    os.fsync(fd)
+    dirfd = os.open(os.path.dirname(os.path.abspath(path)),
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 @dataclass
@@ -246,6 +285,8 @@ class VirtioBlk(VirtioPciDevice):
         else:
             self.backend = MemoryBackend(size or DEFAULT_MEMORY_SIZE, readonly)
         self.serial = serial.encode()
+        #: the driver's `writeback` choice (VIRTIO_BLK_F_CONFIG_WCE); 1 = write-back
+        self.wce = 1
         super().__init__(num_queues=queues, queue_size=queue_size)
 
     @property
@@ -254,8 +295,8 @@ class VirtioBlk(VirtioPciDevice):
         return self.backend.size // SECTOR
 
     def device_features(self) -> int:
-        f = (BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH | BlkFeature.DISCARD
-             | BlkFeature.WRITE_ZEROES)
+        f = (BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH
+             | BlkFeature.CONFIG_WCE | BlkFeature.DISCARD | BlkFeature.WRITE_ZEROES)
         if len(self.queues) > 1:
             f |= BlkFeature.MQ
         if self.backend.readonly:
@@ -268,12 +309,31 @@ class VirtioBlk(VirtioPciDevice):
             0, 0, 0,                                         # geometry
             SECTOR,                                          # blk_size
             0, 0, 1, 0,                                      # topology
-            0, 0, len(self.queues),                          # writeback, unused, num_queues
+            self.writeback, 0, len(self.queues),             # writeback, unused, num_queues
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1,    # discard
             MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1,    # write zeroes, may unmap
         )
         chunk = cfg[offset : offset + count]
         return chunk + bytes(count - len(chunk))
+
+    @property
+    def writeback(self) -> int:
+        """The cache mode in force: 1 (write-back, FLUSH needed) only with FLUSH negotiated
+        (5.2.5.2: without it `writeback` must read 0) and not switched off by the driver."""
+        return self.wce if self.negotiated(BlkFeature.FLUSH) else 0
+
+    def write_device_config(self, offset: int, data: bytes) -> None:
+        """`writeback` is writable when CONFIG_WCE was negotiated (the driver's cache_type).
+        Switching to write-through flushes nothing by itself: the spec promises stability
+        only for writes submitted and completed while `writeback` was 0."""
+        if (offset == WRITEBACK_OFFSET and len(data) == 1 and data[0] in (0, 1)
+                and self.negotiated(BlkFeature.CONFIG_WCE)):
+            self.wce = data[0]
+        else:
+            log.debug("%s: config write at %d (%d bytes) ignored", self.name, offset, len(data))
+
+    def on_virtio_reset(self) -> None:
+        self.wce = 1
 
     def close(self) -> None:
         self.backend.close()
@@ -298,17 +358,18 @@ class VirtioBlk(VirtioPciDevice):
                 raw = await gather(dma, chain.readable, skip=_OUTHDR.size)
                 req.segments = tuple(_SEGMENT.iter_unpack(raw[: len(raw) // 16 * 16]))
             reqs.append(req)
+        write_through = not self.writeback
         if self.backend.blocking:
             fast = 0
             while fast < len(reqs) and self._read_nowait(reqs[fast]):
                 fast += 1
             if fast < len(reqs):
-                await trio.to_thread.run_sync(self._execute, reqs[fast:])
+                await trio.to_thread.run_sync(self._execute, reqs[fast:], write_through)
                 # The thread cannot be interrupted; a reset that arrived meanwhile ends us
                 # here, before anything is written to rings the driver may have taken back.
                 await trio.lowlevel.checkpoint_if_cancelled()
         else:
-            self._execute(reqs)
+            self._execute(reqs, write_through)
         done: list[tuple[int, int]] = []
         for req in reqs:
             written = 0
@@ -357,8 +418,12 @@ class VirtioBlk(VirtioPciDevice):
         req.inline_written = count
         return True
 
-    def _execute(self, reqs: list[_Request]) -> None:
-        """Run the backend side of a batch, in order (a thread for file backends)."""
+    def _execute(self, reqs: list[_Request], write_through: bool = False) -> None:
+        """Run the backend side of a batch, in order (a thread for file backends).
+
+        On a write-through disk one fsync after the batch makes its writes stable before
+        any of them completes (one per batch, not per request: the guest sees the same
+        thing, and a busy queue pays for one sync); if it fails, so do they."""
         for req in reqs:
             try:
                 self._execute_one(req)
@@ -367,6 +432,17 @@ class VirtioBlk(VirtioPciDevice):
                             req.sector, exc)
                 req.status = ReqStatus.IOERR
                 req.result = b""
+        if not write_through:
+            return
+        written = [r for r in reqs if r.type in _WRITES and r.status == ReqStatus.OK]
+        if not written:
+            return
+        try:
+            self.backend.flush()
+        except OSError as exc:
+            log.warning("%s: write-through flush failed: %s", self.name, exc)
+            for req in written:
+                req.status = ReqStatus.IOERR
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
         return sector >= 0 and sector * SECTOR + nbytes <= self.backend.size

@@ -172,9 +172,10 @@ async def test_flush_fua_and_write_cache_off(io: Host) -> None:
     assert be.flushes == 2
     c = await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 1, 1 << 30))  # FUA
     assert c.code == 0 and be.flushes == 3
-    await io.admin(AdminOpcode.SET_FEATURES, cdw=(0x06, 0))  # write cache off
-    await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 1))
+    await io.admin(AdminOpcode.SET_FEATURES, cdw=(0x06, 0))  # write cache off: flushed
     assert be.flushes == 4
+    await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 1))
+    assert be.flushes == 5
 
 
 async def test_shutdown_flushes(io: Host) -> None:
