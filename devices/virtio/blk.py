@@ -20,28 +20,21 @@ The device offers VIRTIO_BLK_F_FLUSH and VIRTIO_BLK_F_CONFIG_WCE and follows the
 definition of a stable write (5.2.6.1): with FLUSH negotiated and `writeback` = 1 (the
 default) the disk has a write-back cache and FLUSH is `fsync` of the backing file; without
 FLUSH, or with `writeback` = 0, the disk is write-through: a batch that changed data is
-fsync'd before any of its requests completes. A failed fsync fails every later one (the
-kernel reports a writeback error once, then treats the lost pages as clean). Discard and
-write-zeroes punch holes (`fallocate`), falling back to writing zeroes where the file system
-cannot.
+fsync'd before any of its requests completes. The storage itself, with its error latching
+and hole punching, is the SDK's block backend (`devices/sdk/storage.py`, shared with NVMe).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import enum
-import errno
 import logging
-import os
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, cast
 
 import trio
 
 from devices.sdk import OptionSpec
+from devices.sdk.storage import BlockBackend, FileBackend, MemoryBackend
 
 from .transport import VirtioPciDevice
 from .virtqueue import (
@@ -106,143 +99,6 @@ _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 _CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
 
 
-class Backend:
-    """Storage behind the disk. `blocking` backends run in a worker thread."""
-
-    blocking: ClassVar[bool] = False
-    size: int
-    readonly: bool
-
-    def read(self, offset: int, count: int) -> bytes:
-        raise NotImplementedError
-
-    def write(self, offset: int, data: bytes | bytearray) -> None:
-        raise NotImplementedError
-
-    def flush(self) -> None:
-        """Make completed writes durable."""
-
-    def zero(self, offset: int, count: int, unmap: bool) -> None:
-        self.write(offset, bytes(count))
-
-    def close(self) -> None:
-        """Release the backing store."""
-
-
-class MemoryBackend(Backend):
-    """A RAM disk (lost on exit); fast, for tests and benchmarks of the transport."""
-
-    def __init__(self, size: int, readonly: bool = False) -> None:
-        self.size = size
-        self.readonly = readonly
-        self.buf = bytearray(size)
-
-    def read(self, offset: int, count: int) -> bytes:
-        return bytes(self.buf[offset : offset + count])
-
-    def write(self, offset: int, data: bytes | bytearray) -> None:
-        self.buf[offset : offset + len(data)] = data
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def _libc_fallocate() -> Callable[[int, int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    fn = ctypes.CDLL(name, use_errno=True).fallocate
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return cast(Callable[[int, int, int, int], int], fn)
-
-
-class FileBackend(Backend):
-    """A raw image file; `size` grows (never shrinks) the file when larger than it is.
-
-    Resource handling: the fd is opened in `__init__` and closed by `close()`; afterwards it
-    is -1 so a stale number never reaches a reused descriptor.
-    """
-
-    blocking = True
-
-    def __init__(self, path: str, size: int = 0, readonly: bool = False) -> None:
-        flags = (os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT) | os.O_CLOEXEC
-        changed = not os.path.exists(path)  # created, or grown below
-        self.fd = os.open(path, flags, 0o644)
-        try:
-            current = os.fstat(self.fd).st_size
-            if size > current and not readonly:
-                os.ftruncate(self.fd, size)
-                current = size
-                changed = True
-            if changed:
-                _sync_new_file(self.fd, path)
-            if current < SECTOR:
-                raise ValueError(f"{path}: a disk needs at least {SECTOR} bytes (set size=)")
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.size = current - current % SECTOR
-        self.readonly = readonly
-        self.path = path
-        #: the first fsync failure; every later flush raises it again (module docstring)
-        self.flush_error: OSError | None = None
-        self._fallocate = _libc_fallocate()
-        #: preadv(RWF_NOWAIT) works here (cleared on EOPNOTSUPP)
-        self.nowait_reads = hasattr(os, "RWF_NOWAIT")
-
-    def read(self, offset: int, count: int) -> bytes:
-        data = os.pread(self.fd, count, offset)
-        return data + bytes(count - len(data))
-
-    def write(self, offset: int, data: bytes | bytearray) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-
-    def flush(self) -> None:
-        if self.flush_error is not None:
-            raise OSError(self.flush_error.errno,
-                          f"an earlier flush failed ({self.flush_error.strerror}); data "
-                          "written before it may be lost") from self.flush_error
-        try:
-            os.fsync(self.fd)
-        except OSError as exc:
-            self.flush_error = exc
-            raise
-
-    def zero(self, offset: int, count: int, unmap: bool) -> None:
-        if self._fallocate is not None:
-            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-            if self._fallocate(self.fd, mode, offset, count) == 0:
-                return
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise OSError(err, os.strerror(err))
-        self.write(offset, bytes(count))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            fd, self.fd = self.fd, -1
-            os.close(fd)
-
-
-def _sync_new_file(fd: int, path: str) -> None:
-    """Make a file we created or grew durable as a whole: its size (fsync) and its name
-    (fsync of the directory). Why: fsync on a guest FLUSH covers the data, but on a host
-    crash a never-synced directory entry may lose the whole image with it."""
-    os.fsync(fd)
-    dirfd = os.open(os.path.dirname(os.path.abspath(path)),
-                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-
-
 @dataclass
 class _Request:
     chain: Chain
@@ -251,7 +107,7 @@ class _Request:
     data: bytes | bytearray = b""
     segments: tuple[tuple[int, int, int], ...] = ()
     status: int = ReqStatus.OK
-    result: bytes = b""
+    result: bytes | bytearray = b""
     inline_written: int | None = None
 
 
@@ -276,12 +132,16 @@ class VirtioBlk(VirtioPciDevice):
             raise ValueError(f"size must be a multiple of {SECTOR}")
         if len(serial.encode()) > ID_BYTES:
             raise ValueError(f"serial is at most {ID_BYTES} bytes")
-        self.backend: Backend
+        self.backend: BlockBackend
         if path:
             try:
-                self.backend = FileBackend(path, size, readonly)
+                # fsync, not fdatasync, on FLUSH: what docs/durability.md promises here
+                self.backend = FileBackend(path, size, readonly, flush_metadata=True)
             except OSError as exc:
                 raise ValueError(f"cannot open {path}: {exc.strerror}") from None
+            if self.backend.size < SECTOR:
+                self.backend.close()
+                raise ValueError(f"{path}: a disk needs at least {SECTOR} bytes (set size=)")
         else:
             self.backend = MemoryBackend(size or DEFAULT_MEMORY_SIZE, readonly)
         self.serial = serial.encode()
@@ -359,7 +219,7 @@ class VirtioBlk(VirtioPciDevice):
                 req.segments = tuple(_SEGMENT.iter_unpack(raw[: len(raw) // 16 * 16]))
             reqs.append(req)
         write_through = not self.writeback
-        if self.backend.blocking:
+        if self.backend.threaded:
             fast = 0
             while fast < len(reqs) and self._read_nowait(reqs[fast]):
                 fast += 1
@@ -392,8 +252,7 @@ class VirtioBlk(VirtioPciDevice):
         guest-memory views are used synchronously, before any checkpoint. Anything else
         (a miss, a short read, a write, a flush) goes to the worker thread.
         """
-        b = self.backend
-        if req.type != ReqType.IN or not isinstance(b, FileBackend) or not b.nowait_reads:
+        if req.type != ReqType.IN:
             return False
         count = req.chain.writable_len - 1
         if count <= 0 or count % SECTOR or not self._in_range(req.sector, count):
@@ -405,15 +264,7 @@ class VirtioBlk(VirtioPciDevice):
             return False
         base, view = span
         buffers = [view[a - base : a - base + n] for a, n in pieces]
-        try:
-            n = os.preadv(b.fd, buffers, req.sector * SECTOR, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno == errno.EOPNOTSUPP:
-                b.nowait_reads = False
-            return False
-        if n != count:
+        if self.backend.readinto_nowait(req.sector * SECTOR, buffers) != count:
             return False  # partly cached: the thread redoes the whole read
         req.inline_written = count
         return True
@@ -454,13 +305,15 @@ class VirtioBlk(VirtioPciDevice):
             if count % SECTOR or not self._in_range(req.sector, count):
                 req.status = ReqStatus.IOERR
                 return
-            req.result = b.read(req.sector * SECTOR, count)
+            data = bytearray(count)
+            b.readinto(req.sector * SECTOR, [memoryview(data)])
+            req.result = data
         elif req.type == ReqType.OUT:
             if b.readonly or len(req.data) % SECTOR or not self._in_range(req.sector,
                                                                             len(req.data)):
                 req.status = ReqStatus.IOERR
                 return
-            b.write(req.sector * SECTOR, req.data)
+            b.write(req.sector * SECTOR, [req.data])
         elif req.type == ReqType.FLUSH:
             b.flush()
         elif req.type == ReqType.GET_ID:
@@ -474,8 +327,10 @@ class VirtioBlk(VirtioPciDevice):
                 if num > MAX_DISCARD_SECTORS or not self._in_range(sector, num * SECTOR):
                     req.status = ReqStatus.IOERR
                     return
-            for sector, num, flags in req.segments:
-                b.zero(sector * SECTOR, num * SECTOR, unmap=bool(flags & 1))
+            # Deallocating satisfies both: holes read back as zeros, and `unmap` (flags
+            # bit 0) only permits it, while VIRTIO_BLK_F_WRITE_ZEROES may_unmap = 1 says so.
+            for sector, num, _flags in req.segments:
+                b.deallocate(sector * SECTOR, num * SECTOR)
         else:
             req.status = ReqStatus.UNSUPP
 

@@ -8,18 +8,19 @@ import errno
 import os
 import struct
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import trio
 
+from devices.sdk.bits import BytesLike
+from devices.sdk.storage import FileBackend, MemoryBackend
 from devices.virtio import transport as t
 from devices.virtio.blk import (
     SECTOR,
     WRITEBACK_OFFSET,
     BlkFeature,
-    FileBackend,
-    MemoryBackend,
     ReqStatus,
     ReqType,
     VirtioBlk,
@@ -144,14 +145,14 @@ class GatedFile(FileBackend):
     """Writes and flushes wait for `release` (in the worker thread)."""
 
     def __init__(self, path: str, size: int) -> None:
-        super().__init__(path, size)
+        super().__init__(path, size, flush_metadata=True)
         self.release = threading.Event()
         self.entered = threading.Event()
 
-    def write(self, offset: int, data: bytes | bytearray) -> None:
+    def write(self, offset: int, bufs: Sequence[BytesLike]) -> None:
         self.entered.set()
         assert self.release.wait(5)
-        super().write(offset, data)
+        super().write(offset, bufs)
 
     def flush(self) -> None:
         self.entered.set()
