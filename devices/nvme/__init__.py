@@ -1,8 +1,7 @@
-"""NVMe controller model: `Nvme` (register surface), `worker` (queues and commands).
+"""NVMe controller model: the package's one export is `Nvme` (and `parse_size` for options).
 
-Layout follows openvmm's nvme device: `spec` (numbers), `queue` and `prp` (pure ring and
-PRP logic), `identify` (data structures), `backend` (file / memory storage), `worker`
-(the task that runs queues), `controller` (the PCI function and BAR0).
+Layout follows openvmm's nvme device; devices/nvme/README.md has the table of modules, each
+with the one thing it does.
 """
 
 from .controller import Nvme, parse_size

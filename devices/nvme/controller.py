@@ -1,8 +1,10 @@
 """NVMe controller: the PCI function and its register surface (BAR0), nothing more.
 
-Why this split: register accesses are synchronous (DESIGN.md 1 and 2.8), so this module
-only decodes them, records what the guest asked for and wakes the worker
-(`worker.Worker`), which runs the queues and commands. It mirrors openvmm's `pci.rs`.
+Why this split: a register access must be answered at once (QEMU holds its big lock while
+the vCPU waits for our reply, and the engine serves it synchronously), so this module only
+decodes it, records what the guest asked for and wakes the worker (`worker.Worker`), which
+runs the queues and commands. It mirrors openvmm's `pci.rs`. The worker sees this class
+only through `port.ControllerPort`.
 
 PCI function::
 
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from devices.sdk import (
@@ -49,9 +50,11 @@ from devices.sdk import (
     Register,
     RegisterBank,
 )
+from devices.sdk.storage import BlockBackend, FileBackend, MemoryBackend
 
 from . import identify as idf
-from .backend import Backend, FileBackend, MemoryBackend
+from .command import Namespace
+from .port import CcFields
 from .queue import MAX_QUEUE_ENTRIES, doorbell_decode
 from .spec import (
     CAP_CQR,
@@ -68,7 +71,7 @@ from .spec import (
     Reg,
     Shst,
 )
-from .worker import Namespace, Worker
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -95,20 +98,6 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"bad size {text!r} (examples: 1G, 64M, 1048576)")
     return int(m.group(1)) << _UNITS[m.group(2).lower()]
-
-
-@dataclass(frozen=True)
-class CcFields:
-    """CC, AQA, ASQ and ACQ as the worker needs them at enable and queue creation."""
-
-    css: int
-    mps: int
-    iosqes: int
-    iocqes: int
-    asqs: int
-    acqs: int
-    asq: int
-    acq: int
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
@@ -252,7 +241,7 @@ class Nvme(PciDevice):
                 want = sizes[i] if sizes else 0
                 if want % (1 << lba_shift):
                     raise ValueError(f"size {want} is not a multiple of the block size")
-                backend: Backend
+                backend: BlockBackend
                 if paths:
                     backend = FileBackend(Path(paths[i]), want or (
                         0 if Path(paths[i]).exists() and Path(paths[i]).stat().st_size

@@ -1,0 +1,316 @@
+"""The worker's state and plumbing: queues, features, doorbells, completions, guest memory.
+
+Why a base of its own: the controller state machine (`worker`), the admin command set
+(`admin`) and the NVM I/O commands (`io_commands`) all work on the same queues and
+features; this class holds that state and the few operations they share (posting a
+completion, reading guest memory, calling a backend), so each command set reads on its own.
+
+The synchronous entry points (`sq_doorbell`, `cq_doorbell`, `request_*`, `kick`,
+`update_intx`) are called from register handlers: they only record and wake the task,
+because QEMU holds its big lock while a vCPU waits for our reply to the register access.
+
+Shadow doorbells (Doorbell Buffer Config): for I/O queues the host writes tails and heads
+to a page of guest memory and rings the MMIO doorbell only when it passes the event index
+we publish. The worker reads the shadow values every time it looks at a queue, publishes
+"seen up to here" as the event index, and re-reads once after publishing so a submission
+racing with the publish is never lost. MMIO values of shadowed queues are only wake-ups
+(a late MMIO write may carry an older value than the shadow already showed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import trio
+
+from devices.sdk.interface import DmaError, DmaPort
+
+from . import identify as idf
+from .command import Command, CommandError, Namespace
+from .port import ControllerPort
+from .prp import Segments, walk_prps
+from .queue import CompletionQueue, DoorbellError, SubmissionQueue
+from .spec import CQE, DNR, FeatureId, Status
+
+log = logging.getLogger(__name__)
+
+#: statuses a retry might fix (everything else completes with Do Not Retry)
+_RETRYABLE = frozenset({Status.SUCCESS, Status.ABORTED_BY_REQUEST, Status.ABORTED_SQ_DELETION,
+                        Status.NAMESPACE_NOT_READY})
+
+
+def default_features(max_queues: int) -> dict[int, int]:
+    q = max_queues - 1
+    return {
+        FeatureId.ARBITRATION: 0,
+        FeatureId.POWER_MANAGEMENT: 0,
+        FeatureId.TEMPERATURE_THRESHOLD: idf.WARNING_TEMP_K,
+        FeatureId.ERROR_RECOVERY: 0,
+        FeatureId.VOLATILE_WRITE_CACHE: 1,
+        FeatureId.NUMBER_OF_QUEUES: q | (q << 16),
+        FeatureId.INTERRUPT_COALESCING: 0,
+        FeatureId.INTERRUPT_VECTOR_CONFIG: 0,
+        FeatureId.WRITE_ATOMICITY: 0,
+        FeatureId.ASYNC_EVENT_CONFIG: 0,
+    }
+
+
+class WorkerCore:
+    """State and shared operations of one controller's worker (see the module docstring)."""
+
+    def __init__(self, dev: ControllerPort, namespaces: dict[int, Namespace],
+                 info: idf.ControllerInfo, *, max_queues: int, stride: int) -> None:
+        self.dev = dev
+        self.namespaces = namespaces
+        self.info = info
+        self.max_queues = max_queues
+        self.stride = stride
+        self.max_transfer = (1 << info.mdts) * 4096 if info.mdts else 1 << 30
+        self.smart = idf.SmartCounters()
+        self.running = False
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.power_on()
+
+    # ------------------------------------------------------------------ state
+
+    def power_on(self) -> None:
+        """Power-on / function-level reset state (tasks are already gone)."""
+        self.want_enable = False
+        self.reset_pending = False
+        self.shutdown_pending = False
+        self.enabled = False
+        self._controller_state()
+
+    def _controller_state(self) -> None:
+        self.sqs: dict[int, SubmissionQueue] = {}
+        self.cqs: dict[int, CompletionQueue] = {}
+        self.page_size = 4096
+        self.features = default_features(self.max_queues)
+        self.queues_granted = self.max_queues
+        self.aers: list[int] = []
+        self.dbbuf: tuple[int, int] | None = None
+        self._inflight: dict[trio.CancelScope, int] = {}
+        self._inflight_changed = trio.Event()
+        self._cq_space: dict[int, trio.Event] = {}
+
+    # ------------------------------------------------------------------ register side (sync)
+
+    def request_enable(self) -> None:
+        self.want_enable = True
+        self.kick()
+
+    def request_disable(self) -> None:
+        self.want_enable = False
+        self.reset_pending = True
+        self.kick()
+
+    def request_shutdown(self) -> None:
+        self.shutdown_pending = True
+        self.kick()
+
+    def sq_doorbell(self, qid: int, value: int) -> None:
+        sq = self.sqs.get(qid)
+        if sq is None or not self.enabled:
+            log.debug("nvme: doorbell for SQ %d that does not exist, ignored", qid)
+            return
+        if sq.shadow_db is None:
+            try:
+                sq.set_tail(value)
+            except DoorbellError as exc:
+                log.warning("nvme: %s; ignored", exc)
+                return
+        self.kick()
+
+    def cq_doorbell(self, qid: int, value: int) -> None:
+        cq = self.cqs.get(qid)
+        if cq is None or not self.enabled:
+            log.debug("nvme: doorbell for CQ %d that does not exist, ignored", qid)
+            return
+        if cq.shadow_db is None:
+            try:
+                cq.set_head(value)
+            except DoorbellError as exc:
+                log.warning("nvme: %s; ignored", exc)
+                return
+        waiter = self._cq_space.pop(qid, None)
+        if waiter is not None:
+            waiter.set()
+        self.update_intx()
+
+    def kick(self) -> None:
+        """Wake the worker, starting it if the engine cancelled it (or it never ran)."""
+        self._wake.set()
+        ctx = self.dev.ctx
+        if self.running or ctx is None:
+            return
+        try:
+            ctx.start_task(self.run, name="nvme-worker")
+        except RuntimeError:
+            log.debug("nvme: no task group yet; the worker starts on the next kick")
+            return
+        self.running = True
+
+    def update_intx(self) -> None:
+        """INTx is a level: asserted while an interrupt-enabled CQ holds unconsumed entries
+        and INTMS bit 0 does not mask it (only meaningful while MSI-X is off)."""
+        if self.dev.msix_enabled():
+            return
+        pending = False
+        for cq in self.cqs.values():
+            if cq.interrupts and cq.outstanding:
+                self._peek_cq_head(cq)
+                if cq.outstanding:
+                    pending = True
+                    break
+        if pending and not self.dev.intmask & 1:
+            self.dev.raise_irq(0)
+        else:
+            self.dev.lower_irq()
+
+    def _peek_cq_head(self, cq: CompletionQueue) -> None:
+        """Sync read of a shadow CQ head (mmap mode only), for the INTx level."""
+        if cq.shadow_db is None or self.dev.ctx is None:
+            return
+        try:
+            view = self.dev.ctx.dma.view(cq.shadow_db, 4)
+        except DmaError:
+            return
+        if view is not None:
+            with contextlib.suppress(DoorbellError):
+                cq.set_head(int.from_bytes(view, "little"))
+
+    async def run(self) -> None:
+        """The worker task that `kick` starts; `worker.Worker` supplies it."""
+        raise NotImplementedError
+
+    @property
+    def dma(self) -> DmaPort:
+        ctx = self.dev.ctx
+        if ctx is None:
+            raise DmaError(0, "no client attached")
+        return ctx.dma
+
+    async def _flush_all(self) -> None:
+        for ns in self.namespaces.values():
+            await self._backend(ns, ns.backend.flush)
+
+    async def _wait_inflight(self, which: Callable[[int], bool]) -> None:
+        while any(which(qid) for qid in self._inflight.values()):
+            await self._inflight_changed.wait()
+
+    async def _refresh_sq_tail(self, sq: SubmissionQueue) -> None:
+        assert sq.shadow_db is not None
+        value = await self._read_u32(sq.shadow_db)
+        try:
+            sq.set_tail(value)
+        except DoorbellError as exc:
+            log.warning("nvme: shadow %s; ignored", exc)
+
+    async def _refresh_cq_head(self, cq: CompletionQueue) -> None:
+        assert cq.shadow_db is not None
+        value = await self._read_u32(cq.shadow_db)
+        with contextlib.suppress(DoorbellError):
+            cq.set_head(value)
+
+    async def complete(self, sq: SubmissionQueue, cid: int, status: int, result: int = 0) -> None:
+        """Post a completion for a command of `sq` to its CQ (waits while the CQ is full)."""
+        cq = self.cqs.get(sq.cqid)
+        while cq is not None and cq.full:
+            if cq.shadow_db is not None:
+                await self._refresh_cq_head(cq)
+                if not cq.full:
+                    break
+                if cq.event_idx is not None:
+                    await self._write_u32(cq.event_idx, cq.head)
+                    await self._refresh_cq_head(cq)
+                    if not cq.full:
+                        break
+            waiter = self._cq_space.setdefault(cq.qid, trio.Event())
+            await waiter.wait()
+            cq = self.cqs.get(sq.cqid)
+        if cq is None:
+            log.debug("nvme: completion for a deleted CQ dropped (cid %d)", cid)
+            return
+        if status not in _RETRYABLE:
+            status |= DNR
+        addr, phase = cq.reserve()
+        entry = CQE.pack(result & 0xFFFF_FFFF, 0, sq.head, sq.qid, cid, (status << 1) | phase)
+        view = self.dma.view(addr, CQE.size, write=True)
+        if view is not None:
+            # The driver polls the phase bit (last dword) and then reads the rest: the
+            # first 12 bytes go first, the last dword (command id, status, phase) in one
+            # store after them, so a new phase is never visible before its entry.
+            view[:12] = entry[:12]
+            view[12:16].cast("I")[0] = int.from_bytes(entry[12:16], "little")
+        else:
+            await self.dma.write(addr, entry)
+        if cq.interrupts:
+            if self.dev.msix_enabled():
+                self.dev.raise_irq(cq.vector)
+            else:
+                self.update_intx()
+
+    async def _complete_or_log(self, sq: SubmissionQueue, cid: int, status: int,
+                               result: int) -> None:
+        """`complete`, for callers that cannot report a lost completion to anyone."""
+        try:
+            await self.complete(sq, cid, status, result)
+        except DmaError as exc:
+            log.error("nvme: completion of cid %d on SQ %d lost: %s", cid, sq.qid, exc)
+
+    # ------------------------------------------------------------------ guest memory
+
+    async def _read_guest(self, address: int, size: int) -> bytes:
+        view = self.dma.view(address, size)
+        if view is not None:
+            return bytes(view)
+        return await self.dma.read(address, size)
+
+    async def _read_u32(self, address: int) -> int:
+        view = self.dma.view(address, 4)
+        if view is not None:
+            return int.from_bytes(view, "little")
+        return int.from_bytes(await self.dma.read(address, 4), "little")
+
+    async def _write_u32(self, address: int, value: int) -> None:
+        data = (value & 0xFFFF_FFFF).to_bytes(4, "little")
+        view = self.dma.view(address, 4, write=True)
+        if view is not None:
+            view[:] = data
+        else:
+            await self.dma.write(address, data)
+
+    async def _segments(self, cmd: Command, length: int) -> Segments:
+        if cmd.psdt:
+            raise CommandError(Status.INVALID_FIELD, "SGLs are not supported")
+        return await walk_prps(cmd.prp1, cmd.prp2, length, self.page_size, self._read_guest)
+
+    async def _to_guest(self, cmd: Command, data: bytes) -> None:
+        pos = 0
+        for addr, n in await self._segments(cmd, len(data)):
+            await self.dma.write(addr, memoryview(data)[pos : pos + n])
+            pos += n
+
+    async def _from_guest(self, cmd: Command, length: int) -> bytes:
+        out = bytearray()
+        for addr, n in await self._segments(cmd, length):
+            out += await self._read_guest(addr, n)
+        return bytes(out)
+
+    async def _backend(self, ns: Namespace, fn: Callable[..., None], *args: object) -> None:
+        if ns.backend.threaded:
+            await trio.to_thread.run_sync(fn, *args)
+        else:
+            fn(*args)
+
+    def _attach_shadow(self, q: SubmissionQueue | CompletionQueue, qid: int, *,
+                       completion: bool) -> None:
+        if self.dbbuf is None or qid == 0:
+            return
+        offset = (2 * qid + int(completion)) * self.stride
+        q.shadow_db = self.dbbuf[0] + offset
+        q.event_idx = self.dbbuf[1] + offset
+

@@ -1,0 +1,169 @@
+"""The NVM I/O command set (NVMe 1.4, 6): Read, Write, Write Zeroes, Flush, Dataset
+Management.
+
+Each I/O command runs as its own task (commands of all queues overlap; file I/O goes to
+worker threads), tracked in `_inflight` so a controller reset can cancel them and a queue
+deletion or shutdown can wait for them.
+
+Durability (docs/durability.md): a completion is posted only after the backend call it
+reports on has returned, i.e. written data was handed to the kernel (`pwritev`). Identify
+reports a volatile write cache (VWC present), so Flush (`fdatasync`) is what makes data
+stable; a FUA write or Write Zeroes, or any data-changing command while the host has turned
+the Volatile Write Cache feature off, is flushed before it completes.
+
+Data path: PRP segments are pinned in one call (`pinned_views`) and handed to the backend as
+zero-copy views of guest RAM; reads first try the page cache without blocking.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+import trio
+
+from devices.sdk.interface import DmaError, pinned_views
+from devices.sdk.storage import consume
+
+from .command import BROADCAST_NSID, Command, CommandError, Namespace, Outcome
+from .core import WorkerCore
+from .prp import PrpError, Segments
+from .queue import SubmissionQueue
+from .spec import DSM_ATTR_DEALLOCATE, DSM_RANGE_SIZE, FeatureId, IoOpcode, Status
+
+log = logging.getLogger(__name__)
+
+FUA = 1 << 30
+
+
+class IoCommands(WorkerCore):
+    """The I/O queues' commands, on the worker's state."""
+
+    def _start_io(self, sq: SubmissionQueue, cmd: Command) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._inflight[scope] = sq.qid
+        self._nursery.start_soon(self._io_task, sq, cmd, scope)
+
+    async def _io_task(self, sq: SubmissionQueue, cmd: Command, scope: trio.CancelScope) -> None:
+        try:
+            with scope:
+                try:
+                    status, result = await self._io(cmd)
+                except CommandError as exc:
+                    status, result = exc.status, 0
+                except PrpError as exc:
+                    status, result = exc.status, 0
+                except DmaError as exc:
+                    log.warning("nvme: I/O %#x cid %d: DMA failed: %s", cmd.opcode, cmd.cid, exc)
+                    status, result = Status.DATA_TRANSFER_ERROR, 0
+                except OSError as exc:
+                    log.error("nvme: I/O %#x cid %d: backend error: %s", cmd.opcode, cmd.cid, exc)
+                    status = (Status.UNRECOVERED_READ_ERROR if cmd.opcode == IoOpcode.READ
+                              else Status.WRITE_FAULT)
+                    result = 0
+                if scope.cancel_called:
+                    return  # controller reset: the command is aborted without a completion
+                await self._complete_or_log(sq, cmd.cid, status, result)
+        finally:
+            del self._inflight[scope]
+            changed, self._inflight_changed = self._inflight_changed, trio.Event()
+            changed.set()
+
+    def _namespace(self, nsid: int) -> Namespace:
+        ns = self.namespaces.get(nsid)
+        if ns is None:
+            raise CommandError(Status.INVALID_NAMESPACE, f"namespace {nsid}")
+        return ns
+
+    @staticmethod
+    def _range(ns: Namespace, slba: int, nlb: int) -> tuple[int, int]:
+        if slba + nlb > ns.blocks:
+            raise CommandError(Status.LBA_OUT_OF_RANGE, f"LBA {slba}+{nlb} > {ns.blocks}")
+        return slba << ns.lba_shift, nlb << ns.lba_shift
+
+    async def _io(self, cmd: Command) -> Outcome:
+        op = cmd.opcode
+        if op == IoOpcode.FLUSH:
+            if cmd.nsid == BROADCAST_NSID:
+                await self._flush_all()
+            else:
+                ns = self._namespace(cmd.nsid)
+                await self._backend(ns, ns.backend.flush)
+            return Status.SUCCESS, 0
+        ns = self._namespace(cmd.nsid)
+        slba = cmd.cdw10 | (cmd.cdw11 << 32)
+        nlb = (cmd.cdw12 & 0xFFFF) + 1
+        if op in (IoOpcode.READ, IoOpcode.WRITE):
+            offset, length = self._range(ns, slba, nlb)
+            if length > self.max_transfer:
+                raise CommandError(Status.INVALID_FIELD, f"{length} bytes > MDTS")
+            segs = await self._segments(cmd, length)
+            if op == IoOpcode.READ:
+                await self._read_to_guest(ns, offset, segs)
+                self.smart.read_commands += 1
+                self.smart.bytes_read += length
+            else:
+                await self._write_from_guest(ns, offset, segs)
+                self.smart.write_commands += 1
+                self.smart.bytes_written += length
+                await self._stable_if_asked(ns, fua=bool(cmd.cdw12 & FUA))
+            return Status.SUCCESS, 0
+        if op == IoOpcode.WRITE_ZEROES:
+            offset, length = self._range(ns, slba, nlb)
+            await self._backend(ns, ns.backend.deallocate, offset, length)
+            await self._stable_if_asked(ns, fua=bool(cmd.cdw12 & FUA))
+            return Status.SUCCESS, 0
+        if op == IoOpcode.DATASET_MANAGEMENT:
+            nr = (cmd.cdw10 & 0xFF) + 1
+            if not cmd.cdw11 & DSM_ATTR_DEALLOCATE:
+                return Status.SUCCESS, 0  # attributes are hints
+            raw = await self._from_guest(cmd, nr * DSM_RANGE_SIZE)
+            ranges = []
+            for i in range(nr):
+                _attrs, count, start = struct.unpack_from("<IIQ", raw, i * DSM_RANGE_SIZE)
+                if count:
+                    ranges.append(self._range(ns, start, count))
+            for offset, length in ranges:
+                await self._backend(ns, ns.backend.deallocate, offset, length)
+            if ranges:
+                await self._stable_if_asked(ns, fua=False)
+            return Status.SUCCESS, 0
+        raise CommandError(Status.INVALID_OPCODE, f"I/O opcode {op:#x}")
+
+    async def _stable_if_asked(self, ns: Namespace, *, fua: bool) -> None:
+        """Flush after a data-changing command that must be stable when it completes: it
+        set Force Unit Access, or the host turned the volatile write cache off (a host
+        may then rely on completions alone and never send a Flush)."""
+        if fua or not self.features[FeatureId.VOLATILE_WRITE_CACHE]:
+            await self._backend(ns, ns.backend.flush)
+
+    async def _read_to_guest(self, ns: Namespace, offset: int, segs: Segments) -> None:
+        dma = self.dma
+        with pinned_views(dma, segs, write=True) as views:
+            if views is not None:
+                await self._read_backend(ns, offset, views)
+                return
+        buf = bytearray(sum(n for _, n in segs))
+        await self._read_backend(ns, offset, [memoryview(buf)])
+        pos = 0
+        for addr, n in segs:
+            await dma.write(addr, memoryview(buf)[pos : pos + n])
+            pos += n
+
+    async def _read_backend(self, ns: Namespace, offset: int, bufs: list[memoryview]) -> None:
+        """Cached data inline (non-blocking), the rest in a worker thread."""
+        done = ns.backend.readinto_nowait(offset, bufs)
+        if done < sum(len(b) for b in bufs):
+            await self._backend(ns, ns.backend.readinto, offset + done, consume(bufs, done))
+
+    async def _write_from_guest(self, ns: Namespace, offset: int, segs: Segments) -> None:
+        dma = self.dma
+        with pinned_views(dma, segs) as views:
+            if views is not None:
+                await self._backend(ns, ns.backend.write, offset, views)
+                return
+        chunks: list[bytes] = []
+        for addr, n in segs:
+            chunks.append(await dma.read(addr, n))
+        await self._backend(ns, ns.backend.write, offset, chunks)
