@@ -36,7 +36,8 @@ from typing import TypeVar
 
 from . import config as cfg
 from .bars import Bar, BarHandler, BarKind, CallbackHandler, Rom, SharedMemory, Trap
-from .caps import Capability, ExtendedCapability, MsiCap, MsixCap, PcieCap, place_capabilities
+from .capability import Capability, ExtendedCapability, place_capabilities
+from .caps import PcieCap
 from .config import Command, ConfigSpace, Status
 from .interface import (
     DeviceContext,
@@ -47,6 +48,7 @@ from .interface import (
     RegionIndex,
     RegionSpec,
 )
+from .msi import MsiCap, MsixCap
 from .regs import RegisterBank
 
 log = logging.getLogger(__name__)
