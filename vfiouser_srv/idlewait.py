@@ -36,18 +36,36 @@ loop must checkpoint now and then themselves (`FdStream` and `Session._hot_loop`
 
 It reads private attributes of trio's runner (`runq`, `tasks` and their `_next_send_fn`,
 `deadlines`, `clock`, `instruments`, `waiting_for_idle`, `io_manager._epoll`, `is_guest`).
-They have been stable for years; if a trio release moves them, the probe fails, the waiter
-quietly uses the ordinary path, and
+They have been stable for years, and pyproject.toml bounds trio to the releases this was
+tested with (`TESTED_TRIO`). If a trio release moves them anyway, the probe fails, the
+server logs one warning (`vfiouser_srv.idlewait`: the fast wait is off, serial round trips
+get about 2x slower) and uses the ordinary path; and
 `tests/server/test_idlewait.py::test_fast_path_is_available` fails so we notice.
+
+Off switch: `VFIOUSER_SRV_IDLE_WAIT=0` in the environment turns the fast path (and with it
+`Session._hot_loop`) off, for debugging or for a trio this module does not know.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import select
 from typing import Any
 
 import trio
+
+log = logging.getLogger(__name__)
+
+#: trio releases whose internals this module was tested against (pyproject.toml pins the
+#: same range; CI installs the newest one it allows). Checked 2026-12-07 by running
+#: tests/server/test_idlewait.py under each release: 0.30.0 to 0.35.0 pass; up to 0.29 the
+#: runner's internals differ and the fast path turns itself off with a warning.
+TESTED_TRIO = ">=0.30,<0.36"
+#: False when VFIOUSER_SRV_IDLE_WAIT=0: every wait goes through trio's own path
+ENABLED = os.environ.get("VFIOUSER_SRV_IDLE_WAIT", "1").strip().lower() not in ("0", "no", "off")
+_warned = False
 
 try:  # trio internals: see the module docstring
     from trio._core import _run as _trio_run
@@ -68,30 +86,50 @@ _INF = math.inf
 HOT_WAIT = 0.0005
 
 
+def _internals_moved(what: str) -> None:
+    """Say once per process that the fast wait is off because trio changed under us."""
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "trio %s: %s; the fast idle wait is off and serial round trips will be about 2x "
+            "slower (tested with trio%s; VFIOUSER_SRV_IDLE_WAIT=0 silences this)",
+            trio.__version__, what, TESTED_TRIO,
+        )
+
+
 def _epoll_fd(runner: Any) -> int | None:
     """trio's epoll descriptor for `runner`, or None when the fast path cannot be used in
-    this run (another I/O backend, guest mode, changed internals)."""
+    this run (switched off, another I/O backend, guest mode, changed internals: only the
+    last is worth a warning)."""
+    if not ENABLED:
+        return None
     try:
         epoll = runner.io_manager._epoll
+        if not isinstance(epoll, select.epoll) or runner.is_guest:
+            return None  # another backend or guest mode: legitimately not ours to shortcut
         if (
-            isinstance(epoll, select.epoll)
-            and not runner.is_guest
-            and hasattr(runner, "runq")
+            hasattr(runner, "runq")
             and hasattr(runner, "waiting_for_idle")
             and isinstance(runner.tasks, set)
             and all(hasattr(task, "_next_send_fn") for task in runner.tasks)
             and hasattr(runner.deadlines, "next_deadline")
             and isinstance(getattr(runner.deadlines, "_heap", None), list)
             and hasattr(runner.instruments, "data")
+            and _SystemClock is not None
         ):
             return epoll.fileno()
     except AttributeError:
         pass
+    _internals_moved("the runner's private attributes are not where idlewait expects them")
     return None
 
 
 def _current_runner() -> Any:
-    return getattr(_RUN_CONTEXT, "runner", None) if _RUN_CONTEXT is not None else None
+    if _RUN_CONTEXT is None:
+        _internals_moved("trio._core._run.GLOBAL_RUN_CONTEXT is gone")
+        return None
+    return getattr(_RUN_CONTEXT, "runner", None)
 
 
 def available() -> bool:
@@ -144,6 +182,8 @@ class IdleWaiter:
         try:
             runner = _RUN_CONTEXT.runner
         except AttributeError:  # not inside trio.run, or no trio internals
+            if _RUN_CONTEXT is None and ENABLED:
+                _internals_moved("trio._core._run.GLOBAL_RUN_CONTEXT is gone")
             return None
         if runner is not self._runner:
             self._setup(runner)
@@ -211,4 +251,4 @@ class IdleWaiter:
             await trio.lowlevel.wait_readable(self._fd)
 
 
-__all__ = ["HOT_WAIT", "IdleWaiter", "available"]
+__all__ = ["ENABLED", "HOT_WAIT", "TESTED_TRIO", "IdleWaiter", "available"]

@@ -74,6 +74,48 @@ async def test_fast_path_is_available() -> None:
     assert waiter.idle_deadline() == float("inf")
 
 
+async def test_moved_internals_turn_the_fast_path_off_loudly_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Simulates a trio release without the clock class idlewait checks for: the waiter
+    stands aside (ordinary trio waits) and one warning names the trio version."""
+    monkeypatch.setattr(idlewait, "_SystemClock", None)
+    monkeypatch.setattr(idlewait, "_warned", False)
+    for _ in range(3):
+        assert IdleWaiter(0).idle_deadline() is None
+    warnings = [r for r in caplog.records if r.name == "vfiouser_srv.idlewait"]
+    assert len(warnings) == 1 and trio.__version__ in warnings[0].getMessage()
+
+
+def test_the_off_switch_disables_the_fast_path() -> None:
+    code = (
+        "import trio\n"
+        "from vfiouser_srv import idlewait\n"
+        "async def main():\n"
+        "    print(idlewait.available(), idlewait.IdleWaiter(0).idle_deadline())\n"
+        "trio.run(main)\n"
+    )
+    import os
+    import subprocess
+
+    def run(value: str) -> str:
+        env = {**os.environ, "VFIOUSER_SRV_IDLE_WAIT": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        assert out.stderr == ""  # switched off on purpose: no warning
+        return out.stdout.strip()
+
+    assert run("0") == "False None"
+    assert run("1") == "True inf"
+
+
+def test_pyproject_pins_the_tested_trio_releases() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'"trio{idlewait.TESTED_TRIO}"' in text
+
+
 async def test_wait_returns_without_trio_when_idle(
     pair: tuple[socket.socket, socket.socket], trio_waits: list[int]
 ) -> None:
