@@ -280,7 +280,9 @@ def on_dma_map(session: Session, req: DmaMap) -> Body:
             "%s: window %#x+%#x: its file is not sealed against shrinking, so it is served "
             "with pread/pwrite instead of mmap (seal it with F_SEAL_SHRINK for zero copy); "
             "said once per connection",
-            session.name, w.address, w.size,
+            session.name,
+            w.address,
+            w.size,
         )
     else:
         log.debug("%s: mapped %#x+%#x %s", session.name, w.address, w.size, w.mode)

@@ -94,7 +94,9 @@ def _internals_moved(what: str) -> None:
         log.warning(
             "trio %s: %s; the fast idle wait is off and serial round trips will be about 2x "
             "slower (tested with trio%s; VFIOUSER_SRV_IDLE_WAIT=0 silences this)",
-            trio.__version__, what, TESTED_TRIO,
+            trio.__version__,
+            what,
+            TESTED_TRIO,
         )
 
 

@@ -61,6 +61,7 @@ from .transport import (
     FdStream,
     TransportError,
 )
+from .waiter import Waiter
 
 if TYPE_CHECKING:
     from .server import Server
@@ -156,15 +157,6 @@ class TaskGroup:
             stopped = self._stopped
             self._scope.cancel()
             await stopped.wait()
-
-
-class _Waiter:
-    __slots__ = ("command", "event", "result")
-
-    def __init__(self, command: Command) -> None:
-        self.command = command
-        self.event = trio.Event()
-        self.result: Body | int | None = None
 
 
 class SessionDma:
@@ -290,7 +282,7 @@ class Session(DeviceContext):
         self.irq_table: IrqTable | None = None
         self.tasks = TaskGroup(f"{device.name}#{self.conn_id}")
         self._dma = SessionDma(self)
-        self._pending: dict[int, _Waiter] = {}
+        self._pending: dict[int, Waiter[Body | int]] = {}
         self._dma_lock = trio.Lock()
         #: (size, readable, writable) per region index, for the hot path
         self.region_limits: list[tuple[int, bool, bool]] = []
@@ -355,8 +347,7 @@ class Session(DeviceContext):
         self.attached = False
         await self.tasks.close()
         for waiter in self._pending.values():
-            waiter.result = errno.ENOTCONN
-            waiter.event.set()
+            waiter.settle(errno.ENOTCONN)
         self._pending.clear()
         if self.container is not None:
             windows = self.container.take_all(owner=self)
@@ -683,8 +674,7 @@ class Session(DeviceContext):
             if waiter is None:
                 log.warning("%s: error reply to unknown request %d ignored", self.name, ev.msg_id)
             else:
-                waiter.result = ev.errno
-                waiter.event.set()
+                waiter.settle(ev.errno)
             return
         fds = ev.body.fds
         if fds:
@@ -695,13 +685,15 @@ class Session(DeviceContext):
         if waiter.command != ev.body.COMMAND or fds:
             log.warning(
                 "%s: reply %d is a %s%s, the request was %s; failing it with EPROTO",
-                self.name, ev.msg_id, ev.body.COMMAND.name,
-                f" with {len(fds)} fd(s)" if fds else "", waiter.command.name,
+                self.name,
+                ev.msg_id,
+                ev.body.COMMAND.name,
+                f" with {len(fds)} fd(s)" if fds else "",
+                Command(waiter.command).name,
             )
-            waiter.result = errno.EPROTO
+            waiter.settle(errno.EPROTO)
         else:
-            waiter.result = ev.body
-        waiter.event.set()
+            waiter.settle(ev.body)
 
     async def _request(self, body: Body) -> Body:
         if self.closed or not self.attached:
@@ -709,7 +701,7 @@ class Session(DeviceContext):
         msg_id, data, fds = self.conn.send_request(body)
         if msg_id in self._pending:
             raise DmaError(errno.EBUSY, "too many outstanding requests")
-        waiter = _Waiter(body.COMMAND)
+        waiter: Waiter[Body | int] = Waiter(body.COMMAND)
         self._pending[msg_id] = waiter
         try:
             if self._verbose:
