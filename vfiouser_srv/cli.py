@@ -3,17 +3,25 @@
 Follows the spec's backend-program conventions: never daemonizes, honours SIGTERM, accepts
 `--socket-path=PATH` or `--fd=FDNUM`. The ready line (`READY <socket>` per device) is printed
 only after every socket listens, so a launcher can start QEMU the moment it sees it.
+
+Who may connect and what a client may cost (socket mode and group, allow-lists, the
+`Limits`) come from `serve` options or a config file's `[server]` and `[[device]]` keys; the
+keys and their defaults are in docs/access.md. A start-up that fails prints one line naming
+what is wrong and exits 2, leaving no socket file behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import grp
 import logging
+import pwd
 import signal
 import sys
 import tomllib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import trio
@@ -22,12 +30,22 @@ import devices
 from devices import OptionError
 
 from .engines import EngineUnavailable
+from .limits import DEFAULT_LIMITS, Limits
 from .objects import ObjectError, OwnerPolicy
-from .server import Server, raise_fd_limit
+from .server import DEFAULT_ACCESS, Server, SocketAccess, raise_fd_limit
 
 log = logging.getLogger("vfiouser_srv")
 
 ENGINES = ("python", "libvfio-user")
+
+#: keys of a `[[device]]` table that say who may connect (also accepted in `[server]`)
+ACCESS_KEYS = ("socket_mode", "socket_group", "allow_uids", "allow_gids")
+DEVICE_KEYS = frozenset(
+    {"name", "model", "socket", "fd", "group", "options", "engine", *ACCESS_KEYS}
+)
+#: `[server]` keys besides the `Limits` fields
+SERVER_KEYS = frozenset({"engine", *ACCESS_KEYS})
+LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 
 
 @dataclass
@@ -39,6 +57,7 @@ class DeviceConfig:
     group: str | None = None
     options: dict[str, str] = field(default_factory=dict)
     engine: str = "python"
+    access: SocketAccess = DEFAULT_ACCESS
 
 
 @dataclass
@@ -50,6 +69,15 @@ class GroupConfig:
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass
+class ServerConfig:
+    """Everything `serve --config` builds a server from."""
+
+    groups: list[GroupConfig]
+    devices: list[DeviceConfig]
+    limits: Limits = DEFAULT_LIMITS
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, str]:
@@ -67,12 +95,39 @@ def parse_sets(items: Sequence[str]) -> dict[str, str]:
 
 def load_config(path: str) -> tuple[list[GroupConfig], list[DeviceConfig]]:
     """Read a TOML file describing several devices and groups (see README)."""
+    config = read_config(path)
+    return config.groups, config.devices
+
+
+def read_config(
+    path: str,
+    *,
+    access: Mapping[str, Any] | None = None,
+    limits: Mapping[str, Any] | None = None,
+) -> ServerConfig:
+    """Read a config file; `access` and `limits` (config keys) are command-line overrides.
+
+    Precedence, per key: a `[[device]]` key, then the command line, then `[server]`, then
+    the default. Unknown keys are errors, not ignored: a misspelt `allow_uids` must not
+    quietly leave a device open to everyone.
+    """
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    default_engine = str(data.get("server", {}).get("engine", "python"))
+    server = data.get("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"{path}: [server] must be a table")
+    default_engine = str(server.get("engine", "python"))
+    limit_values = {k: v for k, v in server.items() if k not in SERVER_KEYS}
+    limit_values.update(limits or {})
+    try:
+        server_limits = Limits.from_mapping(limit_values)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: [server]: {exc}") from None
+    server_access = parse_access(server, f"{path}: [server]")
+    server_access = parse_access(access or {}, "command line", server_access)
     groups = []
     for g in data.get("group", []):
         try:
@@ -89,6 +144,12 @@ def load_config(path: str) -> tuple[list[GroupConfig], list[DeviceConfig]]:
     for d in data.get("device", []):
         if "name" not in d or "model" not in d or ("socket" in d) == ("fd" in d):
             raise ConfigError(f"{path}: [[device]] needs name, model and one of socket/fd: {d!r}")
+        unknown = set(d) - DEVICE_KEYS
+        if unknown:
+            raise ConfigError(
+                f"{path}: [[device]] {d['name']}: unknown key(s) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(DEVICE_KEYS))})"
+            )
         opts = {str(k): _option_text(v) for k, v in d.get("options", {}).items()}
         devs.append(
             DeviceConfig(
@@ -99,11 +160,81 @@ def load_config(path: str) -> tuple[list[GroupConfig], list[DeviceConfig]]:
                 d.get("group"),
                 opts,
                 str(d.get("engine", default_engine)),
+                parse_access(d, f"{path}: [[device]] {d['name']}", server_access),
             )
         )
     if not devs:
         raise ConfigError(f"{path}: no [[device]] entries")
-    return groups, devs
+    return ServerConfig(groups, devs, server_limits)
+
+
+# ------------------------------------------------------------------------ access settings
+
+
+def parse_access(
+    table: Mapping[str, Any], where: str, base: SocketAccess = DEFAULT_ACCESS
+) -> SocketAccess:
+    """`base` with the access keys present in `table` (config values or option strings)."""
+    changes: dict[str, Any] = {}
+    try:
+        if "socket_mode" in table:
+            changes["mode"] = parse_mode(table["socket_mode"])
+        if "socket_group" in table:
+            changes["group"] = parse_gid(table["socket_group"])
+        for key, parse in (("allow_uids", parse_uid), ("allow_gids", parse_gid)):
+            if key in table:
+                changes[key] = _parse_ids(key, table[key], parse)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return replace(base, **changes)
+
+
+def parse_mode(value: Any) -> int:
+    """An octal permission mode: "0660", "660", "0o660" or a TOML integer (write 0o660)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f'socket_mode must be an octal mode like "0660", got {value!r}')
+    try:
+        mode = value if isinstance(value, int) else int(value, 8)
+    except ValueError:
+        raise ValueError(f"socket_mode {value!r} is not an octal mode like 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(
+            f"socket_mode {value!r} is not a permission mode between 0 and 0777 "
+            '(in TOML write 0o660 or "0660": 660 is decimal)'
+        )
+    return mode
+
+
+def parse_uid(value: Any) -> int:
+    return _parse_id(value, "user", lambda name: pwd.getpwnam(name).pw_uid)
+
+
+def parse_gid(value: Any) -> int:
+    return _parse_id(value, "group", lambda name: grp.getgrnam(name).gr_gid)
+
+
+def _parse_id(value: Any, kind: str, lookup: Callable[[str], int]) -> int:
+    """A numeric id, or a name looked up now (so a typo fails at start-up, not at accept)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"expected a {kind} name or id, got {value!r}")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{kind} id {value} is negative")
+        return value
+    try:
+        return lookup(value)
+    except KeyError:
+        raise ValueError(f"no {kind} named {value!r}") from None
+
+
+def _parse_ids(key: str, value: Any, parse: Callable[[Any], int]) -> frozenset[int]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        # An empty list would read as "nobody" but means "no list": say so instead.
+        raise ValueError(f"{key} is empty; leave it out to admit whoever can open the socket")
+    return frozenset(parse(v) for v in items)
 
 
 def _option_text(value: Any) -> str:
@@ -112,21 +243,43 @@ def _option_text(value: Any) -> str:
     return str(value)
 
 
-def build_server(groups: list[GroupConfig], devs: list[DeviceConfig]) -> Server:
-    server = Server()
-    for g in groups:
-        server.group(g.name, policy=g.policy, shared_container=g.shared_container)
-    for d in devs:
-        if d.engine not in ENGINES:
-            raise ConfigError(f"unknown engine {d.engine!r} (known: {', '.join(ENGINES)})")
-        if d.engine != "python":
-            from .engines import load_engine
+def build_server(
+    groups: list[GroupConfig], devs: list[DeviceConfig], limits: Limits | None = None
+) -> Server:
+    """A server with every device listening; if one fails, nothing is left behind.
 
-            load_engine(d.engine)  # raises with a clear reason when unavailable
-        model = devices.create(d.model, d.options)
-        server.add_device(
-            d.name, model, socket_path=d.socket_path, fd=d.fd, group=d.group, engine=d.engine
-        )
+    The devices already added are closed and their socket files unlinked before the error
+    propagates, so a failed start never leaves a socket that QEMU could find and hang on.
+    """
+    server = Server(limits=limits)
+    try:
+        for g in groups:
+            server.group(g.name, policy=g.policy, shared_container=g.shared_container)
+        for d in devs:
+            if d.engine not in ENGINES:
+                raise ConfigError(f"unknown engine {d.engine!r} (known: {', '.join(ENGINES)})")
+            if d.engine != "python":
+                from .engines import load_engine
+
+                load_engine(d.engine)  # raises with a clear reason when unavailable
+            model = devices.create(d.model, d.options)
+            try:
+                server.add_device(
+                    d.name,
+                    model,
+                    socket_path=d.socket_path,
+                    fd=d.fd,
+                    group=d.group,
+                    engine=d.engine,
+                    access=d.access,
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    model.close()
+                raise
+    except BaseException:
+        server.close()
+        raise
     return server
 
 
@@ -143,11 +296,25 @@ async def serve_until_signalled(server: Server, ready_lines: list[str]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    server, ready = server_from_args(args)
+    trio.run(serve_until_signalled, server, ready)
+    return 0
+
+
+def server_from_args(args: argparse.Namespace) -> tuple[Server, list[str]]:
+    """The server `serve` runs, every device listening, and its READY lines."""
+    access = _access_options(args)
+    limit_values = {k: v for k in LIMIT_KEYS if (v := getattr(args, k)) is not None}
     if args.config:
         if args.device or args.socket_path or args.fd is not None:
             raise ConfigError("--config excludes DEVICE, --socket-path and --fd")
-        groups, devs = load_config(args.config)
+        config = read_config(args.config, access=access, limits=limit_values)
+        groups, devs, limits = config.groups, config.devices, config.limits
     else:
+        try:
+            limits = Limits.from_mapping(limit_values)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not args.device:
             raise ConfigError("serve needs DEVICE (or --config FILE)")
         if (args.socket_path is None) == (args.fd is None):
@@ -161,14 +328,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 args.group,
                 parse_sets(args.set),
                 args.engine,
+                parse_access(access, "command line"),
             )
         ]
         groups = []
     raise_fd_limit()
-    server = build_server(groups, devs)
+    server = build_server(groups, devs, limits)
     ready = [f"READY {d.socket_path if d.socket_path else f'fd:{d.fd}'}" for d in devs]
-    trio.run(serve_until_signalled, server, ready)
-    return 0
+    return server, ready
+
+
+def _access_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The access options given on the command line, under their config-file keys."""
+    out: dict[str, Any] = {}
+    if args.socket_mode is not None:
+        out["socket_mode"] = args.socket_mode
+    if args.socket_group is not None:
+        out["socket_group"] = args.socket_group
+    if args.allow_uid:
+        out["allow_uids"] = args.allow_uid
+    if args.allow_gid:
+        out["allow_gids"] = args.allow_gid
+    return out
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
@@ -211,6 +392,62 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="device name (default: the model name)")
     s.add_argument("--group", help="group name (default: one group per device)")
     s.add_argument("--config", help="TOML file with several devices and groups")
+    a = s.add_argument_group(
+        "access", "who may connect (docs/access.md); with --config these override [server]"
+    )
+    a.add_argument(
+        "--socket-mode",
+        metavar="MODE",
+        help="octal mode of the socket files we create (default 0600)",
+    )
+    a.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="group (name or gid) of the socket files we create (default: ours)",
+    )
+    a.add_argument(
+        "--allow-uid",
+        action="append",
+        default=[],
+        metavar="UID",
+        help="admit only peers with this uid or user name, or an --allow-gid (repeatable)",
+    )
+    a.add_argument(
+        "--allow-gid",
+        action="append",
+        default=[],
+        metavar="GID",
+        help="admit only peers in this group (name or gid), or an --allow-uid (repeatable)",
+    )
+    lim = s.add_argument_group(
+        "limits", "what one client may cost (docs/access.md); with --config these override [server]"
+    )
+    lim.add_argument(
+        "--version-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="seconds a new connection has to complete VERSION "
+        f"(default {DEFAULT_LIMITS.version_timeout})",
+    )
+    lim.add_argument(
+        "--max-version-size",
+        type=int,
+        metavar="BYTES",
+        help=f"largest VERSION message accepted (default {DEFAULT_LIMITS.max_version_size})",
+    )
+    lim.add_argument(
+        "--max-connections-per-device",
+        type=int,
+        metavar="N",
+        help="open connections to one device at a time "
+        f"(default {DEFAULT_LIMITS.max_connections_per_device})",
+    )
+    lim.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help=f"open connections to the server at a time (default {DEFAULT_LIMITS.max_connections})",
+    )
     s.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose")
     sub.add_parser("devices", help="list device models and their options")
     q = sub.add_parser("qemu", help="provision and launch QEMU guests (see qemu-configs/)")

@@ -9,15 +9,18 @@ without retrying.
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -25,8 +28,10 @@ import trio
 from devices.edu import Reg
 from devices.sdk.interface import IrqIndex
 from tests.engines.params import ENGINE_PARAMS
+from vfiouser_srv.cli import make_parser, server_from_args
 from vfiouser_srv.client import VfioUserError, make_eventfd, open_client
 from vfiouser_srv.engines import EngineUnavailable, load_engine
+from vfiouser_srv.limits import Limits
 from vfiouser_srv.transport import FdStream
 
 from ._support import BAR0, EDU_ID, fd_leak_check, from_u32, u32  # noqa: F401
@@ -282,6 +287,234 @@ async def test_config_errors_are_clean(tmp_path: Path) -> None:
     assert_clean_error(result.stderr, "needs name, model and one of socket/fd")
 
 
+# ------------------------------------------------------------------------ access and limits
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def _other_gid() -> int:
+    """A group we may give a file other than our own (root: any; else a supplementary one)."""
+    own = os.getegid()
+    if os.geteuid() == 0:
+        return next(g.gr_gid for g in grp.getgrall() if g.gr_gid != own)
+    return next((g for g in os.getgroups() if g != own), own)
+
+
+@contextmanager
+def _umask(value: int) -> Iterator[None]:
+    old = os.umask(value)  # the server process inherits it
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+async def _is_refused(path: str) -> bool:
+    """Connect and report whether the server closed the connection without a byte."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.settimeout(0.5)
+        try:
+            data = await trio.to_thread.run_sync(s.recv, 1)
+        except TimeoutError:
+            return False
+        assert data == b""
+        return True
+
+
+async def test_serve_socket_is_0600_even_under_umask_000(tmp_path: Path) -> None:
+    path = str(tmp_path / "edu.sock")
+    with _umask(0):
+        async with cli("serve", "edu", "--socket-path", path) as srv:
+            assert await srv.readline() == f"READY {path}"
+            assert _mode(path) == 0o600
+            assert await srv.terminate() == 0
+
+
+async def test_serve_socket_mode_and_group_options(tmp_path: Path) -> None:
+    path = str(tmp_path / "edu.sock")
+    gid = _other_gid()
+    name = grp.getgrgid(gid).gr_name
+    async with cli(
+        "serve", "edu", "--socket-path", path, "--socket-mode", "0660", "--socket-group", name
+    ) as srv:
+        assert await srv.readline() == f"READY {path}"
+        st = os.lstat(path)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid)
+        await use_edu(path)
+        assert await srv.terminate() == 0
+
+
+async def test_serve_allow_uid_refuses_others_at_accept(tmp_path: Path) -> None:
+    path = str(tmp_path / "edu.sock")
+    somebody_else = str(os.getuid() + 1)
+    async with cli("serve", "edu", "--socket-path", path, "--allow-uid", somebody_else) as srv:
+        assert await srv.readline() == f"READY {path}"
+        assert await _is_refused(path)
+        assert await srv.terminate() == 0
+    assert f"refused connection from pid {os.getpid()} uid {os.getuid()}" in srv.stderr.decode()
+
+
+async def test_serve_max_connections_per_device_option(tmp_path: Path) -> None:
+    path = str(tmp_path / "edu.sock")
+    async with cli(
+        "serve", "edu", "--socket-path", path, "--max-connections-per-device", "1"
+    ) as srv:
+        assert await srv.readline() == f"READY {path}"
+        async with open_client(path) as c:
+            assert await _is_refused(path)
+            assert from_u32(await c.region_read(BAR0, Reg.ID, 4)) == EDU_ID
+        assert await srv.terminate() == 0
+
+
+def test_limit_options_reach_server_limits(tmp_path: Path) -> None:
+    args = make_parser().parse_args(
+        [
+            "serve",
+            "edu",
+            "--socket-path",
+            str(tmp_path / "edu.sock"),
+            "--version-timeout",
+            "2.5",
+            "--max-version-size",
+            "1000",
+            "--max-connections-per-device",
+            "3",
+            "--max-connections",
+            "7",
+        ]
+    )
+    server, _ = server_from_args(args)
+    server.close()
+    assert server.limits == Limits(2.5, 1000, 3, 7)
+
+
+def test_config_server_table_sets_limits_and_access_with_overrides(tmp_path: Path) -> None:
+    a, b = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    gid = _other_gid()
+    config = tmp_path / "devices.toml"
+    config.write_text(
+        f"""
+[server]
+socket_mode = "0640"
+allow_gids = [{os.getgid()}]
+version_timeout = 1.5
+max_connections = 9
+
+[[device]]
+name = "a"
+model = "edu"
+socket = "{a}"
+
+[[device]]
+name = "b"
+model = "edu"
+socket = "{b}"
+socket_mode = 0o660
+socket_group = {gid}
+allow_uids = [{os.getuid()}]
+"""
+    )
+    args = make_parser().parse_args(
+        ["serve", "--config", str(config), "--max-connections", "4", "--allow-gid", "0"]
+    )
+    server, ready = server_from_args(args)
+    try:
+        assert ready == [f"READY {a}", f"READY {b}"]
+        # the command line overrides [server]; a [[device]] key overrides both
+        assert server.limits == Limits(version_timeout=1.5, max_connections=4)
+        assert _mode(a) == 0o640
+        assert (_mode(b), os.lstat(b).st_gid) == (0o660, gid)
+    finally:
+        server.close()
+    assert not os.path.exists(a) and not os.path.exists(b)
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("[server]\nmax_conections = 3\n", "unknown limit(s): max_conections"),
+        ("[server]\nmax_connections = -1\n", "max_connections must be positive"),
+        ("[server]\nsocket_mode = 600\n", "socket_mode 600 is not a permission mode"),
+        ('[server]\nsocket_group = "no-such-group-x"\n', "no group named 'no-such-group-x'"),
+        ("[server]\nallow_uids = []\n", "allow_uids is empty"),
+    ],
+)
+async def test_bad_server_table_is_a_clean_error(tmp_path: Path, table: str, message: str) -> None:
+    path = tmp_path / "a.sock"
+    config = tmp_path / "bad.toml"
+    config.write_text(f'{table}[[device]]\nname = "a"\nmodel = "edu"\nsocket = "{path}"\n')
+    result = await run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, message)
+    assert not path.exists()
+
+
+async def test_misspelt_device_key_is_an_error_not_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "a.sock"
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        f'[[device]]\nname = "a"\nmodel = "edu"\nsocket = "{path}"\nallow_uid = [1]\n'
+    )
+    result = await run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, "[[device]] a: unknown key(s) allow_uid")
+    assert not path.exists()
+
+
+async def test_bad_socket_mode_option_is_a_clean_error(tmp_path: Path) -> None:
+    path = tmp_path / "edu.sock"
+    result = await run_cli("serve", "edu", "--socket-path", str(path), "--socket-mode", "0999")
+    assert result.returncode == 2
+    assert_clean_error(result.stderr, "socket_mode '0999' is not an octal mode")
+    assert not path.exists()
+
+
+# ------------------------------------------------------------------------ start-up failures
+
+
+@pytest.mark.parametrize(
+    ("make_path", "reason"),
+    [
+        (lambda tmp: tmp / "missing" / "edu.sock", "does not exist"),
+        (lambda tmp: tmp / ("x" * 120 + ".sock"), "a Unix socket path holds at most 107"),
+    ],
+    ids=["missing-parent", "too-long"],
+)
+async def test_unusable_socket_path_exits_2_naming_it(
+    tmp_path: Path, make_path: Any, reason: str
+) -> None:
+    path = str(make_path(tmp_path))
+    result = await run_cli("serve", "edu", "--socket-path", path)
+    assert result.returncode == 2, result.stderr.decode()
+    assert result.stdout == b""
+    assert_clean_error(result.stderr, path, reason)
+    assert len(result.stderr.decode().strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("failure", ["missing-parent", "unknown-model"])
+async def test_config_failing_on_its_second_device_leaves_no_socket(
+    tmp_path: Path, failure: str
+) -> None:
+    a = tmp_path / "a.sock"
+    b = tmp_path / "missing" / "b.sock" if failure == "missing-parent" else tmp_path / "b.sock"
+    model = "nosuch" if failure == "unknown-model" else "edu"
+    config = tmp_path / "devices.toml"
+    config.write_text(
+        f'[[device]]\nname = "a"\nmodel = "edu"\nsocket = "{a}"\n'
+        f'[[device]]\nname = "b"\nmodel = "{model}"\nsocket = "{b}"\n'
+    )
+    result = await run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert_clean_error(result.stderr, str(b) if failure == "missing-parent" else "nosuch")
+    assert not a.exists()
+    assert not b.exists()
+    assert os.listdir(tmp_path) == ["devices.toml"]
+
+
 # ------------------------------------------------------------------------ devices / options
 
 
@@ -330,9 +563,7 @@ async def test_engine_libvfio_user_fails_with_a_clear_message(tmp_path: Path) ->
     else:
         pytest.skip("the libvfio-user engine is available here (tests/engines covers it)")
     path = tmp_path / "edu.sock"
-    result = await run_cli(
-        "serve", "edu", "--socket-path", str(path), "--engine", "libvfio-user"
-    )
+    result = await run_cli("serve", "edu", "--socket-path", str(path), "--engine", "libvfio-user")
     assert result.returncode == 2
     assert result.stdout == b""  # no READY: it must not fall back to the Python engine
     assert_clean_error(result.stderr, "libvfio-user")
@@ -365,8 +596,7 @@ async def test_verbose_logs_one_line_per_message(tmp_path: Path) -> None:
         assert await srv.terminate() == 0
     lines = [m for m in map(WIRE.search, srv.stderr.decode().splitlines()) if m]
     seen = [
-        (int(m["id"]), m["cmd"], int(m["size"]), int(m["flags"], 16), int(m["fds"]))
-        for m in lines
+        (int(m["id"]), m["cmd"], int(m["size"]), int(m["flags"], 16), int(m["fds"])) for m in lines
     ]
     version_size = seen[0][2] if seen else 0
     assert seen == [

@@ -43,6 +43,22 @@ BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "SO_PEERCRED ownership policies and shared containers do not apply to it."
     ),
     "--fd": "libvfio-user creates and binds its own socket; an inherited fd is refused.",
+    "socket mode and group": (
+        "the library binds its socket itself; the server calls it under a restrictive umask "
+        "(owner bits of socket_mode only) and then chmods/chowns the file to socket_mode and "
+        "socket_group, so the result is the same as with the Python engine (docs/access.md)."
+    ),
+    "allow-list": (
+        "cannot be enforced: vfu_attach_ctx accepts and reads the client's VERSION in one "
+        "call, so a peer could only be checked after it was served. A device with "
+        "allow_uids/allow_gids on this engine is refused at start-up with an error saying so, "
+        "never served without its list."
+    ),
+    "connection caps": (
+        "max_connections_per_device and max_connections do not count this engine's client: "
+        "the library accepts one client at a time and leaves the others in the listen "
+        "backlog (see 'second client'), so it never holds more than one connection."
+    ),
     "message-mode DMA": (
         "vfu_sgl_read/write send DMA_READ/WRITE and block until the reply, treating the next "
         "message as that reply (no twin_socket here): a client command sent meanwhile breaks "
