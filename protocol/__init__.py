@@ -5,6 +5,40 @@ descriptors in, get typed events out; hand in typed bodies, get bytes and descri
 send. Descriptors are opaque objects to this package; it never opens or closes them.
 """
 
+from ._bodies import (
+    DMA_ACCESS_SIZE,
+    DMA_MAP_SIZE,
+    INFO4_SIZE,
+    REGION_ACCESS_SIZE,
+    REGION_INFO_SIZE,
+    DeviceFeature,
+    DeviceFeatureReply,
+    DeviceGetInfo,
+    DeviceGetIrqInfo,
+    DeviceGetRegionInfo,
+    DeviceGetRegionIoFds,
+    DeviceInfo,
+    DeviceReset,
+    DeviceResetReply,
+    DeviceSetIrqsReply,
+    DmaMap,
+    DmaMapReply,
+    DmaRead,
+    DmaReadReply,
+    DmaWrite,
+    DmaWriteReply,
+    IrqInfo,
+    MigDataRead,
+    MigDataReadReply,
+    MigDataWrite,
+    MigDataWriteReply,
+    RegionRead,
+    RegionReadReply,
+    RegionWrite,
+    RegionWriteMultiReply,
+    RegionWriteReply,
+)
+from ._body import Body
 from ._caps import Capabilities, MigrationCaps, TwinSocket, negotiate
 from ._connection import (
     PHASE_TABLE,
@@ -40,61 +74,22 @@ from ._constants import (
     RegionFlags,
 )
 from ._errors import FatalProtocolError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from ._messages import (
-    DMA_ACCESS_SIZE,
-    DMA_MAP_SIZE,
+from ._messages import REPLIES, REQUESTS, decode_body
+from ._migration import DIRECT_ARCS, MigState, transition_path
+from ._region import IoFdSubRegion, RegionCap, RegionInfo, RegionIoFds, SparseMmapCap, TypeCap
+from ._variable import (
     DMA_UNMAP_SIZE,
-    INFO4_SIZE,
-    REGION_ACCESS_SIZE,
-    REGION_INFO_SIZE,
-    REPLIES,
-    REQUESTS,
     SET_IRQS_SIZE,
     WRITE_MULTI_MAX,
-    Body,
-    DeviceFeature,
-    DeviceFeatureReply,
-    DeviceGetInfo,
-    DeviceGetIrqInfo,
-    DeviceGetRegionInfo,
-    DeviceGetRegionIoFds,
-    DeviceInfo,
-    DeviceReset,
-    DeviceResetReply,
     DeviceSetIrqs,
-    DeviceSetIrqsReply,
     DmaBitmap,
-    DmaMap,
-    DmaMapReply,
-    DmaRead,
-    DmaReadReply,
     DmaUnmap,
     DmaUnmapReply,
-    DmaWrite,
-    DmaWriteReply,
-    IoFdSubRegion,
-    IrqInfo,
-    MigDataRead,
-    MigDataReadReply,
-    MigDataWrite,
-    MigDataWriteReply,
-    RegionCap,
-    RegionInfo,
-    RegionIoFds,
-    RegionRead,
-    RegionReadReply,
-    RegionWrite,
     RegionWriteMulti,
-    RegionWriteMultiReply,
-    RegionWriteReply,
-    SparseMmapCap,
-    TypeCap,
     Version,
     VersionReply,
     WriteEntry,
-    decode_body,
 )
-from ._migration import DIRECT_ARCS, MigState, transition_path
 from ._wire import HEADER, Frame, FrameDecoder, pack_header
 
 __all__ = [

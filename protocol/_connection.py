@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._body import Body
 from ._caps import Capabilities
 from ._constants import HEADER_FLAGS_KNOWN, HEADER_SIZE, MAX_VERSION_SIZE, Command, HeaderFlags
 from ._errors import FatalProtocolError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from ._messages import Body, Version, decode_body
+from ._messages import decode_body
+from ._variable import Version
 from ._wire import HEADER, Frame, FrameDecoder, pack_header
 
 
