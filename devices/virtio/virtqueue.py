@@ -25,6 +25,7 @@ that workers first retry (see its docstring).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from devices.sdk.interface import DmaError, DmaPort
@@ -52,6 +53,15 @@ _USED_ELEM = struct.Struct("<II")
 
 class _NoView(Exception):
     """A ring is not mmap'd (message-mode DMA): take the async path."""
+
+
+class _NeedTable(Exception):
+    """Message mode: `_walk` needs an indirect table that has not been read yet."""
+
+    def __init__(self, addr: int, length: int) -> None:
+        super().__init__(f"indirect table 0x{addr:x}+{length}")
+        self.addr = addr
+        self.length = length
 
 
 class VirtqueueError(Exception):
@@ -312,7 +322,23 @@ class Virtqueue:
         slot = self.last_avail_idx % self.size
         raw = await read_guest(dma, self.avail_addr + RING_HEADER + 2 * slot, 2)
         head = _U16.unpack(raw)[0]
-        chain = await self._walk(dma, head)
+        # Each DMA_READ is a round trip to the client, so the descriptor table is read in
+        # one message and an indirect table in a second; the walk itself is `_walk`'s.
+        desc = await read_guest(dma, self.desc_addr, DESC_SIZE * self.size)
+        tables: dict[tuple[int, int], bytes] = {}
+
+        def indirect(addr: int, length: int) -> bytes:
+            table = tables.get((addr, length))
+            if table is None:
+                raise _NeedTable(addr, length)
+            return table
+
+        while True:
+            try:
+                chain = self._walk(head, desc, indirect)
+                break
+            except _NeedTable as need:  # at most once: indirect tables do not nest
+                tables[need.addr, need.length] = await read_guest(dma, need.addr, need.length)
         self._track(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return chain
@@ -343,10 +369,35 @@ class Virtqueue:
         if pending == 0:
             return None
         head = _U16.unpack_from(avail, RING_HEADER + 2 * (self.last_avail_idx % self.size))[0]
+
+        def indirect(addr: int, length: int) -> memoryview:
+            try:
+                sub = dma.view(addr, length)
+            except DmaError as exc:
+                raise GuestMemoryError(f"queue {self.index}: guest memory of an indirect "
+                                       f"table: {exc}") from None
+            if sub is None:
+                raise _NoView
+            return sub
+
+        chain = self._walk(head, desc, indirect)
+        self._track(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return chain
+
+    def _walk(self, head: int, desc: bytes | memoryview,
+              indirect: Callable[[int, int], bytes | memoryview]) -> Chain:
+        """The chain starting at descriptor `head`, checked (the one walker of both paths).
+
+        `desc` is the descriptor table's bytes (a view, or a copy in message mode);
+        `indirect(addr, length)` returns an indirect table's bytes or raises (`_NoView`,
+        `_NeedTable`) so the caller can fetch it and walk again. Pure and synchronous, so
+        the zero-copy path stays one call with no awaits.
+        """
         if head >= self.size:
             raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.size}")
         chain = Chain(head)
-        table: memoryview = desc
+        table = desc
         table_len, index = self.size, head
         in_indirect = False
         seen = 0
@@ -359,72 +410,7 @@ class Virtqueue:
             addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 self._check_indirect(in_indirect, flags, length)
-                try:
-                    sub = dma.view(addr, length)
-                except DmaError as exc:
-                    raise GuestMemoryError(f"queue {self.index}: guest memory of an indirect "
-                                           f"table: {exc}") from None
-                if sub is None:
-                    raise _NoView
-                table, table_len, index = sub, length // DESC_SIZE, 0
-                in_indirect = True
-                seen = 0
-                continue
-            total += length
-            if total > MAX_CHAIN_BYTES:
-                raise VirtqueueError(f"queue {self.index}: chain larger than 4 GiB")
-            if flags & DESC_F_WRITE:
-                chain.writable.append((addr, length))
-            elif chain.writable:
-                raise VirtqueueError(f"queue {self.index}: readable descriptor after a "
-                                     "writable one")
-            else:
-                chain.readable.append((addr, length))
-            if not flags & DESC_F_NEXT:
-                break
-            if nxt >= table_len:
-                raise VirtqueueError(f"queue {self.index}: next {nxt} out of range "
-                                     f"({table_len})")
-            index = nxt
-        self._track(head)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        return chain
-
-    def _check_indirect(self, in_indirect: bool, flags: int, length: int) -> None:
-        if in_indirect:
-            raise VirtqueueError(f"queue {self.index}: nested indirect table")
-        if not self.indirect:
-            raise VirtqueueError(f"queue {self.index}: indirect descriptor without "
-                                 "VIRTIO_F_RING_INDIRECT_DESC")
-        if flags & DESC_F_NEXT:
-            raise VirtqueueError(f"queue {self.index}: indirect descriptor with NEXT")
-        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
-            raise VirtqueueError(f"queue {self.index}: bad indirect table length {length}")
-
-    async def _walk(self, dma: DmaPort, head: int) -> Chain:
-        if head >= self.size:
-            raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.size}")
-        chain = Chain(head)
-        table, table_len, index = self.desc_addr, self.size, head
-        in_indirect = False
-        cached: bytes | None = None
-        seen = 0
-        total = 0
-        while True:
-            seen += 1
-            if seen > table_len:
-                raise VirtqueueError(f"queue {self.index}: chain from {head} loops or is "
-                                     f"longer than {table_len}")
-            if cached is not None:
-                addr, length, flags, nxt = _DESC.unpack_from(cached, DESC_SIZE * index)
-            else:
-                raw = await read_guest(dma, table + DESC_SIZE * index, DESC_SIZE)
-                addr, length, flags, nxt = _DESC.unpack(raw)
-            if flags & DESC_F_INDIRECT:
-                self._check_indirect(in_indirect, flags, length)
-                table, table_len, index = addr, length // DESC_SIZE, 0
-                # An indirect table is read in one go (it is usually the whole request).
-                cached = await read_guest(dma, table, length)
+                table, table_len, index = indirect(addr, length), length // DESC_SIZE, 0
                 in_indirect = True
                 seen = 0
                 continue
@@ -444,6 +430,17 @@ class Virtqueue:
                 raise VirtqueueError(f"queue {self.index}: next {nxt} out of range "
                                      f"({table_len})")
             index = nxt
+
+    def _check_indirect(self, in_indirect: bool, flags: int, length: int) -> None:
+        if in_indirect:
+            raise VirtqueueError(f"queue {self.index}: nested indirect table")
+        if not self.indirect:
+            raise VirtqueueError(f"queue {self.index}: indirect descriptor without "
+                                 "VIRTIO_F_RING_INDIRECT_DESC")
+        if flags & DESC_F_NEXT:
+            raise VirtqueueError(f"queue {self.index}: indirect descriptor with NEXT")
+        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+            raise VirtqueueError(f"queue {self.index}: bad indirect table length {length}")
 
     # ---------------------------------------------------------------- used side
 
