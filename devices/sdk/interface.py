@@ -3,13 +3,13 @@
 Both engines serve the same `DeviceModel` objects through this interface and nothing else, so
 a model never learns which engine serves it, and an engine never learns device specifics.
 
-Rules the interface encodes (see DESIGN.md section 1):
+Rules the interface encodes, and why:
 
 * Region access is **synchronous**: `region_read` / `region_write` return at once. The
   libvfio-user engine calls them from a C callback that cannot await, and QEMU holds its big
-  lock while a vCPU waits for the reply, so a handler must never wait for the client
-  (DESIGN.md 2.8). Long work is started with `DeviceContext.start_task` and runs after the
-  reply has gone out.
+  lock while a vCPU waits for the reply, so a handler must never wait for the client (a
+  handler that needs a DMA reply from QEMU would deadlock it). Long work is started with
+  `DeviceContext.start_task` and runs after the reply has gone out.
 * DMA goes through `DeviceContext.dma`. Windows backed by a file descriptor are mmap'd and
   give zero-copy memoryviews; windows without one are served with DMA_READ/DMA_WRITE
   messages, hence the async `read`/`write`.
@@ -147,7 +147,8 @@ class PinningDmaPort(Protocol):
     ) -> contextlib.AbstractContextManager[memoryview | None]:
         """Like `view`, but the view stays valid until the context exits, across awaits
         (e.g. a file read in a worker thread straight into guest memory): an unmap of its
-        window waits for the pin to go (the container's pin, DESIGN.md 3)."""
+        window waits for the pin to go (vfiouser_srv/container.py; if the pin outlives the
+        engine's patience the engine cancels the device's tasks instead, which releases it)."""
         ...
 
 
