@@ -1,9 +1,9 @@
 """The admin command set (NVMe 1.4, 5): Identify, queue creation and deletion, features,
 log pages, AERs, Doorbell Buffer Config.
 
-Admin commands run inline on the worker task, in submission order (the admin queue is the
-only queue whose order the host relies on); each handler returns (status, DW0) or raises
-`CommandError`.
+Admin commands run inline on the worker task, one after the other in submission order,
+because they change what later commands depend on (queues, features); each handler returns
+(status, DW0), None to complete later (AERs), or raises `CommandError`.
 """
 
 from __future__ import annotations
