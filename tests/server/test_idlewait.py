@@ -92,6 +92,7 @@ def test_the_off_switch_disables_the_fast_path() -> None:
         "import trio\n"
         "from vfiouser_srv import idlewait\n"
         "async def main():\n"
+        "    await trio.sleep(0.05)  # trio's own start-up tasks are done: idle\n"
         "    print(idlewait.available(), idlewait.IdleWaiter(0).idle_deadline())\n"
         "trio.run(main)\n"
     )
