@@ -38,6 +38,8 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(QEMU) docs --check
+	$(PY) -m vfiouser_srv.docgen --check
 
 docs: venv
 	$(QEMU) docs
+	$(PY) -m vfiouser_srv.docgen

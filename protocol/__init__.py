@@ -3,6 +3,7 @@
 There is no networking code here at all, no trio, no device and no clock: feed bytes and
 descriptors in, get typed events out; hand in typed bodies, get bytes and descriptors to
 send. Descriptors are opaque objects to this package; it never opens or closes them.
+The user-facing description, with tables generated from this code, is docs/protocol.md.
 """
 
 from ._bodies import (

@@ -2,7 +2,7 @@
 
 Like h11's Connection: no sockets, no clocks. A server and a client are the same class in
 different roles. Phases are a data table (`PHASE_TABLE`), so the rules can be read (and
-documented) without reading code.
+documented: docs/protocol.md, "Phases", is generated from it) without reading code.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The direct arcs are data; every other (from, to) pair is resolved to the shortest path that
 has no saving state (PRE_COPY, STOP_COPY) in its interior, as the spec requires. The path
-table is computed once at import, like libvfio-user's `lib/migration.c` table.
+table is computed once at import, like libvfio-user's `lib/migration.c` table;
+docs/protocol.md ("Migration") renders both.
 """
 
 from __future__ import annotations

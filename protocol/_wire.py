@@ -4,7 +4,8 @@ File descriptors arrive with the bytes of the `recvmsg` that carried them. The s
 (QEMU, libvfio-user, us) passes fds in the same `sendmsg` as the message they belong to, and
 Linux stops a stream read right after the segment that carried descriptors. Therefore the
 descriptors of one read belong to the *last message that starts inside that read*. A read
-that carries descriptors but starts no message is a broken stream.
+that carries descriptors but starts no message is a broken stream (docs/protocol.md,
+"Frames and descriptors").
 """
 
 from __future__ import annotations
