@@ -25,7 +25,6 @@ that workers first retry (see its docstring).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from devices.sdk.interface import DmaError, DmaPort
@@ -326,16 +325,9 @@ class Virtqueue:
         # one message and an indirect table in a second; the walk itself is `_walk`'s.
         desc = await read_guest(dma, self.desc_addr, DESC_SIZE * self.size)
         tables: dict[tuple[int, int], bytes] = {}
-
-        def indirect(addr: int, length: int) -> bytes:
-            table = tables.get((addr, length))
-            if table is None:
-                raise _NeedTable(addr, length)
-            return table
-
         while True:
             try:
-                chain = self._walk(head, desc, indirect)
+                chain = self._walk(head, desc, dma, tables)
                 break
             except _NeedTable as need:  # at most once: indirect tables do not nest
                 tables[need.addr, need.length] = await read_guest(dma, need.addr, need.length)
@@ -369,30 +361,19 @@ class Virtqueue:
         if pending == 0:
             return None
         head = _U16.unpack_from(avail, RING_HEADER + 2 * (self.last_avail_idx % self.size))[0]
-
-        def indirect(addr: int, length: int) -> memoryview:
-            try:
-                sub = dma.view(addr, length)
-            except DmaError as exc:
-                raise GuestMemoryError(f"queue {self.index}: guest memory of an indirect "
-                                       f"table: {exc}") from None
-            if sub is None:
-                raise _NoView
-            return sub
-
-        chain = self._walk(head, desc, indirect)
+        chain = self._walk(head, desc, dma, None)
         self._track(head)
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         return chain
 
-    def _walk(self, head: int, desc: bytes | memoryview,
-              indirect: Callable[[int, int], bytes | memoryview]) -> Chain:
+    def _walk(self, head: int, desc: bytes | memoryview, dma: DmaPort,
+              tables: dict[tuple[int, int], bytes] | None) -> Chain:
         """The chain starting at descriptor `head`, checked (the one walker of both paths).
 
-        `desc` is the descriptor table's bytes (a view, or a copy in message mode);
-        `indirect(addr, length)` returns an indirect table's bytes or raises (`_NoView`,
-        `_NeedTable`) so the caller can fetch it and walk again. Pure and synchronous, so
-        the zero-copy path stays one call with no awaits.
+        `desc` is the descriptor table's bytes: a view on the fast path (`tables` None, an
+        indirect table is viewed too), a copy in message mode (`tables` holds the indirect
+        tables read so far). Synchronous, so the zero-copy path has no awaits; a table it
+        cannot get without awaiting raises `_NoView` / `_NeedTable` for the caller.
         """
         if head >= self.size:
             raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.size}")
@@ -410,7 +391,8 @@ class Virtqueue:
             addr, length, flags, nxt = _DESC.unpack_from(table, DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 self._check_indirect(in_indirect, flags, length)
-                table, table_len, index = indirect(addr, length), length // DESC_SIZE, 0
+                table = self._indirect_table(dma, tables, addr, length)
+                table_len, index = length // DESC_SIZE, 0
                 in_indirect = True
                 seen = 0
                 continue
@@ -430,6 +412,22 @@ class Virtqueue:
                 raise VirtqueueError(f"queue {self.index}: next {nxt} out of range "
                                      f"({table_len})")
             index = nxt
+
+    def _indirect_table(self, dma: DmaPort, tables: dict[tuple[int, int], bytes] | None,
+                        addr: int, length: int) -> bytes | memoryview:
+        if tables is not None:
+            table = tables.get((addr, length))
+            if table is None:
+                raise _NeedTable(addr, length)
+            return table
+        try:
+            view = dma.view(addr, length)
+        except DmaError as exc:
+            raise GuestMemoryError(f"queue {self.index}: guest memory of an indirect "
+                                   f"table: {exc}") from None
+        if view is None:
+            raise _NoView
+        return view
 
     def _check_indirect(self, in_indirect: bool, flags: int, length: int) -> None:
         if in_indirect:
