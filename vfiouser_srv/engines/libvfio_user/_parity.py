@@ -28,8 +28,8 @@ PARITY_DIFFERENCES: dict[str, str] = {
         "an index with count 0: libvfio-user still sets EVENTFD, we report no flags at all."
     ),
     "dma_map.overlap": (
-        "an overlapping DMA_MAP: libvfio-user answers EINVAL, we answer EEXIST (DESIGN.md "
-        "section 3, like the kernel's vfio_dma_do_map)."
+        "an overlapping DMA_MAP: libvfio-user answers EINVAL, we answer EEXIST (like the "
+        "kernel's vfio_dma_do_map)."
     ),
 }
 
@@ -92,12 +92,37 @@ BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "argsz, unknown flag bits, unknown commands (EINVAL, not ENOTSUP), DMA_MAP/UNMAP "
         "argument checks, surplus fds and broken frames get other errnos, a reply or a "
         "dropped connection where tests/server/test_errno.py expects the Python engine's "
-        "answer (DESIGN.md section 3); the Python-engine cases there say which."
+        "answer; the Python-engine cases there say which."
     ),
     "SET_IRQS validation": (
         "libvfio-user validates SET_IRQS itself, more loosely than vfio-pci: MASK/UNMASK are "
         "accepted on any index (MSI too, where we answer EINVAL), and eventfds given with "
         "MASK/UNMASK are accepted but never signalled."
+    ),
+    "guest memory that shrinks (SIGBUS)": (
+        "libvfio-user mmaps every DMA window with an fd itself (lib/dma.c) and its DMA "
+        "helpers touch the mapping from C, so a client that maps a memfd without "
+        "F_SEAL_SHRINK and then truncates it kills the whole process with SIGBUS on the next "
+        "DMA. The Python engine mmaps only files sealed against shrinking and uses "
+        "pread/pwrite for the rest (docs/security.md, 'Guest memory'). Serve clients you do "
+        "not trust with the Python engine. tests/hostile/test_sigbus.py is Python-only."
+    ),
+    "a peer that stops reading stalls every device": (
+        "vfu_run_ctx runs on the server's one event-loop thread and the library sends each "
+        "reply with a blocking sendmsg: a client that sends requests but does not read the "
+        "replies fills its socket and then blocks that thread, so every other device in the "
+        "process (both engines) stops being served until that client reads or goes. The "
+        "Python engine never blocks in send (replies queue per connection, with "
+        "backpressure at 8 MiB). tests/hostile/test_isolation.py's replay of the "
+        "shared-buffer finding is Python-only for this reason."
+    ),
+    "limits before and after VERSION": (
+        "the library negotiates VERSION itself: Limits.version_timeout and "
+        "Limits.max_version_size do not apply (a client that connects and stays silent "
+        "keeps the device's only slot until it goes), and a header announcing more than "
+        "max_data_xfer_size gets an error reply while the library parses the body that "
+        "follows as headers, instead of a disconnect ('protocol validation', 'large "
+        "messages')."
     ),
     "INTx asserted before its eventfd": (
         "the library does not tell the device when eventfds are set, so a line already "
