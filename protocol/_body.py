@@ -1,7 +1,7 @@
 """What every message body shares: the `Body` base, its declared head, and the empty bodies.
 
 A body is what follows the 16-byte header. Each class declares its fixed head once, as
-`FIELDS` (name, struct format) pairs in wire order, and what may follow it as `TAIL`
+`FIELDS` (name, struct format) pairs in wire order, and what may follow it as `TAIL_DOC`
 (prose, for docs/protocol.md). The `struct.Struct` of the head is built here, once per class,
 so codecs (generated or hand-written) and the generated documentation read the same layout.
 
@@ -39,9 +39,9 @@ class Body:
     #: the fixed head, in wire order; `HEAD`/`SIZE` are derived from it per class
     FIELDS: ClassVar[Fields] = ()
     #: what follows the head, in words (rendered into docs/protocol.md)
-    TAIL: ClassVar[str] = ""
+    TAIL_DOC: ClassVar[str] = ""
     #: which descriptors the message carries, in words ("" = none)
-    FDS: ClassVar[str] = ""
+    FDS_DOC: ClassVar[str] = ""
     HEAD: ClassVar[struct.Struct] = struct.Struct("<")
     SIZE: ClassVar[int] = 0
 
@@ -96,7 +96,7 @@ class EmptyBody(Body):
     Not dataclasses: there is nothing to hold, so equality is by type.
     """
 
-    TAIL = "nothing (trailing bytes are ignored)"
+    TAIL_DOC = "nothing (trailing bytes are ignored)"
 
     def encode(self) -> bytes:
         return b""

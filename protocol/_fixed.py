@@ -30,7 +30,7 @@ class FixedBody(Body):
       (unless listed in `ZERO`);
     * `argsz` is sent as given; when the dataclass has no `argsz`, or its default is 0
       ("the size of this message"), 0 is replaced by `SIZE + len(data)`;
-    * the `DATA_COUNT` field is sent as `len(data)` and must equal it when received.
+    * the count field `DATA` names is sent as `len(data)` and must equal it when received.
     """
 
     #: argsz (the first field) must be at least `SIZE` when received

@@ -72,10 +72,10 @@ class RegionInfo(Body):
     IS_REPLY: ClassVar[bool] = True
     FIELDS = (("argsz", "I"), ("flags", "I"), ("index", "I"), ("cap_offset", "I"),
               ("size", "Q"), ("offset", "Q"))
-    TAIL = ("when flags has CAPS and argsz fits: a chain of capabilities from cap_offset, "
+    TAIL_DOC = ("when flags has CAPS and argsz fits: a chain of capabilities from cap_offset, "
             "each `u16 id, u16 version, u32 next` then its body (sparse mmap: `u32 nr_areas, "
             "u32 reserved`, nr_areas x `u64 offset, u64 size`; type: `u32 type, u32 subtype`)")
-    FDS = "0..1 (the region's fd, when mmap-able; never with a truncated reply)"
+    FDS_DOC = "0..1 (the region's fd, when mmap-able; never with a truncated reply)"
     index: int
     flags: int
     size: int
@@ -177,9 +177,9 @@ class RegionIoFds(Body):
     COMMAND: ClassVar[Command] = Command.DEVICE_GET_REGION_IO_FDS
     IS_REPLY: ClassVar[bool] = True
     FIELDS = (("argsz", "I"), ("flags", "I"), ("index", "I"), ("count", "I"))
-    TAIL = ("count x 40-byte sub-regions: `u64 offset, u64 size, u32 fd_index, u32 type, "
+    TAIL_DOC = ("count x 40-byte sub-regions: `u64 offset, u64 size, u32 fd_index, u32 type, "
             "u32 flags, u32 padding, u64 datamatch`")
-    FDS = "any number; sub-regions point at them by fd_index"
+    FDS_DOC = "any number; sub-regions point at them by fd_index"
     index: int
     subregions: tuple[IoFdSubRegion, ...] = ()
     fd_list: tuple[Any, ...] = ()

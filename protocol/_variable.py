@@ -34,7 +34,7 @@ class Version(Body):
 
     COMMAND: ClassVar[Command] = Command.VERSION
     FIELDS = (("major", "H"), ("minor", "H"))
-    TAIL = ("optional NUL-terminated JSON `{\"capabilities\": {...}}`; unknown keys are kept "
+    TAIL_DOC = ("optional NUL-terminated JSON `{\"capabilities\": {...}}`; unknown keys are kept "
             "in `raw`, never interpreted")
     major: int
     minor: int
@@ -93,7 +93,7 @@ class DmaUnmap(Body):
 
     COMMAND: ClassVar[Command] = Command.DMA_UNMAP
     FIELDS = (("argsz", "I"), ("flags", "I"), ("address", "Q"), ("size", "Q"))
-    TAIL = ("with flag GET_DIRTY_BITMAP: `u64 pgsize, u64 size` (struct vfio_user_bitmap), "
+    TAIL_DOC = ("with flag GET_DIRTY_BITMAP: `u64 pgsize, u64 size` (struct vfio_user_bitmap), "
             "then the bitmap (in the reply)")
     flags: int
     address: int
@@ -140,8 +140,8 @@ class DeviceSetIrqs(Body):
 
     COMMAND: ClassVar[Command] = Command.DEVICE_SET_IRQS
     FIELDS = (("argsz", "I"), ("flags", "I"), ("index", "I"), ("start", "I"), ("count", "I"))
-    TAIL = "with DATA_BOOL: one byte per vector, up to argsz (bytes past argsz are ignored)"
-    FDS = "any number (with DATA_EVENTFD: one eventfd per vector)"
+    TAIL_DOC = "with DATA_BOOL: one byte per vector, up to argsz (bytes past argsz are ignored)"
+    FDS_DOC = "any number (with DATA_EVENTFD: one eventfd per vector)"
     flags: int
     index: int
     start: int
@@ -184,7 +184,7 @@ class RegionWriteMulti(Body):
 
     COMMAND: ClassVar[Command] = Command.REGION_WRITE_MULTI
     FIELDS = (("wr_cnt", "Q"),)
-    TAIL = (f"wr_cnt (1..{WRITE_MULTI_MAX}) x 24-byte entries: `u64 offset, u32 region, "
+    TAIL_DOC = (f"wr_cnt (1..{WRITE_MULTI_MAX}) x 24-byte entries: `u64 offset, u32 region, "
             "u32 count (1..8), u8 data[8]`; nothing after them")
     writes: tuple[WriteEntry, ...]
 

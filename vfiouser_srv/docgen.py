@@ -143,13 +143,13 @@ def _tail(cls: type[Body]) -> str:
         if cls.DATA == "rest":
             return "`data`: the rest of the payload"
         return f"`data`: `{cls.DATA}` bytes (must match)"
-    return cls.TAIL or "nothing (trailing bytes are ignored)"
+    return cls.TAIL_DOC or "nothing (trailing bytes are ignored)"
 
 
 def _fds(cls: type[Body]) -> str:
     if issubclass(cls, FixedBody):
         return "none" if cls.MAX_FDS == 0 else f"0..{cls.MAX_FDS} (`fd`)"
-    return cls.FDS or "none"
+    return cls.FDS_DOC or "none"
 
 
 def _rules(cls: type[Body]) -> str:
