@@ -2,13 +2,7 @@
 
 A handler gets the session and the decoded request and returns the reply body, or a
 coroutine for the few commands that must wait (DMA_UNMAP, DEVICE_RESET). `run_handler` frames
-the reply, honours No_reply, and maps failures to errnos (DESIGN.md section 3):
-
-| raised                                   | errno                       |
-|------------------------------------------|-----------------------------|
-| `ProtocolError` (bad payload, ranges)    | its errno (mostly EINVAL)   |
-| `DeviceError` / `DmaError` / `OSError`   | its errno                   |
-| anything else                            | EIO, logged with traceback  |
+the reply, honours No_reply, and maps failures to errnos by the table in `errors`.
 """
 
 from __future__ import annotations
@@ -25,7 +19,6 @@ from devices.sdk.interface import (
     NUM_PCI_IRQS,
     NUM_PCI_REGIONS,
     DeviceError,
-    DmaError,
     RegionSpec,
 )
 from protocol import (
@@ -55,7 +48,6 @@ from protocol import (
     IrqInfo,
     MigDataRead,
     MigDataWrite,
-    ProtocolError,
     RegionFlags,
     RegionInfo,
     RegionIoFds,
@@ -74,6 +66,7 @@ from protocol import (
 )
 
 from .container import Container, DmaWindow
+from .errors import EXPECTED, errno_of
 from .fds import close_all
 from .objects import DeviceState, ObjectError
 
@@ -87,14 +80,6 @@ Handler = Callable[["Session", Any], Result]
 Framed = bytes | tuple[bytes, tuple[Any, ...]] | None
 
 
-def errno_of(exc: BaseException) -> int:
-    if isinstance(exc, (ProtocolError, DeviceError, DmaError)):
-        return exc.errno or errno.EIO
-    if isinstance(exc, OSError):
-        return exc.errno or errno.EIO
-    return errno.EIO
-
-
 def _fail(session: Session, req: Request, exc: Exception) -> bytes | None:
     return _fail_raw(session, req.msg_id, req.body.COMMAND, req.no_reply, exc)
 
@@ -104,7 +89,7 @@ def _fail_raw(
 ) -> bytes | None:
     err = errno_of(exc)
     name = Command(command).name if command in Command._value2member_map_ else str(command)
-    if isinstance(exc, (ProtocolError, DeviceError, DmaError, OSError)):
+    if isinstance(exc, EXPECTED):
         log.warning("%s: %s id=%d failed: %s (errno %d)", session.name, name, msg_id, exc, err)
     else:
         log.error("%s: %s id=%d raised", session.name, name, msg_id, exc_info=exc)

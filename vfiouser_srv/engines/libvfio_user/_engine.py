@@ -61,9 +61,9 @@ from devices.sdk.interface import (
     RegionSpec,
 )
 
-from ...dispatch import errno_of
+from ...errors import errno_of
 from ...idlewait import IdleWaiter
-from ...session import TaskGroup
+from ...tasks import TaskGroup
 from . import _bindings as b
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,87 @@
+"""The device's tasks for one connection, shared by both engines.
+
+A register write may start device work (`DeviceContext.start_task`) that runs after the
+write's reply went out; DEVICE_RESET, a DMA_UNMAP that must quiesce, and the client's
+departure all need to cancel that work as a whole and then let new work start. trio's
+nursery cannot be restarted after it was cancelled, so `TaskGroup` runs one nursery after
+another inside its own task. A device task that raises is logged, never allowed to take the
+connection down (a model bug must not disconnect the guest).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+class TaskGroup:
+    """The device's tasks for one connection; cancellable as a whole and restartable."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._nursery: trio.Nursery | None = None
+        self._scope: trio.CancelScope | None = None
+        self._ready = trio.Event()
+        self._stopped = trio.Event()
+        self._closing = False
+        self.running = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        while not self._closing:
+            self._stopped = trio.Event()
+            try:
+                with trio.CancelScope() as scope:
+                    self._scope = scope
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        self._ready.set()
+                        if not started:
+                            started = True
+                            task_status.started()
+                        await trio.sleep_forever()
+            finally:
+                # Also when an outer cancellation ends us: `cancel_all`/`close` wait on it.
+                self._nursery = None
+                self._ready = trio.Event()
+                self._stopped.set()
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
+        if self._nursery is None:
+            raise RuntimeError(f"{self.owner}: no task group (device not attached)")
+        self._nursery.start_soon(self._guard, fn, args, name=name or getattr(fn, "__name__", ""))
+
+    async def _guard(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        self.running += 1
+        try:
+            await fn(*args)
+        except Exception:
+            # A device bug must not take the connection down; it is logged loudly instead.
+            log.exception("%s: device task %s failed", self.owner, getattr(fn, "__name__", fn))
+        finally:
+            self.running -= 1
+
+    async def cancel_all(self) -> None:
+        """Cancel every task and wait until they are gone; new tasks may start afterwards."""
+        if self._scope is None:
+            return
+        stopped = self._stopped
+        self._scope.cancel()
+        await stopped.wait()
+        if not self._closing:
+            await self._ready.wait()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._scope is not None:
+            stopped = self._stopped
+            self._scope.cancel()
+            await stopped.wait()
+
+
+__all__ = ["TaskGroup"]
