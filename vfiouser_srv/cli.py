@@ -32,7 +32,8 @@ from devices import OptionError
 from .engines import EngineUnavailable
 from .limits import DEFAULT_LIMITS, Limits
 from .objects import ObjectError, OwnerPolicy
-from .server import DEFAULT_ACCESS, Server, SocketAccess, raise_fd_limit
+from .server import Server
+from .sockets import DEFAULT_ACCESS, SocketAccess, raise_fd_limit
 
 log = logging.getLogger("vfiouser_srv")
 

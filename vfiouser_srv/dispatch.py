@@ -232,7 +232,7 @@ PREVIOUS_CLIENT_GRACE = 0.5
 def on_version(session: Session, req: Version) -> Result:
     if req.major != PROTOCOL_MAJOR:
         raise RemoteProtocolError(f"VERSION: major {req.major} not supported")
-    caps = negotiate(req.capabilities, session.server.caps)
+    caps = negotiate(req.capabilities, session.host.caps)
     session.conn.peer_caps = req.capabilities
     reply = VersionReply(PROTOCOL_MAJOR, min(req.minor, PROTOCOL_MINOR), caps)
     if session.device.state is not DeviceState.ACTIVE:  # no grace for a device going away
@@ -312,7 +312,7 @@ def on_device_get_info(session: Session, req: DeviceGetInfo) -> Body:
 def _region(session: Session, index: int) -> RegionSpec:
     if not 0 <= index < NUM_PCI_REGIONS:
         raise RemoteProtocolError(f"region index {index} out of range")
-    return session.server.region_specs(session.device).get(index) or RegionSpec(index, 0)
+    return session.host.region_specs(session.device).get(index) or RegionSpec(index, 0)
 
 
 def on_get_region_info(session: Session, req: DeviceGetRegionInfo) -> Body:

@@ -21,14 +21,11 @@ import errno
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from devices.sdk.interface import DeviceModel
 
 from .container import Container
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +75,17 @@ class DeviceState(enum.Enum):
     REMOVED = "removed"
 
 
+class Attachment(Protocol):
+    """The connection a device is attached to, as hot remove sees it (a Python-engine
+    `Session`; the libvfio-user engine keeps its client to itself)."""
+
+    def request_release(self) -> None:
+        """Ask the client to let go of the device (the REQ interrupt)."""
+
+    def force_close(self) -> None:
+        """Disconnect now; detaching still runs in full."""
+
+
 @dataclass(eq=False)
 class Device:
     name: str
@@ -87,7 +95,7 @@ class Device:
     state: DeviceState = DeviceState.ACTIVE
     #: False after a model failed in a way that makes it unsafe to hand out (viability)
     healthy: bool = True
-    session: Session | None = None
+    session: Attachment | None = None
     #: set when the current session ends (hot remove waits on it)
     released: Any = None
 

@@ -23,11 +23,18 @@ import errno
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from devices.sdk.interface import NUM_PCI_REGIONS, DeviceContext, DmaError, DmaPort, IrqPort
+from devices.sdk.interface import (
+    NUM_PCI_REGIONS,
+    DeviceContext,
+    DmaError,
+    DmaPort,
+    IrqIndex,
+    IrqPort,
+)
 from protocol import (
     HEADER,
     HEADER_SIZE,
@@ -50,6 +57,7 @@ from protocol import (
 
 from . import dispatch
 from .container import Container, DmaWindow
+from .contract import EngineHost
 from .fds import close_all
 from .irq import IrqTable
 from .objects import ClientId, Device, new_connection_id
@@ -63,9 +71,6 @@ from .transport import (
     TransportError,
 )
 from .waiter import Waiter
-
-if TYPE_CHECKING:
-    from .server import Server
 
 log = logging.getLogger(__name__)
 wire_log = logging.getLogger("vfiouser_srv.wire")
@@ -201,8 +206,9 @@ class SessionDma:
 class Session(DeviceContext):
     """A connection to a device; also the `DeviceContext` its model sees."""
 
-    def __init__(self, server: Server, device: Device, stream: FdStream) -> None:
-        self.server = server
+    def __init__(self, host: EngineHost, device: Device, stream: FdStream) -> None:
+        #: the server hosting this engine: capabilities, limits, region specs
+        self.host = host
         self.device = device
         self.stream = stream
         self.conn_id = new_connection_id()
@@ -212,7 +218,7 @@ class Session(DeviceContext):
             pid = uid = gid = -1
         self.client = ClientId(pid, uid, gid, self.conn_id)
         self.conn = Connection(
-            Role.SERVER, local_caps=server.caps, max_version_size=server.limits.max_version_size
+            Role.SERVER, local_caps=host.caps, max_version_size=host.limits.max_version_size
         )
         self.container: Container | None = None
         self.irq_table: IrqTable | None = None
@@ -263,10 +269,10 @@ class Session(DeviceContext):
         group.claim(self.client, self.device)
         self.device.session = self
         self.device.released = trio.Event()
-        self.container = group.container_for(caps.page_size, self.server.caps.max_dma_maps)
+        self.container = group.container_for(caps.page_size, self.host.caps.max_dma_maps)
         self.container.users += 1
         self.irq_table = IrqTable(self.device.model.irqs())
-        specs = self.server.region_specs(self.device)
+        specs = self.host.region_specs(self.device)
         self.region_limits = [
             (s.size, s.readable, s.writable) if (s := specs.get(i)) else (0, False, False)
             for i in range(NUM_PCI_REGIONS)
@@ -309,6 +315,11 @@ class Session(DeviceContext):
 
     # ------------------------------------------------------------ main loop
 
+    def request_release(self) -> None:
+        """Hot remove: signal the REQ interrupt, as vfio-pci does (QEMU may then unplug)."""
+        if self.irq_table is not None:
+            self.irq_table.trigger(IrqIndex.REQ, 0)
+
     def force_close(self) -> None:
         """Disconnect now (hot-remove deadline); detaching still runs in full."""
         self._forced = True
@@ -318,7 +329,7 @@ class Session(DeviceContext):
         # A client has `limits.version_timeout` to complete VERSION (`attach` lifts the
         # deadline): one that connects and says nothing, or trickles bytes, must not hold a
         # connection slot (and, for an owned group, block its owner) forever.
-        timeout = self.server.limits.version_timeout
+        timeout = self.host.limits.version_timeout
         self._scope.deadline = trio.current_time() + timeout
         try:
             with self._scope:

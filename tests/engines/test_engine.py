@@ -205,10 +205,7 @@ async def test_cli_accepts_engine_in_config_and_refuses_fd(tmp_path: object, eng
     assert devs[0].engine == engine
     server = build_server(groups, devs)
     assert "e" in server.devices
-    for runner in getattr(server, "_engines", {}).values():
-        runner.device.close()
-    for listener in list(getattr(server, "_listeners", {})):
-        server._close_listener(listener)
+    server.close()
     if engine != "python":
         with pytest.raises(ObjectError, match="creates its own socket"):
             build_server([], [DeviceConfig("f", "edu", None, 3, None, {}, engine)])

@@ -25,18 +25,19 @@ import pytest
 import trio
 import trio.testing
 
-import vfiouser_srv.server as server_mod
+import vfiouser_srv.engines.python as server_mod
 from devices.edu import Edu, Reg
 from vfiouser_srv.limits import Limits
 from vfiouser_srv.objects import ObjectError
-from vfiouser_srv.server import Server, SocketAccess
+from vfiouser_srv.server import Server
+from vfiouser_srv.sockets import SocketAccess
 
 from ._support import BAR0, EDU_ID, from_u32
 from .conftest import open_client, path_of, settle, sock_path
 
 pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
-SERVER_LOG = "vfiouser_srv.server"
+SERVER_LOG = "vfiouser_srv.engines.python"
 
 
 @contextmanager

@@ -1,5 +1,6 @@
-"""Engines that serve `devices/` models: the pure-Python one (`vfiouser_srv.session`) is
-built in; others are loaded by name so that a missing C library only matters when asked for.
+"""Engines that serve `devices/` models, loaded by name so that a missing C library only
+matters when asked for. Each engine module exports `create_device` (`engines.contract`):
+`python` (this package's own, `engines/python.py`) and `libvfio-user` (ctypes).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ class EngineUnavailable(RuntimeError):
 
 def load_engine(name: str) -> ModuleType:
     if name == "python":
-        from .. import session
+        from . import python
 
-        return session
+        return python
     if name == "libvfio-user":
         import importlib
 

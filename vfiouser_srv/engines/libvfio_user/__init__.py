@@ -4,9 +4,10 @@ Importing this package loads the library (from `LIBVFIO_USER_PATH`, else the sys
 path) and checks its ABI, so `vfiouser_srv.engines.load_engine("libvfio-user")` fails at once
 with `EngineUnavailable` and a message saying what is missing, not at the first client.
 
-`LibvfioUserDevice(name, model, socket_path)` listens as soon as it is constructed;
-`await device.serve()` serves clients one after another; `device.close()` destroys it.
-`Server.add_device(..., engine="libvfio-user")` does all of that inside the server.
+`create_device(host, device, endpoint)` (the contract of `engines.contract`) returns a
+`LibvfioUserDevice` that listens as soon as it is constructed; `await device.serve()` serves
+clients one after another; `device.close()` destroys it. `Server.add_device(...,
+engine="libvfio-user")` does all of that inside the server.
 
 How it differs from the Python engine on the wire is listed, with reasons, in
 `PARITY_DIFFERENCES` (the parity test in tests/engines checks exactly these); what the
@@ -16,11 +17,9 @@ scripted session cannot show is in `BEHAVIOUR_DIFFERENCES`.
 from __future__ import annotations
 
 from ._bindings import LIBRARY_ENV, library
+from ._create import create_device
 from ._engine import QUIESCE_GRACE, EngineError, LibvfioUserDevice, VfuDma, VfuIrq
 from ._parity import BEHAVIOUR_DIFFERENCES, PARITY_DIFFERENCES
-
-#: what `Server.add_device(..., engine="libvfio-user")` constructs
-create_device = LibvfioUserDevice
 
 library()  # EngineUnavailable here, when the engine is asked for, not at the first client
 

@@ -796,6 +796,12 @@ class LibvfioUserDevice(DeviceContext):
             log.exception("%s: model detach failed", self.name)
         log.info("%s: detached", self.name)
 
+    def stop_accepting(self) -> None:
+        """Hot remove: unlink the socket file so that no new client finds the device; the
+        library keeps serving the current one until the server cancels `serve`."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+
     def close(self) -> None:
         """Destroy the context (the current client, if any, is disconnected)."""
         ctx, self._ctx = self._ctx, None
