@@ -19,7 +19,7 @@ from ._constants import HEADER_FLAGS_KNOWN, HEADER_SIZE, MAX_VERSION_SIZE, Comma
 from ._errors import FatalProtocolError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._messages import decode_body
 from ._variable import Version
-from ._wire import HEADER, Frame, FrameDecoder, pack_header
+from ._wire import Frame, FrameDecoder, pack_header
 
 
 class Role(enum.Enum):
@@ -117,13 +117,8 @@ _ERROR_FLAG = int(HeaderFlags.ERROR)
 _TYPE_MASK = int(HeaderFlags.TYPE_MASK)
 _TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
 _UNKNOWN_FLAGS = ~int(HEADER_FLAGS_KNOWN)
-#: the hot paths compare against this instead of looking up `Phase.READY` per message
+#: the fast paths compare against this instead of looking up `Phase.READY` per message
 _READY = Phase.READY
-
-
-def _plain_hot(command: int, flags: int, error: int, hot: frozenset[int]) -> bool:
-    """A request in `hot` whose header needs no rule beyond No_reply (see the callers)."""
-    return command in hot and not error and (flags == 0 or flags == _NO_REPLY)
 
 
 #: size of the fixed structs in front of bulk data, so a frame limit covers the biggest one
@@ -186,63 +181,25 @@ class Connection:
         frame = self._decoder.next_frame()
         return None if frame is None else self.event_from_frame(frame)
 
-    def hot_prefix(
-        self, data: bytes | bytearray | memoryview, hot: frozenset[int]
-    ) -> tuple[list[tuple[int, int, int, int, int]], int]:
-        """The plain hot commands at the front of one read, without the reassembly buffer.
+    def take_plain(self, commands: frozenset[int]) -> list[tuple[int, int, int, memoryview]]:
+        """The plain requests at the head of what was fed, as ``(msg_id, command, flags,
+        payload)`` without message objects (`FrameDecoder.take_plain`); empty unless READY.
 
-        Returns ``(frames, used)``: one ``(msg_id, command, flags, payload_start,
-        payload_end)`` per whole frame (offsets into `data`) and the number of bytes they
-        span. The caller handles those itself and feeds ``data[used:]`` (if any) through
-        `receive_data` as usual; a frame the rules below do not allow ends the prefix.
+        "Plain" means: the command is in `commands`, the frame is a request with no flag
+        but No_reply, no error field and no descriptors, so no phase rule or fd ownership
+        is involved and the caller's own fast decoder needs only the payload. Call
+        `next_event` for whatever comes after them."""
+        if self.phase is not _READY:
+            return []
+        return self._decoder.take_plain(commands)
 
-        This is the steady state of a running guest: one MMIO access per read, or a burst
-        of them. Skipping the buffer and the frame objects saves copies and allocations on
-        every message. Only taken when the connection is READY, the read carried no fds
-        (the caller checks) and the decoder holds nothing, so the decoder's stream
-        positions and fd attribution stay exactly as if everything had been fed.
-        """
-        frames: list[tuple[int, int, int, int, int]] = []
-        if self.phase is not _READY or not self._decoder.idle:
-            return frames, 0
-        unpack = HEADER.unpack_from
-        n = len(data)
-        pos = 0
-        while n - pos >= HEADER_SIZE:
-            msg_id, command, size, flags, error = unpack(data, pos)
-            end = pos + size
-            if size < HEADER_SIZE or end > n or not _plain_hot(command, flags, error, hot):
-                break  # a partial, odd or bad frame: the decoder takes it from here
-            frames.append((msg_id, command, flags, pos + HEADER_SIZE, end))
-            pos = end
-        return frames, pos
-
-    def hot_ready(self) -> bool:
-        """READY with nothing buffered: a read holding exactly one plain hot frame can be
-        served from its header alone (`Session._hot_loop`), as in `hot_prefix`."""
+    def fast_ready(self) -> bool:
+        """READY with nothing buffered: a read holding exactly one plain request can be
+        served from its header alone, without feeding it (`Session._serve_serial`)."""
         return self.phase is _READY and self._decoder.idle
 
-    def next_event_or_hot_frame(self, hot: frozenset[int]) -> Event | Frame | None:
-        """Like `next_event`, but a plain command whose number is in `hot` comes back as
-        its raw `Frame` for the caller's own fast decoder.
-
-        "Plain" means: the connection is READY, the frame is a request (No_reply allowed),
-        it has no error field and no descriptors, so no phase rule or fd ownership is
-        involved and the caller needs only the payload. Everything else is an event.
-        """
-        frame = self._decoder.next_frame()
-        if frame is None:
-            return None
-        if (
-            not frame.fds
-            and self.phase is Phase.READY
-            and _plain_hot(frame.command, frame.flags, frame.error, hot)
-        ):
-            return frame
-        return self.event_from_frame(frame)
-
     def event_from_frame(self, frame: Frame) -> Event:
-        """Full decoding of a frame (also for a hot frame its caller could not handle)."""
+        """Full decoding of a frame (also for a plain one its caller could not handle)."""
         try:
             return self._event(frame)
         except FatalProtocolError:

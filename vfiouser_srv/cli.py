@@ -29,7 +29,7 @@ import trio
 import devices
 from devices import OptionError
 
-from .engines import EngineUnavailable
+from .engines import ENGINES, EngineUnavailable
 from .limits import DEFAULT_LIMITS, Limits
 from .objects import ObjectError, OwnerPolicy
 from .server import Server
@@ -37,7 +37,6 @@ from .sockets import DEFAULT_ACCESS, SocketAccess, raise_fd_limit
 
 log = logging.getLogger("vfiouser_srv")
 
-ENGINES = ("python", "libvfio-user")
 
 #: keys of a `[[device]]` table that say who may connect (also accepted in `[server]`)
 ACCESS_KEYS = ("socket_mode", "socket_group", "allow_uids", "allow_gids")

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import errno
 import logging
-import struct
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
 from devices.sdk.interface import (
     NUM_PCI_IRQS,
     NUM_PCI_REGIONS,
-    DeviceError,
     RegionSpec,
 )
 from protocol import (
@@ -44,7 +42,6 @@ from protocol import (
     DmaUnmapFlags,
     DmaUnmapReply,
     Frame,
-    HeaderFlags,
     IrqInfo,
     MigDataRead,
     MigDataWrite,
@@ -52,11 +49,9 @@ from protocol import (
     RegionInfo,
     RegionIoFds,
     RegionRead,
-    RegionReadReply,
     RegionWrite,
     RegionWriteMulti,
     RegionWriteMultiReply,
-    RegionWriteReply,
     RemoteProtocolError,
     Request,
     SparseMmapCap,
@@ -65,155 +60,119 @@ from protocol import (
     negotiate,
 )
 
+from .access import AccessContext, pack_read_reply, pack_write_reply, read_model
 from .container import Container, DmaWindow
-from .errors import EXPECTED, errno_of
+from .contract import EngineHost
+from .errors import fail
 from .fds import close_all
-from .objects import DeviceState, ObjectError
-
-if TYPE_CHECKING:
-    from .session import Session
+from .irq import IrqTable
+from .objects import Attachment, Device, DeviceState, ObjectError
+from .session_dma import DmaRequests
+from .tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
+
+class HandlerContext(AccessContext, Attachment, Protocol):
+    """What the handlers need of a connection: the `Session`, seen from below (dispatch is
+    imported by the session, never the other way round)."""
+
+    host: EngineHost
+    device: Device
+    container: Container | None
+    irq_table: IrqTable | None
+    tasks: TaskGroup
+    #: message-mode DMA of this client: the owner of its windows mapped without a file
+    requests: DmaRequests
+    warned_unsealed: bool
+
+    def attach(self, caps: Capabilities) -> None: ...
+
+
 Result = Body | Coroutine[Any, Any, Body] | None
-Handler = Callable[["Session", Any], Result]
+Handler = Callable[[HandlerContext, Any], Result]
 Framed = bytes | tuple[bytes, tuple[Any, ...]] | None
+_UNMAP_ALL = int(DmaUnmapFlags.ALL)
+_READ = int(Command.REGION_READ)
+_WRITE = int(Command.REGION_WRITE)
 
 
-def _fail(session: Session, req: Request, exc: Exception) -> bytes | None:
-    return _fail_raw(session, req.msg_id, req.body.COMMAND, req.no_reply, exc)
-
-
-def _fail_raw(
-    session: Session, msg_id: int, command: int, no_reply: bool, exc: Exception
-) -> bytes | None:
-    err = errno_of(exc)
-    name = Command(command).name if command in Command._value2member_map_ else str(command)
-    if isinstance(exc, EXPECTED):
-        log.warning("%s: %s id=%d failed: %s (errno %d)", session.name, name, msg_id, exc, err)
-    else:
-        log.error("%s: %s id=%d raised", session.name, name, msg_id, exc_info=exc)
-    if isinstance(exc, ObjectError) and command == Command.VERSION:
-        session.request_close()  # EBUSY/ENODEV at VERSION: answer, then close
-    if no_reply:
-        return None
-    return session.conn.send_error(msg_id, command, err)
-
-
-def _frame(session: Session, req: Request, body: Body | None) -> Framed:
+def _frame(session: HandlerContext, req: Request, body: Body | None) -> Framed:
     if req.no_reply or body is None:
         return None
     data, fds = session.conn.send_reply(req.msg_id, body)
     return (data, fds) if fds else data
 
 
+def run_request(session: HandlerContext, req: Request) -> Framed | Awaitable[Framed]:
+    """Answer one decoded request: framed bytes, None (no reply), or an awaitable of either.
+
+    Region accesses are answered by `access`'s check and packers (the same the fast path
+    uses); every other command by its handler in `HANDLERS`."""
+    command = req.body.COMMAND
+    if command in (_READ, _WRITE):
+        return _region_access(session, req)
+    return run_handler(session, HANDLERS.get(command), req)
+
+
+def _region_access(session: HandlerContext, req: Request) -> bytes | None:
+    body = req.body
+    try:
+        if isinstance(body, RegionRead):
+            session.regions.check(body.region, body.offset, body.count, False)
+            data = read_model(session.model, body.region, body.offset, body.count)
+            reply = pack_read_reply(req.msg_id, body.offset, body.region, data)
+        else:
+            assert isinstance(body, RegionWrite)
+            session.regions.check(body.region, body.offset, len(body.data), True)
+            session.model.region_write(body.region, body.offset, body.data)
+            reply = pack_write_reply(req.msg_id, body.offset, body.region, len(body.data))
+    except Exception as exc:
+        return fail(session, req.msg_id, body.COMMAND, req.no_reply, exc)
+    return None if req.no_reply else reply
+
+
 def run_handler(
-    session: Session, handler: Handler | None, req: Request
+    session: HandlerContext, handler: Handler | None, req: Request
 ) -> Framed | Awaitable[Framed]:
-    """Run a handler; returns framed bytes, None (no reply), or an awaitable of either."""
+    """Run a handler; returns framed bytes, None (no reply), or an awaitable of either.
+    Every failure becomes its errno reply in `errors.fail`."""
     if handler is None:  # decoded but not served here (e.g. DMA_READ sent to a server)
         exc: Exception = RemoteProtocolError(
             f"command {req.body.COMMAND.name} not supported", errno=errno.ENOTSUP
         )
-        return _fail(session, req, exc)
+        return fail(session, req.msg_id, req.body.COMMAND, req.no_reply, exc)
     try:
         result = handler(session, req.body)
     except Exception as exc:
         close_all(req.body.fds)
-        return _fail(session, req, exc)
+        return fail(session, req.msg_id, req.body.COMMAND, req.no_reply, exc)
     if isinstance(result, Coroutine):
         return _finish(session, req, result)
     return _frame(session, req, result)
 
 
-async def _finish(session: Session, req: Request, coro: Coroutine[Any, Any, Body]) -> Framed:
+async def _finish(session: HandlerContext, req: Request, coro: Coroutine[Any, Any, Body]) -> Framed:
     try:
         body = await coro
     except Exception as exc:
-        return _fail(session, req, exc)
+        return fail(session, req.msg_id, req.body.COMMAND, req.no_reply, exc)
     return _frame(session, req, body)
 
 
-# --------------------------------------------------------------------------- hot path
-
-#: commands worth a decoder of their own: they are nearly all of a running guest's traffic
-HOT_COMMANDS = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE)})
-_ACCESS = struct.Struct("<QII")
-_REPLY_HEAD = struct.Struct("<HHIIIQII")  # 16-byte header + region access struct
-_READ = int(Command.REGION_READ)
-_WRITE = int(Command.REGION_WRITE)
-_TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
-_UNMAP_ALL = int(DmaUnmapFlags.ALL)
-
-
-def run_hot(session: Session, frame: Frame) -> bytes | None:
-    """REGION_READ / REGION_WRITE without building message objects (see `run_hot_parts`)."""
-    return run_hot_parts(session, frame.msg_id, frame.command, frame.flags, frame.payload)
-
-
-def run_hot_parts(
-    session: Session, msg_id: int, command: int, flags: int, payload: bytes | memoryview
-) -> bytes | None:
-    """A plain REGION_READ / REGION_WRITE from its header fields and payload.
-
-    `payload` may be a view of the receive buffer (used before the next checkpoint, and
-    copied before a model sees written data). Anything unusual (bad sizes, ranges,
-    permissions) is handed to the full decoder and handlers, so the fast path never has to
-    produce an error reply of its own except for failures raised by the model itself.
-    """
-    if len(payload) < 16:
-        return _slow(session, msg_id, command, flags, payload)
-    offset, region, count = _ACCESS.unpack_from(payload)
-    limits = session.region_limits
-    if region >= len(limits) or count > session.max_xfer:
-        return _slow(session, msg_id, command, flags, payload)
-    size, readable, writable = limits[region]
-    if offset + count > size:
-        return _slow(session, msg_id, command, flags, payload)
-    no_reply = flags != 0
-    model = session.device.model
-    if command == _READ:
-        if not readable or len(payload) != 16:
-            return _slow(session, msg_id, command, flags, payload)
-        try:
-            data = model.region_read(region, offset, count)
-            if len(data) != count:
-                raise DeviceError(errno.EIO, f"model returned {len(data)} bytes for {count}")
-        except Exception as exc:
-            return _fail_raw(session, msg_id, _READ, no_reply, exc)
-        if no_reply:
-            return None
-        head = _REPLY_HEAD.pack(msg_id, _READ, 32 + count, _TYPE_REPLY, 0, offset, region, count)
-        return head + data
-    if not writable or len(payload) - 16 != count:
-        return _slow(session, msg_id, command, flags, payload)
-    try:
-        model.region_write(region, offset, bytes(payload[16:]))
-    except Exception as exc:
-        return _fail_raw(session, msg_id, _WRITE, no_reply, exc)
-    if no_reply:
-        return None
-    return _REPLY_HEAD.pack(msg_id, _WRITE, 32, _TYPE_REPLY, 0, offset, region, count)
-
-
-def _slow(
-    session: Session, msg_id: int, command: int, flags: int, payload: bytes | memoryview
-) -> bytes | None:
-    return run_frame(session, Frame(msg_id, command, flags, 0, bytes(payload), []))
-
-
-def run_frame(session: Session, frame: Frame) -> bytes | None:
-    """The full path for a hot frame: decode it, then run its ordinary handler."""
+def run_frame(session: HandlerContext, frame: Frame) -> bytes | None:
+    """The full path for a region access `access.serve` would not answer itself: decode
+    it, then run its ordinary handler (or reject it)."""
     ev = session.conn.event_from_frame(frame)
     if isinstance(ev, Request):
-        out = run_handler(session, HANDLERS.get(ev.body.COMMAND), ev)
-        assert out is None or isinstance(out, bytes), "region handlers answer at once"
+        out = run_request(session, ev)
+        assert out is None or isinstance(out, bytes), "region accesses answer at once"
         return out
     assert isinstance(ev, BadRequest)
     return reject(session, ev)
 
 
-def reject(session: Session, ev: BadRequest) -> bytes | None:
+def reject(session: HandlerContext, ev: BadRequest) -> bytes | None:
     """A message that could not be accepted: close its fds, log it, frame the errno reply."""
     close_all(ev.error.fds)
     log.warning(
@@ -229,7 +188,7 @@ def reject(session: Session, ev: BadRequest) -> bytes | None:
 PREVIOUS_CLIENT_GRACE = 0.5
 
 
-def on_version(session: Session, req: Version) -> Result:
+def on_version(session: HandlerContext, req: Version) -> Result:
     if req.major != PROTOCOL_MAJOR:
         raise RemoteProtocolError(f"VERSION: major {req.major} not supported")
     caps = negotiate(req.capabilities, session.host.caps)
@@ -246,7 +205,7 @@ def on_version(session: Session, req: Version) -> Result:
     return reply
 
 
-async def _version_after_previous(session: Session, caps: Capabilities, reply: Body) -> Body:
+async def _version_after_previous(session: HandlerContext, caps: Capabilities, reply: Body) -> Body:
     released = session.device.released
     if released is not None:
         with trio.move_on_after(PREVIOUS_CLIENT_GRACE):
@@ -255,9 +214,9 @@ async def _version_after_previous(session: Session, caps: Capabilities, reply: B
     return reply
 
 
-def on_dma_map(session: Session, req: DmaMap) -> Body:
+def on_dma_map(session: HandlerContext, req: DmaMap) -> Body:
     assert session.container is not None
-    w = session.container.map(req, owner=session)
+    w = session.container.map(req, owner=session.requests)
     if w.mode == "file" and not session.warned_unsealed:
         # once per connection: the deployment loses zero copy and should know why
         session.warned_unsealed = True
@@ -274,7 +233,7 @@ def on_dma_map(session: Session, req: DmaMap) -> Body:
     return DmaMapReply()
 
 
-async def _release_pinned(session: Session, windows: list[DmaWindow], reply: Body) -> Body:
+async def _release_pinned(session: HandlerContext, windows: list[DmaWindow], reply: Body) -> Body:
     if not await Container.drain(windows, timeout=1.0):
         # Quiesce: the device holds guest memory across an await and did not let go in
         # time; cancel its tasks (they are restartable by design) rather than unmap under it.
@@ -285,7 +244,7 @@ async def _release_pinned(session: Session, windows: list[DmaWindow], reply: Bod
     return reply
 
 
-def on_dma_unmap(session: Session, req: DmaUnmap) -> Result:
+def on_dma_unmap(session: HandlerContext, req: DmaUnmap) -> Result:
     if req.flags & ~_UNMAP_ALL:
         raise RemoteProtocolError(f"DMA_UNMAP: flags {req.flags:#x} not supported")
     unmap_all = bool(req.flags & _UNMAP_ALL)
@@ -303,19 +262,19 @@ def on_dma_unmap(session: Session, req: DmaUnmap) -> Result:
     return reply
 
 
-def on_device_get_info(session: Session, req: DeviceGetInfo) -> Body:
+def on_device_get_info(session: HandlerContext, req: DeviceGetInfo) -> Body:
     model = session.device.model
     flags = DeviceFlags.PCI | (DeviceFlags.RESET if model.supports_reset else 0)
     return DeviceInfo(int(flags), NUM_PCI_REGIONS, NUM_PCI_IRQS)
 
 
-def _region(session: Session, index: int) -> RegionSpec:
+def _region(session: HandlerContext, index: int) -> RegionSpec:
     if not 0 <= index < NUM_PCI_REGIONS:
         raise RemoteProtocolError(f"region index {index} out of range")
     return session.host.region_specs(session.device).get(index) or RegionSpec(index, 0)
 
 
-def on_get_region_info(session: Session, req: DeviceGetRegionInfo) -> Body:
+def on_get_region_info(session: HandlerContext, req: DeviceGetRegionInfo) -> Body:
     spec = _region(session, req.index)
     flags = 0
     if spec.size:
@@ -334,7 +293,7 @@ def on_get_region_info(session: Session, req: DeviceGetRegionInfo) -> Body:
     return info.fit(req.argsz)
 
 
-def on_get_region_io_fds(session: Session, req: DeviceGetRegionIoFds) -> Body:
+def on_get_region_io_fds(session: HandlerContext, req: DeviceGetRegionIoFds) -> Body:
     spec = _region(session, req.index)
     if not spec.size:
         raise RemoteProtocolError(f"region {req.index} does not exist")
@@ -342,7 +301,7 @@ def on_get_region_io_fds(session: Session, req: DeviceGetRegionIoFds) -> Body:
     return RegionIoFds(req.index)
 
 
-def on_get_irq_info(session: Session, req: DeviceGetIrqInfo) -> Body:
+def on_get_irq_info(session: HandlerContext, req: DeviceGetIrqInfo) -> Body:
     table = session.irq_table
     assert table is not None
     if not 0 <= req.index < len(table.lines):
@@ -351,7 +310,7 @@ def on_get_irq_info(session: Session, req: DeviceGetIrqInfo) -> Body:
     return IrqInfo(req.index, line.flags, line.spec.count)
 
 
-def on_set_irqs(session: Session, req: DeviceSetIrqs) -> Body:
+def on_set_irqs(session: HandlerContext, req: DeviceSetIrqs) -> Body:
     table = session.irq_table
     assert table is not None
     for index, vector in table.set_irqs(req):
@@ -359,63 +318,34 @@ def on_set_irqs(session: Session, req: DeviceSetIrqs) -> Body:
     return DeviceSetIrqsReply()
 
 
-def _check_access(session: Session, index: int, offset: int, count: int, write: bool) -> None:
-    spec = _region(session, index)
-    if not spec.size:
-        raise RemoteProtocolError(f"region {index} does not exist")
-    if (write and not spec.writable) or (not write and not spec.readable):
-        raise RemoteProtocolError(f"region {index} is not {'writ' if write else 'read'}able")
-    if offset + count > spec.size:
-        raise RemoteProtocolError(
-            f"access {offset:#x}+{count:#x} past the end of region {index} ({spec.size:#x})"
-        )
-    caps = session.conn.caps
-    if caps is not None and count > caps.max_data_xfer_size:
-        raise RemoteProtocolError(f"count {count} above max_data_xfer_size")
-
-
-def on_region_read(session: Session, req: RegionRead) -> Body:
-    _check_access(session, req.region, req.offset, req.count, False)
-    data = session.device.model.region_read(req.region, req.offset, req.count)
-    if len(data) != req.count:
-        raise DeviceError(errno.EIO, f"model returned {len(data)} bytes for {req.count}")
-    return RegionReadReply(req.offset, req.region, data)
-
-
-def on_region_write(session: Session, req: RegionWrite) -> Body:
-    _check_access(session, req.region, req.offset, len(req.data), True)
-    session.device.model.region_write(req.region, req.offset, req.data)
-    return RegionWriteReply(req.offset, req.region, len(req.data))
-
-
-def on_region_write_multi(session: Session, req: RegionWriteMulti) -> Body:
+def on_region_write_multi(session: HandlerContext, req: RegionWriteMulti) -> Body:
     # Validate every entry before applying any, so a bad entry leaves no half-applied batch.
     for w in req.writes:
-        _check_access(session, w.region, w.offset, len(w.data), True)
-    model = session.device.model
+        session.regions.check(w.region, w.offset, len(w.data), True)
+    model = session.model
     for w in req.writes:
         model.region_write(w.region, w.offset, w.data)
     return RegionWriteMultiReply(len(req.writes))
 
 
-async def _reset(session: Session) -> Body:
+async def _reset(session: HandlerContext) -> Body:
     await session.tasks.cancel_all()
     session.device.model.reset()
     return DeviceResetReply()
 
 
-def on_device_reset(session: Session, req: Body) -> Result:
+def on_device_reset(session: HandlerContext, req: Body) -> Result:
     if not session.device.model.supports_reset:
         raise RemoteProtocolError("device does not support reset")
     return _reset(session)
 
 
-def on_device_feature(session: Session, req: DeviceFeature) -> Body:
+def on_device_feature(session: HandlerContext, req: DeviceFeature) -> Body:
     # Migration is not offered yet; the kernel answers unknown features with ENOTTY.
     raise RemoteProtocolError(f"feature {req.feature} not supported", errno=errno.ENOTTY)
 
 
-def on_mig_data(session: Session, req: MigDataRead | MigDataWrite) -> Body:
+def on_mig_data(session: HandlerContext, req: MigDataRead | MigDataWrite) -> Body:
     raise RemoteProtocolError("no migration data transfer is in progress")
 
 
@@ -428,8 +358,6 @@ HANDLERS: dict[int, Handler] = {
     Command.DEVICE_GET_REGION_IO_FDS: on_get_region_io_fds,
     Command.DEVICE_GET_IRQ_INFO: on_get_irq_info,
     Command.DEVICE_SET_IRQS: on_set_irqs,
-    Command.REGION_READ: on_region_read,
-    Command.REGION_WRITE: on_region_write,
     Command.REGION_WRITE_MULTI: on_region_write_multi,
     Command.DEVICE_RESET: on_device_reset,
     Command.DEVICE_FEATURE: on_device_feature,

@@ -29,7 +29,7 @@ from devices.sdk.interface import DeviceModel, RegionSpec
 from protocol import Capabilities
 
 from .contract import Endpoint, EngineDevice
-from .engines import load_engine
+from .engines import check_endpoint, load_engine
 from .limits import DEFAULT_LIMITS, Limits
 from .objects import Device, DeviceState, Group, ObjectError, OwnerPolicy
 from .sockets import DEFAULT_ACCESS, SocketAccess, raise_fd_limit
@@ -109,6 +109,7 @@ class Server:
             raise ValueError("give exactly one of socket_path and fd")
         # before any socket exists, so that a model failing here leaves nothing to undo
         regions = {r.index: r for r in model.regions()}
+        check_endpoint(engine, name, fd, access)
         create = load_engine(engine).create_device
         new_group = (group or name) not in self.groups
         g = self.group(group or name)

@@ -4,8 +4,8 @@
 (DESIGN.md section 4): try the non-blocking syscall first and wait for readiness only on
 EAGAIN, and wait through `idlewait.IdleWaiter` (one poll() instead of a scheduler round
 when trio is idle); one `sendmsg` per outgoing batch (header + payload + fds together);
-receive into a preallocated buffer that the stream owns. `Session._hot_loop` drives the
-socket itself for serial MMIO with the attributes documented in `FdStream.__init__`.
+receive into a preallocated buffer that the stream owns. `receive_waiting` is the one read
+that may block (for a serial peer's next request, `idlewait.HOT_WAIT` at most).
 
 Resource handling: every descriptor received becomes an `OwnedFd` at once. MSG_CTRUNC (the
 kernel dropped descriptors because our control buffer was too small) is fatal: the stream
@@ -76,12 +76,6 @@ class FdStream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, usec))
         self.sock = sock
         self._fileno = sock.fileno()
-        #: What a caller's own receive loop needs (`Session._hot_loop`): a read is
-        #: ``n, anc, flags, _ = sock.recvmsg_into(iov, ancsize, RECV_FLAGS)``, then
-        #: `chunk(n, anc, flags)` (or ``view[:n]`` when there is no ancillary data and no
-        #: RECV_TRUNCATED bit), `read_failed(exc)` for an OSError, and `count_reads` for the
-        #: reads done.
-        #:
         #: The buffer is this stream's own. It once was one buffer per thread, shared by
         #: every connection, and a session that kept a view of it across a checkpoint
         #: (awaiting backpressure, then decoding the rest of the read) decoded bytes another
@@ -89,9 +83,9 @@ class FdStream:
         #: shared survives a checkpoint"): nothing a session reads from may be written by
         #: another connection, so views of this buffer stay valid until this stream's next
         #: read, whatever happens in between.
-        self.view = memoryview(bytearray(recv_size))
-        self.iov = [self.view]
-        self.ancsize = socket.CMSG_SPACE(max_fds * _INT_SIZE)
+        self._view = memoryview(bytearray(recv_size))
+        self._iov = [self._view]
+        self._ancsize = socket.CMSG_SPACE(max_fds * _INT_SIZE)
         self.waiter = idlewait.IdleWaiter(self._fileno)
         self._send_lock = trio.Lock()
         #: `send` calls running or queued for the lock: while non-zero, a direct send would
@@ -121,15 +115,15 @@ class FdStream:
     # ------------------------------------------------------------------ receive
 
     def _recv_nowait(self) -> tuple[memoryview, list[OwnedFd]]:
-        n, anc, flags, _addr = self.sock.recvmsg_into(self.iov, self.ancsize, _RECV_NOW)
+        n, anc, flags, _addr = self.sock.recvmsg_into(self._iov, self._ancsize, _RECV_NOW)
         if not anc and not flags & _MSG_CTRUNC:
-            return self.view[:n], []
-        return self.chunk(n, anc, flags)
+            return self._view[:n], []
+        return self._chunk(n, anc, flags)
 
-    def chunk(
+    def _chunk(
         self, n: int, anc: list[tuple[int, int, bytes]], flags: int
     ) -> tuple[memoryview, list[OwnedFd]]:
-        """(bytes, fds) of a `recvmsg_into(self.iov, self.ancsize, ...)` result: every
+        """(bytes, fds) of a `recvmsg_into(self._iov, self._ancsize, ...)` result: every
         descriptor becomes an `OwnedFd` at once; MSG_CTRUNC closes them and raises."""
         fds: list[OwnedFd] = []
         for level, kind, data in anc:
@@ -140,7 +134,7 @@ class FdStream:
         if flags & _MSG_CTRUNC:
             close_all(fds)
             raise TransportError("control data truncated (MSG_CTRUNC): descriptors lost")
-        return self.view[:n], fds
+        return self._view[:n], fds
 
     def receive_now(self) -> tuple[memoryview, list[OwnedFd]] | None:
         """`receive_view` without the coroutine: the next chunk if it is already there and
@@ -159,6 +153,20 @@ class FdStream:
         self._reads_without_checkpoint = count
         self._bytes_without_checkpoint += len(got[0])
         return got
+
+    def receive_waiting(self) -> tuple[memoryview, list[OwnedFd]] | None:
+        """One read that may block the thread for up to `idlewait.HOT_WAIT` (the socket's
+        SO_RCVTIMEO): how the serial loop (`Session._serve_serial`) waits for a vCPU's next
+        access when trio has nothing else to do. None when nothing came in that time;
+        otherwise as `receive_view`. Not a checkpoint: the caller counts its reads
+        (`count_reads`) and checkpoints when they are due."""
+        try:
+            n, anc, flags, _addr = self.sock.recvmsg_into(self._iov, self._ancsize, RECV_FLAGS)
+        except OSError as exc:
+            return self.read_failed(exc)
+        if anc or flags & _MSG_CTRUNC:
+            return self._chunk(n, anc, flags)
+        return self._view[:n], []
 
     def read_failed(self, exc: OSError) -> tuple[memoryview, list[OwnedFd]] | None:
         """What a failed non-blocking read means: None for EAGAIN (wait, then read:

@@ -408,53 +408,62 @@ def test_eof_and_close() -> None:
     assert server.phase is Phase.CLOSED
 
 
-# ------------------------------------------------------------------ hot frames
+# ------------------------------------------------------------------ plain frames
 
 HOT = frozenset({Command.REGION_READ, Command.REGION_WRITE})
 
 
-def test_hot_frames_come_back_raw_only_when_plain() -> None:
+def test_plain_frames_come_back_raw() -> None:
     server = ready_server()
     read = RegionRead(0x10, 0, 4).encode()
     server.receive_data(frame(9, read, msg_id=1) + frame(9, read, msg_id=2, flags=0x10))
-    f1, f2 = server.next_event_or_hot_frame(HOT), server.next_event_or_hot_frame(HOT)
-    assert isinstance(f1, Frame) and isinstance(f2, Frame)
-    assert (f1.msg_id, f1.payload, f2.msg_id, f2.no_reply) == (1, read, 2, True)
-    assert server.next_event_or_hot_frame(HOT) is None
-    # the full decode of a hot frame is the ordinary event
-    assert server.event_from_frame(f1) == Request(1, RegionRead(0x10, 0, 4))
+    (m1, c1, f1, p1), (m2, c2, f2, p2) = server.take_plain(HOT)
+    assert (m1, c1, f1, bytes(p1), m2, c2, f2, bytes(p2)) == (1, 9, 0, read, 2, 9, 0x10, read)
+    assert server.take_plain(HOT) == [] and server.next_event() is None
+    # the full decode of such a frame is the ordinary event
+    assert server.event_from_frame(Frame(m1, c1, f1, 0, bytes(p1), [])) == Request(
+        1, RegionRead(0x10, 0, 4)
+    )
 
 
-def test_hot_frames_that_are_not_plain_become_events() -> None:
+def test_frames_that_are_not_plain_become_events() -> None:
     server = ready_server()
     read = RegionRead(0, 0, 4).encode()
     fd = FdToken()
     server.receive_data(frame(9, read, msg_id=1), [fd])  # with an fd
-    ev = bad(server.next_event_or_hot_frame(HOT))
+    assert server.take_plain(HOT) == []
+    ev = bad(server.next_event())
     assert ev.error.fds == [fd]
     server.receive_data(frame(9, read, msg_id=2, error=1))  # error field set
-    bad(server.next_event_or_hot_frame(HOT))
+    assert server.take_plain(HOT) == []
+    bad(server.next_event())
     server.receive_data(frame(9, read, msg_id=3, flags=0x40))  # unknown flag
-    bad(server.next_event_or_hot_frame(HOT))
-    server.receive_data(frame(13, msg_id=4))  # not hot
-    assert server.next_event_or_hot_frame(HOT) == Request(4, DeviceReset())
+    assert server.take_plain(HOT) == []
+    bad(server.next_event())
+    server.receive_data(frame(13, msg_id=4))  # not in the set
+    assert server.take_plain(HOT) == []
+    assert server.next_event() == Request(4, DeviceReset())
     early = Connection(Role.SERVER)  # not READY: the phase rule applies
     early.receive_data(frame(9, read, msg_id=5))
-    bad(early.next_event_or_hot_frame(HOT))
+    assert early.take_plain(HOT) == []
+    bad(early.next_event())
 
 
-def test_hot_prefix_takes_whole_plain_frames_and_stops_at_anything_else() -> None:
+def test_take_plain_stops_at_anything_else_and_keeps_partial_frames() -> None:
     server = ready_server()
     read = RegionRead(0x10, 0, 4).encode()
     a, b = frame(9, read, msg_id=1), frame(9, read, msg_id=2, flags=0x10)
-    frames, used = server.hot_prefix(a + b + frame(13, msg_id=3) + a, HOT)
-    assert used == len(a + b)
-    assert frames == [(1, 9, 0, 16, len(a)), (2, 9, 0x10, len(a) + 16, len(a + b))]
-    assert server.hot_prefix(a[:-1], HOT) == ([], 0)  # partial: the decoder's job
-    assert server.hot_prefix(frame(9, read, error=1), HOT) == ([], 0)
-    server.receive_data(a[:5])  # the decoder holds bytes: no prefix until it is idle
-    assert server.hot_prefix(a, HOT) == ([], 0)
-    assert Connection(Role.SERVER).hot_prefix(a, HOT) == ([], 0)  # not READY
+    buf = bytearray(a + b + frame(13, msg_id=3) + a[:7])
+    server.receive_data(memoryview(buf))
+    assert [m for m, _c, _f, _p in server.take_plain(HOT)] == [1, 2]
+    assert server.next_event() == Request(3, DeviceReset())
+    assert server.take_plain(HOT) == []
+    assert server.next_event() is None  # the partial frame was copied out of `buf` here
+    assert not server.fast_ready()
+    buf[:] = b"\xee" * len(buf)  # the caller reuses its buffer for the next read
+    server.receive_data(a[7:])
+    assert [(m, bytes(p)) for m, _c, _f, p in server.take_plain(HOT)] == [(1, read)]
+    assert server.fast_ready()
 
 
 # ------------------------------------------------------------------ hypothesis: fuzz
@@ -518,10 +527,11 @@ def test_fuzz_server_only_protocol_errors_and_every_fd_accounted(
             seen += exc.fds
         while True:
             try:
-                ev = server.next_event_or_hot_frame(hot_set)
-                if isinstance(ev, Frame):
-                    assert ev.fds == [] and ev.command in hot_set
-                    ev = server.event_from_frame(ev)  # what a caller does when it gives up
+                for msg_id, command, flags, payload in server.take_plain(hot_set):
+                    assert command in hot_set
+                    # what a caller does when its fast path gives up
+                    server.event_from_frame(Frame(msg_id, command, flags, 0, bytes(payload), []))
+                ev = server.next_event()
             except ProtocolError as exc:
                 assert isinstance(exc, FatalProtocolError)
                 seen += exc.fds
@@ -649,25 +659,29 @@ def test_valid_stream_split_like_the_kernel_decodes_exactly(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pieces=st.lists(fuzz_frame(), max_size=8), cuts=st.lists(st.integers(0, 2000),
                                                                   max_size=6))
-def test_hot_prefix_then_decoder_sees_what_the_decoder_alone_sees(
+def test_take_plain_then_decoder_sees_what_the_decoder_alone_sees(
     pieces: list[bytes], cuts: list[int]
 ) -> None:
-    """Whatever the chunking, serving the hot prefix of each idle read and feeding the rest
-    yields the same frames, in the same order, as feeding everything."""
+    """Whatever the chunking, taking the plain frames first and decoding the rest yields
+    the same messages, in the same order, as decoding everything; and the caller may
+    overwrite each chunk's buffer once it is drained (as the stream does on its next read)."""
     data = b"".join(pieces)
     reference, fast = ready_server(), ready_server()
 
-    def drain(conn: Connection, out: list[Any]) -> bool:
+    def drain(conn: Connection, out: list[Any], plain: bool) -> bool:
         while True:
             try:
-                item = conn.next_event_or_hot_frame(HOT)
+                if plain:
+                    for msg_id, command, flags, payload in conn.take_plain(HOT):
+                        f = Frame(msg_id, command, flags, 0, bytes(payload), [])
+                        out.append(repr(conn.event_from_frame(f)))
+                item = conn.next_event()
             except FatalProtocolError:
                 out.append("fatal")
                 return False
             if item is None:
                 return True
-            out.append((item.msg_id, item.command, item.payload) if isinstance(item, Frame)
-                       else repr(item))  # repr: error events carry exceptions
+            out.append(repr(item))  # repr: error events carry exceptions
 
     want: list[Any] = []
     got: list[Any] = []
@@ -680,16 +694,15 @@ def test_hot_prefix_then_decoder_sees_what_the_decoder_alone_sees(
                 want.append("fatal")
                 ref_ok = False
             else:
-                ref_ok = drain(reference, want)
+                ref_ok = drain(reference, want, False)
         if fast_ok:
-            frames, used = fast.hot_prefix(chunk, HOT)
-            got += [(m, c, chunk[s:e]) for m, c, _f, s, e in frames]
-            if used < len(chunk):
-                try:
-                    fast.receive_data(chunk[used:])
-                except FatalProtocolError:
-                    got.append("fatal")
-                    fast_ok = False
-                else:
-                    fast_ok = drain(fast, got)
+            buf = bytearray(chunk)
+            try:
+                fast.receive_data(memoryview(buf))
+            except FatalProtocolError:
+                got.append("fatal")
+                fast_ok = False
+            else:
+                fast_ok = drain(fast, got, True)
+            buf[:] = b"\xee" * len(buf)
     assert got == want

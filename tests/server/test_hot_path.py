@@ -2,7 +2,7 @@
 
 One script of well-formed, malformed and out-of-range region accesses (and model failures)
 is sent over a raw socket to two servers: one as shipped, one with the hot path switched off
-(`dispatch.HOT_COMMANDS` empty, so every frame is decoded into a message and dispatched).
+(`access.FAST_COMMANDS` empty, so every frame is decoded into a message and dispatched).
 The replies must be byte-for-byte identical, No_reply variants must produce no reply on
 either, and both connections must survive the whole script. The script runs once with one
 frame per read (the single-frame shortcut) and once pipelined into a few big reads.
@@ -22,7 +22,7 @@ import trio
 
 from devices.sdk.interface import RegionIndex
 from protocol import HEADER, Capabilities, Command, HeaderFlags, Version, pack_header
-from vfiouser_srv import dispatch
+from vfiouser_srv import access as region_access
 from vfiouser_srv.client import make_eventfd
 
 from . import models
@@ -252,7 +252,7 @@ async def run_both(
 ) -> tuple[list[bytes], list[bytes], int]:
     """(replies with the hot path, replies without it, frames the hot path handled)."""
     hot_calls = 0
-    real_run_hot = dispatch.run_hot_parts
+    real_run_hot = region_access.serve
 
     def counting_run_hot(session: Any, *args: Any) -> bytes | None:
         nonlocal hot_calls
@@ -260,7 +260,7 @@ async def run_both(
         return real_run_hot(session, *args)
 
     srv = await make_server({"hot": Scratch(), "full": Scratch()})
-    monkeypatch.setattr(dispatch, "run_hot_parts", counting_run_hot)
+    monkeypatch.setattr(region_access, "serve", counting_run_hot)
     hot = await RawConn.connect(path_of(srv, "hot"))
     try:
         with_hot = await runner(hot, steps)
@@ -268,7 +268,7 @@ async def run_both(
         hot.close()
     handled = hot_calls
 
-    monkeypatch.setattr(dispatch, "HOT_COMMANDS", frozenset())
+    monkeypatch.setattr(region_access, "FAST_COMMANDS", frozenset())
     full = await RawConn.connect(path_of(srv, "full"))
     try:
         without = await runner(full, steps)

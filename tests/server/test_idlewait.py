@@ -1,4 +1,4 @@
-"""`idlewait`: the poll() short-cut for an idle trio thread, and `Session._hot_loop` on it.
+"""`idlewait`: the poll() short-cut for an idle trio thread, and `Session._serve_serial` on it.
 
 The short-cut blocks the trio thread in poll() on our socket and trio's epoll descriptor.
 These tests pin down what must still work while it does: other tasks' I/O, deadlines,
@@ -23,7 +23,7 @@ import trio.testing
 
 from devices.sdk import Bar, CallbackHandler, PciDevice, PciIdentity
 from protocol import HEADER, Capabilities, Command, HeaderFlags, Version, pack_header
-from vfiouser_srv import dispatch, idlewait
+from vfiouser_srv import access, idlewait
 from vfiouser_srv.idlewait import IdleWaiter
 
 from .conftest import MakeServer, path_of, python_engine_only
@@ -288,7 +288,7 @@ def test_outside_trio_the_waiter_is_not_idle() -> None:
     assert not IdleWaiter(0).idle_poll()
 
 
-# --------------------------------------------------------------------- Session._hot_loop
+# --------------------------------------------------------------------- Session._serve_serial
 
 
 class Kicker(PciDevice):
@@ -356,18 +356,18 @@ class ThreadClient:
 async def test_serial_peer_is_served_by_the_hot_loop(
     make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """200 serial reads from another thread: (nearly) all answered inside `_hot_loop`, and
+    """200 serial reads from another thread: (nearly) all answered inside `_serve_serial`, and
     a write that starts a device task lets that task run while the peer sends nothing
     (if the loop kept blocking in poll() with the task runnable, `kicked` never fires)."""
     callers: dict[str, int] = {}
-    real = dispatch.run_hot_parts
+    real = access.serve
 
     def recording(*args: Any) -> bytes | None:
         name = sys._getframe(1).f_code.co_name
         callers[name] = callers.get(name, 0) + 1
         return real(*args)
 
-    monkeypatch.setattr(dispatch, "run_hot_parts", recording)
+    monkeypatch.setattr(access, "serve", recording)
     model = Kicker()
     srv = await make_server({"kicker": model})
     results: dict[str, Any] = {}
@@ -389,7 +389,7 @@ async def test_serial_peer_is_served_by_the_hot_loop(
     assert results["after"] == 1
     # A read that arrives while trio has something to do (the worker thread's own
     # wake-ups) takes the general path; the idle ones must not.
-    assert callers.get("_hot_loop", 0) >= 150, callers
+    assert callers.get("_serve_serial", 0) >= 150, callers
 
 
 async def test_must_yield_sees_trio_events_and_near_deadlines(
@@ -422,7 +422,7 @@ async def test_must_yield_sees_trio_events_and_near_deadlines(
 async def test_a_second_client_is_served_while_the_first_streams_reads(
     make_server: MakeServer,
 ) -> None:
-    """Client A keeps a session in `_hot_loop` (serial reads, back to back); client B on
+    """Client A keeps a session in `_serve_serial` (serial reads, back to back); client B on
     another device must still get its answers promptly (the loop's blocking read waits
     HOT_WAIT at most; the per-message check of trio's events is tested above)."""
     srv = await make_server({"a": Kicker(), "b": Kicker()})

@@ -7,7 +7,8 @@ The library creates, binds and listens on its socket inside `vfu_create_ctx` and
   configured mode only), then the file gets its group and mode, as the Python engine's
   sockets do;
 * allow-lists cannot be enforced (a peer could only be checked after it was served), so a
-  device with one is refused at start-up rather than served without it.
+  device with one is refused at start-up rather than served without it
+  (`engines.check_endpoint`, which the server also calls before loading the library).
 """
 
 from __future__ import annotations
@@ -17,23 +18,14 @@ import errno
 from ...contract import Endpoint, EngineHost
 from ...objects import Device, ObjectError
 from ...sockets import apply_access, check_path, clear_stale, creation_umask
+from .. import check_endpoint
 from ._engine import LibvfioUserDevice
 
 
 def create_device(host: EngineHost, device: Device, endpoint: Endpoint) -> LibvfioUserDevice:
     name, path, access = device.name, endpoint.path, endpoint.access
-    if path is None:
-        raise ObjectError(
-            errno.EINVAL,
-            f"engine 'libvfio-user' creates its own socket: give a path, not fd {endpoint.fd}",
-        )
-    if access.restricted:
-        raise ObjectError(
-            errno.EINVAL,
-            f"device {name!r}: engine 'libvfio-user' accepts connections itself, so "
-            "allow_uids/allow_gids cannot be enforced; use the python engine or drop the "
-            "allow-list (the socket mode and group still apply)",
-        )
+    check_endpoint("libvfio-user", name, endpoint.fd, access)
+    assert path is not None  # check_endpoint refused an fd
     check_path(path)
     clear_stale(path)
     try:

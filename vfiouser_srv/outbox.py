@@ -1,0 +1,127 @@
+"""Everything one connection sends, in order, without the reader ever waiting in send().
+
+The reader must not block in send(): the peer may itself be blocked sending to us (a large
+DMA_READ reply while we send a large DMA_WRITE), and then neither side would read again.
+So replies and our own requests alike go through one FIFO drained by a writer task; when
+the FIFO is empty the bytes are sent directly (the common case: one syscall, no task
+switch). Only `Outbox` touches the socket for sending, and the direct send happens without
+a checkpoint, so messages can never interleave. A peer that stops reading is stopped at
+`WRITE_BACKLOG_LIMIT` queued bytes: `flush` then waits, so the reader stops reading too
+(backpressure, docs/security.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import trio
+
+from . import wirelog
+from .transport import FdStream
+
+log = logging.getLogger(__name__)
+
+#: replies the writer may hold for a peer that is not reading before the reader stops
+#: reading too (backpressure)
+WRITE_BACKLOG_LIMIT = 8 << 20
+
+
+class Outbox:
+    """The outgoing side of one connection (see the module docstring)."""
+
+    def __init__(self, stream: FdStream, name: str) -> None:
+        self.stream = stream
+        self.name = name
+        #: log every message sent (`vfiouser-srv -v`), set by the session
+        self.verbose = False
+        #: the connection is closing: `flush` stops waiting for room
+        self.closing = False
+        #: a send failed: the peer is gone, everything queued was dropped
+        self.broken = False
+        self._queue: deque[tuple[bytes, tuple[Any, ...]]] = deque()
+        self.backlog = 0
+        self._wakeup = trio.Event()
+        self._room = trio.Event()
+        self._empty = trio.Event()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queue)
+
+    def send(self, data: bytes, fds: tuple[Any, ...] = ()) -> None:
+        """Queue one whole message (or batch) for the peer; never waits."""
+        if self.broken:
+            return
+        if not self._queue:
+            try:
+                sent = self.stream.send_some(data, fds)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._broke(exc)
+                return
+            if sent == len(data):
+                return
+            if sent:
+                data, fds = data[sent:], ()
+        self._queue.append((data, fds))
+        self.backlog += len(data)
+        self._wakeup.set()
+
+    def send_batch(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:
+        """`send` for a list of replies, joined into one sendmsg; empties the list."""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self.verbose:
+            wirelog.log_out(self.name, data, len(fds))
+        self.send(data, fds)
+
+    async def flush(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:
+        """Send a batch; wait only while the peer has left too much unread."""
+        if out:
+            self.send_batch(out, fds)
+        while self.backlog > WRITE_BACKLOG_LIMIT and not self.closing and not self.broken:
+            self._room = trio.Event()
+            await self._room.wait()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until everything queued went out or the peer broke."""
+        with trio.move_on_after(timeout):
+            while self._queue and not self.broken:
+                await self._empty.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer task: sends what `send` could not, in order."""
+        task_status.started()
+        while True:
+            while not self._queue:
+                self._empty.set()
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+            self._empty = trio.Event()
+            data, fds = self._queue[0]
+            try:
+                await self.stream.send(data, fds)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._broke(exc)
+                return
+            self._queue.popleft()
+            self.backlog -= len(data)
+            if self.backlog <= WRITE_BACKLOG_LIMIT:
+                self._room.set()
+
+    def _broke(self, exc: Exception) -> None:
+        log.info("%s: send failed (%s)", self.name, exc)
+        self.broken = True
+        self._queue.clear()
+        self.backlog = 0
+        self._room.set()
+        self._empty.set()
+
+    def clear(self) -> None:
+        """Drop whatever is queued (the connection is gone): frees its memory at once."""
+        self._queue.clear()
+        self.backlog = 0
+
+
+__all__ = ["WRITE_BACKLOG_LIMIT", "Outbox"]
