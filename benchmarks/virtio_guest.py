@@ -7,7 +7,7 @@ themselves (busybox ``dd`` reports its own rate for 32 MiB O_DIRECT writes and r
 ``virtio-net-test.sh`` times ``nc`` transfers each way with /proc/timer_list; 40 MiB by
 default: 10 MiB rounds, as in the CI test, vary by up to 10x on a shared host).
 
-Method (see /work/shared/notes/benchmarks.md): ours and QEMU's alternate, one QEMU at a time
+Method: ours and QEMU's alternate, one QEMU at a time
 (``flock /tmp/vfiouser-qemu.lock``), several rounds per boot; the first round is dropped
 (cold caches), the best remaining round counts, and every round's data is checked (blk: the
 guest's checks; net: checksums both ways). Ratios are ours / QEMU's; the goal is >= 0.5.

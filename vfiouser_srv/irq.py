@@ -1,8 +1,9 @@
 """Interrupts: eventfds, masks and pending bits per IRQ index (INTx, MSI, MSI-X, ERR, REQ).
 
 The client hands us eventfds with SET_IRQS; raising an interrupt is writing 1 to one
-(the message-based interrupt left the spec). Validation follows the spec and libvfio-user's
-`lib/irq.c` (`device_set_irqs_validate`); see notes/protocol.md.
+(the message-based interrupt left the spec). Validation follows the spec, Linux vfio-pci and
+libvfio-user's `lib/irq.c` (`device_set_irqs_validate`); the errnos are in
+docs/architecture.md, "Errors".
 
 INTx is level-triggered on a PCI bus but an eventfd is an edge: like the kernel's vfio-pci,
 INTx is *automasked* when signalled, and the client unmasks it after the guest's EOI. If the

@@ -1,7 +1,7 @@
 """AF_UNIX stream transport with SCM_RIGHTS in both directions, over trio.
 
 `trio.SocketStream` has no recvmsg, so this is a small stream of our own. Hot-path rules
-(DESIGN.md section 4): try the non-blocking syscall first and wait for readiness only on
+(docs/architecture.md, "The region-access path"): try the non-blocking syscall first and wait for readiness only on
 EAGAIN, and wait through `idlewait.IdleWaiter` (one poll() instead of a scheduler round
 when trio is idle); one `sendmsg` per outgoing batch (header + payload + fds together);
 receive into a preallocated buffer that the stream owns. `receive_waiting` is the one read

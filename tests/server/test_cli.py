@@ -1,6 +1,6 @@
 """The command line, run as a real subprocess: `python -m vfiouser_srv ...`.
 
-Backend-program conventions (notes/protocol.md): never daemonize, honour SIGTERM, accept
+Backend-program conventions (the vfio-user spec's "Server" section): never daemonize, honour SIGTERM, accept
 `--socket-path` or `--fd`; `READY <socket>` is printed only once the socket accepts
 connections (QEMU fails to start otherwise), so every test connects the moment it reads it,
 without retrying.

@@ -1,4 +1,4 @@
-"""Every errno row of DESIGN.md section 3, through the real client over a real socket.
+"""Every errno row of docs/architecture.md ("Errors"), through the real client over a real socket.
 
 Malformed input goes out with `request_raw` / `send_bytes`; every test also checks that
 the connection is still usable afterwards (or, for a broken stream or EBUSY, that exactly

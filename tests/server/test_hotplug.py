@@ -1,4 +1,4 @@
-"""Hot add and hot remove (DESIGN.md section 3, after `vfio_del_group_dev`).
+"""Hot add and hot remove (docs/architecture.md, "The object model"; after `vfio_del_group_dev`).
 
 Remove: the socket is unlinked first, the connected client is asked to let go through its
 REQ eventfd every `interval` seconds, it may be disconnected by force after `deadline`, and

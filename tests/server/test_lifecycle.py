@@ -1,4 +1,4 @@
-"""Disconnect, reconnect and leaks (DESIGN.md section 3, "On disconnect").
+"""Disconnect, reconnect and leaks (docs/architecture.md, "The object model").
 
 On disconnect the server cancels the connection's device tasks, unmaps every window it
 mmap'd, closes every eventfd it was given and releases the group, but keeps the device's
