@@ -36,6 +36,8 @@ from protocol import HEADER, HEADER_SIZE, Capabilities, Command, HeaderFlags, Ve
 from vfiouser_srv.client import Client, open_client
 from vfiouser_srv.transport import FdStream
 
+from ..conftest import python_engine_only
+
 REPO = Path(__file__).resolve().parents[2]
 #: the server's start-up line; `serve` prints one per device once every socket listens
 READY_TIMEOUT = 20.0
@@ -53,28 +55,6 @@ _INT = array.array("i").itemsize
 ENGINE_ENV = "VFIOUSER_TEST_ENGINE"
 
 
-def python_engine_only(reason: str) -> pytest.MarkDecorator:
-    """Run a test on the Python engine only; `reason` says why the other cannot meet it."""
-    return pytest.mark.python_engine_only(reason=reason)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the non-Python engine cases of `python_engine_only` tests (as tests/server)."""
-    keep: list[pytest.Item] = []
-    drop: list[pytest.Item] = []
-    for item in items:
-        if not str(item.path).startswith(str(Path(__file__).parent)):
-            keep.append(item)
-            continue
-        callspec = getattr(item, "callspec", None)
-        engine = callspec.params.get("engine", "python") if callspec is not None else "python"
-        if engine != "python" and item.get_closest_marker("python_engine_only") is not None:
-            drop.append(item)
-        else:
-            keep.append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
 
 
 # ------------------------------------------------------------------------ the server process

@@ -37,6 +37,8 @@ from vfiouser_srv.objects import OwnerPolicy
 from vfiouser_srv.server import DEFAULT_CAPS, Server
 from vfiouser_srv.session import Session
 
+from ..conftest import python_engine_only
+
 #: a call that gets no reply within this fails the test instead of hanging it
 REPLY_TIMEOUT = 10.0
 
@@ -77,33 +79,6 @@ def small_caps(**changes: Any) -> Capabilities:
     return replace(DEFAULT_CAPS, **changes)
 
 
-def python_engine_only(reason: str) -> pytest.MarkDecorator:
-    """Mark a test (or, in `pytestmark`, a module) as run on the Python engine only.
-
-    `reason` is one line: the Python-engine internals it checks (`session_of`, container or
-    IRQ tables, groups and ownership policies, the hot path), or the documented difference
-    (`vfiouser_srv.engines.libvfio_user.BEHAVIOUR_DIFFERENCES` / `PARITY_DIFFERENCES`) that
-    makes its expectation Python-only. In a module parametrized over engines its other
-    engines' cases are deselected (see `pytest_collection_modifyitems`), and `engine` is
-    "python" for it even under `VFIOUSER_TEST_ENGINE`.
-    """
-    return pytest.mark.python_engine_only(reason=reason)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the non-Python engine cases of `python_engine_only` tests."""
-    keep: list[pytest.Item] = []
-    drop: list[pytest.Item] = []
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        engine = callspec.params.get("engine", "python") if callspec is not None else "python"
-        if engine != "python" and item.get_closest_marker("python_engine_only") is not None:
-            drop.append(item)
-        else:
-            keep.append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
 
 
 @pytest.fixture
