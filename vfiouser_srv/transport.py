@@ -1,12 +1,12 @@
 """AF_UNIX stream transport with SCM_RIGHTS in both directions, over trio.
 
 `trio.SocketStream` has no recvmsg, so this is a small stream of our own. Hot-path rules
-(docs/architecture.md, "The region-access path"): try the non-blocking syscall first and wait for readiness only on
-EAGAIN, and wait through `idlewait.IdleWaiter` (one poll() instead of a scheduler round
-when trio is idle); one `sendmsg` per outgoing batch (header + payload + fds together);
-receive into a preallocated buffer that the stream owns. `receive_waiting` is the one read
-that may block (for a serial peer's next request, `idlewait.HOT_WAIT` at most).
-
+(docs/architecture.md, "The region-access path"): try the non-blocking syscall first and
+wait for readiness only on EAGAIN, and wait through `idlewait.IdleWaiter` (one poll()
+instead of a scheduler round when trio is idle); one `sendmsg` per outgoing batch (header +
+payload + fds together); receive into a preallocated buffer that the stream owns.
+`receive_waiting` is the one read that may block (for a serial peer's next request,
+`idlewait.HOT_WAIT` at most).
 Resource handling: every descriptor received becomes an `OwnedFd` at once. MSG_CTRUNC (the
 kernel dropped descriptors because our control buffer was too small) is fatal: the stream
 can no longer be matched to its descriptors, so the descriptors that did arrive are closed

@@ -1,9 +1,9 @@
 """The command line, run as a real subprocess: `python -m vfiouser_srv ...`.
 
-Backend-program conventions (the vfio-user spec's "Server" section): never daemonize,
-honour SIGTERM, accept `--socket-path` or `--fd`; `READY <socket>` is printed only once the
-socket accepts connections (QEMU fails to start otherwise), so every test connects the moment it reads it,
-without retrying.
+Backend-program conventions (the vfio-user spec's "Server" section): never daemonize, honour
+SIGTERM, accept `--socket-path` or `--fd`; `READY <socket>` is printed only once the socket
+accepts connections (QEMU fails to start otherwise), so every test connects the moment it
+reads it, without retrying.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The VFIO object model: group ownership, viability, users, containers, external users.
 
 docs/architecture.md, "The object model": a group has one owner at a time, chosen by
-SO_PEERCRED under the group's policy (pid / uid / connection); it is viable only while every member is active and
-healthy; users = live connections + external users, and at 0 the owner is cleared. A
-container is per connection unless the group shares one.
+SO_PEERCRED under the group's policy (pid / uid / connection); it is viable only while every
+member is active and healthy; users = live connections + external users, and at 0 the owner
+is cleared. A container is per connection unless the group shares one.
 """
 
 from __future__ import annotations
