@@ -7,6 +7,7 @@ instead of a scheduler round when trio is idle); one `sendmsg` per outgoing batc
 payload + fds together); receive into a preallocated buffer that the stream owns.
 `receive_waiting` is the one read that may block (for a serial peer's next request,
 `idlewait.HOT_WAIT` at most).
+
 Resource handling: every descriptor received becomes an `OwnedFd` at once. MSG_CTRUNC (the
 kernel dropped descriptors because our control buffer was too small) is fatal: the stream
 can no longer be matched to its descriptors, so the descriptors that did arrive are closed
