@@ -221,8 +221,17 @@ class Container:
                 window.file = fd
         else:
             window.offset = 0
-        i = bisect.bisect_left(self._starts, req.address)
-        self._starts.insert(i, req.address)
+        return self.add(window)
+
+    def add(self, window: DmaWindow) -> DmaWindow:
+        """Insert a window that is already validated and reachable (its `view`, `file` or
+        message-mode owner set). `map` ends here; the libvfio-user engine calls it directly,
+        because the library checks DMA_MAP and mmaps the client's file itself and hands us
+        only the result. An overlap here is a caller's bug, hence ValueError."""
+        if self._overlapping(window.address, window.size):
+            raise ValueError(f"DMA window {window.address:#x}+{window.size:#x} overlaps one")
+        i = bisect.bisect_left(self._starts, window.address)
+        self._starts.insert(i, window.address)
         self._windows.insert(i, window)
         return window
 

@@ -102,12 +102,24 @@ class IrqTable:
         if line.masked[vector]:
             line.pending[vector] = True
             return False
-        fd = line.triggers[vector]
-        if fd is None:
+        sent = self.signal(line, index, vector)
+        if sent is None:
             return False
         if line.spec.automasked:
             line.masked[vector] = True
         self.fired += 1
+        return sent
+
+    def signal(self, line: IrqLine, index: int, vector: int) -> bool | None:
+        """Raise one unmasked vector: None when there is nothing to signal (no eventfd; the
+        vector is then neither automasked nor counted), else whether the signal went out.
+
+        The one step an engine whose library owns the eventfds (libvfio-user) replaces;
+        masks, pending bits and the INTx level stay here for both engines.
+        """
+        fd = line.triggers[vector]
+        if fd is None:
+            return None
         return signal_eventfd(fd)
 
     def set_intx(self, level: bool) -> None:
@@ -115,7 +127,7 @@ class IrqTable:
         self.intx_level = level
         if rising:
             self.trigger(IrqIndex.INTX, 0)
-        elif not level:
+        elif not level and self.lines[IrqIndex.INTX].spec.count:
             self.lines[IrqIndex.INTX].pending[0] = False
 
     def pending(self, index: int, vector: int) -> bool:
@@ -236,6 +248,16 @@ class IrqTable:
                     line.pending[v] = False
                     self.trigger(index, v)
         return unmasked
+
+    def set_masked(self, index: int, vectors: range, masked: bool) -> list[tuple[int, int]]:
+        """Apply a MASK or UNMASK that was validated elsewhere (libvfio-user checks SET_IRQS
+        itself and reports only the outcome), with the same effects as one sent to us:
+        pending vectors fire and a still-asserted INTx is signalled again at unmask.
+        Vectors past the index's count are ignored. Returns the (index, vector) unmasked."""
+        line = self.lines[index]
+        chosen = [v for v in vectors if 0 <= v < line.spec.count]
+        action = IrqSetFlags.ACTION_MASK if masked else IrqSetFlags.ACTION_UNMASK
+        return self._act(line, index, chosen, action)
 
     # ----------------------------------------------------------------- lifecycle
 
