@@ -35,7 +35,7 @@ import logging
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,11 @@ from protocol import DmaMap, DmaMapFlags, RemoteProtocolError
 from .fds import OwnedFd
 
 log = logging.getLogger(__name__)
+
+#: serves a message-mode piece: (window, offset in the window, length) -> the bytes read
+MessageRead = Callable[["DmaWindow", int, int], Awaitable[bytes]]
+#: serves a message-mode piece: (window, offset in the window, data to write)
+MessageWrite = Callable[["DmaWindow", int, memoryview], Awaitable[None]]
 
 _ADDRESS_LIMIT = 1 << 64
 # Plain ints: IntFlag arithmetic costs microseconds per operation on Python 3.11.
@@ -322,6 +327,52 @@ class Container:
                 raise DmaError(errno.EPERM, f"DMA window at {w.address:#x} is not readable")
             n = min(end, w.end) - pos
             yield w, pos - w.address, n
+            pos += n
+
+    # ----------------------------------------------------------------- access
+    # The DmaPort of either engine over this table. Message-mode pieces (no view, no file)
+    # go to the engine's callable: only the engine can send DMA_READ/DMA_WRITE.
+
+    def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
+        """Zero-copy view of [address, address+size) when it lies in one mmap'd window;
+        None when it spans windows or its window is not mmap'd (`file`, message mode)."""
+        pieces = list(self.spans(address, size, write))
+        if len(pieces) != 1:
+            return None if pieces else memoryview(b"")
+        w, off, n = pieces[0]
+        return None if w.view is None else w.view[off : off + n]
+
+    async def read(self, address: int, size: int, message: MessageRead) -> bytes:
+        """Copy [address, address+size) out: mmap'd windows by memory copy, `file` windows
+        with pread, the rest through `message(window, offset in window, length)`."""
+        out = bytearray(size)
+        dst = memoryview(out)
+        pos = 0
+        for w, off, n in self.spans(address, size, False):
+            if w.view is not None:
+                dst[pos : pos + n] = w.view[off : off + n]
+            elif w.file is not None:
+                w.read_into(off, dst[pos : pos + n])
+            else:
+                dst[pos : pos + n] = await message(w, off, n)
+            pos += n
+        dst.release()
+        return bytes(out)
+
+    async def write(
+        self, address: int, data: bytes | bytearray | memoryview, message: MessageWrite
+    ) -> None:
+        """Copy `data` in at `address`, as `read` does out (`message(window, offset, data)`
+        for the pieces of message-mode windows)."""
+        mv = memoryview(data).cast("B")
+        pos = 0
+        for w, off, n in self.spans(address, len(mv), True):
+            if w.view is not None:
+                w.view[off : off + n] = mv[pos : pos + n]
+            elif w.file is not None:
+                w.write_from(off, mv[pos : pos + n])
+            else:
+                await message(w, off, mv[pos : pos + n])
             pos += n
 
     @contextlib.contextmanager
