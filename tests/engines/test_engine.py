@@ -130,9 +130,9 @@ async def test_reset_cancels_device_tasks(
     engine: str, serve_model: ServeEdu, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if engine == "libvfio-user":
-        from vfiouser_srv.engines.libvfio_user import _engine
+        from vfiouser_srv.engines.libvfio_user import _device
 
-        monkeypatch.setattr(_engine, "QUIESCE_GRACE", 0.05)
+        monkeypatch.setattr(_device, "QUIESCE_GRACE", 0.05)
     model = Probe()
     _, path = await serve_model(engine, model)
     async with open_client(path, reply_timeout=10) as c:

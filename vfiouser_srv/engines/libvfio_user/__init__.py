@@ -16,9 +16,11 @@ scripted session cannot show is in `BEHAVIOUR_DIFFERENCES`.
 
 from __future__ import annotations
 
-from ._bindings import LIBRARY_ENV, library
+from ._bindings import LIBRARY_ENV, EngineError, library
 from ._create import create_device
-from ._engine import QUIESCE_GRACE, EngineError, LibvfioUserDevice, VfuDma, VfuIrq
+from ._device import QUIESCE_GRACE, LibvfioUserDevice
+from ._dma import VfuDma
+from ._irq import VfuIrq
 from ._parity import BEHAVIOUR_DIFFERENCES, PARITY_DIFFERENCES
 
 library()  # EngineUnavailable here, when the engine is asked for, not at the first client

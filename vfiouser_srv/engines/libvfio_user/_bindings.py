@@ -96,6 +96,18 @@ class DmaInfo(Structure):
     )
 
 
+class EngineError(OSError):
+    """A libvfio-user call failed; carries the call's errno."""
+
+
+def check(ret: int, what: str) -> int:
+    """`ret` of a call that returns -1 and sets errno on failure; EngineError names `what`."""
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise EngineError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
 # ----------------------------------------------------------------- callback types
 # Pointers the library hands us (ctx, buffers) are c_void_p, never c_char_p: ctypes would turn
 # a c_char_p argument into a bytes copy that stops at the first NUL.
@@ -211,7 +223,9 @@ __all__ = [
     "REGION_ACCESS_CB",
     "RESET_CB",
     "DmaInfo",
+    "EngineError",
     "Iovec",
+    "check",
     "library",
     "open_library",
 ]

@@ -19,7 +19,7 @@ from ...contract import Endpoint, EngineHost
 from ...objects import Device, ObjectError
 from ...sockets import apply_access, check_path, clear_stale, creation_umask
 from .. import check_endpoint
-from ._engine import LibvfioUserDevice
+from ._device import LibvfioUserDevice
 
 
 def create_device(host: EngineHost, device: Device, endpoint: Endpoint) -> LibvfioUserDevice:

@@ -8,7 +8,7 @@ Concepts
     *Threads.* Everything that touches the context runs on the trio thread, except two
     blocking calls: `vfu_attach_ctx` (accepts, then reads the client's VERSION with a
     blocking `recv`) and message-mode DMA (`vfu_sgl_read/write` send a DMA_READ/WRITE and
-    block until the client answers). Both run in a worker thread while `_lock` is held, so
+    block until the client answers). Both run in a worker thread while `lock` is held, so
     no other call enters the library meanwhile (it is not thread-safe). Callbacks fire on
     whichever thread is inside the library; the ones that can fire on a worker thread
     (lost connection, DMA unregister) only touch plain Python state.
@@ -17,18 +17,19 @@ Concepts
     and a lost connection. With no device task running we are quiesced at once: callbacks
     run on the trio thread, so no task is between checkpoints, and a `DmaPort.view` is valid
     only until the next checkpoint anyway. With tasks running we answer EBUSY, give them
-    `QUIESCE_GRACE` seconds to finish, cancel the rest (tasks are restartable by design,
-    DESIGN.md section 1) and then call `vfu_device_quiesced`, which runs the waiting command.
+    `QUIESCE_GRACE` seconds to finish, cancel the rest (a model expects that: the device
+    interface, devices/sdk/interface.py, has the engine cancel its tasks on reset, on
+    disconnect and before a window they may use is unmapped) and then call
+    `vfu_device_quiesced`, which runs the waiting command.
 
-    *Deadlock rule (DESIGN.md 2.8).* Region callbacks are synchronous and never wait for the
-    client; message-mode DMA runs only in device tasks, never in a callback.
+    *Deadlock rule* (docs/architecture.md, "Deadlock rule"). Region callbacks are
+    synchronous and never wait for the client; message-mode DMA runs only in device tasks,
+    never in a callback.
 
-Error handling
-    Each trampoline catches everything. A model's `DeviceError`/`DmaError`/`OSError` is the
-    errno of the reply, logged as a warning, as in `dispatch`. Anything else is returned to
-    C as EIO, stored, and re-raised by `_raise_errors()` right after the library call
-    returns; the connection loop then logs it with its traceback (the Python engine's "EIO,
-    logged with traceback, connection kept") and counts it in `callback_errors`.
+Errors
+    Every callback goes through `Callbacks.wrap` (`_callbacks`): a model's error is the
+    errno of the reply; anything else is EIO, re-raised after the library call returns, and
+    the connection loop logs it with its traceback and counts it in `callback_errors`.
 """
 
 from __future__ import annotations
@@ -37,12 +38,10 @@ import contextlib
 import ctypes
 import errno
 import logging
-import mmap
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -56,26 +55,25 @@ from devices.sdk.interface import (
     DmaPort,
     IrqIndex,
     IrqPort,
-    IrqSpec,
     RegionIndex,
     RegionSpec,
 )
 
-from ...errors import errno_of
 from ...idlewait import IdleWaiter
 from ...tasks import TaskGroup
 from . import _bindings as b
+from ._bindings import EngineError
+from ._callbacks import Callbacks
+from ._dma import MAX_DMA_REGIONS, VfuDma
+from ._irq import VfuIrq
 
 log = logging.getLogger(__name__)
-lib_log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".lib")
 
 #: how long quiescing waits for device tasks to finish before cancelling them (the Python
 #: engine's unmap drain uses the same)
 QUIESCE_GRACE = 1.0
 #: how often a cancelled attach retries shutting down the connection being negotiated
 ABORT_RETRY = 0.01
-#: DMA_MAP limit we give the library (the Python engine's default max_dma_maps)
-MAX_DMA_REGIONS = 65535
 #: PCI config space sizes: conventional and extended
 CFG_SIZE = 256
 CFG_EXP_SIZE = 4096
@@ -83,276 +81,13 @@ CFG_EXP_SIZE = 4096
 BAR_IO_SPACE = 0x1
 BAR0_OFFSET = 0x10
 
-_SYSLOG_TO_LOGGING = {
-    b.LOG_ERR: logging.ERROR,
-    b.LOG_WARNING: logging.WARNING,
-    b.LOG_NOTICE: logging.INFO,
-    b.LOG_INFO: logging.INFO,
-    b.LOG_DEBUG: logging.DEBUG,
-}
-
-
-class EngineError(OSError):
-    """A libvfio-user call failed; carries the call's errno."""
-
-
-def _check(ret: int, what: str) -> int:
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise EngineError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
-# --------------------------------------------------------------------------- DMA
-
-
-@dataclass(frozen=True)
-class _Window:
-    """One DMA region the library registered; `vaddr` 0 means message mode (no fd)."""
-
-    iova: int
-    size: int
-    vaddr: int
-    prot: int
-
-    @property
-    def end(self) -> int:
-        return self.iova + self.size
-
-
-class VfuDma(DmaPort):
-    """The model's DmaPort: mmap'd windows by address, the rest by DMA_READ/WRITE messages.
-
-    The window table is fed by the library's register/unregister callbacks. Mapped windows
-    are read and written with plain memory copies through the library's own mapping
-    (`vfu_dma_info_t.vaddr`), so no copy waits for anything; message-mode pieces go through
-    `vfu_addr_to_sgl` + `vfu_sgl_read/write` in a worker thread under the context lock.
-    """
-
-    def __init__(self, device: LibvfioUserDevice) -> None:
-        self._device = device
-        self.windows: list[_Window] = []
-        #: served message-mode transfers, for tests that check which path was taken
-        self.messages = 0
-        #: views handed out by `pin` and not yet released
-        self.pins = 0
-
-    # ------------------------------------------------------------ table (callbacks)
-
-    def add(self, info: b.DmaInfo) -> None:
-        w = _Window(info.iova.iov_base or 0, info.iova.iov_len, info.vaddr or 0, info.prot)
-        self.windows.append(w)
-        self.windows.sort(key=lambda x: x.iova)
-        log.debug(
-            "%s: DMA window %#x+%#x %s",
-            self._device.name,
-            w.iova,
-            w.size,
-            "mmap" if w.vaddr else "message",
-        )
-
-    def remove(self, info: b.DmaInfo) -> None:
-        iova = info.iova.iov_base or 0
-        self.windows = [w for w in self.windows if w.iova != iova]
-
-    def clear(self) -> None:
-        self.windows = []
-
-    # ------------------------------------------------------------ lookup
-
-    def _find(self, address: int) -> _Window:
-        for w in self.windows:
-            if w.iova <= address < w.end:
-                return w
-        raise DmaError(errno.EFAULT, f"DMA address {address:#x} is not mapped")
-
-    def _spans(self, address: int, size: int, write: bool) -> list[tuple[_Window, int, int]]:
-        if size < 0 or address < 0 or address + size > 1 << 64:
-            raise DmaError(errno.EINVAL, f"bad DMA range {address:#x}+{size:#x}")
-        need = mmap.PROT_WRITE if write else mmap.PROT_READ
-        pieces = []
-        pos, end = address, address + size
-        while pos < end:
-            w = self._find(pos)
-            if not w.prot & need:
-                what = "writable" if write else "readable"
-                raise DmaError(errno.EPERM, f"DMA window at {w.iova:#x} is not {what}")
-            n = min(end, w.end) - pos
-            pieces.append((w, pos - w.iova, n))
-            pos += n
-        return pieces
-
-    # ------------------------------------------------------------ DmaPort
-
-    def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
-        pieces = self._spans(address, size, write)
-        if len(pieces) != 1:
-            return None if pieces else memoryview(b"")
-        w, off, n = pieces[0]
-        if not w.vaddr:
-            return None
-        return memoryview((ctypes.c_char * n).from_address(w.vaddr + off)).cast("B")
-
-    @contextlib.contextmanager
-    def pin(self, address: int, size: int, *, write: bool = False) -> Iterator[memoryview | None]:
-        """`view` that stays valid across awaits: while pinned, quiescing (which comes
-        before any DMA_UNMAP) waits, so the library cannot unmap under the view."""
-        view = self.view(address, size, write=write)
-        if view is None:
-            yield None
-            return
-        self.pins += 1
-        try:
-            yield view
-        finally:
-            with contextlib.suppress(BufferError):
-                view.release()
-            self.pins -= 1
-            self._device.note_idle()
-
-    async def read(self, address: int, size: int) -> bytes:
-        out = bytearray(size)
-        pos = 0
-        for w, off, n in self._spans(address, size, False):
-            if w.vaddr:
-                out[pos : pos + n] = ctypes.string_at(w.vaddr + off, n)
-            else:
-                out[pos : pos + n] = await self._message(False, w.iova + off, n, None)
-            pos += n
-        return bytes(out)
-
-    async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
-        mv = memoryview(data).cast("B")
-        pos = 0
-        for w, off, n in self._spans(address, len(mv), True):
-            if w.vaddr:
-                ctypes.memmove(w.vaddr + off, bytes(mv[pos : pos + n]), n)
-            else:
-                await self._message(True, w.iova + off, n, bytes(mv[pos : pos + n]))
-            pos += n
-
-    async def _message(self, write: bool, address: int, size: int, data: bytes | None) -> bytes:
-        dev = self._device
-        lib = dev.lib
-        async with dev.lock:
-            ctx = dev.ctx_for_dma()
-            sgl = ctypes.create_string_buffer(lib.dma_sg_size())
-            prot = mmap.PROT_WRITE if write else mmap.PROT_READ
-            n = lib.vfu_addr_to_sgl(ctx, address, size, sgl, 1, prot)
-            if n != 1:
-                err = ctypes.get_errno() if n == -1 else errno.EFAULT
-                raise DmaError(err or errno.EFAULT, f"DMA {address:#x}+{size:#x} not one window")
-            buf = ctypes.create_string_buffer(data or b"", size)
-            fn = lib.vfu_sgl_write if write else lib.vfu_sgl_read
-
-            def transfer() -> tuple[int, int]:
-                ret = fn(ctx, sgl, 1, buf, 0)
-                return ret, ctypes.get_errno()
-
-            # Blocks until the client answers: off the trio thread, still under the lock.
-            ret, err = await trio.to_thread.run_sync(transfer)
-            self.messages += 1
-        if ret < 0:
-            raise DmaError(
-                err or errno.EIO,
-                f"DMA_{'WRITE' if write else 'READ'} failed: {os.strerror(err or errno.EIO)}",
-            )
-        return b"" if write else buf.raw[:size]
-
-
-# --------------------------------------------------------------------------- IRQs
-
-
-class VfuIrq(IrqPort):
-    """The model's IrqPort over `vfu_irq_trigger`, with our own masks and pending bits.
-
-    libvfio-user keeps one eventfd array for INTx/MSI/MSI-X (whichever the client set last)
-    and tells us of MASK/UNMASK through the IRQ state callback; masks, pending bits, INTx
-    automasking and the level re-signal at unmask are kept here, as `irq.IrqTable` does for
-    the Python engine. ERR and REQ cannot be raised through the library's API.
-    """
-
-    def __init__(self, device: LibvfioUserDevice, specs: list[IrqSpec]) -> None:
-        self._device = device
-        by_index = {s.index: s for s in specs}
-        self.specs = [by_index.get(i, IrqSpec(i, 0)) for i in range(NUM_PCI_IRQS)]
-        self.masked = [[False] * s.count for s in self.specs]
-        self.pend = [[False] * s.count for s in self.specs]
-        self.intx_level = False
-        #: vectors the library accepted (for tests)
-        self.fired = 0
-
-    def clear(self) -> None:
-        self.masked = [[False] * s.count for s in self.specs]
-        self.pend = [[False] * s.count for s in self.specs]
-
-    def trigger(self, index: int, vector: int = 0) -> bool:
-        if not 0 <= index < NUM_PCI_IRQS or not 0 <= vector < self.specs[index].count:
-            return False
-        if index in (IrqIndex.ERR, IrqIndex.REQ):
-            log.debug(
-                "%s: IRQ index %d cannot be raised through libvfio-user", self._device.name, index
-            )
-            return False
-        if self.masked[index][vector]:
-            self.pend[index][vector] = True
-            return False
-        ctx = self._device.ctx_or_none()
-        if ctx is None or self._device.lib.vfu_irq_trigger(ctx, vector) < 0:
-            return False  # no eventfd assigned (ENOENT) or no client
-        if self.specs[index].automasked:
-            self.masked[index][vector] = True
-        self.fired += 1
-        return True
-
-    def set_intx(self, level: bool) -> None:
-        rising = level and not self.intx_level
-        self.intx_level = level
-        if rising:
-            self.trigger(IrqIndex.INTX, 0)
-        elif not level and self.specs[IrqIndex.INTX].count:
-            self.pend[IrqIndex.INTX][0] = False
-
-    def pending(self, index: int, vector: int) -> bool:
-        return (
-            0 <= index < NUM_PCI_IRQS
-            and 0 <= vector < self.specs[index].count
-            and (self.pend[index][vector])
-        )
-
-    def enabled(self, index: int) -> bool:
-        # The library does not say which index holds eventfds; a device that has the index
-        # is assumed enabled (a trigger without an eventfd is dropped and returns False).
-        return 0 <= index < NUM_PCI_IRQS and self.specs[index].count > 0
-
-    def on_state(self, index: int, start: int, count: int, mask: bool) -> list[int]:
-        """SET_IRQS MASK/UNMASK arrived; returns the vectors unmasked (for the model hook)."""
-        unmasked = []
-        for v in range(start, min(start + count, self.specs[index].count)):
-            self.masked[index][v] = mask
-            if mask:
-                continue
-            unmasked.append(v)
-            if index == IrqIndex.INTX:
-                # the line still asserted at unmask is signalled again, masked before or not
-                # (as irq.IrqTable: also covers a level raised before the eventfd was set)
-                if self.intx_level:
-                    self.trigger(index, v)
-            elif self.pend[index][v]:
-                self.pend[index][v] = False
-                self.trigger(index, v)
-        return unmasked
-
-
-# --------------------------------------------------------------------------- the device
-
 
 class LibvfioUserDevice(DeviceContext):
     """A `devices/` model served by libvfio-user on `socket_path`; also its DeviceContext.
 
     Resource handling: the constructor creates, sets up and realizes the context, so the
     socket listens when it returns; `close()` destroys it (the library unlinks nothing: we
-    do). The trampolines live on this object for the context's whole lifetime. `serve()`
+    do). Its `Callbacks` keep the C callbacks alive for the context's whole lifetime. `serve()`
     runs in the server's nursery and owns each client's task group.
     """
 
@@ -369,8 +104,7 @@ class LibvfioUserDevice(DeviceContext):
         self._dma = VfuDma(self)
         self._irq = VfuIrq(self, model.irqs())
         self._regions: dict[int, RegionSpec] = {r.index: r for r in model.regions() if r.size}
-        self._errors: list[BaseException] = []
-        self._refs: list[Any] = []  # ctypes callbacks: must outlive the context
+        self._cb = Callbacks(name)
         self._active = 0
         self._idle = trio.Event()
         self._quiesce_done: trio.Event | None = None
@@ -416,10 +150,6 @@ class LibvfioUserDevice(DeviceContext):
 
     # ------------------------------------------------------------ setup
 
-    def _keep(self, cb: Any) -> Any:
-        self._refs.append(cb)
-        return cb
-
     def _create(self) -> int:
         lib = self.lib
         ctx = lib.vfu_create_ctx(
@@ -434,27 +164,27 @@ class LibvfioUserDevice(DeviceContext):
             raise EngineError(err, f"vfu_create_ctx({self.socket_path}): {os.strerror(err)}")
         try:
             self._setup(ctx)
-            _check(lib.vfu_realize_ctx(ctx), "vfu_realize_ctx")
-            self._listen_fd = os.dup(_check(lib.vfu_get_poll_fd(ctx), "vfu_get_poll_fd"))
+            b.check(lib.vfu_realize_ctx(ctx), "vfu_realize_ctx")
+            self._listen_fd = os.dup(b.check(lib.vfu_get_poll_fd(ctx), "vfu_get_poll_fd"))
         except BaseException:
             lib.vfu_destroy_ctx(ctx)
             with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
             raise
-        self._raise_errors()
+        self._cb.raise_errors()
         return int(ctx)
 
     def _setup(self, ctx: int) -> None:
         lib = self.lib
-        level = b.LOG_DEBUG if lib_log.isEnabledFor(logging.DEBUG) else b.LOG_INFO
-        _check(lib.vfu_setup_log(ctx, self._keep(b.LOG_CB(self._on_log)), level), "vfu_setup_log")
+        log_cb = self._cb.keep(b.LOG_CB(self._cb.on_log))
+        b.check(lib.vfu_setup_log(ctx, log_cb, self._cb.log_level()), "vfu_setup_log")
         cfg = self._regions.get(RegionIndex.CONFIG)
         if cfg is None or cfg.size not in (CFG_SIZE, CFG_EXP_SIZE):
             raise EngineError(errno.EINVAL, f"{self.name}: region 7 must be 256 or 4096 bytes")
         pci_type = (
             b.VFU_PCI_TYPE_EXPRESS if cfg.size == CFG_EXP_SIZE else (b.VFU_PCI_TYPE_CONVENTIONAL)
         )
-        _check(lib.vfu_pci_init(ctx, pci_type, b.PCI_HEADER_TYPE_NORMAL, 0), "vfu_pci_init")
+        b.check(lib.vfu_pci_init(ctx, pci_type, b.PCI_HEADER_TYPE_NORMAL, 0), "vfu_pci_init")
         header = self.model.region_read(RegionIndex.CONFIG, 0, 64)
         # The model's config space is authoritative (ALWAYS_CB below); the library's copy is
         # seeded with the same header only so that its own logs and checks agree.
@@ -467,27 +197,27 @@ class LibvfioUserDevice(DeviceContext):
         for _, spec in sorted(self._regions.items()):
             self._setup_region(ctx, spec, header)
         for index in range(NUM_PCI_IRQS):
-            count = self._irq.specs[index].count
-            _check(lib.vfu_setup_device_nr_irqs(ctx, index, count), f"nr_irqs({index})")
+            count = self._irq.lines[index].spec.count
+            b.check(lib.vfu_setup_device_nr_irqs(ctx, index, count), f"nr_irqs({index})")
             if index in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX) and count:
-                cb = self._keep(b.IRQ_STATE_CB(self._trampoline(self._irq_state_for(index))))
-                _check(lib.vfu_setup_irq_state_callback(ctx, index, cb), "irq_state_cb")
-        _check(
+                cb = self._cb.keep(b.IRQ_STATE_CB(self._cb.wrap(self._irq_state_for(index))))
+                b.check(lib.vfu_setup_irq_state_callback(ctx, index, cb), "irq_state_cb")
+        b.check(
             lib.vfu_setup_device_dma(
                 ctx,
                 MAX_DMA_REGIONS,
-                self._keep(b.DMA_CB(self._trampoline(self._on_dma_register, void=True))),
-                self._keep(b.DMA_CB(self._trampoline(self._on_dma_unregister, void=True))),
+                self._cb.keep(b.DMA_CB(self._cb.wrap(self._on_dma_register, void=True))),
+                self._cb.keep(b.DMA_CB(self._cb.wrap(self._on_dma_unregister, void=True))),
             ),
             "vfu_setup_device_dma",
         )
-        _check(
+        b.check(
             lib.vfu_setup_device_reset_cb(
-                ctx, self._keep(b.RESET_CB(self._trampoline(self._on_reset)))
+                ctx, self._cb.keep(b.RESET_CB(self._cb.wrap(self._on_reset)))
             ),
             "vfu_setup_device_reset_cb",
         )
-        lib.vfu_setup_device_quiesce_cb(ctx, self._keep(b.QUIESCE_CB(self._on_quiesce)))
+        lib.vfu_setup_device_quiesce_cb(ctx, self._cb.keep(b.QUIESCE_CB(self._on_quiesce)))
 
     def _setup_region(self, ctx: int, spec: RegionSpec, header: bytes) -> None:
         flags = (b.VFU_REGION_FLAG_READ if spec.readable else 0) | (
@@ -506,15 +236,15 @@ class LibvfioUserDevice(DeviceContext):
                 flags |= b.VFU_REGION_FLAG_MEM
         elif spec.index == RegionIndex.ROM:
             flags |= b.VFU_REGION_FLAG_MEM
-        cb = self._keep(b.REGION_ACCESS_CB(self._trampoline(self._region_cb_for(spec))))
+        cb = self._cb.keep(b.REGION_ACCESS_CB(self._cb.wrap(self._region_cb_for(spec))))
         areas = None
         nr = 0
         if spec.fd is not None and spec.mmap_areas:
             nr = len(spec.mmap_areas)
             arr = (b.Iovec * nr)(*(b.Iovec(a.offset, a.size) for a in spec.mmap_areas))
-            areas = self._keep(arr)
+            areas = self._cb.keep(arr)
         fd = spec.fd if spec.fd is not None else -1
-        _check(
+        b.check(
             self.lib.vfu_setup_region(
                 ctx,
                 spec.index,
@@ -529,46 +259,7 @@ class LibvfioUserDevice(DeviceContext):
             f"vfu_setup_region({spec.index})",
         )
 
-    # ------------------------------------------------------------ trampolines
-
-    def _trampoline(self, fn: Callable[..., Any], *, void: bool = False) -> Callable[..., Any]:
-        """Wrap a callback for C: nothing escapes; errors become errno (see module doc)."""
-
-        def tramp(*args: Any) -> Any:
-            try:
-                return fn(*args)
-            except (DeviceError, DmaError, OSError) as exc:
-                err = errno_of(exc)
-                log.warning(
-                    "%s: %s failed: %s (errno %d)",
-                    self.name,
-                    getattr(fn, "__name__", "callback"),
-                    exc,
-                    err,
-                )
-            except BaseException as exc:
-                err = errno.EIO
-                self._errors.append(exc)
-            ctypes.set_errno(err)
-            return None if void else -1
-
-        return tramp
-
-    def _raise_errors(self) -> None:
-        """Re-raise what a callback caught, now that the C call has returned."""
-        if not self._errors:
-            return
-        errors, self._errors = self._errors, []
-        for extra in errors[1:]:
-            log.error("%s: further callback error", self.name, exc_info=extra)
-        raise errors[0]
-
-    def _on_log(self, _ctx: int, level: int, msg: bytes | None) -> None:
-        try:
-            text = (msg or b"").decode(errors="replace")
-            lib_log.log(_SYSLOG_TO_LOGGING.get(level, logging.DEBUG), "%s: %s", self.name, text)
-        except BaseException as exc:  # a log line must never unwind into C
-            self._errors.append(exc)
+    # ------------------------------------------------------------ callbacks (wrapped)
 
     def _region_cb_for(self, spec: RegionSpec) -> Callable[..., int]:
         index, size, model = spec.index, spec.size, self.model
@@ -594,7 +285,7 @@ class LibvfioUserDevice(DeviceContext):
 
     def _irq_state_for(self, index: int) -> Callable[..., None]:
         def irq_state(_ctx: int, start: int, count: int, mask: bool) -> None:
-            for v in self._irq.on_state(index, start, count, mask):
+            for _, v in self._irq.set_masked(index, range(start, start + count), mask):
                 self.model.irq_unmasked(index, v)
 
         irq_state.__name__ = f"irq{index}_state"
@@ -628,7 +319,7 @@ class LibvfioUserDevice(DeviceContext):
             ctypes.set_errno(errno.EBUSY)
             return -1
         except BaseException as exc:
-            self._errors.append(exc)
+            self._cb.errors.append(exc)
             ctypes.set_errno(errno.EIO)
             return -1
 
@@ -677,7 +368,7 @@ class LibvfioUserDevice(DeviceContext):
         await trio.lowlevel.wait_readable(self._listen_fd)
         async with self.lock:
             ret, err = await self._attach_in_thread()
-            self._raise_errors()
+            self._cb.raise_errors()
         if ret < 0:
             if err not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 log.warning("%s: attach failed: %s", self.name, os.strerror(err))
@@ -687,7 +378,7 @@ class LibvfioUserDevice(DeviceContext):
         await nursery.start(self.tasks.run)
         self.attached = True
         self.clients += 1
-        self._irq.clear()
+        self._irq.close()
         self.model.attach(self)
         log.info("%s: client attached (libvfio-user)", self.name)
         return True
@@ -741,7 +432,7 @@ class LibvfioUserDevice(DeviceContext):
         assert self._ctx is not None
         # The poll fd changes at attach; wait on our own duplicate so that the library
         # closing its descriptor can never leave trio watching a recycled number.
-        wait_fd = os.dup(_check(self.lib.vfu_get_poll_fd(self._ctx), "vfu_get_poll_fd"))
+        wait_fd = os.dup(b.check(self.lib.vfu_get_poll_fd(self._ctx), "vfu_get_poll_fd"))
         # one poll() instead of a scheduler round while trio is idle (see idlewait)
         waiter = IdleWaiter(wait_fd)
         try:
@@ -766,7 +457,7 @@ class LibvfioUserDevice(DeviceContext):
         while True:
             ret = self.lib.vfu_run_ctx(self._ctx)
             err = ctypes.get_errno() if ret < 0 else 0
-            self._raise_errors()
+            self._cb.raise_errors()
             if ret > 0:
                 continue
             if ret == 0:
@@ -774,7 +465,7 @@ class LibvfioUserDevice(DeviceContext):
             if err == errno.EBUSY and self._quiesce_done is not None:
                 await self._quiesce_done.wait()
                 self._quiesce_done = None
-                self._raise_errors()
+                self._cb.raise_errors()
                 continue
             if err == errno.ENOTCONN:
                 log.info("%s: client left", self.name)
@@ -789,7 +480,7 @@ class LibvfioUserDevice(DeviceContext):
         await self.tasks.close()
         self.attached = False
         self._dma.clear()
-        self._irq.clear()
+        self._irq.close()
         try:
             self.model.detach()
         except Exception:
@@ -816,9 +507,9 @@ class LibvfioUserDevice(DeviceContext):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         try:
-            self._raise_errors()
+            self._cb.raise_errors()
         except Exception:
             log.exception("%s: error in a callback during destroy", self.name)
 
 
-__all__ = ["QUIESCE_GRACE", "EngineError", "LibvfioUserDevice", "VfuDma", "VfuIrq"]
+__all__ = ["QUIESCE_GRACE", "LibvfioUserDevice"]
