@@ -13,6 +13,7 @@ import shlex
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,23 @@ class ConfigError(ValueError):
     """The configuration file is missing, malformed, or names something it does not define."""
 
 
+#: where the wheel installs the repository's ``qemu-configs/`` (pyproject.toml, force-include)
+PACKAGE_DATA = "data"
+
+
 def configs_dir() -> Path:
-    """``$VFIOUSER_SRV_QEMU_CONFIGS`` or the repository's ``qemu-configs/`` folder."""
+    """The ``qemu-configs/`` folder: ``$VFIOUSER_SRV_QEMU_CONFIGS``, else the installed
+    package data (``vfiouser_srv/qemu/data/`` in a wheel), else the checkout's top level.
+
+    One loader for both layouts: the folder stays at the top of the repository (an editable
+    install and ``make`` use it there) and the wheel carries a copy as package data.
+    """
     env = os.environ.get("VFIOUSER_SRV_QEMU_CONFIGS")
     if env:
         return Path(env)
+    packaged = resources.files(__package__ or "vfiouser_srv.qemu") / PACKAGE_DATA
+    if packaged.is_dir() and isinstance(packaged, Path):  # a wheel unpacked by an installer
+        return packaged
     return Path(__file__).resolve().parents[2] / "qemu-configs"
 
 
