@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -62,6 +63,18 @@ class DeviceError(Exception):
     def __init__(self, errno: int, message: str = "") -> None:
         super().__init__(message or f"device error errno={errno}")
         self.errno = errno
+
+
+class StateError(DeviceError):
+    """A device state that cannot be loaded (foreign, corrupt, truncated, another version,
+    another configuration); the message says what and where. The device is untouched."""
+
+    def __init__(self, message_or_errno: str | int, message: str = "") -> None:
+        # StateError("why") or, like DeviceError, StateError(errno.EINVAL, "why")
+        if isinstance(message_or_errno, str):
+            super().__init__(errno.EINVAL, message_or_errno)
+        else:
+            super().__init__(message_or_errno, message)
 
 
 @dataclass(frozen=True)
@@ -259,6 +272,10 @@ class DeviceModel:
     #: whether DEVICE_GET_INFO advertises VFIO_DEVICE_FLAGS_RESET
     supports_reset: ClassVar[bool] = True
 
+    #: version of the layout `save_state` writes; 0 means the model cannot save its state
+    #: (engines then refuse migration and take-over with ENOTSUP). docs/device-state.md
+    state_version: ClassVar[int] = 0
+
     #: set by `attach`, cleared by `detach`
     ctx: DeviceContext | None = None
 
@@ -294,3 +311,28 @@ class DeviceModel:
 
     def close(self) -> None:
         """The server is shutting down or the device was hot-removed: free backends/fds."""
+
+    # ------------------------------------------------------------------ device state
+
+    async def quiesce(self) -> None:
+        """Before `save_state`, with the device attached: stop starting new work and wait
+        for the work in flight to finish. The engine bounds the wait and cancels what is
+        left; a model must keep such work in its state (docs/device-state.md)."""
+
+    def resume(self) -> None:
+        """Undo `quiesce` when no state change follows (a take-over or migration was
+        abandoned). `load_state`, `reset` and a new `attach` end a quiesce as well."""
+
+    def save_state(self) -> bytes:
+        """The complete device state, self-describing (magic, model name, state_version,
+        payload; docs/device-state.md). Does not change the device."""
+        raise DeviceError(errno.ENOTSUP, f"{self.name or type(self).__name__} cannot save "
+                          "its state")
+
+    def load_state(self, data: bytes) -> None:
+        """Replace the device's state with `data` from `save_state`. Raises StateError and
+        leaves the device untouched if `data` is foreign, corrupt, truncated, of another
+        version or configuration. Works detached (take-over) and attached (migration
+        destination): work the state carries restarts now if attached, else on attach."""
+        raise DeviceError(errno.ENOTSUP, f"{self.name or type(self).__name__} cannot load "
+                          "a state")

@@ -236,6 +236,14 @@ class MsixTable:
         for base in range(0, self.size, MsixCap.ENTRY_SIZE):
             self._data[base + MsixCap.ENTRY_CTRL] = MsixCap.ENTRY_CTRL_MASKED
 
+    def snapshot(self) -> bytes:
+        return bytes(self._data)
+
+    def restore(self, image: bytes) -> None:
+        if len(image) != self.size:
+            raise ValueError(f"MSI-X table image of {len(image)} bytes, expected {self.size}")
+        self._data[:] = image
+
     def entry(self, vector: int) -> tuple[int, int, bool]:
         """(address, data, masked) of one vector."""
         base = vector * MsixCap.ENTRY_SIZE

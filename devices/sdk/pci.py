@@ -32,7 +32,7 @@ import errno
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from . import config as cfg
 from .bars import Bar, BarHandler, BarKind, CallbackHandler, Rom, SharedMemory, Trap
@@ -49,7 +49,18 @@ from .interface import (
     RegionSpec,
 )
 from .msi import MsiCap, MsixCap
+from .pci_state import check_pci, save_pci
 from .regs import RegisterBank
+from .state import (
+    Apply,
+    Record,
+    StateField,
+    Value,
+    pack_state,
+    prepare_fields,
+    save_fields,
+    unpack_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +104,8 @@ class PciDevice(DeviceModel):
     identity: PciIdentity
     #: 0 for no INTx, 1..4 for INTA#..INTD#
     interrupt_pin: int = INTA
+    #: model attributes saved and loaded with the device state (docs/device-state.md)
+    state_fields: ClassVar[tuple[StateField, ...]] = ()
 
     def __init__(
         self,
@@ -147,6 +160,8 @@ class PciDevice(DeviceModel):
 
         self._intx_level = False
         self._intx_out = False
+        #: MSI-X vectors a loaded state had pending, raised again once a client is attached
+        self._replay_pending: list[int] = []
 
     # ------------------------------------------------------------------ building
 
@@ -285,6 +300,7 @@ class PciDevice(DeviceModel):
         super().attach(ctx)
         self._intx_out = False
         self._drive_intx()
+        self._replay_msix_pending()
 
     def reset(self) -> None:
         """Function-level reset: config space, banks, MSI-X table and memory to power-on.
@@ -293,6 +309,7 @@ class PciDevice(DeviceModel):
         model's own state.
         """
         self._set_intx_level(False)
+        self._replay_pending = []
         self.config.restore(self._power_on_config)
         if self.msix is not None:
             self.msix.table.reset()
@@ -308,6 +325,69 @@ class PciDevice(DeviceModel):
 
     def on_reset(self) -> None:
         """Subclass hook: put model state (beyond config space and banks) to power-on."""
+
+    # ------------------------------------------------------------------ device state
+
+    def save_state(self) -> bytes:
+        """Config space, BAR banks and shared memory, MSI-X table and pending bits, INTx
+        (automatic), then `state_fields`, then `save_model_state()`."""
+        if not self.state_version:
+            return super().save_state()
+        pending = list(self._replay_pending)
+        if self.ctx is not None and self.msix is not None:
+            pending = [v for v in range(self.msix.vectors)
+                       if self.ctx.irq.pending(IrqIndex.MSIX, v)]
+        payload: dict[str, Value] = {
+            "pci": save_pci(self.config, self._power_on_config, self.bars, self._traps,
+                            self.msix, self._intx_level, pending),
+            "fields": save_fields(self, self.state_fields),
+            "model": self.save_model_state(),
+        }
+        return pack_state(self.name, self.state_version, payload)
+
+    def load_state(self, data: bytes) -> None:
+        """Check every part (`check_pci`, the fields, `prepare_model_state`) and refuse
+        fields nobody read, then apply them all: a StateError leaves the device as it was."""
+        if not self.state_version:
+            super().load_state(data)
+            return
+        root = Record(unpack_state(data, self.name, self.state_version), "")
+        image = check_pci(root.record("pci"), self.config, self._power_on_config, self.bars,
+                          self._traps, self.msix)
+        fields = prepare_fields(self, self.state_fields, root.record("fields"))
+        model = self.prepare_model_state(root.record("model"))
+        root.check_consumed()
+        image.apply(self.config, self.msix)
+        self._set_intx_level(image.intx)
+        self._replay_pending = image.msix_pending
+        fields()
+        model()
+        self._replay_msix_pending()
+        self.state_loaded()
+
+    def save_model_state(self) -> dict[str, Value]:
+        """Subclass hook: state `state_fields` cannot express (queues, in-flight work)."""
+        return {}
+
+    def prepare_model_state(self, rec: Record) -> Apply:
+        """Subclass hook: read and check everything `save_model_state` wrote (raise
+        `rec.fail(...)` on anything wrong) and return a step that only assigns it."""
+        return lambda: None
+
+    def state_loaded(self) -> None:
+        """Subclass hook, after a load was applied: restart carried work if attached
+        (`self.ctx`), else remember to do it in `attach`."""
+
+    def _replay_msix_pending(self) -> None:
+        """A pending bit of the saved device lives in the engine, which may not have it:
+        raising the vector again sets it there (masked) or delivers it (unmasked), which
+        is what the pending interrupt would have done."""
+        if self.ctx is None or not self._replay_pending:
+            return
+        vectors, self._replay_pending = self._replay_pending, []
+        for vector in vectors:
+            if not self.ctx.irq.pending(IrqIndex.MSIX, vector):
+                self.ctx.irq.trigger(IrqIndex.MSIX, vector)
 
     def close(self) -> None:
         for bar in self.bars.values():

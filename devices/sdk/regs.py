@@ -153,6 +153,16 @@ class RegisterBank:
         for reg in self._ordered:
             set_le(self._data, reg.offset, reg.size, reg.reset_value)
 
+    def snapshot(self) -> bytes:
+        """Every register's current value, as the bank's bytes (for device state)."""
+        return bytes(self._data)
+
+    def restore(self, image: bytes) -> None:
+        """Put back a `snapshot` of a bank of the same layout (hooks are not called)."""
+        if len(image) != self.size:
+            raise ValueError(f"bank image of {len(image)} bytes for a {self.size}-byte bank")
+        self._data[:] = image
+
     # --- device side (no masks: hardware may change any bit) ---
 
     def __getitem__(self, name: str) -> int:
