@@ -30,15 +30,20 @@ import enum
 import logging
 from collections.abc import Callable
 
+import trio
+
 from devices.sdk import (
     INTA,
     Bar,
+    Blob,
     CallbackHandler,
+    DeviceContext,
     DmaError,
     MsiCap,
     OptionSpec,
     PciDevice,
     PciIdentity,
+    UInt,
 )
 
 log = logging.getLogger(__name__)
@@ -120,6 +125,21 @@ class Edu(PciDevice):
         subsystem_id=SUBSYSTEM_ID_QEMU,
     )
     interrupt_pin = INTA
+    # Device state (docs/device-state.md): every register and the DMA buffer. A DMA whose
+    # start bit is set in a saved state had not finished; it runs again after the load.
+    state_version = 1
+    state_fields = (
+        UInt("dma_mask", 64, match=True),
+        UInt("liveness", 32),
+        UInt("fact", 32),
+        UInt("status", 32, convert=StatusBit),
+        UInt("irq_status", 32),
+        UInt("dma_src", 64),
+        UInt("dma_dst", 64),
+        UInt("dma_cnt", 64),
+        UInt("dma_cmd", 64),
+        Blob("dma_buf"),
+    )
 
     def __init__(self, dma_mask: int = DEFAULT_DMA_MASK) -> None:
         if not 0 < dma_mask <= U64:
@@ -143,6 +163,10 @@ class Edu(PciDevice):
             Reg.DMA_CNT: lambda: self.dma_cnt,
             Reg.DMA_CMD: lambda: self.dma_cmd,
         }
+        #: quiesce: a DMA command is recorded (start bit set) but not started
+        self._quiescing = False
+        self._dma_running = False
+        self._dma_done = trio.Event()
         self.on_reset()
 
     def on_reset(self) -> None:
@@ -155,6 +179,45 @@ class Edu(PciDevice):
         self.dma_cnt = 0
         self.dma_cmd = 0
         self.dma_buf[:] = bytes(DMA_SIZE)
+        self._quiescing = False
+
+    # ------------------------------------------------------------------ device state
+
+    async def quiesce(self) -> None:
+        """Let a running DMA finish; a DMA started from now on waits in the state."""
+        self._quiescing = True
+        while self._dma_running:
+            await self._dma_done.wait()
+
+    def resume(self) -> None:
+        self._quiescing = False
+        self._restart_dma()
+
+    def state_loaded(self) -> None:
+        self._quiescing = False
+        self._restart_dma()
+
+    def attach(self, ctx: DeviceContext) -> None:
+        super().attach(ctx)
+        self._quiescing = False
+        self._restart_dma()
+
+    def _restart_dma(self) -> None:
+        """A start bit with no DMA running: a command the state carried (or one held back
+        by quiesce); run it now if a client is attached, else on attach."""
+        if self.ctx is not None and self.dma_cmd & DmaCmd.RUN and not self._dma_running:
+            self._launch_dma()
+
+    def _launch_dma(self) -> None:
+        assert self.ctx is not None
+        self._dma_running = True
+        self._dma_done = trio.Event()
+        try:
+            self.ctx.start_task(self._run_dma, name="edu-dma")
+        except BaseException:
+            self._dma_running = False
+            self._dma_done.set()
+            raise
 
     # ------------------------------------------------------------------ MMIO
 
@@ -248,7 +311,8 @@ class Edu(PciDevice):
             log.warning("edu: DMA command with no client attached, ignored")
             return
         self.dma_cmd = value
-        self.ctx.start_task(self._run_dma, name="edu-dma")
+        if not self._quiescing:
+            self._launch_dma()
 
     async def _run_dma(self) -> None:
         cmd, count = self.dma_cmd, self.dma_cnt
@@ -274,6 +338,11 @@ class Edu(PciDevice):
             log.warning("edu: DMA failed (%s); no data moved", exc)
             completed = True
         finally:
-            self.dma_cmd &= ~DmaCmd.RUN
+            # Cancelled while quiescing: the start bit stays, so the saved state carries
+            # the command and it runs again after the load (or `resume`).
+            if completed or not self._quiescing:
+                self.dma_cmd &= ~DmaCmd.RUN
+            self._dma_running = False
+            self._dma_done.set()
         if completed and cmd & DmaCmd.IRQ:
             self._raise(IrqBit.DMA)

@@ -31,7 +31,21 @@ SET_FEATURES_SAVE = 1 << 31
 class AdminCommands(WorkerCore):
     """The admin queue's commands, on the worker's state."""
 
-    async def _admin(self, sq: SubmissionQueue, cmd: Command) -> None:
+    async def _admin(self, sq: SubmissionQueue, cmd: Command, token: int) -> None:
+        """Run one admin command; `token` is its `carried` entry, dropped once its
+        completion is posted (an entry with an outcome only posts it)."""
+        item = self.carried.get(token)
+        if item is not None and item.outcome is not None:
+            outcome: Outcome | None = item.outcome
+        else:
+            outcome = await self._run_admin(cmd)
+            if item is not None and outcome is not None:
+                item.outcome = outcome
+        if outcome is not None and self.sqs.get(0) is sq:
+            await self._complete_or_log(sq, cmd.cid, outcome[0], outcome[1])
+        self.carried.pop(token, None)
+
+    async def _run_admin(self, cmd: Command) -> Outcome | None:
         handler = self._admin_handlers.get(cmd.opcode)
         outcome: Outcome | None
         try:
@@ -46,8 +60,7 @@ class AdminCommands(WorkerCore):
         except DmaError as exc:
             log.warning("nvme: admin %#x cid %d: DMA failed: %s", cmd.opcode, cmd.cid, exc)
             outcome = (Status.DATA_TRANSFER_ERROR, 0)
-        if outcome is not None and self.sqs.get(0) is sq:
-            await self._complete_or_log(sq, cmd.cid, outcome[0], outcome[1])
+        return outcome
 
     async def _identify(self, cmd: Command) -> Outcome:
         cns = cmd.cdw10 & 0xFF

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -39,6 +40,19 @@ log = logging.getLogger(__name__)
 #: statuses a retry might fix (everything else completes with Do Not Retry)
 _RETRYABLE = frozenset({Status.SUCCESS, Status.ABORTED_BY_REQUEST, Status.ABORTED_SQ_DELETION,
                         Status.NAMESPACE_NOT_READY})
+
+
+@dataclass
+class Carried:
+    """A command fetched from its SQ and not yet completed: kept on the worker, not in its
+    task, so a command whose task the engine cancels (quiesce past its grace, disconnect)
+    is not lost but runs again, or only posts its completion once `outcome` is known,
+    when the worker next runs (also after a state load: it is part of the state)."""
+
+    sqid: int
+    cmd: Command
+    #: (status, DW0) once the command has executed
+    outcome: tuple[int, int] | None = None
 
 
 def default_features(max_queues: int) -> dict[int, int]:
@@ -70,6 +84,12 @@ class WorkerCore:
         self.max_transfer = (1 << info.mdts) * 4096 if info.mdts else 1 << 30
         self.smart = idf.SmartCounters()
         self.running = False
+        #: quiesce: no new commands are fetched (docs/device-state.md)
+        self.quiescing = False
+        #: the worker task is inside `_step` (not parked waiting for a wake-up)
+        self.stepping = False
+        #: a loaded state wants the worker started once a client is attached
+        self.restart_on_attach = False
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.power_on()
@@ -82,6 +102,8 @@ class WorkerCore:
         self.reset_pending = False
         self.shutdown_pending = False
         self.enabled = False
+        self.quiescing = False
+        self.restart_on_attach = False
         self._controller_state()
 
     def _controller_state(self) -> None:
@@ -95,6 +117,31 @@ class WorkerCore:
         self._inflight: dict[trio.CancelScope, int] = {}
         self._inflight_changed = trio.Event()
         self._cq_space: dict[int, trio.Event] = {}
+        self.carried: dict[int, Carried] = {}
+        #: `carried` holds commands of tasks that are gone (set at worker start and load)
+        self.rerun_carried = False
+        self.next_token = 0
+
+    def carry(self, sqid: int, cmd: Command) -> int:
+        """Record a fetched command until its completion is posted; returns its token."""
+        self.next_token += 1
+        self.carried[self.next_token] = Carried(sqid, cmd)
+        return self.next_token
+
+    # ------------------------------------------------------------------ quiesce
+
+    async def quiesce(self) -> None:
+        """Stop fetching, let the worker park and every command in flight complete, then
+        flush the backends. Polled (1 ms): quiesce is rare, and the worker and its I/O
+        tasks each end on their own schedule."""
+        self.quiescing = True
+        while self.stepping or self._inflight:
+            await trio.sleep(0.001)
+        await self._flush_all()
+
+    def resume(self) -> None:
+        self.quiescing = False
+        self.kick()
 
     # ------------------------------------------------------------------ register side (sync)
 

@@ -39,17 +39,23 @@ FUA = 1 << 30
 class IoCommands(WorkerCore):
     """The I/O queues' commands, on the worker's state."""
 
-    def _start_io(self, sq: SubmissionQueue, cmd: Command) -> None:
+    def _start_io(self, sq: SubmissionQueue, cmd: Command, token: int) -> None:
+        """Run one I/O command in its own task; `token` is its `carried` entry."""
         assert self._nursery is not None
         scope = trio.CancelScope()
         self._inflight[scope] = sq.qid
-        self._nursery.start_soon(self._io_task, sq, cmd, scope)
+        self._nursery.start_soon(self._io_task, sq, cmd, scope, token)
 
-    async def _io_task(self, sq: SubmissionQueue, cmd: Command, scope: trio.CancelScope) -> None:
+    async def _io_task(self, sq: SubmissionQueue, cmd: Command, scope: trio.CancelScope,
+                       token: int) -> None:
+        item = self.carried.get(token)
         try:
             with scope:
                 try:
-                    status, result = await self._io(cmd)
+                    if item is not None and item.outcome is not None:
+                        status, result = item.outcome  # executed before; post it only
+                    else:
+                        status, result = await self._io(cmd)
                 except CommandError as exc:
                     status, result = exc.status, 0
                 except PrpError as exc:
@@ -64,8 +70,13 @@ class IoCommands(WorkerCore):
                     result = 0
                 if scope.cancel_called:
                     return  # controller reset: the command is aborted without a completion
+                if item is not None:
+                    item.outcome = (status, result)
                 await self._complete_or_log(sq, cmd.cid, status, result)
+                self.carried.pop(token, None)
         finally:
+            if scope.cancel_called:
+                self.carried.pop(token, None)
             del self._inflight[scope]
             changed, self._inflight_changed = self._inflight_changed, trio.Event()
             changed.set()

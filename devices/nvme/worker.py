@@ -48,15 +48,23 @@ class Worker(AdminCommands, IoCommands):
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                # A new task: whatever is still carried belongs to tasks that are gone.
+                self.rerun_carried = True
                 while True:
                     self._wake = trio.Event()
-                    await self._step()
+                    self.stepping = True
+                    try:
+                        await self._step()
+                    finally:
+                        self.stepping = False
                     await self._wake.wait()
         finally:
             self._nursery = None
             self.running = False
 
     async def _step(self) -> None:
+        if self.quiescing:
+            return  # requests and submissions wait (in the state) until resume or a load
         if self.reset_pending:
             self.reset_pending = False
             await self._disable()
@@ -65,8 +73,24 @@ class Worker(AdminCommands, IoCommands):
         if self.shutdown_pending:
             self.shutdown_pending = False
             await self._shutdown()
+        if self.enabled and self.rerun_carried:
+            self.rerun_carried = False
+            await self._rerun_carried()
         if self.enabled:
             await self._service()
+
+    async def _rerun_carried(self) -> None:
+        """Commands an earlier task left unfinished (cancelled by the engine, or loaded
+        with a state): post the completion if they had executed, else execute them again
+        (reads, writes, flushes and deallocations are idempotent)."""
+        for token, item in sorted(self.carried.items()):
+            sq = self.sqs.get(item.sqid)
+            if sq is None:
+                del self.carried[token]
+            elif item.sqid == 0:
+                await self._admin(sq, item.cmd, token)
+            else:
+                self._start_io(sq, item.cmd, token)
 
     def _enable(self) -> None:
         cc = self.dev.cc_fields()
@@ -113,7 +137,7 @@ class Worker(AdminCommands, IoCommands):
 
     async def _service(self) -> None:
         progress = True
-        while progress and self.enabled:
+        while progress and self.enabled and not self.quiescing:
             progress = False
             for qid in sorted(self.sqs):
                 sq = self.sqs.get(qid)
@@ -135,7 +159,7 @@ class Worker(AdminCommands, IoCommands):
     async def _drain_sq(self, sq: SubmissionQueue) -> bool:
         """Fetch and start everything `sq` holds; True if anything was found."""
         found = False
-        while True:
+        while not self.quiescing:
             if sq.shadow_db is not None:
                 await self._refresh_sq_tail(sq)
             if not sq.pending:
@@ -152,13 +176,16 @@ class Worker(AdminCommands, IoCommands):
                 raw = await self._read_guest(addr, count * SQE.size)
                 cmds = [Command.decode(raw, i * SQE.size) for i in range(count)]
                 sq.advance(count)
-                for cmd in cmds:
+                # Carried from the moment they leave the ring (see `core.Carried`).
+                tokens = [self.carry(sq.qid, cmd) for cmd in cmds]
+                for cmd, token in zip(cmds, tokens, strict=True):
                     if sq.qid == 0:
-                        await self._admin(sq, cmd)
+                        await self._admin(sq, cmd, token)
                         if not self.enabled or self.sqs.get(0) is not sq:
                             return found
                     else:
-                        self._start_io(sq, cmd)
+                        self._start_io(sq, cmd, token)
             if self.sqs.get(sq.qid) is not sq:
                 return found
+        return found
 
