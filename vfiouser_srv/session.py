@@ -78,6 +78,23 @@ _BIG_REPLY = 64 << 10
 OUTPUT_DRAIN_TIMEOUT = 1.0
 
 
+class Pause:
+    """A live upgrade holding sessions at a message boundary (`vfiouser_srv.takeover`).
+
+    Each session it is given to (`Session.request_pause`) stops reading once it has answered
+    everything complete it received and its outbox is empty, counts itself in `parked` and
+    waits for `done`: then it either serves on (`handed_over` False) or ends without sending
+    or detaching anything the next process now owns.
+    """
+
+    def __init__(self) -> None:
+        self.parked = 0
+        #: set (and replaced) whenever a session parks or ends, for the waiting taker
+        self.changed = trio.Event()
+        self.done = trio.Event()
+        self.handed_over = False
+
+
 class Session(DeviceContext):
     """A connection to a device; also the `DeviceContext` its model sees."""
 
@@ -115,6 +132,10 @@ class Session(DeviceContext):
         self._forced = False
         self._scope = trio.CancelScope()
         self._verbose = False
+        #: a live upgrade asked this session to stop at a message boundary
+        self.pause: Pause | None = None
+        #: the read loop's wait for the next read, cancelled by `request_pause`
+        self._waiting: trio.CancelScope | None = None
 
     # ------------------------------------------------------------ DeviceContext
 
@@ -132,8 +153,11 @@ class Session(DeviceContext):
 
     # ------------------------------------------------------------ attach / detach
 
-    def attach(self, caps: Capabilities) -> None:
-        """VERSION succeeded: claim the group, set up DMA and IRQs, hand the model a ctx."""
+    def attach(self, caps: Capabilities, *, model: bool = True) -> None:
+        """VERSION succeeded: claim the group, set up DMA and IRQs, hand the model a ctx.
+
+        A session restored by a live upgrade attaches with `model=False`: its windows and
+        eventfds are filled in first, and the model gets its ctx when the session runs."""
         group = self.device.group
         group.claim(self.client, self.device)
         self.device.session = self
@@ -145,7 +169,8 @@ class Session(DeviceContext):
         self.regions = Regions(self.host.region_specs(self.device), caps.max_data_xfer_size)
         self.attached = self.attached_once = True
         self._scope.deadline = float("inf")
-        self.model.attach(self)
+        if model:
+            self.model.attach(self)
         log.info("%s: attached (caps %s)", self.name, caps.to_json())
 
     async def detach(self) -> None:
@@ -191,6 +216,29 @@ class Session(DeviceContext):
     def closing(self) -> bool:
         return self._close_requested or self.outbox.broken
 
+    def request_pause(self, pause: Pause) -> None:
+        """Live upgrade: stop at the next message boundary (see `Pause`)."""
+        self.pause = pause
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    async def _park(self, pause: Pause) -> bool:
+        """Wait out a pause; True when the connection was handed over (end quietly)."""
+        await self.outbox.drain(OUTPUT_DRAIN_TIMEOUT)
+        if self.outbox.pending:
+            return False  # the peer is not reading: no handover (the taker times out)
+        pause.parked += 1
+        pause.changed.set()
+        try:
+            await pause.done.wait()
+        finally:
+            pause.parked -= 1
+        if pause.handed_over:
+            log.info("%s: handed over to the next process", self.name)
+            return True
+        self.pause = None
+        return False
+
     # ------------------------------------------------------------ the connection's life
 
     async def run(self) -> None:
@@ -198,7 +246,8 @@ class Session(DeviceContext):
         # deadline): one that connects and says nothing, or trickles bytes, must not hold a
         # connection slot (and, for an owned group, block its owner) forever.
         timeout = self.host.limits.version_timeout
-        self._scope.deadline = trio.current_time() + timeout
+        if not self.attached:  # else restored by a live upgrade, long past VERSION
+            self._scope.deadline = trio.current_time() + timeout
         try:
             with self._scope:
                 await self._run()
@@ -208,6 +257,8 @@ class Session(DeviceContext):
                 )
         finally:
             self.closed = True
+            if self.pause is not None:
+                self.pause.changed.set()
             self.requests.fail_all()
             close_all(self.conn.close())
             self.stream.close()
@@ -221,6 +272,8 @@ class Session(DeviceContext):
         async with trio.open_nursery() as nursery:
             await nursery.start(self.tasks.run)
             await nursery.start(self.outbox.run)
+            if self.attached:  # restored by a live upgrade: the model gets its ctx now
+                self.model.attach(self)
             try:
                 await self._read_loop()
                 # Whatever was answered goes out before the connection closes (e.g. the
@@ -240,10 +293,21 @@ class Session(DeviceContext):
         out: list[bytes] = []
         try:
             while not self.closing:
+                pause = self.pause
+                if pause is not None and self.conn._decoder.idle:  # a message boundary
+                    if await self._park(pause):
+                        return
+                    continue
                 got = None if verbose else self._serve_serial()
                 if got is None:
                     got = receive_now()
-                data, fds = got if got is not None else await stream.receive_view()
+                if got is None:
+                    with trio.CancelScope() as self._waiting:
+                        got = await stream.receive_view()
+                    self._waiting = None
+                    if got is None:  # woken by `request_pause`
+                        continue
+                data, fds = got
                 if not data:
                     close_all(fds)
                     log.info("%s: client closed the connection", self.name)
@@ -350,7 +414,7 @@ class Session(DeviceContext):
                     if sent != len(reply):
                         outbox.send(reply[sent:])
                         return None
-                if self.closing:
+                if self._close_requested:
                     return None
             return None
         finally:
@@ -379,4 +443,4 @@ class Session(DeviceContext):
                 out.append(rejection)
 
 
-__all__ = ["OUTPUT_DRAIN_TIMEOUT", "REPLY_BATCH", "Session"]
+__all__ = ["OUTPUT_DRAIN_TIMEOUT", "REPLY_BATCH", "Pause", "Session"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import trio
@@ -63,13 +63,7 @@ class SessionDma:
         return c
 
     def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
-        pieces = list(self.container.spans(address, size, write))
-        if len(pieces) != 1:
-            return None if pieces else memoryview(b"")
-        w, off, n = pieces[0]
-        if w.view is None:
-            return None
-        return w.view[off : off + n]
+        return self.container.view(address, size, write=write)
 
     @contextlib.contextmanager
     def pin(self, address: int, size: int, *, write: bool = False) -> Iterator[memoryview | None]:
@@ -83,10 +77,14 @@ class SessionDma:
         assert w.view is not None
         with container.pin(w):
             view = w.view[off : off + n]
+            if write:  # logged when taken and again when let go: a report may come between
+                _log_writes(container, ((address, size),))
             try:
                 yield view
             finally:
                 view.release()
+                if write:
+                    _log_writes(container, ((address, size),))
 
     @contextlib.contextmanager
     def pin_ranges(
@@ -111,7 +109,11 @@ class SessionDma:
                 with contextlib.ExitStack() as pins:
                     for w in windows.values():
                         pins.enter_context(container.pin(w))
+                    if write:
+                        _log_writes(container, ranges)
                     yield views
+                    if write:
+                        _log_writes(container, ranges)
                 return
         finally:
             for v in views:
@@ -119,36 +121,29 @@ class SessionDma:
         yield None
 
     async def read(self, address: int, size: int) -> bytes:
-        out = bytearray(size)
-        dst = memoryview(out)
-        pos = 0
-        for w, off, n in self.container.spans(address, size, False):
-            if w.view is not None:
-                dst[pos : pos + n] = w.view[off : off + n]
-            elif w.file is not None:
-                w.read_into(off, dst[pos : pos + n])
-            else:
-                dst[pos : pos + n] = await self._message(w.owner).dma_read(w.address + off, n)
-            pos += n
-        dst.release()
-        return bytes(out)
+        return await self.container.read(address, size, self._read_message)
 
     async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
-        mv = memoryview(data).cast("B")
-        pos = 0
-        for w, off, n in self.container.spans(address, len(mv), True):
-            if w.view is not None:
-                w.view[off : off + n] = mv[pos : pos + n]
-            elif w.file is not None:
-                w.write_from(off, mv[pos : pos + n])
-            else:
-                await self._message(w.owner).dma_write(w.address + off, mv[pos : pos + n])
-            pos += n
+        await self.container.write(address, data, self._write_message)
+
+    async def _read_message(self, w: DmaWindow, off: int, n: int) -> bytes:
+        return await self._message(w.owner).dma_read(w.address + off, n)
+
+    async def _write_message(self, w: DmaWindow, off: int, data: memoryview) -> None:
+        await self._message(w.owner).dma_write(w.address + off, data)
 
     def _message(self, owner: Any) -> DmaRequests:
         if not isinstance(owner, DmaRequests) or owner.closed:
             raise DmaError(errno.ENODEV, "the client that mapped this window is gone")
         return owner
+
+
+def _log_writes(container: Container, ranges: Iterable[tuple[int, int]]) -> None:
+    """The device writes these ranges of guest memory itself: dirty, while logging is on."""
+    dirty = container.dirty
+    if dirty is not None:
+        for address, size in ranges:
+            dirty.mark(address, size)
 
 
 class DmaRequests:

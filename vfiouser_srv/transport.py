@@ -57,6 +57,8 @@ RECV_SIZE = 16 << 10
 #: 2 * RECV_SIZE bytes of requests (about a millisecond of 4-byte MMIO reads).
 RECV_BUDGET = RECV_SIZE
 _READS_PER_CHECKPOINT = 64
+#: the descriptors of a read that carried none (shared: nobody appends to it)
+_NO_FDS: list[OwnedFd] = []
 
 
 class TransportError(Exception):
@@ -77,6 +79,9 @@ class FdStream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, usec))
         self.sock = sock
         self._fileno = sock.fileno()
+        # bound once: the serial loop pays for every attribute lookup (`receive_waiting`)
+        self._recvmsg_into = sock.recvmsg_into
+        self._send = sock.send
         #: The buffer is this stream's own. It once was one buffer per thread, shared by
         #: every connection, and a session that kept a view of it across a checkpoint
         #: (awaiting backpressure, then decoding the rest of the read) decoded bytes another
@@ -162,12 +167,12 @@ class FdStream:
         otherwise as `receive_view`. Not a checkpoint: the caller counts its reads
         (`count_reads`) and checkpoints when they are due."""
         try:
-            n, anc, flags, _addr = self.sock.recvmsg_into(self._iov, self._ancsize, RECV_FLAGS)
+            n, anc, flags, _addr = self._recvmsg_into(self._iov, self._ancsize, RECV_FLAGS)
         except OSError as exc:
             return self.read_failed(exc)
         if anc or flags & _MSG_CTRUNC:
             return self._chunk(n, anc, flags)
-        return self._view[:n], []
+        return self._view[:n], _NO_FDS
 
     def read_failed(self, exc: OSError) -> tuple[memoryview, list[OwnedFd]] | None:
         """What a failed non-blocking read means: None for EAGAIN (wait, then read:
@@ -248,7 +253,7 @@ class FdStream:
         if self.sending:
             return 0
         try:
-            return self._sendmsg(data, fds)
+            return self._sendmsg(data, fds) if fds else self._send(data, SEND_FLAGS)
         except BlockingIOError:
             return 0
         except (BrokenPipeError, ConnectionResetError) as exc:
