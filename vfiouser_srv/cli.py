@@ -360,11 +360,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_qemu(args: argparse.Namespace, rest: list[str]) -> int:
-    from .qemu import cli as qemu_cli
-
-    mains = {"setup": qemu_cli.setup_main, "run": qemu_cli.run_main, "docs": qemu_cli.docs_main}
-    return mains[args.qemu_command](rest)
+def cmd_qemu(args: argparse.Namespace) -> int:
+    return int(args.qemu_main(args))  # set by vfiouser_srv.qemu.cli.add_commands
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -451,7 +448,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose")
     sub.add_parser("devices", help="list device models and their options")
     q = sub.add_parser("qemu", help="provision and launch QEMU guests (see qemu-configs/)")
-    q.add_argument("qemu_command", choices=("setup", "run", "docs"))
+    from .qemu import cli as qemu_cli  # its subcommands' parsers, each with its own --help
+
+    qemu_cli.add_commands(q)
     return p
 
 
@@ -467,19 +466,21 @@ def setup_logging(verbose: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
-    args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "qemu":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     setup_logging(args.verbose + getattr(args, "sub_verbose", 0))
     try:
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "devices":
             return cmd_devices(args)
-        return cmd_qemu(args, rest)
+        return cmd_qemu(args)
     except (ConfigError, OptionError, ObjectError, EngineUnavailable) as exc:
         print(f"vfiouser-srv: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `vfiouser-srv devices | head`: the reader left, not an error of ours
+        from .qemu.cli import quiet_broken_pipe
+
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         return 130
 

@@ -1,4 +1,4 @@
-"""``python -m vfiouser_srv.qemu setup|run|configs|docs ...`` (same as ``vfiouser-srv qemu``)."""
+"""``python -m vfiouser_srv.qemu setup|run|docs ...`` (same as ``vfiouser-srv qemu``)."""
 
 from __future__ import annotations
 

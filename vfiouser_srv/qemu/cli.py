@@ -1,10 +1,16 @@
-"""Command-line entry points: ``setup_main(argv)`` and ``run_main(argv)`` return exit codes."""
+"""Command-line entry points: ``setup_main(argv)`` and ``run_main(argv)`` return exit codes.
+
+The parsers are built once, by :func:`add_commands`, for both front ends: ``vfiouser-srv qemu
+...`` (``vfiouser_srv.cli``) and ``python -m vfiouser_srv.qemu ...`` (:func:`main`), so each
+subcommand's ``--help`` is its own.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -13,15 +19,15 @@ from .configs import ConfigError, load_configs, readme_is_current, shell_line, u
 from .launcher import LaunchError, RunResult, run_config
 from .provision import ProvisionError, describe, find_qemu, provision
 
-__all__ = ["main", "run_main", "setup_main"]
+__all__ = ["add_commands", "docs_main", "main", "run_main", "setup_main"]
 
 
-def setup_main(argv: Sequence[str]) -> int:
-    """``qemu setup [--cache DIR] [--mirror URL] [--force]``: provision the cache."""
-    p = argparse.ArgumentParser(
-        prog="vfiouser-srv qemu setup",
-        description="Provision QEMU and the test guest into a cache.",
-    )
+SETUP_HELP = "provision QEMU and the test guest into a cache"
+RUN_HELP = "boot the test guest with a configuration and report what it saw"
+DOCS_HELP = "regenerate (or --check) qemu-configs/README.md from configs.toml"
+
+
+def _setup_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache", help="cache folder (default $VFIOUSER_SRV_CACHE or ~/.cache/vfiouser-srv)"
     )
@@ -30,7 +36,14 @@ def setup_main(argv: Sequence[str]) -> int:
         help="Debian mirror (default $VFIOUSER_SRV_DEBIAN_MIRROR or http://deb.debian.org/debian)",
     )
     p.add_argument("--force", action="store_true", help="rebuild everything")
-    args = p.parse_args(list(argv))
+
+
+def setup_main(argv: Sequence[str]) -> int:
+    """``qemu setup [--cache DIR] [--mirror URL] [--force]``: provision the cache."""
+    return _setup(_standalone("setup").parse_args(list(argv)))
+
+
+def _setup(args: argparse.Namespace) -> int:
     try:
         result = provision(
             args.cache,
@@ -46,12 +59,13 @@ def setup_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vfiouser-srv qemu run",
-        description="Boot the test guest with a configuration from qemu-configs/configs.toml "
-        "(starting our server when the configuration has one) and report what the guest saw.",
-    )
+RUN_DESCRIPTION = (
+    "Boot the test guest with a configuration from qemu-configs/configs.toml "
+    "(starting our server when the configuration has one) and report what the guest saw."
+)
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="configuration name (see --list)")
     p.add_argument("--list", action="store_true", help="list configurations and exit")
     p.add_argument("--show-command", action="store_true",
@@ -75,7 +89,6 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not echo the whole console")
     p.add_argument("--demo", action="store_true",
                    help="echo only what the guest saw (INFO/RESULT/STAGE lines)")
-    return p
 
 
 def _print_summary(res: RunResult) -> None:
@@ -86,7 +99,10 @@ def _print_summary(res: RunResult) -> None:
 
 def run_main(argv: Sequence[str]) -> int:
     """``qemu run CONFIG [options]``: exit 0 when the guest powered off after a passing test."""
-    args = _run_parser().parse_args(list(argv))
+    return _run(_standalone("run").parse_args(list(argv)))
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         cf = load_configs()
         if args.list or not args.config:
@@ -129,29 +145,92 @@ def run_main(argv: Sequence[str]) -> int:
     return 0 if run.guest.ok else 1
 
 
+def _docs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true",
+                   help="only check that the README is current (exit 1 if not)")
+
+
 def docs_main(argv: Sequence[str]) -> int:
     """``qemu docs [--check]``: regenerate (or check) qemu-configs/README.md from the TOML."""
-    cf = load_configs()
-    if "--check" in argv:
-        ok = readme_is_current(cf)
-        print("README up to date" if ok else "README out of date: run `python -m "
-              "vfiouser_srv.qemu docs`")
-        return 0 if ok else 1
-    print("README updated" if update_readme(cf) else "README already up to date")
+    return _docs(_standalone("docs").parse_args(list(argv)))
+
+
+def _docs(args: argparse.Namespace) -> int:
+    try:
+        cf = load_configs()
+        if args.check:
+            ok = readme_is_current(cf)
+            print("README up to date" if ok else "README out of date: run `python -m "
+                  "vfiouser_srv.qemu docs`")
+            return 0 if ok else 1
+        print("README updated" if update_readme(cf) else "README already up to date")
+    except (ConfigError, OSError) as exc:
+        print(f"docs failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-def main(argv: Sequence[str]) -> int:
-    """Dispatch ``setup`` / ``run``."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m vfiouser_srv.qemu {setup,run,docs} ...")
-        return 0 if argv else 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "setup":
-        return setup_main(rest)
-    if cmd == "run":
-        return run_main(rest)
-    if cmd == "docs":
-        return docs_main(rest)
-    print(f"unknown command {cmd!r}; expected setup, run or docs", file=sys.stderr)
-    return 2
+Command = tuple[str, str, str, Callable[[argparse.ArgumentParser], None],
+                Callable[[argparse.Namespace], int]]
+#: name, help, description, arguments, handler
+COMMANDS: tuple[Command, ...] = (
+    ("setup", SETUP_HELP, "Provision QEMU and the test guest into a cache "
+     "(idempotent; about a second when warm).", _setup_arguments, _setup),
+    ("run", RUN_HELP, RUN_DESCRIPTION, _run_arguments, _run),
+    ("docs", DOCS_HELP, "Regenerate (or check) the generated part of qemu-configs/README.md "
+     "from configs.toml.", _docs_arguments, _docs),
+)
+
+
+def add_commands(parent: argparse.ArgumentParser) -> None:
+    """Give ``parent`` the subcommands setup, run and docs; a parsed namespace's
+    ``qemu_main(args)`` runs the chosen one and returns its exit code."""
+    sub = parent.add_subparsers(dest="qemu_command", required=True, metavar="COMMAND")
+    for name, help_, description, arguments, handler in COMMANDS:
+        p = sub.add_parser(name, help=help_, description=description)
+        arguments(p)
+        p.set_defaults(qemu_main=handler)
+
+
+def _standalone(name: str) -> argparse.ArgumentParser:
+    for cmd, _help, description, arguments, _handler in COMMANDS:
+        if cmd == name:
+            p = argparse.ArgumentParser(prog=f"vfiouser-srv qemu {cmd}", description=description)
+            arguments(p)
+            return p
+    raise KeyError(name)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m vfiouser_srv.qemu``."""
+    p = argparse.ArgumentParser(
+        prog="python -m vfiouser_srv.qemu",
+        description="Provision and launch QEMU guests (same as `vfiouser-srv qemu`).",
+    )
+    add_commands(p)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vfiouser_srv.qemu {setup,run,docs} ...``."""
+    args = make_parser().parse_args(argv)
+    try:
+        return int(args.qemu_main(args))
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except KeyboardInterrupt:
+        return 130
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of our stdout went away (``... | head``): exit 1 without a traceback.
+
+    Python would otherwise report the error again when it flushes stdout at exit, so stdout
+    is pointed at /dev/null first (the recipe of the ``signal`` module's documentation).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return 1
