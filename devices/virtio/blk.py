@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import trio
 
-from devices.sdk import OptionSpec
+from devices.sdk import Apply, OptionSpec, Record, Value
+from devices.sdk.state import matches
 from devices.sdk.storage import BlockBackend, FileBackend, MemoryBackend
 
 from .transport import VirtioPciDevice
@@ -125,6 +126,8 @@ class VirtioBlk(VirtioPciDevice):
     )
     virtio_id = VIRTIO_ID_BLOCK
     class_code = CLASS_STORAGE_SCSI
+    #: transport and queues (`state.py`) plus `save_device_state` (docs/device-state.md)
+    state_version = 1
 
     def __init__(self, path: str = "", size: int = 0, readonly: bool = False, queues: int = 1,
                  queue_size: int = 256, serial: str = "") -> None:
@@ -194,6 +197,32 @@ class VirtioBlk(VirtioPciDevice):
 
     def on_virtio_reset(self) -> None:
         self.wce = 1
+
+    # ------------------------------------------------------------------ device state
+
+    async def quiesce(self) -> None:
+        """Requests in flight complete (workers stop between batches), then the backing
+        file is flushed, so whoever loads the state finds every completed write stable."""
+        await super().quiesce()
+        if self.backend.threaded:
+            await trio.to_thread.run_sync(self.backend.flush)
+        else:
+            self.backend.flush()
+
+    def save_device_state(self) -> dict[str, Value]:
+        return {"size": self.backend.size, "readonly": self.backend.readonly,
+                "serial": self.serial, "wce": self.wce}
+
+    def prepare_device_state(self, rec: Record) -> Apply:
+        matches(rec, "size", self.backend.size)
+        matches(rec, "readonly", self.backend.readonly)
+        matches(rec, "serial", self.serial)
+        wce = rec.uint_in("wce", 0, 1)
+
+        def apply() -> None:
+            self.wce = wce
+
+        return apply
 
     def close(self) -> None:
         self.backend.close()

@@ -38,8 +38,10 @@ from typing import ClassVar
 
 import trio
 
-from devices.sdk import OptionSpec
+from devices.sdk import Apply, OptionSpec, Record, Value
+from devices.sdk.state import matches
 
+from .spec import Status
 from .tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
@@ -49,8 +51,16 @@ from .tap import (
     TapConfig,
     TapPermissionError,
 )
-from .transport import MemoryRetry, VirtioPciDevice
-from .virtqueue import Chain, GuestMemoryError, Virtqueue, VirtqueueError, gather, scatter
+from .transport import VirtioPciDevice
+from .virtqueue import (
+    Chain,
+    GuestMemoryError,
+    MemoryRetry,
+    Virtqueue,
+    VirtqueueError,
+    gather,
+    scatter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +124,8 @@ class VirtioNet(VirtioPciDevice):
     )
     virtio_id = VIRTIO_ID_NET
     class_code: ClassVar[int] = CLASS_NETWORK_ETHERNET
+    #: transport and queues (`state.py`) plus `save_device_state` (docs/device-state.md)
+    state_version = 1
 
     def __init__(self, tap: str = "vfu0", netns: str = "", bridge: str = "",
                  address: str = "", mac: str = DEFAULT_MAC, mtu: int = 1500,
@@ -125,6 +137,8 @@ class VirtioNet(VirtioPciDevice):
         self.link_up = link
         self.tx_dropped = 0
         self.rx_dropped = 0
+        self.rx_pending: list[bytes] = []
+        self._rx_wait: trio.CancelScope | None = None
         super().__init__(num_queues=2, queue_size=queue_size)
         # Built before trio.run by the CLI (pyroute2's sync API must stay off trio threads).
         try:
@@ -166,6 +180,7 @@ class VirtioNet(VirtioPciDevice):
         return True
 
     def on_virtio_reset(self) -> None:
+        self.rx_pending.clear()
         try:
             self.tap.set_offload(0)
         except OSError as exc:
@@ -174,6 +189,46 @@ class VirtioNet(VirtioPciDevice):
     def close(self) -> None:
         self.tap.close()
         super().close()
+
+    # ------------------------------------------------------------------ device state
+
+    async def quiesce(self) -> None:
+        """TX stops after the batch it holds; RX after the frame it places, or at once
+        while it waits for the TAP (frames read and not placed stay in `rx_pending`)."""
+        self.quiescing = True
+        if self._rx_wait is not None:
+            self._rx_wait.cancel()
+        await super().quiesce()
+
+    def save_device_state(self) -> dict[str, Value]:
+        return {"mac": self.mac, "mtu": self.mtu, "link_up": self.link_up,
+                "tx_dropped": self.tx_dropped, "rx_dropped": self.rx_dropped,
+                "rx_pending": list(self.rx_pending)}
+
+    def prepare_device_state(self, rec: Record) -> Apply:
+        matches(rec, "mac", self.mac)
+        matches(rec, "mtu", self.mtu)
+        link_up = rec.flag("link_up")
+        dropped = rec.uint("tx_dropped", 64), rec.uint("rx_dropped", 64)
+        frames = rec.get("rx_pending")
+        if (not isinstance(frames, list) or len(frames) > RX_BATCH
+                or not all(isinstance(f, bytes) and 0 < len(f) <= MAX_FRAME for f in frames)):
+            raise rec.fail("rx_pending", f"expected at most {RX_BATCH} frames of 1.."
+                           f"{MAX_FRAME} bytes")
+        carried = [f for f in frames if isinstance(f, bytes)]
+
+        def apply() -> None:
+            self.link_up = link_up
+            self.tx_dropped, self.rx_dropped = dropped
+            self.rx_pending[:] = carried
+
+        return apply
+
+    def state_loaded(self) -> None:
+        """The TAP's offloads follow the negotiated features, as at FEATURES_OK."""
+        if self.status & Status.FEATURES_OK:
+            self.features_ok_hook()
+        super().state_loaded()
 
     async def queue_worker(self, queue: Virtqueue) -> None:
         if queue.index == RX_QUEUE:
@@ -206,12 +261,17 @@ class VirtioNet(VirtioPciDevice):
         # A dup, so the stream's close at cancellation leaves the device's TAP fd open.
         stream = trio.lowlevel.FdStream(os.dup(self.tap.fd))
         async with stream:
-            pending: list[bytes] = []
+            # Frames read and not yet placed live on the device, so a quiesce (which
+            # stops this loop only between frames) carries them in the state.
+            pending = self.rx_pending
             retry = MemoryRetry()
-            while True:
+            while not self.quiescing:
                 if not pending:
-                    pending.append(await stream.receive_some(MAX_FRAME))
-                    pending += self._read_ready(stream.fileno(), RX_BATCH - 1)
+                    with trio.CancelScope() as self._rx_wait:
+                        pending.append(await stream.receive_some(MAX_FRAME))
+                        pending += self._read_ready(stream.fileno(), RX_BATCH - 1)
+                    self._rx_wait = None
+                    continue  # a quiesce may have cancelled the wait: look again
                 start = queue.last_avail_idx
                 try:
                     placed = await self._place(queue, pending)

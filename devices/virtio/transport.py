@@ -43,6 +43,7 @@ import trio
 
 from devices.sdk import (
     INTA,
+    Apply,
     Bar,
     BarKind,
     CallbackHandler,
@@ -50,9 +51,12 @@ from devices.sdk import (
     MsixCap,
     PciDevice,
     PciIdentity,
+    Record,
+    Value,
 )
 from devices.sdk.bits import get_le
 from devices.sdk.interface import DmaPort
+from devices.sdk.state import apply_all
 
 from .spec import (
     COMMON_OFFSET,
@@ -93,34 +97,10 @@ from .spec import (
     Status,
     virtio_cap,
 )
-from .virtqueue import Chain, GuestMemoryError, Virtqueue, VirtqueueError
+from .state import prepare_transport, save_transport
+from .virtqueue import Chain, GuestMemoryError, MemoryRetry, Virtqueue, VirtqueueError
 
 log = logging.getLogger(__name__)
-
-
-
-class MemoryRetry:
-    """Back-off for `GuestMemoryError`: retry for up to `limit` seconds, then give up.
-
-    A gap in the DMA mappings lasts a few milliseconds (QEMU remapping RAM for firmware);
-    a ring that points at memory that never gets mapped is malformed after all.
-    """
-
-    def __init__(self, limit: float = 5.0) -> None:
-        self.limit = limit
-        self.reset()
-
-    def reset(self) -> None:
-        self.waited = 0.0
-        self.delay = 0.001
-
-    async def wait(self, exc: GuestMemoryError) -> None:
-        if self.waited >= self.limit:
-            raise exc
-        await trio.sleep(self.delay)
-        self.waited += self.delay
-        self.delay = min(self.delay * 2, 0.1)
-
 
 _Getter = Callable[[], int]
 _Setter = Callable[[int], None]
@@ -205,7 +185,9 @@ class VirtioPciDevice(PciDevice):
         self._workers: set[trio.CancelScope] = set()
         self._live_workers = 0
         self._epoch = 0
-        self._reset_pending = False
+        self.reset_pending = False
+        #: quiesce: workers stop at their next batch boundary (docs/device-state.md)
+        self.quiescing = False
         self._virtio_power_on()
 
     # ------------------------------------------------------------------ state
@@ -257,7 +239,7 @@ class VirtioPciDevice(PciDevice):
         """Sleep until the driver notifies `queue` (notifications re-enabled first)."""
         dma = self.dma
         kick = self._kicks[queue.index] = trio.Event()
-        if await queue.enable_notify(dma):
+        if await queue.enable_notify(dma) or self.quiescing:
             # Work arrived meanwhile. Still a checkpoint: on the mmap path nothing above
             # awaits for real, and a worker must never monopolise the trio thread.
             await trio.lowlevel.checkpoint()
@@ -267,7 +249,7 @@ class VirtioPciDevice(PciDevice):
     async def wait_more(self, queue: Virtqueue) -> None:
         """Sleep until the driver adds buffers beyond those available now."""
         kick = self._kicks[queue.index] = trio.Event()
-        if await queue.enable_notify_for_more(self.dma):
+        if await queue.enable_notify_for_more(self.dma) or self.quiescing:
             await trio.lowlevel.checkpoint()
             return
         await kick.wait()
@@ -439,7 +421,7 @@ class VirtioPciDevice(PciDevice):
     # ------------------------------------------------------------------ status
 
     def _read_status(self) -> int:
-        if self._reset_pending:
+        if self.reset_pending:
             if self._live_workers:
                 return int(self.status)  # still quiescing: the driver keeps polling
             self._finish_reset()
@@ -448,7 +430,7 @@ class VirtioPciDevice(PciDevice):
     def _write_status(self, value: int) -> None:
         if value == 0:
             self._cancel_workers()
-            self._reset_pending = True
+            self.reset_pending = True
             self._read_status()
             return
         new = Status(value & 0xFF)
@@ -488,7 +470,7 @@ class VirtioPciDevice(PciDevice):
         self.on_driver_ok()
 
     def _finish_reset(self) -> None:
-        self._reset_pending = False
+        self.reset_pending = False
         self.lower_irq()
         self._virtio_power_on()
         self.on_virtio_reset()
@@ -530,16 +512,55 @@ class VirtioPciDevice(PciDevice):
 
     def attach(self, ctx: DeviceContext) -> None:
         super().attach(ctx)
-        if self.status & Status.DRIVER_OK and not self._reset_pending:
-            # A reconnecting client: the guest driver still runs, so serve its queues again.
+        self.quiescing = False
+        self._restart_workers()
+
+    def _restart_workers(self) -> None:
+        """The guest driver still runs (a reconnect, resume or load): serve its queues."""
+        if self.status & Status.DRIVER_OK and not self.reset_pending and not self._live_workers:
             for q in self.queues:
                 if q.enabled:
                     self._start_worker(q)
 
+    # ------------------------------------------------------------------ device state
+
+    async def quiesce(self) -> None:
+        """Workers finish the batch they hold and return (`quiescing` is checked where a
+        worker would wait or take a new batch). A subclass whose worker waits for more
+        than a kick wakes it after setting `quiescing` (net); blk flushes afterwards."""
+        self.quiescing = True
+        for kick in self._kicks:
+            kick.set()
+        while self._live_workers:
+            await trio.sleep(0.001)
+
+    def resume(self) -> None:
+        self.quiescing = False
+        self._restart_workers()
+
+    def save_model_state(self) -> dict[str, Value]:
+        return {"transport": save_transport(self), "device": self.save_device_state()}
+
+    def prepare_model_state(self, rec: Record) -> Apply:
+        return apply_all([prepare_transport(self, rec.record("transport")),
+                          self.prepare_device_state(rec.record("device"))])
+
+    def save_device_state(self) -> dict[str, Value]:
+        """Subclass hooks: device-specific state (blk: cache mode; net: link, frames)."""
+        return {}
+
+    def prepare_device_state(self, rec: Record) -> Apply:
+        return lambda: None
+
+    def state_loaded(self) -> None:
+        self.quiescing = False
+        self._kicks = [trio.Event() for _ in self.queues]
+        self._restart_workers()
+
     def on_reset(self) -> None:
         # The engine cancelled every task before calling reset(); nothing is live.
         self._cancel_workers()
-        self._reset_pending = False
+        self.reset_pending = False
         self._virtio_power_on()
         self.on_virtio_reset()
 
@@ -548,7 +569,7 @@ class VirtioPciDevice(PciDevice):
     async def serve_requests(self, queue: Virtqueue) -> None:
         """Pop every available chain, hand the batch to `process_batch`, complete, sleep."""
         retry = MemoryRetry()
-        while True:
+        while not self.quiescing:
             dma = self.dma
             start = queue.last_avail_idx
             chains: list[Chain] = []

@@ -27,6 +27,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+import trio
+
 from devices.sdk.interface import DmaError, DmaPort
 
 #: descriptor flags
@@ -80,6 +82,29 @@ class GuestMemoryError(VirtqueueError):
     PAM registers, and a worker may run in that gap. Workers retry these for a while before
     treating them as a malformed ring.
     """
+
+
+class MemoryRetry:
+    """Back-off for `GuestMemoryError`: retry for up to `limit` seconds, then give up.
+
+    A gap in the DMA mappings lasts a few milliseconds (QEMU remapping RAM for firmware);
+    a ring that points at memory that never gets mapped is malformed after all.
+    """
+
+    def __init__(self, limit: float = 5.0) -> None:
+        self.limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        self.waited = 0.0
+        self.delay = 0.001
+
+    async def wait(self, exc: GuestMemoryError) -> None:
+        if self.waited >= self.limit:
+            raise exc
+        await trio.sleep(self.delay)
+        self.waited += self.delay
+        self.delay = min(self.delay * 2, 0.1)
 
 
 @dataclass
@@ -279,6 +304,16 @@ class Virtqueue:
                 if (at - start) & 0xFFFF < count:
                     del self._inflight[head]
         self.last_avail_idx = start
+
+    def held(self) -> dict[int, int]:
+        """Heads popped and not yet pushed -> the avail index each was popped at."""
+        return dict(self._inflight)
+
+    def restart_at(self, last_avail_idx: int) -> None:
+        """Continue popping at `last_avail_idx`, holding nothing (a loaded state)."""
+        self.last_avail_idx = last_avail_idx
+        self._known_avail = last_avail_idx
+        self._inflight = {}
 
     @property
     def in_flight(self) -> int:
