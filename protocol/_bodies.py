@@ -9,9 +9,9 @@ Constructor fields and their order are public API (the server and client build t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
-from ._body import EmptyBody, Fds
+from ._body import Body, EmptyBody, Fds, need, no_fds, reject
 from ._constants import Command, FeatureFlags
 from ._fixed import FixedBody, fixed
 
@@ -303,14 +303,37 @@ class MigDataRead(FixedBody):
         return self.HEAD.pack(self.argsz or self.SIZE + self.size, self.size)
 
 
-@fixed
 @dataclass(frozen=True, slots=True)
-class MigDataReadReply(FixedBody):
+class MigDataReadReply(Body):
+    """MIG_DATA_READ reply: `argsz, size`, then `size` bytes of migration data.
+
+    Hand-written because of padding: libvfio-user always sends the requested number of
+    bytes after the head (zeros past `size`), and its sample client requires that (it reads
+    exactly `8 + requested` bytes), so `pad_to` pads the same way and `decode` takes `size`
+    bytes and ignores what follows them.
+    """
+
     COMMAND: ClassVar[Command] = Command.MIG_DATA_READ
     IS_REPLY: ClassVar[bool] = True
     FIELDS = (("argsz", "I"), ("size", "I"))
-    DATA = "size"
+    TAIL_DOC = ("`size` bytes of data, then zeros up to the size requested (libvfio-user pads; "
+                "ignored on receipt)")
     data: bytes
+    #: bytes of data plus padding to send after the head (0: no padding)
+    pad_to: int = 0
+
+    def encode(self) -> bytes:
+        n = len(self.data)
+        return self.HEAD.pack(self.SIZE + n, n) + self.data + bytes(max(0, self.pad_to - n))
+
+    @classmethod
+    def decode(cls, payload: memoryview, fds: Fds) -> Self:
+        no_fds(cls, fds)
+        need(cls, payload, cls.SIZE, fds)
+        _argsz, size = cls.HEAD.unpack_from(payload)
+        if size > len(payload) - cls.SIZE:
+            raise reject(cls, f"size {size} but {len(payload) - cls.SIZE} data bytes", fds)
+        return cls(bytes(payload[cls.SIZE : cls.SIZE + size]))
 
 
 @fixed

@@ -20,6 +20,10 @@ Concepts (after libvfio-user's `lib/dma.c`):
   `DmaError(EFAULT)` for the model (docs/security.md, "Guest memory").
 * A window without an fd is served by DMA_READ / DMA_WRITE messages on the connection that
   mapped it.
+* While DMA logging is on (migration, docs/migration.md) the container's `dirty` log records
+  every page the device writes itself: through `view(write=True)`, a write pin and
+  `write()` into an mmap'd or `file` window. Writes by DMA_WRITE message are the client's
+  to log (it performs them), as the spec says.
 * A *pin* is an access that spans awaits (e.g. file I/O in a worker thread straight into
   guest memory). DMA_UNMAP waits for the pins of the windows it removes before it replies,
   as the spec requires ("release all references ... including in-flight DMA").
@@ -160,6 +164,45 @@ class DmaWindow:
                 )
 
 
+class DirtyLog:
+    """Pages the device wrote while DMA logging is on (DEVICE_FEATURE DMA_LOGGING_*).
+
+    A set of page numbers at the logging page size: marking costs one set update per write,
+    and a report walks only the pages that are dirty, whatever the size of the range asked.
+    """
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self._shift = page_size.bit_length() - 1
+        self.pages: set[int] = set()
+
+    def mark(self, address: int, size: int) -> None:
+        if size > 0:
+            shift = self._shift
+            self.pages.update(range(address >> shift, ((address + size - 1) >> shift) + 1))
+
+    def report(self, iova: int, length: int, page_size: int) -> bytes:
+        """The bitmap of [iova, iova + length): bit i (of little-endian u64 words) for
+        [iova + i * page_size, +page_size), set when a logged page in it was written.
+        Reported pages that lie wholly in the range are cleared (read-and-clear, as
+        VFIO's DMA_LOGGING_REPORT)."""
+        nbits = -(-length // page_size)
+        nbytes = -(-nbits // 64) * 8
+        shift, end = self._shift, iova + length
+        first, last = iova >> shift, (end - 1) >> shift
+        bits = 0
+        done = []
+        for p in self.pages:
+            if first <= p <= last:
+                lo, hi = max(p << shift, iova), min((p + 1) << shift, end)
+                b0, b1 = (lo - iova) // page_size, (hi - 1 - iova) // page_size
+                bits |= ((1 << (b1 - b0 + 1)) - 1) << b0
+                if p << shift >= iova and (p + 1) << shift <= end:
+                    done.append(p)
+        self.pages.difference_update(done)
+        return bits.to_bytes(nbytes, "little")
+
+
 class Container:
     """The sorted window set, with the limits negotiated at VERSION."""
 
@@ -170,6 +213,8 @@ class Container:
         self._windows: list[DmaWindow] = []
         #: sessions attached to this container (a container may be shared within a group)
         self.users = 0
+        #: pages the device wrote, while DMA logging is on (None: off)
+        self.dirty: DirtyLog | None = None
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -340,7 +385,11 @@ class Container:
         if len(pieces) != 1:
             return None if pieces else memoryview(b"")
         w, off, n = pieces[0]
-        return None if w.view is None else w.view[off : off + n]
+        if w.view is None:
+            return None
+        if write and self.dirty is not None:
+            self.dirty.mark(address, size)
+        return w.view[off : off + n]
 
     async def read(self, address: int, size: int, message: MessageRead) -> bytes:
         """Copy [address, address+size) out: mmap'd windows by memory copy, `file` windows
@@ -366,6 +415,7 @@ class Container:
         for the pieces of message-mode windows)."""
         mv = memoryview(data).cast("B")
         pos = 0
+        dirty = self.dirty
         for w, off, n in self.spans(address, len(mv), True):
             if w.view is not None:
                 w.view[off : off + n] = mv[pos : pos + n]
@@ -373,6 +423,10 @@ class Container:
                 w.write_from(off, mv[pos : pos + n])
             else:
                 await message(w, off, mv[pos : pos + n])
+                pos += n
+                continue
+            if dirty is not None:
+                dirty.mark(w.address + off, n)
             pos += n
 
     @contextlib.contextmanager

@@ -66,6 +66,7 @@ from .contract import EngineHost
 from .errors import fail
 from .fds import close_all
 from .irq import IrqTable
+from .migration import Migration
 from .objects import Attachment, Device, DeviceState, ObjectError
 from .session_dma import DmaRequests
 from .tasks import TaskGroup
@@ -85,6 +86,8 @@ class HandlerContext(AccessContext, Attachment, Protocol):
     #: message-mode DMA of this client: the owner of its windows mapped without a file
     requests: DmaRequests
     warned_unsealed: bool
+    #: migration v2 state of this connection's device
+    migration: Migration
 
     def attach(self, caps: Capabilities) -> None: ...
 
@@ -331,6 +334,7 @@ def on_region_write_multi(session: HandlerContext, req: RegionWriteMulti) -> Bod
 async def _reset(session: HandlerContext) -> Body:
     await session.tasks.cancel_all()
     session.device.model.reset()
+    session.migration.reset()  # back to RUNNING (the way out of ERROR)
     return DeviceResetReply()
 
 
@@ -340,13 +344,15 @@ def on_device_reset(session: HandlerContext, req: Body) -> Result:
     return _reset(session)
 
 
-def on_device_feature(session: HandlerContext, req: DeviceFeature) -> Body:
-    # Migration is not offered yet; the kernel answers unknown features with ENOTTY.
-    raise RemoteProtocolError(f"feature {req.feature} not supported", errno=errno.ENOTTY)
+def on_device_feature(session: HandlerContext, req: DeviceFeature) -> Result:
+    """Migration and DMA logging (`migration`); any other feature is ENOTTY, as the kernel's."""
+    return session.migration.feature(session, req)
 
 
 def on_mig_data(session: HandlerContext, req: MigDataRead | MigDataWrite) -> Body:
-    raise RemoteProtocolError("no migration data transfer is in progress")
+    if isinstance(req, MigDataRead):
+        return session.migration.data_read(session, req)
+    return session.migration.data_write(session, req)
 
 
 HANDLERS: dict[int, Handler] = {

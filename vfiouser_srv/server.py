@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 from devices.sdk.interface import DeviceModel, RegionSpec
-from protocol import Capabilities
+from protocol import Capabilities, MigrationCaps
 
 from .contract import Endpoint, EngineDevice
 from .engines import check_endpoint, load_engine
@@ -45,6 +45,8 @@ DEFAULT_CAPS = Capabilities(
     max_dma_maps=4096,
     pgsizes=4096,
     write_multiple=True,
+    # migration v2 (docs/migration.md); returned to a client that offers it (`negotiate`)
+    migration=MigrationCaps(),
 )
 
 

@@ -54,6 +54,7 @@ from .container import Container
 from .contract import EngineHost
 from .fds import close_all
 from .irq import IrqTable
+from .migration import Migration
 from .objects import ClientId, Device, new_connection_id
 from .outbox import Outbox
 from .session_dma import DmaRequests, SessionDma
@@ -127,6 +128,8 @@ class Session(DeviceContext):
         self._close_requested = False
         #: a DMA window of this client was not sealed against shrinking (logged once)
         self.warned_unsealed = False
+        #: migration v2 of the device through this connection (`migration`)
+        self.migration = Migration()
         #: VERSION succeeded at some point (a failed attach may be retried)
         self.attached_once = False
         self._forced = False
@@ -177,6 +180,7 @@ class Session(DeviceContext):
         if not self.attached:
             return
         self.attached = False
+        self.migration.close(self)  # lets go of the group before the session does
         await self.tasks.close()
         self.requests.fail_all()
         if self.container is not None:

@@ -126,6 +126,23 @@ class SessionDma:
     async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         await self.container.write(address, data, self._write_message)
 
+    async def message_read(self, address: int, size: int) -> bytes:
+        """Read by DMA_READ messages whatever the window (libvfio-user's `vfu_sgl_read`,
+        for a model imitating a libvfio-user device; models use `read`)."""
+        out = bytearray()
+        for w, off, n in self.container.spans(address, size, False):
+            out += await self._read_message(w, off, n)
+        return bytes(out)
+
+    async def message_write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        """Write by DMA_WRITE messages whatever the window (`vfu_sgl_write`; see
+        `message_read`). Not logged as dirty: the client performs these writes."""
+        mv = memoryview(data).cast("B")
+        pos = 0
+        for w, off, n in self.container.spans(address, len(mv), True):
+            await self._write_message(w, off, mv[pos : pos + n])
+            pos += n
+
     async def _read_message(self, w: DmaWindow, off: int, n: int) -> bytes:
         return await self._message(w.owner).dma_read(w.address + off, n)
 
