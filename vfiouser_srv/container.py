@@ -7,9 +7,10 @@ Concepts (after libvfio-user's `lib/dma.c`):
 * A window that came with a file descriptor of a file that *cannot shrink* (a memfd sealed
   with F_SEAL_SHRINK, as QEMU's `memory-backend-memfd` does by default) is mmap'd here
   (MAP_SHARED, protection from its permission) and served with zero-copy memoryviews. The
-  descriptor the client sent is closed at once, but CPython's `mmap` keeps a duplicate of
-  its own until the window is unmapped, so every mmap'd window costs one descriptor: the
-  server raises its descriptor limit at start and advertises a `max_dma_maps` well below it.
+  descriptor the client sent is kept as the window's `fd` (a live upgrade hands it to the
+  next process: docs/live-upgrade.md), and CPython's `mmap` keeps a duplicate of its own
+  until the window is unmapped, so every mmap'd window costs two descriptors: the server
+  raises its descriptor limit at start and advertises a `max_dma_maps` well below it.
 * Guest memory is the client's file, and a file can shrink under a mapping: an access past
   the new end of file is a SIGBUS that kills the whole process (every device). So a window
   whose file is not sealed against shrinking (any other regular file: a memfd without
@@ -87,6 +88,9 @@ class DmaWindow:
     view: memoryview | None = None
     #: the client's descriptor of a file that may shrink: accessed with pread/pwrite only
     file: OwnedFd | None = None
+    #: the client's descriptor of an mmap'd window: unused for access, kept so that a live
+    #: upgrade can hand the window to the next process (`takeover_state`)
+    fd: OwnedFd | None = None
     #: who mapped it: message-mode DMA goes back to this session
     owner: Any = None
     pins: int = 0
@@ -145,9 +149,10 @@ class DmaWindow:
 
     def release(self) -> None:
         """Unmap. A device that kept a view past the unmap delays munmap until it drops it."""
-        file, self.file = self.file, None
-        if file is not None:
-            file.close()
+        for kept in (self.file, self.fd):
+            if kept is not None:
+                kept.close()
+        self.file = self.fd = None
         view, self.view = self.view, None
         mapping, self.mapping = self.mapping, None
         if view is not None:
@@ -225,15 +230,15 @@ class Container:
     # ----------------------------------------------------------------- map / unmap
 
     def map(self, req: DmaMap, owner: Any = None) -> DmaWindow:
-        """Add a window. Consumes `req.fd`: closed whether or not the map succeeds, unless
-        the window keeps it (`DmaWindow.file`), in which case `release` closes it."""
+        """Add a window. Consumes `req.fd`: closed if the map fails, else kept by the window
+        (`DmaWindow.file` or `DmaWindow.fd`) until `release`."""
         fd: OwnedFd | None = req.fd
         window: DmaWindow | None = None
         try:
             window = self._map(req, fd, owner)
             return window
         finally:
-            if fd is not None and (window is None or window.file is not fd):
+            if fd is not None and (window is None or fd not in (window.file, window.fd)):
                 fd.close()
 
     def _map(self, req: DmaMap, fd: OwnedFd | None, owner: Any) -> DmaWindow:
@@ -267,6 +272,7 @@ class Container:
             if self._check_file(fd, req):
                 window.mapping = self._mmap(fd, req, writable)
                 window.view = memoryview(window.mapping)
+                window.fd = fd
             else:
                 window.file = fd
         else:

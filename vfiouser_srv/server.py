@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPS = Capabilities(
     max_msg_fds=16,
     max_data_xfer_size=1 << 20,
-    # Each mmap'd window holds one descriptor (see container.py); QEMU without a vIOMMU
+    # Each mmap'd window holds two descriptors (see container.py); QEMU without a vIOMMU
     # maps a handful of windows, so this bounds what one client can pin, not what works.
     max_dma_maps=4096,
     pgsizes=4096,
@@ -101,14 +101,16 @@ class Server:
         """Register a device and start listening at once (hot add when already serving).
 
         The socket listens before this returns: QEMU fails to start if it cannot connect.
+        Both `socket_path` and `fd`: `fd` already listens at `socket_path` (a live upgrade
+        handed it over), and the file is unlinked when the device goes, as if created here.
         The engine named by `engine` owns the socket and the protocol; the device is
         registered here, in its group. Nothing is left behind when this raises: a socket
         the engine created is closed and unlinked, and the device is not registered.
         """
         if name in self.devices:
             raise ObjectError(errno.EEXIST, f"device {name!r} already exists")
-        if (socket_path is None) == (fd is None):
-            raise ValueError("give exactly one of socket_path and fd")
+        if socket_path is None and fd is None:
+            raise ValueError("give socket_path or fd")
         # before any socket exists, so that a model failing here leaves nothing to undo
         regions = {r.index: r for r in model.regions()}
         check_endpoint(engine, name, fd, access)
@@ -145,6 +147,10 @@ class Server:
                 await runner.device.serve()
         finally:
             runner.done.set()
+
+    def engine_device(self, name: str) -> EngineDevice:
+        """What serves device `name` (a live upgrade needs the Python engine's)."""
+        return self._runners[name].device
 
     def region_specs(self, device: Device) -> dict[int, RegionSpec]:
         return self._regions[device.name]

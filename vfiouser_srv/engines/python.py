@@ -110,17 +110,21 @@ class PythonDevice:
     """
 
     def __init__(self, host: EngineHost, device: Device, endpoint: Endpoint) -> None:
-        if endpoint.path is not None:
-            self.sock = listen_path(endpoint.path, endpoint.access)
-        else:
-            assert endpoint.fd is not None
+        if endpoint.fd is not None:  # with a path: a listener handed over by a live upgrade
             self.sock = adopt_fd(endpoint.fd)
+        else:
+            assert endpoint.path is not None
+            self.sock = listen_path(endpoint.path, endpoint.access)
         self.host = host
         self.device = device
         self.endpoint = endpoint
         self._accepting = trio.CancelScope()
         self._refusals = RefusalLog()
         self._closed = False
+        #: a live upgrade holds new connections in the listen backlog until this is set
+        self._held: trio.Event | None = None
+        #: the socket file belongs to the next process (live upgrade): never unlink it
+        self.keep_socket_file = False
         host.connections.setdefault(device.name, 0)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -134,11 +138,36 @@ class PythonDevice:
     def close(self) -> None:
         self.stop_accepting()
 
+    # -------------------------------------------------------------- live upgrade
+
+    @property
+    def listener(self) -> socket.socket | None:
+        """The listening socket a live upgrade hands over (None: served on an inherited
+        connected socket, which cannot be handed over)."""
+        if self._closed or not is_listening(self.sock):
+            return None
+        return self.sock
+
+    def hold(self) -> None:
+        """Accept nothing until `unhold`: connections wait in the listen backlog."""
+        if self._held is None:
+            self._held = trio.Event()
+
+    def unhold(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.set()
+
+    def adopt(self, session: Session) -> None:
+        """Serve a connection restored by a live upgrade (counted like an accepted one)."""
+        self._count(+1)
+        self.host.start_soon(self._run_session, session)
+
     def _close_socket(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self.endpoint.path:
+        if self.endpoint.path and not self.keep_socket_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.endpoint.path)
         # outside trio.run when a start-up that failed part way is cleaned up
@@ -158,6 +187,9 @@ class PythonDevice:
                 return
             while True:
                 await trio.lowlevel.wait_readable(sock)
+                if self._held is not None:
+                    await self._held.wait()
+                    continue
                 try:
                     conn, _ = sock.accept()
                 except BlockingIOError:
@@ -221,13 +253,19 @@ class PythonDevice:
         try:
             stream = FdStream(conn, max_fds=self.host.caps.max_msg_fds)
             session = Session(self.host, self.device, stream)
-            self.host.sessions.add(session)
-            log.info("%s: connected", session.name)
-            try:
-                await session.run()
-            finally:
-                self.host.sessions.discard(session)
+        except BaseException:
+            self._count(-1)
+            raise
+        log.info("%s: connected", session.name)
+        await self._run_session(session)
+
+    async def _run_session(self, session: Session) -> None:
+        """Run a counted session until it ends."""
+        self.host.sessions.add(session)
+        try:
+            await session.run()
         finally:
+            self.host.sessions.discard(session)
             self._count(-1)
 
 
