@@ -113,21 +113,32 @@ def serve(
     if offset + count > size:
         return ctx.full_path(msg_id, command, flags, payload)
     no_reply = flags != 0
+    # `read_model` and the `pack_*` helpers inlined: a Python call per message is ~4% of the
+    # serial round trip (measured with callgrind); the rule and the struct are the same
     if command == _READ:
         if not readable or len(payload) != 16:
             return ctx.full_path(msg_id, command, flags, payload)
         try:
-            data = read_model(ctx.model, region, offset, count)
+            data = ctx.model.region_read(region, offset, count)
+            if len(data) != count:
+                raise DeviceError(errno.EIO, f"model returned {len(data)} bytes for {count}")
         except Exception as exc:
             return fail(ctx, msg_id, _READ, no_reply, exc)
-        return None if no_reply else pack_read_reply(msg_id, offset, region, data)
+        if no_reply:
+            return None
+        return (
+            _REPLY_HEAD.pack(msg_id, _READ, 32 + count, _TYPE_REPLY, 0, offset, region, count)
+            + data
+        )
     if not writable or len(payload) - 16 != count:
         return ctx.full_path(msg_id, command, flags, payload)
     try:
         ctx.model.region_write(region, offset, bytes(payload[16:]))
     except Exception as exc:
         return fail(ctx, msg_id, _WRITE, no_reply, exc)
-    return None if no_reply else pack_write_reply(msg_id, offset, region, count)
+    if no_reply:
+        return None
+    return _REPLY_HEAD.pack(msg_id, _WRITE, 32, _TYPE_REPLY, 0, offset, region, count)
 
 
 __all__ = [

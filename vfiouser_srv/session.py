@@ -59,7 +59,7 @@ from .objects import ClientId, Device, new_connection_id
 from .outbox import Outbox
 from .session_dma import DmaRequests, SessionDma
 from .tasks import TaskGroup
-from .transport import RECV_BUDGET, FdStream, TransportError
+from .transport import RECV_BUDGET, SEND_FLAGS, FdStream, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ class Session(DeviceContext):
             return None
         must_yield = waiter.must_yield
         receive = stream.receive_waiting
-        send = stream.send_some
+        send = stream.send_nowait
         unpack = HEADER.unpack_from
         fast = access.FAST_COMMANDS
         serve = access.serve
@@ -410,10 +410,13 @@ class Session(DeviceContext):
                     return got
                 reply = serve(self, msg_id, command, flags, view[HEADER_SIZE:])
                 if reply is not None:
+                    if stream.sending:  # the writer is mid-message: queue behind it
+                        outbox.send(reply)
+                        return None
                     try:
-                        sent = send(reply)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        outbox.send(reply)  # records the broken peer
+                        sent = send(reply, SEND_FLAGS)
+                    except OSError:  # full or broken: `Outbox.send` queues or records it
+                        outbox.send(reply)
                         return None
                     if sent != len(reply):
                         outbox.send(reply[sent:])

@@ -82,6 +82,10 @@ class FdStream:
         # bound once: the serial loop pays for every attribute lookup (`receive_waiting`)
         self._recvmsg_into = sock.recvmsg_into
         self._send = sock.send
+        #: `send_nowait(data, SEND_FLAGS)`: one non-blocking send of a whole reply, for the
+        #: serial loop when nothing else is queued (the socket's own method: no Python frame
+        #: per message). Raises BlockingIOError when full, BrokenPipeError when the peer left.
+        self.send_nowait = sock.send
         #: The buffer is this stream's own. It once was one buffer per thread, shared by
         #: every connection, and a session that kept a view of it across a checkpoint
         #: (awaiting backpressure, then decoding the rest of the read) decoded bytes another
