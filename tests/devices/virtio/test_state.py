@@ -182,10 +182,15 @@ async def test_virtio_net_quiesce_stops_rx_and_state_carries_frames(nursery: tri
             src.attach(ctx)
             drv = Driver(src, ctx.dma.ram)
             drv.setup(NET_FEATURES, size=16)
-            with trio.fail_after(2):  # RX waits on the TAP: quiesce must not wait for it
+            with trio.fail_after(2):
+                while src._rx_wait is None:  # the RX worker waits for the TAP
+                    await trio.sleep(0)
+            with trio.fail_after(2):  # ... and quiesce must not wait for a frame
                 await src.quiesce()
             frame = bytes(12) + b"\xff" * 6 + b"\x52\x54\x00\x12\x34\x56" + b"\x08\x06" + bytes(28)
-            src.rx_pending.append(frame)  # read from the TAP, not placed yet
+            # Read from the TAP, not placed yet (replacing any IPv6 neighbour discovery
+            # frame the kernel sent on the new TAP meanwhile, to know what must arrive).
+            src.rx_pending[:] = [frame]
             src.tx_dropped = 3
             state = src.save_state()
             expected = reads(src)
