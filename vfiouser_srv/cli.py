@@ -30,11 +30,13 @@ import devices
 from devices import OptionError
 
 from . import systemd
+from .control import ControlServer
 from .engines import ENGINES, EngineUnavailable
 from .limits import DEFAULT_LIMITS, Limits
 from .objects import ObjectError, OwnerPolicy
 from .server import Server
 from .sockets import DEFAULT_ACCESS, SocketAccess, raise_fd_limit
+from .takeover import TakeOverError, take_over
 
 log = logging.getLogger("vfiouser_srv")
 
@@ -45,7 +47,7 @@ DEVICE_KEYS = frozenset(
     {"name", "model", "socket", "fd", "group", "options", "engine", *ACCESS_KEYS}
 )
 #: `[server]` keys besides the `Limits` fields
-SERVER_KEYS = frozenset({"engine", *ACCESS_KEYS})
+SERVER_KEYS = frozenset({"engine", "control", *ACCESS_KEYS})
 LIMIT_KEYS = tuple(f.name for f in fields(Limits))
 
 
@@ -79,6 +81,10 @@ class ServerConfig:
     groups: list[GroupConfig]
     devices: list[DeviceConfig]
     limits: Limits = DEFAULT_LIMITS
+    #: the control socket (`[server] control`, `--control`: docs/live-upgrade.md)
+    control: str | None = None
+    #: the `[server]` access settings, which the control socket gets too
+    access: SocketAccess = DEFAULT_ACCESS
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, str]:
@@ -168,7 +174,10 @@ def read_config(
     devs = systemd.with_sockets(devs, path)
     if not devs:
         raise ConfigError(f"{path}: no [[device]] entries")
-    return ServerConfig(groups, devs, server_limits)
+    control = server.get("control")
+    if control is not None and not isinstance(control, str):
+        raise ConfigError(f"{path}: [server]: control must be a socket path")
+    return ServerConfig(groups, devs, server_limits, control, server_access)
 
 
 # ------------------------------------------------------------------------ access settings
@@ -247,12 +256,18 @@ def _option_text(value: Any) -> str:
 
 
 def build_server(
-    groups: list[GroupConfig], devs: list[DeviceConfig], limits: Limits | None = None
+    groups: list[GroupConfig],
+    devs: list[DeviceConfig],
+    limits: Limits | None = None,
+    *,
+    listeners: Mapping[str, int] | None = None,
 ) -> Server:
     """A server with every device listening; if one fails, nothing is left behind.
 
     The devices already added are closed and their socket files unlinked before the error
     propagates, so a failed start never leaves a socket that QEMU could find and hang on.
+    `listeners` (device name -> fd): sockets a live upgrade handed over, used instead of
+    creating them.
     """
     server = Server(limits=limits)
     try:
@@ -271,7 +286,7 @@ def build_server(
                     d.name,
                     model,
                     socket_path=d.socket_path,
-                    fd=d.fd,
+                    fd=listeners.get(d.name) if listeners is not None else d.fd,
                     group=d.group,
                     engine=d.engine,
                     access=d.access,
@@ -286,10 +301,21 @@ def build_server(
     return server
 
 
-async def serve_until_signalled(server: Server, ready_lines: list[str]) -> None:
+async def serve_until_signalled(
+    server: Server,
+    ready_lines: list[str],
+    control: ControlServer | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, or until a live upgrade took everything over."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
+            if control is not None:
+                await nursery.start(control.serve)
+                nursery.start_soon(_exit_when_handed_over, control, nursery.cancel_scope)
+            if on_started is not None:
+                on_started()
             for line in ready_lines:
                 print(line, flush=True)
             systemd.notify_ready(ready_lines)
@@ -300,21 +326,84 @@ async def serve_until_signalled(server: Server, ready_lines: list[str]) -> None:
                 break
 
 
+async def _exit_when_handed_over(control: ControlServer, scope: trio.CancelScope) -> None:
+    await control.handed_over.wait()
+    scope.cancel()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    server, ready = server_from_args(args)
-    trio.run(serve_until_signalled, server, ready)
+    config = config_from_args(args)
+    if args.take_over:
+        return cmd_take_over(config)
+    server, ready = server_from_config(config)
+    control = None
+    if config.control is not None:
+        try:
+            control = ControlServer(server, config.control, config.access)
+        except BaseException:
+            server.close()
+            raise
+    trio.run(serve_until_signalled, server, ready, control)
     return 0
+
+
+def cmd_take_over(config: ServerConfig) -> int:
+    """`serve --take-over`: take everything from the server on `--control`, then serve."""
+    control = config.control
+    if control is None:
+        raise ConfigError("--take-over needs --control PATH: the running server's control socket")
+    for d in config.devices:
+        if d.engine != "python":
+            raise ConfigError(
+                f"--take-over: device {d.name} uses the {d.engine} engine; only the python "
+                "engine can hand over its connections (libvfio-user keeps them inside the C "
+                "library)"
+            )
+    raise_fd_limit()
+
+    def build(listeners: dict[str, int]) -> Server:
+        return build_server(config.groups, config.devices, config.limits, listeners=listeners)
+
+    async def run() -> None:
+        taken = await take_over(control, build)
+        try:
+            ctl = ControlServer(taken.server, control, config.access, fd=taken.control_fd)
+        except BaseException:
+            taken.server.close()
+            raise
+        log.info("took over (old server paused %.1f ms)", taken.paused_ms)
+        await serve_until_signalled(taken.server, ready_lines(config), ctl, taken.start)
+
+    trio.run(run)
+    return 0
+
+
+def ready_lines(config: ServerConfig) -> list[str]:
+    return [f"READY {d.socket_path if d.socket_path else f'fd:{d.fd}'}" for d in config.devices]
 
 
 def server_from_args(args: argparse.Namespace) -> tuple[Server, list[str]]:
     """The server `serve` runs, every device listening, and its READY lines."""
+    return server_from_config(config_from_args(args))
+
+
+def server_from_config(config: ServerConfig) -> tuple[Server, list[str]]:
+    raise_fd_limit()
+    server = build_server(config.groups, config.devices, config.limits)
+    return server, ready_lines(config)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """What `serve` was asked to serve, from its options or its config file."""
     access = _access_options(args)
     limit_values = {k: v for k in LIMIT_KEYS if (v := getattr(args, k)) is not None}
     if args.config:
         if args.device or args.socket_path or args.fd is not None:
             raise ConfigError("--config excludes DEVICE, --socket-path and --fd")
         config = read_config(args.config, access=access, limits=limit_values)
-        groups, devs, limits = config.groups, config.devices, config.limits
+        if args.control is not None:
+            config.control = args.control
+        return config
     else:
         try:
             limits = Limits.from_mapping(limit_values)
@@ -336,11 +425,7 @@ def server_from_args(args: argparse.Namespace) -> tuple[Server, list[str]]:
                 parse_access(access, "command line"),
             )
         ]
-        groups = []
-    raise_fd_limit()
-    server = build_server(groups, devs, limits)
-    ready = [f"READY {d.socket_path if d.socket_path else f'fd:{d.fd}'}" for d in devs]
-    return server, ready
+        return ServerConfig([], devs, limits, args.control, parse_access(access, "command line"))
 
 
 def _access_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -394,6 +479,18 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="device name (default: the model name)")
     s.add_argument("--group", help="group name (default: one group per device)")
     s.add_argument("--config", help="TOML file with several devices and groups")
+    s.add_argument(
+        "--control",
+        metavar="PATH",
+        help="control socket (QMP-like JSON lines; docs/live-upgrade.md), with the access "
+        "rules of the device sockets",
+    )
+    s.add_argument(
+        "--take-over",
+        action="store_true",
+        help="take every device and connection from the server on --control PATH (live "
+        "upgrade: same arguments plus this), which then exits",
+    )
     a = s.add_argument_group(
         "access", "who may connect (docs/access.md); with --config these override [server]"
     )
@@ -479,7 +576,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "devices":
             return cmd_devices(args)
         return cmd_qemu(args)
-    except (ConfigError, OptionError, ObjectError, EngineUnavailable) as exc:
+    except (ConfigError, OptionError, ObjectError, EngineUnavailable, TakeOverError) as exc:
         print(f"vfiouser-srv: {exc}", file=sys.stderr)
         systemd.notify_status(f"failed to start: {exc}")
         return 2
