@@ -4,7 +4,6 @@ through it with `takeover.take_over`, as `serve --take-over` does."""
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,11 +20,11 @@ from vfiouser_srv.client import Client, make_eventfd, read_eventfd_nowait, wait_
 from vfiouser_srv.control import ControlServer, LineChannel
 from vfiouser_srv.server import Server
 from vfiouser_srv.sockets import DEFAULT_ACCESS
-from vfiouser_srv.takeover import TakeOverError, TakenOver, take_over
+from vfiouser_srv.takeover import TakenOver, TakeOverError, take_over
 from vfiouser_srv.transport import FdStream
 
 from .conftest import open_client, python_engine_only, session_of, sock_path
-from .test_edu_client import MSI, bus_master, enable_msi, rd32, rd64, wr32, wr64
+from .test_edu_client import MSI, bus_master, enable_msi, rd32, wr32, wr64
 
 pytestmark = [
     pytest.mark.usefixtures("no_fd_leak"),
@@ -376,6 +375,3 @@ async def test_other_engine_is_refused(pair: Pair) -> None:
     async with open_client(pair.current.server) as c:
         await still_serves(c)
 
-
-def test_dump_is_json() -> None:
-    assert json.loads(json.dumps({"a": 1})) == {"a": 1}
