@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from devices.edu import Edu
+from devices.lvu_sample import LvuSample
 from devices.nvme import Nvme
 from devices.sdk.interface import DeviceModel, OptionSpec
 from devices.virtio.blk import VirtioBlk
@@ -18,6 +19,7 @@ from devices.virtio.net import VirtioNet
 
 MODELS: dict[str, type[DeviceModel]] = {
     Edu.name: Edu,
+    LvuSample.name: LvuSample,
     Nvme.name: Nvme,
     VirtioBlk.name: VirtioBlk,
     VirtioNet.name: VirtioNet,

@@ -7,6 +7,7 @@ body, the expected reply type back); the two with more to them are `region_info`
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable, Sequence
 
 from protocol import (
@@ -33,12 +34,15 @@ from protocol import (
     DmaUnmap,
     DmaUnmapFlags,
     DmaUnmapReply,
+    Feature,
+    FeatureFlags,
     IrqInfo,
     IrqSetFlags,
     MigDataRead,
     MigDataReadReply,
     MigDataWrite,
     MigDataWriteReply,
+    MigState,
     RegionInfo,
     RegionIoFds,
     RegionRead,
@@ -57,7 +61,13 @@ from ..transport import FdStream
 from .core import ClientCore
 from .eventfd import FdLike
 from .memory import GuestMemory
-from .replies import body_fds, check_reply
+from .replies import VfioUserError, body_fds, check_reply
+
+_U64 = struct.Struct("<Q")
+_MIG_STATE = struct.Struct("<II")  # device_state, data_fd
+_LOG_CONTROL = struct.Struct("<QII")  # page_size, num_ranges, reserved
+_LOG_RANGE = struct.Struct("<QQ")  # iova, length
+_LOG_REPORT = struct.Struct("<QQQ")  # iova, length, page_size
 
 #: argsz retries before we call a server that keeps growing its answer broken
 _ARGSZ_ATTEMPTS = 4
@@ -233,6 +243,80 @@ class Client(ClientCore):
 
     async def mig_data_write(self, data: bytes) -> None:
         await self.call(MigDataWrite(bytes(data)), MigDataWriteReply)
+
+    # ------------------------------------------------------------ migration v2
+
+    async def feature_probe(self, feature: int, ops: int = 0) -> bool:
+        """DEVICE_FEATURE PROBE (with GET and/or SET in `ops`): does the device offer it?"""
+        try:
+            await self.device_feature(feature | FeatureFlags.PROBE | ops)
+        except VfioUserError:
+            return False
+        return True
+
+    async def migration_flags(self) -> int:
+        """GET MIGRATION: the MigrationFlags the device supports (STOP_COPY, PRE_COPY)."""
+        reply = await self.device_feature(Feature.MIGRATION | FeatureFlags.GET, argsz=16)
+        return int(_U64.unpack_from(reply.data)[0])
+
+    async def mig_state(self) -> MigState:
+        """GET MIG_DEVICE_STATE."""
+        reply = await self.device_feature(Feature.MIG_DEVICE_STATE | FeatureFlags.GET, argsz=16)
+        return MigState(_MIG_STATE.unpack_from(reply.data)[0])
+
+    async def set_mig_state(self, state: MigState | int) -> None:
+        """SET MIG_DEVICE_STATE: the server walks the spec's path to `state` before replying."""
+        data = _MIG_STATE.pack(int(state), 0xFFFF_FFFF)
+        await self.device_feature(Feature.MIG_DEVICE_STATE | FeatureFlags.SET, data)
+
+    async def dma_logging_start(
+        self, page_size: int = 4096, ranges: Sequence[tuple[int, int]] = ()
+    ) -> int:
+        """DMA_LOGGING_START over `ranges` (none: all of memory); returns the page size the
+        server chose (its reply may change the hint)."""
+        data = _LOG_CONTROL.pack(page_size, len(ranges), 0)
+        data += b"".join(_LOG_RANGE.pack(iova, length) for iova, length in ranges)
+        reply = await self.device_feature(Feature.DMA_LOGGING_START | FeatureFlags.SET, data)
+        return int(_LOG_CONTROL.unpack_from(reply.data)[0])
+
+    async def dma_logging_stop(self) -> None:
+        data = _LOG_CONTROL.pack(0, 0, 0)
+        await self.device_feature(Feature.DMA_LOGGING_STOP | FeatureFlags.SET, data)
+
+    async def dma_logging_report(self, iova: int, length: int, page_size: int = 4096) -> bytes:
+        """DMA_LOGGING_REPORT: the dirty bitmap of [iova, iova + length), one bit per
+        `page_size` (little-endian u64 words); the server clears what it reports."""
+        pages = (length + page_size - 1) // page_size
+        size = (pages + 63) // 64 * 8
+        argsz = 8 + _LOG_REPORT.size + size
+        reply = await self.device_feature(
+            Feature.DMA_LOGGING_REPORT | FeatureFlags.GET,
+            _LOG_REPORT.pack(iova, length, page_size),
+            argsz=argsz,
+        )
+        return reply.data[_LOG_REPORT.size :]
+
+    async def save_device(self, *, chunk: int = 64 << 10) -> bytes:
+        """The source's side of a migration: STOP_COPY (the server stops the device and
+        saves it), read the whole stream, then STOP. The device stays stopped."""
+        await self.set_mig_state(MigState.STOP_COPY)
+        out = bytearray()
+        while True:
+            data = await self.mig_data_read(chunk)
+            out += data
+            if len(data) < chunk:
+                break
+        await self.set_mig_state(MigState.STOP)
+        return bytes(out)
+
+    async def restore_device(self, data: bytes, *, chunk: int = 64 << 10) -> None:
+        """The destination's side: RESUMING, write the stream, STOP (the server loads it),
+        RUNNING."""
+        await self.set_mig_state(MigState.RESUMING)
+        for pos in range(0, len(data), chunk):
+            await self.mig_data_write(data[pos : pos + chunk])
+        await self.set_mig_state(MigState.STOP)
+        await self.set_mig_state(MigState.RUNNING)
 
 
 __all__ = ["Client"]
