@@ -2,6 +2,8 @@
 
 Missing keys take the spec's defaults. The server answers with its own limits, never more
 than the client can take, and only with keys it understands (a subset, as the spec asks).
+
+See docs/protocol.md.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Like h11's Local/RemoteProtocolError: the codec raises these, and exactly one place in the
 server (its dispatch module) turns them into error replies or a disconnect.
+
+See docs/protocol.md.
 """
 
 from __future__ import annotations

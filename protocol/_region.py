@@ -4,6 +4,8 @@ GET_REGION_INFO's reply carries a chain of capabilities (sparse mmap areas, a ty
 its 32-byte head, and the argsz handshake decides whether the chain and the fd are sent at
 all. GET_REGION_IO_FDS's reply carries an array of sub-regions whose `fd_index` points into
 the message's descriptors. The requests of both are fixed bodies (`_bodies`).
+
+See docs/protocol.md.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 QEMU's `-device vfio-user-pci` connects to a Unix socket served here, and the guest sees a
 PCI device whose config space, BARs, interrupts and DMA are served by `devices/` models.
+
+The design: docs/architecture.md.
 """
 
 __version__ = "0.1.0"

@@ -3,6 +3,8 @@
 A handler gets the session and the decoded request and returns the reply body, or a
 coroutine for the few commands that must wait (DMA_UNMAP, DEVICE_RESET). `run_handler` frames
 the reply, honours No_reply, and maps failures to errnos by the table in `errors`.
+
+See docs/architecture.md, "Errors" (the errno table) and "The object model".
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Descriptors arrive from the peer (SCM_RIGHTS) at any time and can be rejected at
 points; wrapping each one in an `OwnedFd` the moment it arrives makes "who closes it" a
 question with one answer. A closed holder sets its number to -1 (like trio's FdStream), so a
 stale number can never hit a reused descriptor.
+
+See docs/security.md: no descriptor outlives the connection that brought it.
 """
 
 from __future__ import annotations

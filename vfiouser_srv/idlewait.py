@@ -44,6 +44,8 @@ get about 2x slower) and uses the ordinary path; and
 
 Off switch: `VFIOUSER_SRV_IDLE_WAIT=0` in the environment turns the fast path (and with it
 `Session._hot_loop`) off, for debugging or for a trio this module does not know.
+
+See docs/architecture.md, "The region-access path".
 """
 
 from __future__ import annotations

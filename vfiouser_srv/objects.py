@@ -12,6 +12,8 @@ of it must match for a second connection to join the same group (QEMU opens one 
 device, so a multi-function device served to one QEMU matches by pid). *users* counts live
 connections plus external users; when it drops to 0 the owner is cleared, like the kernel
 clearing a group's container when its last user goes.
+
+See docs/architecture.md, "The object model".
 """
 
 from __future__ import annotations

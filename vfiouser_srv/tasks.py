@@ -6,6 +6,8 @@ departure all need to cancel that work as a whole and then let new work start. t
 nursery cannot be restarted after it was cancelled, so `TaskGroup` runs one nursery after
 another inside its own task. A device task that raises is logged, never allowed to take the
 connection down (a model bug must not disconnect the guest).
+
+See docs/architecture.md, "Rules QEMU imposes" (the deadlock rule).
 """
 
 from __future__ import annotations

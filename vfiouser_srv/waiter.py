@@ -7,6 +7,8 @@ blocks on the requester, so a waiter is just a slot and an event.
 
 `command` is kept because a reply is matched by msg_id alone: a peer that answers with a
 reply of another command (or a recycled id) must be refused, not taken as the answer.
+
+See docs/architecture.md, "Layers".
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Logged to `vfiouser_srv.wire` at DEBUG (the CLI's `-v` turns that logger on), so a server
 that is not asked to log pays one `isEnabledFor` per read and nothing per message.
+
+See docs/architecture.md, "Layers".
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ matters when asked for. Each engine module exports `create_device` (the contract
 What the server must know about an engine before loading it is in `ENGINES`, so that a
 configuration an engine cannot honour is refused with the real reason even where the
 engine itself could not be loaded.
+
+See docs/architecture.md, "Engines".
 """
 
 from __future__ import annotations

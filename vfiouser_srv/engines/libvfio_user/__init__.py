@@ -12,6 +12,8 @@ engine="libvfio-user")` does all of that inside the server.
 How it differs from the Python engine on the wire is listed, with reasons, in
 `PARITY_DIFFERENCES` (the parity test in tests/engines checks exactly these); what the
 scripted session cannot show is in `BEHAVIOUR_DIFFERENCES`.
+
+See docs/architecture.md, "Engines", and docs/security.md for what the library cannot meet.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ macros), so the ABI check is by symbol: the library must export every function b
 newest of them (`vfu_sgl_read`, `vfu_setup_irq_state_callback`, `vfu_device_quiesced`,
 `dma_sg_size`) arrived with the 0.2 API (2023); an older library lacks them and is refused
 with a message naming what is missing.
+
+See docs/architecture.md, "Engines".
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ What stays here, and why:
   before any DMA_MAP or DMA_UNMAP, and the quiesce waits until no pin is left.
 * There are no `file` windows (pread/pwrite): the library mmaps every window with an fd,
   whether its file can shrink or not (`BEHAVIOUR_DIFFERENCES`, "guest memory that shrinks").
+
+See docs/architecture.md, "Engines".
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ reports only MASK/UNMASK, through the IRQ state callback, which lands in
 * raising a vector (`signal`) is `vfu_irq_trigger`; ERR and REQ cannot be raised through
   the library's API at all;
 * `enabled` cannot look at eventfds the library does not show us.
+
+See docs/architecture.md, "Engines".
 """
 
 from __future__ import annotations

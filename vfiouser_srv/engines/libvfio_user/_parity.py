@@ -6,6 +6,8 @@ occur, so this table cannot drift from the behaviour.
 
 Behaviour that the scripted session cannot show on the wire is listed in
 `BEHAVIOUR_DIFFERENCES`.
+
+See docs/architecture.md, "Engines".
 """
 
 from __future__ import annotations
@@ -128,6 +130,15 @@ BEHAVIOUR_DIFFERENCES: dict[str, str] = {
         "the library does not tell the device when eventfds are set, so a line already "
         "asserted when the client sets the INTx eventfd is signalled at the next unmask (the "
         "guest's EOI) or rising edge, not at once as in the Python engine."
+    ),
+    "migration": (
+        "not offered: DEVICE_FEATURE is answered by the library (EINVAL without migration "
+        "callbacks). Wiring vfu_setup_device_migration_callbacks to the model's save/load is "
+        "possible, but the library's own dirty-page log only sees DMA taken through "
+        "vfu_sgl_get/put, while this engine reaches guest memory through its mapping in the "
+        "shared window table, so DMA_LOGGING_REPORT would miss the device's writes and a "
+        "migration would silently lose guest data. Migrate with the Python engine "
+        "(docs/migration.md)."
     ),
 }
 
