@@ -42,7 +42,7 @@ class AdminCommands(WorkerCore):
             if item is not None and outcome is not None:
                 item.outcome = outcome
         if outcome is not None and self.sqs.get(0) is sq:
-            await self._complete_or_log(sq, cmd.cid, outcome[0], outcome[1])
+            await self._complete_or_log(sq, cmd.cid, outcome[0], outcome[1], item)
         self.carried.pop(token, None)
 
     async def _run_admin(self, cmd: Command) -> Outcome | None:

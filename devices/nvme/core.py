@@ -53,6 +53,10 @@ class Carried:
     cmd: Command
     #: (status, DW0) once the command has executed
     outcome: tuple[int, int] | None = None
+    #: (CQ entry address, phase) once a CQ slot is reserved for it: a completion whose
+    #: DMA write was cancelled is written to that slot again, never to a new one (the
+    #: host would wait at the old slot forever)
+    slot: tuple[int, int] | None = None
 
 
 def default_features(max_queues: int) -> dict[int, int]:
@@ -262,10 +266,12 @@ class WorkerCore:
         with contextlib.suppress(DoorbellError):
             cq.set_head(value)
 
-    async def complete(self, sq: SubmissionQueue, cid: int, status: int, result: int = 0) -> None:
-        """Post a completion for a command of `sq` to its CQ (waits while the CQ is full)."""
+    async def complete(self, sq: SubmissionQueue, cid: int, status: int, result: int = 0,
+                       item: Carried | None = None) -> None:
+        """Post a completion for a command of `sq` to its CQ (waits while the CQ is full).
+        `item`: the carried command, whose slot is reused if it has one (see `Carried`)."""
         cq = self.cqs.get(sq.cqid)
-        while cq is not None and cq.full:
+        while cq is not None and cq.full and (item is None or item.slot is None):
             if cq.shadow_db is not None:
                 await self._refresh_cq_head(cq)
                 if not cq.full:
@@ -283,7 +289,12 @@ class WorkerCore:
             return
         if status not in _RETRYABLE:
             status |= DNR
-        addr, phase = cq.reserve()
+        if item is not None and item.slot is not None:
+            addr, phase = item.slot
+        else:
+            addr, phase = cq.reserve()
+            if item is not None:
+                item.slot = (addr, phase)
         entry = CQE.pack(result & 0xFFFF_FFFF, 0, sq.head, sq.qid, cid, (status << 1) | phase)
         view = self.dma.view(addr, CQE.size, write=True)
         if view is not None:
@@ -301,10 +312,10 @@ class WorkerCore:
                 self.update_intx()
 
     async def _complete_or_log(self, sq: SubmissionQueue, cid: int, status: int,
-                               result: int) -> None:
+                               result: int, item: Carried | None = None) -> None:
         """`complete`, for callers that cannot report a lost completion to anyone."""
         try:
-            await self.complete(sq, cid, status, result)
+            await self.complete(sq, cid, status, result, item)
         except DmaError as exc:
             log.error("nvme: completion of cid %d on SQ %d lost: %s", cid, sq.qid, exc)
 

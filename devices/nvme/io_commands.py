@@ -72,7 +72,7 @@ class IoCommands(WorkerCore):
                     return  # controller reset: the command is aborted without a completion
                 if item is not None:
                     item.outcome = (status, result)
-                await self._complete_or_log(sq, cmd.cid, status, result)
+                await self._complete_or_log(sq, cmd.cid, status, result, item)
                 self.carried.pop(token, None)
         finally:
             if scope.cancel_called:

@@ -47,7 +47,8 @@ def save_worker(w: WorkerCore) -> dict[str, Value]:
                 for q in w.cqs.values()],
         "smart": dict(asdict(w.smart)),
         "carried": [{"sqid": c.sqid, "sqe": SQE.pack(*c.cmd),
-                     "outcome": list(c.outcome) if c.outcome is not None else None}
+                     "outcome": list(c.outcome) if c.outcome is not None else None,
+                     "slot": list(c.slot) if c.slot is not None else None}
                     for c in w.carried.values()],
     }
 
@@ -103,15 +104,20 @@ def _carried(rec: Record, sqs: dict[int, SubmissionQueue]) -> dict[int, Carried]
         if sqid not in sqs:
             raise item.fail("sqid", f"command of SQ {sqid}, which does not exist")
         cmd = Command.decode(item.blob("sqe", SQE.size))
-        outcome = item.get("outcome")
-        if outcome is None:
-            out[i] = Carried(sqid, cmd)
-            continue
-        pair = item.uints("outcome", U32)
-        if len(pair) != 2:
-            raise item.fail("outcome", "expected [status, result]")
-        out[i] = Carried(sqid, cmd, (pair[0], pair[1]))
+        slot = _pair(item, "slot", U64, "[CQ entry address, phase]")
+        if slot is not None and slot[1] > 1:
+            raise item.fail("slot", "the phase must be 0 or 1")
+        out[i] = Carried(sqid, cmd, _pair(item, "outcome", U32, "[status, result]"), slot)
     return out
+
+
+def _pair(rec: Record, key: str, bits: int, what: str) -> tuple[int, int] | None:
+    if rec.get(key) is None:
+        return None
+    pair = rec.uints(key, bits)
+    if len(pair) != 2:
+        raise rec.fail(key, f"expected {what}")
+    return pair[0], pair[1]
 
 
 def prepare_worker(w: WorkerCore, rec: Record, *, vectors: int, mps_max: int) -> Apply:
