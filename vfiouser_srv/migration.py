@@ -14,7 +14,7 @@ What each arc of `protocol._migration` does (a path of several arcs runs them in
 | STOP -> STOP_COPY, PRE_COPY -> STOP_COPY | `save_state()` becomes the data stream |
 | RUNNING -> PRE_COPY | the model's optional `save_precopy()` becomes the data stream |
 | STOP -> RESUMING | MIG_DATA_WRITE collects the stream |
-| RESUMING -> STOP | `load_state(stream)`, then quiesce again (a load restarts the device's work) |
+| RESUMING -> STOP | `load_state(stream)` (the work the state carries restarts at once) |
 | STOP_COPY -> STOP, PRE_COPY -> RUNNING | the stream is dropped |
 
 A failed arc leaves the device in ERROR, where only DEVICE_RESET (back to RUNNING) helps;
@@ -305,8 +305,11 @@ class Migration:
                 data = bytes(self._in or b"")
                 self._in = None
                 model.load_state(data)  # StateError: the device is untouched; ERROR
-                self.quiesced = False
-                await self._quiesce(ctx)  # the load restarted its work; STOP means stopped
+                # Not quiesced again: the load restarted the work the state carries, and a
+                # quiesce now would stall it in message mode (the client's DMA replies
+                # are routed by the read loop, which is busy with this SET) and cancel it.
+                # `quiesced` stays: STOP -> RUNNING still calls `resume`, which lifts the
+                # quiesce of RUNNING -> STOP for a model whose load did not.
                 self._let_go()
             else:  # STOP_COPY: the stream ends
                 self._drop_streams()

@@ -43,9 +43,13 @@ pytestmark = pytest.mark.skipif(
 
 # The destination server: listen first, then make the socket appear (client.c connects the
 # moment the path exists, so it must never see a bound socket that does not listen yet).
-WRAPPER = """#!{python}
-import os, socket, sys; p = sys.argv[-1]; s = socket.socket(socket.AF_UNIX); s.bind(p + ".new"); s.listen(); os.rename(p + ".new", p); os.set_inheritable(s.fileno(), True); os.execv(sys.executable, [sys.executable, "-m", "vfiouser_srv", "serve", "libvfio-user-sample", "--fd", str(s.fileno())])
-"""
+WRAPPER = (
+    "#!{python}\n"
+    "import os, socket, sys; p = sys.argv[-1]; s = socket.socket(socket.AF_UNIX); "
+    "s.bind(p + '.new'); s.listen(); os.rename(p + '.new', p); "
+    "os.set_inheritable(s.fileno(), True); os.execv(sys.executable, [sys.executable, '-m', "
+    "'vfiouser_srv', 'serve', 'libvfio-user-sample', '--fd', str(s.fileno())])\n"
+)
 
 
 def _subreaper(on: bool) -> None:
@@ -81,11 +85,12 @@ def test_sample_client_runs_its_whole_script(tmp_path: Path) -> None:
         server.chmod(0o755)
         sock = str(workdir / "s")
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-        source = subprocess.Popen(
-            [sys.executable, "-m", "vfiouser_srv", "serve", "libvfio-user-sample",
-             "--socket-path", sock],
-            stdout=subprocess.PIPE, stderr=open(tmp_path / "source.log", "wb"), env=env,
-        )
+        with open(tmp_path / "source.log", "wb") as log:
+            source = subprocess.Popen(
+                [sys.executable, "-m", "vfiouser_srv", "serve", "libvfio-user-sample",
+                 "--socket-path", sock],
+                stdout=subprocess.PIPE, stderr=log, env=env,
+            )
         assert source.stdout is not None
         assert source.stdout.readline().startswith(b"READY"), (tmp_path / "source.log").read_text()
         _subreaper(True)
