@@ -62,17 +62,10 @@ async def test_edu_mid_dma(make_server: MakeServer, shared: bool) -> None:
         assert await b.region_read(0, Reg.FACTORIAL, 4) == struct.pack("<I", 120)
 
 
-NVME_MESSAGES_XFAIL = pytest.mark.xfail(
-    reason="open: in message mode the source's quiesce cannot finish a command's DMA (the "
-    "read loop that routes the client's DMA replies is busy with the SET), so after "
-    "QUIESCE_GRACE its task is cancelled and the command carried; the destination then "
-    "issues no DMA for the carried commands and they never complete (docs/migration.md)",
-    strict=False,
-)
 
 
 @pytest.mark.parametrize(
-    "shared", [True, pytest.param(False, marks=NVME_MESSAGES_XFAIL)], ids=["mmap", "messages"]
+    "shared", [True, False], ids=["mmap", "messages"]
 )
 async def test_nvme_with_queued_io(make_server: MakeServer, tmp_path: Path, shared: bool) -> None:
     disk = tmp_path / "disk.img"
