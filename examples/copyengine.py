@@ -1,7 +1,7 @@
 """The README's example device: copies guest memory, then raises MSI-X vector 0.
 
-Serve it with `python examples/copyengine.py /tmp/ce.sock` (it registers itself and runs the
-server), or import `CopyEngine` and add it to `devices.MODELS` to use `vfiouser-srv serve`.
+Serve it with `vfiouser-srv serve examples/copyengine.py:CopyEngine --socket-path /tmp/ce.sock`
+(or `python examples/copyengine.py /tmp/ce.sock`, which registers it and runs the server).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import trio
 
 import devices
 from devices import OptionError
+from devices.sdk.options import type_label
 
 from . import systemd
 from .config import (
@@ -237,7 +238,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ConfigError("give exactly one of --socket-path and --fd")
         devs = [
             DeviceConfig(
-                args.name or args.device,
+                args.name or devices.model_name(args.device),
                 args.device,
                 args.socket_path,
                 args.fd,
@@ -265,10 +266,14 @@ def _access_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    for name, cls in sorted(devices.MODELS.items()):
+    models, problems = devices.available()
+    for name, cls in sorted(models.items()):
         print(f"{name}: {cls.description}")
         for opt in cls.options:
-            print(f"    {opt.name}={opt.type.__name__} (default {opt.default!r}): {opt.help}")
+            old = f" (old name: {', '.join(opt.aliases)})" if opt.aliases else ""
+            print(f"    {opt.name}={type_label(opt)} (default {opt.default!r}): {opt.help}{old}")
+    for line in problems:
+        print(f"vfiouser-srv: {line}", file=sys.stderr)
     return 0
 
 
@@ -287,7 +292,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve device models on vfio-user sockets")
-    s.add_argument("device", nargs="?", help="device model (see `vfiouser-srv devices`)")
+    s.add_argument(
+        "device",
+        nargs="?",
+        help="device model: a name (see `vfiouser-srv devices`), FILE.py:CLASS or MODULE:CLASS",
+    )
     s.add_argument("--socket-path", help="Unix socket to listen on")
     s.add_argument("--fd", type=int, help="inherited socket fd (listening or connected)")
     s.add_argument(

@@ -30,6 +30,7 @@ from .interface import (
     RegionIndex,
     StateError,
 )
+from .options import Size, SizeList
 from .pci import INTA, INTX_NONE, PciDevice, PciIdentity
 from .regs import Access, Field, Register, RegisterBank
 from .state import (
@@ -84,6 +85,8 @@ __all__ = [
     "RegisterBank",
     "Rom",
     "SharedMemory",
+    "Size",
+    "SizeList",
     "StateError",
     "StateField",
     "Status",

@@ -253,6 +253,8 @@ class OptionSpec:
     type: type
     default: Any
     help: str
+    #: old names still accepted, with a deprecation warning (devices/sdk/options.py)
+    aliases: tuple[str, ...] = ()
 
 
 class DeviceModel:

@@ -85,6 +85,8 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", type=Path, help="use an already running server at this socket")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="passed to the server as --set")
+    p.add_argument("--model", help="the model our server serves instead of the configuration's: "
+                   "a name, FILE.py:CLASS or MODULE:CLASS")
     p.add_argument("--qemu-arg", action="append", default=[], help="extra QEMU argument")
     p.add_argument("--quiet", action="store_true", help="do not echo the whole console")
     p.add_argument("--demo", action="store_true",
@@ -132,6 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         echo = False if args.quiet else (demo_echo if args.demo else True)
         run = trio.run(lambda: run_config(
             cfg.name, cache=args.cache, configs=cf, server_sets=args.sets,
+            server_model=args.model,
             socket_path=args.socket, test=test, accel=accel, mem=args.mem,
             guest_env=guest_env, trace=args.trace, timeout=args.timeout,
             extra_qemu_args=args.qemu_arg, echo=echo,

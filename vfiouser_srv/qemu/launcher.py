@@ -486,23 +486,36 @@ async def run_config(
     configs: ConfigFile | None = None,
     server_sets: Sequence[str] = (),
     socket_path: Path | None = None,
+    server_model: str | None = None,
     **kwargs: object,
 ) -> ConfigRun:
     """Run ``config`` end to end: start its server (if it has one and no ``socket_path`` of an
     already running server is given), boot the guest, stop the server.
+
+    ``server_model`` replaces the configuration's ``server`` model (a name, ``FILE.py:CLASS``
+    or ``MODULE:CLASS``; a relative file is taken from our working directory).
 
     Other keyword arguments go to :func:`run_guest`.
     """
     cf = configs or load_configs()
     cfg = cf.get(config)
     run_dir = await new_run_dir(cfg.name, cache)
-    if not cfg.uses_socket or socket_path is not None or cfg.server is None:
+    model = _absolute_model(server_model) if server_model else cfg.server
+    if not cfg.uses_socket or socket_path is not None or model is None:
         res = await run_guest(cfg, cache=cache, configs=cf, run_dir=run_dir,
                               socket_path=socket_path, **kwargs)  # type: ignore[arg-type]
         return ConfigRun(res, None, None)
     sock = _socket_path(run_dir)
-    async with serve_device(cfg.server, sock, run_dir=run_dir, sets=server_sets) as server:
+    async with serve_device(model, sock, run_dir=run_dir, sets=server_sets) as server:
         res = await run_guest(cfg, cache=cache, configs=cf, run_dir=run_dir,
                               socket_path=sock, **kwargs)  # type: ignore[arg-type]
         code = await server.stop()
     return ConfigRun(res, server.log_path, code)
+
+
+def _absolute_model(model: str) -> str:
+    """``./mydev.py:CLASS`` with an absolute file, so the server finds it from any folder."""
+    where, sep, attr = model.rpartition(":")
+    if sep and (where.endswith(".py") or "/" in where):
+        return f"{Path(where).expanduser().resolve()}:{attr}"
+    return model
