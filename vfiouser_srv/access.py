@@ -42,7 +42,7 @@ class Regions:
     Built at VERSION from the model's `RegionSpec`s and the negotiated transfer limit; the
     tuples make the fast path's check a few comparisons."""
 
-    __slots__ = ("limits", "max_xfer")
+    __slots__ = ("limits", "max_xfer", "rd", "wr")
 
     def __init__(self, specs: dict[int, RegionSpec], max_xfer: int) -> None:
         self.limits: list[tuple[int, bool, bool]] = [
@@ -50,6 +50,9 @@ class Regions:
             for i in range(NUM_PCI_REGIONS)
         ]
         self.max_xfer = max_xfer
+        #: reads and writes served, packed (messages << 48 | bytes: `stats`)
+        self.rd = 0
+        self.wr = 0
 
     def check(self, index: int, offset: int, count: int, write: bool) -> None:
         """Raise RemoteProtocolError (EINVAL) unless the access is allowed."""
@@ -124,6 +127,7 @@ def serve(
                 raise DeviceError(errno.EIO, f"model returned {len(data)} bytes for {count}")
         except Exception as exc:
             return fail(ctx, msg_id, _READ, no_reply, exc)
+        regions.rd += count + (1 << 48)  # the one counter: `stats.ONE` (constant-folded)
         if no_reply:
             return None
         return (
@@ -136,6 +140,7 @@ def serve(
         ctx.model.region_write(region, offset, bytes(payload[16:]))
     except Exception as exc:
         return fail(ctx, msg_id, _WRITE, no_reply, exc)
+    regions.wr += count + (1 << 48)
     if no_reply:
         return None
     return _REPLY_HEAD.pack(msg_id, _WRITE, 32, _TYPE_REPLY, 0, offset, region, count)

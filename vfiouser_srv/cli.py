@@ -26,7 +26,7 @@ import devices
 from devices import OptionError
 from devices.sdk.options import type_label
 
-from . import systemd
+from . import control_commands, ctl, systemd  # noqa: F401 (control_commands registers)
 from .config import (
     ACCESS_KEYS,
     DEVICE_KEYS,
@@ -380,6 +380,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose")
     sub.add_parser("devices", help="list device models and their options")
+    ctl.add_parser(sub)
     q = sub.add_parser("qemu", help="provision and launch QEMU guests (see qemu-configs/)")
     from .qemu import cli as qemu_cli  # its subcommands' parsers, each with its own --help
 
@@ -404,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return cmd_serve(systemd.serve_args(args))
+        if args.command == "ctl":
+            return ctl.run(args)
         if args.command == "devices":
             return cmd_devices(args)
         return cmd_qemu(args)

@@ -51,6 +51,9 @@ MAX_LINE = 1 << 20
 #: control connections open at a time; more are closed at accept
 MAX_CONNECTIONS = 16
 PACKAGE = f"vfiouser-srv {__version__}"
+#: events queued for one subscriber before further ones are dropped
+MAX_QUEUED_EVENTS = 256
+_BROKEN = (TransportError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 Arguments = dict[str, Any]
 Handler = Callable[["ControlConnection", Arguments], Awaitable[Any]]
@@ -158,9 +161,26 @@ class ControlConnection:
         self.request_id: Any = None
         #: the handler sent its reply itself (`reply`): the loop must not send another
         self.replied = False
+        self._send_lock = trio.Lock()
+        #: server events queued for this connection once it ran `subscribe`
+        self.events: trio.MemorySendChannel[dict[str, Any]] | None = None
+        #: this connection's tasks (the event pump), set by `ControlServer`
+        self.nursery: trio.Nursery | None = None
 
     async def send(self, obj: dict[str, Any], fds: list[Any] | tuple[Any, ...] = ()) -> None:
-        await self.channel.send(obj, fds)
+        async with self._send_lock:  # replies and pushed events never interleave
+            await self.channel.send(obj, fds)
+
+    def push_event(self, name: str, data: dict[str, Any]) -> None:
+        """A server event (`objects.EventBus` listener); dropped if the client lags far."""
+        if self.events is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                self.events.send_nowait({"event": name, "data": data})
+
+    async def pump_events(self, receive: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+        with contextlib.suppress(*_BROKEN):
+            async for event in receive:
+                await self.send(event)
 
     async def reply(self, value: Any) -> None:
         self.replied = True
@@ -285,12 +305,20 @@ class ControlServer:
     async def _serve_connection(self, conn: socket.socket, peer: str) -> None:
         self.connections += 1
         channel = LineChannel(FdStream(conn, max_fds=SCM_MAX_FD))
+        connection = ControlConnection(self, channel, peer)
         try:
-            await ControlConnection(self, channel, peer).serve()
-        except (TransportError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("control: %s: %s", peer, exc)
+            async with trio.open_nursery() as nursery:
+                connection.nursery = nursery
+                try:
+                    await connection.serve()
+                except _BROKEN as exc:
+                    log.info("control: %s: %s", peer, exc)
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
             self.connections -= 1
+            with contextlib.suppress(ValueError):
+                self.server.events.listeners.remove(connection.push_event)
             channel.close()
 
     def close(self) -> None:

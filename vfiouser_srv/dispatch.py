@@ -71,6 +71,7 @@ from .irq import IrqTable
 from .migration import Migration
 from .objects import Attachment, Device, DeviceState, ObjectError
 from .session_dma import DmaRequests
+from .stats import ONE
 from .tasks import TaskGroup
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def run_request(session: HandlerContext, req: Request) -> Framed | Awaitable[Fra
     command = req.body.COMMAND
     if command in (_READ, _WRITE):
         return _region_access(session, req)
+    session.device.stats.messages[command] += 1
     return run_handler(session, HANDLERS.get(command), req)
 
 
@@ -127,10 +129,12 @@ def _region_access(session: HandlerContext, req: Request) -> bytes | None:
             session.regions.check(body.region, body.offset, body.count, False)
             data = read_model(session.model, body.region, body.offset, body.count)
             reply = pack_read_reply(req.msg_id, body.offset, body.region, data)
+            session.regions.rd += body.count + ONE
         else:
             assert isinstance(body, RegionWrite)
             session.regions.check(body.region, body.offset, len(body.data), True)
             session.model.region_write(body.region, body.offset, body.data)
+            session.regions.wr += len(body.data) + ONE
             reply = pack_write_reply(req.msg_id, body.offset, body.region, len(body.data))
     except Exception as exc:
         return fail(session, req.msg_id, body.COMMAND, req.no_reply, exc)
@@ -180,6 +184,9 @@ def run_frame(session: HandlerContext, frame: Frame) -> bytes | None:
 def reject(session: HandlerContext, ev: BadRequest) -> bytes | None:
     """A message that could not be accepted: close its fds, log it, frame the errno reply."""
     close_all(ev.error.fds)
+    session.count_error(ev.command, ev.error.errno)
+    if ev.command not in (_READ, _WRITE):  # `count_error` counts a failed region access
+        session.device.stats.messages[ev.command] += 1
     log.warning(
         "%s: rejected msg %d (command %d): %s", session.name, ev.msg_id, ev.command, ev.error
     )
@@ -336,6 +343,7 @@ def on_region_write_multi(session: HandlerContext, req: RegionWriteMulti) -> Bod
 async def _reset(session: HandlerContext) -> Body:
     await session.tasks.cancel_all()
     session.device.model.reset()
+    session.device.set_health(True)  # a reset is the way back, as for a failed VF
     session.migration.reset()  # back to RUNNING (the way out of ERROR)
     return DeviceResetReply()
 

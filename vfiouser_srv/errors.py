@@ -45,6 +45,9 @@ class ReplyContext(Protocol):
 
     def request_close(self) -> None: ...
 
+    def count_error(self, command: int, err: int) -> None:
+        """Count an error reply (`stats`)."""
+
 
 def fail(
     ctx: ReplyContext, msg_id: int, command: int, no_reply: bool, exc: Exception
@@ -55,6 +58,7 @@ def fail(
     else is a bug and logged with its traceback. A VERSION refused by the object model
     (EBUSY, ENODEV) is answered and then the connection closes."""
     err = errno_of(exc)
+    ctx.count_error(command, err)
     name = Command(command).name if command in Command._value2member_map_ else str(command)
     if isinstance(exc, EXPECTED):
         log.warning("%s: %s id=%d failed: %s (errno %d)", ctx.name, name, msg_id, exc, err)

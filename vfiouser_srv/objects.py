@@ -22,12 +22,14 @@ import enum
 import errno
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from devices.sdk.interface import DeviceModel
 
 from .container import Container
+from .stats import DeviceStats
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,21 @@ class DeviceState(enum.Enum):
     REMOVED = "removed"
 
 
+class EventBus:
+    """Server events (a client attached, detached, ignored REQ; a device failed) for
+    whoever listens: the control socket's subscribers (docs/operations.md)."""
+
+    def __init__(self) -> None:
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(name, data)
+            except Exception:
+                log.exception("event listener failed on %s", name)
+
+
 class Attachment(Protocol):
     """The connection a device is attached to, as hot remove sees it (a Python-engine
     `Session`; the libvfio-user engine keeps its client to itself)."""
@@ -97,9 +114,31 @@ class Device:
     state: DeviceState = DeviceState.ACTIVE
     #: False after a model failed in a way that makes it unsafe to hand out (viability)
     healthy: bool = True
+    #: why it is unhealthy (None while healthy)
+    health_reason: str | None = None
     session: Attachment | None = None
     #: set when the current session ends (hot remove waits on it)
     released: Any = None
+    #: counters for `query-stats` (`stats`)
+    stats: DeviceStats = field(default_factory=DeviceStats)
+    #: where server events go (the server's bus; a lone device gets its own)
+    events: EventBus = field(default_factory=EventBus)
+    #: `trace-on`: this device's message log (a logger writing to a file), else None
+    trace: logging.Logger | None = None
+
+    def set_health(self, healthy: bool, reason: str | None = None) -> None:
+        """Mark the device (un)healthy: an unhealthy one makes its group non-viable, so
+        no new client may attach until it is reset or removed (docs/operations.md)."""
+        if healthy == self.healthy:
+            return
+        self.healthy, self.health_reason = healthy, None if healthy else reason
+        if healthy:
+            log.info("%s: healthy again", self.name)
+        else:
+            log.error("%s: unhealthy: %s", self.name, reason)
+        self.events.emit(
+            "DEVICE_HEALTH", {"device": self.name, "healthy": healthy, "reason": reason}
+        )
 
     def __repr__(self) -> str:
         return f"Device({self.name!r}, {self.state.value})"

@@ -36,6 +36,8 @@ class Outbox:
         self.name = name
         #: log every message sent (`vfiouser-srv -v`), set by the session
         self.verbose = False
+        #: where the message log goes (the session's `set_trace`)
+        self.wire = wirelog.wire_log
         #: the connection is closing: `flush` stops waiting for room
         self.closing = False
         #: a send failed: the peer is gone, everything queued was dropped
@@ -73,7 +75,7 @@ class Outbox:
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
         if self.verbose:
-            wirelog.log_out(self.name, data, len(fds))
+            wirelog.log_out(self.name, data, len(fds), self.wire)
         self.send(data, fds)
 
     async def flush(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:

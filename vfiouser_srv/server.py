@@ -31,7 +31,7 @@ from protocol import Capabilities, MigrationCaps
 from .contract import Endpoint, EngineDevice
 from .engines import check_endpoint, load_engine
 from .limits import DEFAULT_LIMITS, Limits
-from .objects import Device, DeviceState, Group, ObjectError, OwnerPolicy
+from .objects import Device, DeviceState, EventBus, Group, ObjectError, OwnerPolicy
 from .sockets import DEFAULT_ACCESS, SocketAccess, raise_fd_limit
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,10 @@ class Server:
         #: open connections per device name, and in all (the `limits` caps)
         self.connections: dict[str, int] = {}
         self.total_connections = 0
+        #: events for the control socket's subscribers (`objects.EventBus`)
+        self.events = EventBus()
+        #: the model name and options each device was built from (for `query-devices`)
+        self.model_names: dict[str, str] = {}
 
     # ------------------------------------------------------------------ registry
 
@@ -117,7 +121,7 @@ class Server:
         create = load_engine(engine).create_device
         new_group = (group or name) not in self.groups
         g = self.group(group or name)
-        dev = Device(name, model, socket_path, g)
+        dev = Device(name, model, socket_path, g, events=self.events)
         self._regions[name] = regions
         try:
             served: EngineDevice = create(self, dev, Endpoint(socket_path, fd, access))
@@ -216,8 +220,10 @@ class Server:
                     session.request_release()
                     requests += 1
                     log.info("%s: asked client to release (request %d)", name, requests)
-                    with trio.move_on_after(interval):
+                    with trio.move_on_after(interval) as waited:
                         await dev.released.wait()
+                    if waited.cancelled_caught:
+                        self.events.emit("REQ_IGNORED", {"device": name, "requests": requests})
             if dev.session is not None:
                 log.warning(
                     "%s: client did not release in %.1fs; disconnecting it", name, deadline or 0.0
@@ -238,7 +244,9 @@ class Server:
             dev.model.close()
         except Exception:
             log.exception("%s: model close failed", name)
+        self.model_names.pop(name, None)
         log.info("%s: removed", name)
+        self.events.emit("DEVICE_DELETED", {"device": name, "requests": requests})
         return requests
 
 

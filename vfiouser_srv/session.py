@@ -37,6 +37,7 @@ from protocol import (
     HEADER,
     HEADER_SIZE,
     Capabilities,
+    Command,
     Connection,
     ErrorReply,
     Event,
@@ -58,6 +59,7 @@ from .migration import Migration
 from .objects import ClientId, Device, new_connection_id
 from .outbox import Outbox
 from .session_dma import DmaRequests, SessionDma
+from .stats import SessionCounters
 from .tasks import TaskGroup
 from .transport import RECV_BUDGET, SEND_FLAGS, FdStream, TransportError
 
@@ -73,6 +75,7 @@ REPLY_BATCH = 16
 #: count, a checkpoint at least every 64 reads)
 _SERIAL_READS = 63
 _NO_REPLY = int(HeaderFlags.NO_REPLY)
+_REGION_ACCESS = (int(Command.REGION_READ), int(Command.REGION_WRITE))
 #: a reply this big is sent (and backpressure applied) at once instead of being batched
 _BIG_REPLY = 64 << 10
 #: how long a closing connection waits for its queued replies to go out
@@ -120,7 +123,7 @@ class Session(DeviceContext):
         self._dma = SessionDma()
         self.container: Container | None = None
         self.irq_table: IrqTable | None = None
-        self.tasks = TaskGroup(f"{device.name}#{self.conn_id}")
+        self.tasks = TaskGroup(f"{device.name}#{self.conn_id}", self.report_failure)
         #: the device's regions (`access.Regions`), set at VERSION
         self.regions = Regions({}, 0)
         self.attached = False
@@ -134,7 +137,10 @@ class Session(DeviceContext):
         self.attached_once = False
         self._forced = False
         self._scope = trio.CancelScope()
+        #: where the message log goes (`set_trace`)
+        self.wire = wirelog.wire_log
         self._verbose = False
+        self._counted = False
         #: a live upgrade asked this session to stop at a message boundary
         self.pause: Pause | None = None
         #: the read loop's wait for the next read, cancelled by `request_pause`
@@ -175,6 +181,7 @@ class Session(DeviceContext):
         if model:
             self.model.attach(self)
         log.info("%s: attached (caps %s)", self.name, caps.to_json())
+        self.device.events.emit("CLIENT_ATTACHED", self._event_data())
 
     async def detach(self) -> None:
         if not self.attached:
@@ -200,6 +207,50 @@ class Session(DeviceContext):
         if self.device.released is not None:
             self.device.released.set()
         log.info("%s: detached", self.name)
+        self.device.events.emit("CLIENT_DETACHED", self._event_data())
+
+    # ------------------------------------------------------------ operations (control socket)
+
+    def _event_data(self) -> dict[str, Any]:
+        c = self.client
+        return {"device": self.device.name, "connection": self.conn_id, "pid": c.pid, "uid": c.uid}
+
+    def count_error(self, command: int, err: int) -> None:
+        """`errors.ReplyContext.count_error`: a failed region access counts as a message too
+        (the packed counters hold only those served)."""
+        stats = self.device.stats
+        stats.errors[err] += 1
+        if command in _REGION_ACCESS:
+            stats.messages[command] += 1
+
+    def counters(self) -> SessionCounters:
+        """What this session counted itself (`stats`); zero once folded into the device's."""
+        if self._counted:
+            return SessionCounters()
+        table = self.irq_table
+        return SessionCounters(
+            self.regions.rd,
+            self.regions.wr,
+            self._dma.read_bytes,
+            self._dma.written_bytes,
+            table.fired if table is not None else 0,
+        )
+
+    def report_failure(self, reason: str) -> None:
+        """The device failed under this client (a device task raised, a backend broke): mark
+        it unhealthy (its group is non-viable until reset or removal) and raise the ERR
+        interrupt, as vfio-pci does on an AER error (docs/operations.md, "Health")."""
+        self.device.set_health(False, reason)
+        if self.irq_table is not None:
+            self.irq_table.trigger(IrqIndex.ERR, 0)
+
+    def set_trace(self, logger: logging.Logger | None) -> None:
+        """`trace-on`/`trace-off`: log every message of this session to `logger` (None: back
+        to `-v`'s log if that is on)."""
+        if logger is None and wirelog.enabled():
+            logger = wirelog.wire_log
+        self._verbose = self.outbox.verbose = logger is not None
+        self.wire = self.outbox.wire = logger or wirelog.wire_log
 
     def request_close(self) -> None:
         """Close after the current batch is flushed (EBUSY at VERSION, hot-remove timeout)."""
@@ -266,6 +317,8 @@ class Session(DeviceContext):
             self.requests.fail_all()
             close_all(self.conn.close())
             self.stream.close()
+            self.device.stats.absorb(self.counters())
+            self._counted = True
             # Whatever is still queued is garbage now: free it with the session, at once.
             self.outbox.clear()
             self._dma.attached_to = None
@@ -292,7 +345,7 @@ class Session(DeviceContext):
         """Read, handle everything that arrived, repeat; the one place a broken stream ends
         the connection."""
         stream = self.stream
-        verbose = self._verbose = self.outbox.verbose = wirelog.enabled()
+        self.set_trace(self.device.trace)
         receive_now = stream.receive_now
         out: list[bytes] = []
         try:
@@ -302,7 +355,7 @@ class Session(DeviceContext):
                     if await self._park(pause):
                         return
                     continue
-                got = None if verbose else self._serve_serial()
+                got = None if self._verbose else self._serve_serial()
                 if got is None:
                     got = receive_now()
                 if got is None:
@@ -334,7 +387,9 @@ class Session(DeviceContext):
         while not self.closing:
             for msg_id, command, flags, payload in conn.take_plain(fast):
                 if self._verbose:
-                    wirelog.log_fast(self.name, msg_id, command, flags, len(payload) + 16)
+                    wirelog.log_fast(
+                        self.name, msg_id, command, flags, len(payload) + 16, self.wire
+                    )
                 reply = serve(self, msg_id, command, flags, payload)
                 if reply is not None:
                     out.append(reply)
@@ -347,7 +402,7 @@ class Session(DeviceContext):
             if ev is None:
                 break
             if self._verbose:
-                wirelog.log_in(self.name, ev)
+                wirelog.log_in(self.name, ev, self.wire)
             await self._handle(ev, out)
         await self.outbox.flush(out)
 

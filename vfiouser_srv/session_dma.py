@@ -54,6 +54,15 @@ class SessionDma:
     def __init__(self) -> None:
         #: the client's address space while it is attached (set and cleared by the session)
         self.attached_to: Container | None = None
+        #: guest-memory bytes the device read / wrote (`stats`; views count when handed out)
+        self.read_bytes = 0
+        self.written_bytes = 0
+
+    def _count(self, size: int, write: bool) -> None:
+        if write:
+            self.written_bytes += size
+        else:
+            self.read_bytes += size
 
     @property
     def container(self) -> Container:
@@ -63,7 +72,10 @@ class SessionDma:
         return c
 
     def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
-        return self.container.view(address, size, write=write)
+        view = self.container.view(address, size, write=write)
+        if view is not None:
+            self._count(size, write)
+        return view
 
     @contextlib.contextmanager
     def pin(self, address: int, size: int, *, write: bool = False) -> Iterator[memoryview | None]:
@@ -75,6 +87,7 @@ class SessionDma:
             return
         w, off, n = pieces[0]
         assert w.view is not None
+        self._count(size, write)
         with container.pin(w):
             view = w.view[off : off + n]
             if write:  # logged when taken and again when let go: a report may come between
@@ -106,6 +119,7 @@ class SessionDma:
                 views.append(w.view[off : off + size])
                 windows[id(w)] = w
             else:
+                self._count(sum(size for _, size in ranges), write)
                 with contextlib.ExitStack() as pins:
                     for w in windows.values():
                         pins.enter_context(container.pin(w))
@@ -121,10 +135,13 @@ class SessionDma:
         yield None
 
     async def read(self, address: int, size: int) -> bytes:
-        return await self.container.read(address, size, self._read_message)
+        data = await self.container.read(address, size, self._read_message)
+        self.read_bytes += size
+        return data
 
     async def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         await self.container.write(address, data, self._write_message)
+        self.written_bytes += memoryview(data).nbytes
 
     async def message_read(self, address: int, size: int) -> bytes:
         """Read by DMA_READ messages whatever the window (libvfio-user's `vfu_sgl_read`,
@@ -132,6 +149,7 @@ class SessionDma:
         out = bytearray()
         for w, off, n in self.container.spans(address, size, False):
             out += await self._read_message(w, off, n)
+        self.read_bytes += size
         return bytes(out)
 
     async def message_write(self, address: int, data: bytes | bytearray | memoryview) -> None:
@@ -142,6 +160,7 @@ class SessionDma:
         for w, off, n in self.container.spans(address, len(mv), True):
             await self._write_message(w, off, mv[pos : pos + n])
             pos += n
+        self.written_bytes += pos
 
     async def _read_message(self, w: DmaWindow, off: int, n: int) -> bytes:
         return await self._message(w.owner).dma_read(w.address + off, n)

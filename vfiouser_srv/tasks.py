@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 class TaskGroup:
     """The device's tasks for one connection; cancellable as a whole and restartable."""
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, on_failure: Callable[[str], None] | None = None) -> None:
         self.owner = owner
+        #: told when a device task raised (health: the device is marked unhealthy)
+        self.on_failure = on_failure
         self._nursery: trio.Nursery | None = None
         self._scope: trio.CancelScope | None = None
         self._ready = trio.Event()
@@ -64,7 +66,10 @@ class TaskGroup:
             await fn(*args)
         except Exception:
             # A device bug must not take the connection down; it is logged loudly instead.
-            log.exception("%s: device task %s failed", self.owner, getattr(fn, "__name__", fn))
+            name = getattr(fn, "__name__", fn)
+            log.exception("%s: device task %s failed", self.owner, name)
+            if self.on_failure is not None:
+                self.on_failure(f"device task {name} raised")
         finally:
             self.running -= 1
 

@@ -242,7 +242,9 @@ class PythonDevice:
                 "(max_connections)"
             )
         if reason is None:
+            self.device.stats.connections_accepted += 1
             return True
+        self.device.stats.connections_refused += 1
         conn.close()
         peer = f"pid {pid} uid {uid} gid {gid}"
         self._refusals.refused(name, reason, peer, self.host.start_soon)
