@@ -4,6 +4,8 @@ Layout follows openvmm's nvme device; devices/nvme/README.md has the table of mo
 with the one thing it does.
 """
 
-from .controller import Nvme, parse_size
+from devices.sdk.options import parse_size
+
+from .controller import Nvme
 
 __all__ = ["Nvme", "parse_size"]

@@ -31,7 +31,6 @@ Register layout and field meanings: `spec`. Behaviour of the registers here:
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from devices.sdk import (
@@ -54,9 +53,11 @@ from devices.sdk import (
     Record,
     Register,
     RegisterBank,
+    SizeList,
     UInt,
     Value,
 )
+from devices.sdk.options import parse_size
 from devices.sdk.storage import BlockBackend, FileBackend, MemoryBackend
 
 from . import identify as idf
@@ -96,16 +97,6 @@ DEFAULT_SIZE = 64 << 20
 DEFAULT_SERIAL = "VFUNVME0001"
 AERL = 3
 ACL = 3
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtKMGT]?)(?:i?[bB])?\s*$")
-_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-
-
-def parse_size(text: str) -> int:
-    """`1G`, `64M`, `512K`, `4096`: binary units, as qemu-img and QEMU's size options."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"bad size {text!r} (examples: 1G, 64M, 1048576)")
-    return int(m.group(1)) << _UNITS[m.group(2).lower()]
 
 
 def _pow2_at_least(n: int, minimum: int) -> int:
@@ -124,7 +115,7 @@ class Nvme(PciDevice):
         OptionSpec("backing", str, "",
                    "raw image file(s), ':'-separated, one namespace each (created and sized "
                    "on demand); empty: memory"),
-        OptionSpec("size", str, "",
+        OptionSpec("size", SizeList, "",
                    "namespace size(s), ':'-separated or one for all (e.g. 1G); default: the "
                    "file's size, or 64M"),
         OptionSpec("namespaces", int, 0,

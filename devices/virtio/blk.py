@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import trio
 
-from devices.sdk import Apply, OptionSpec, Record, Value
+from devices.sdk import Apply, OptionSpec, Record, Size, Value
 from devices.sdk.state import matches
 from devices.sdk.storage import BlockBackend, FileBackend, MemoryBackend
 
@@ -116,9 +116,10 @@ class VirtioBlk(VirtioPciDevice):
     name = "virtio-blk"
     description = "virtio-blk (modern virtio-pci) over a raw file or memory"
     options = (
-        OptionSpec("path", str, "", "raw image file (created if missing); empty: memory"),
-        OptionSpec("size", int, 0, "disk size in bytes (grows the file; memory default "
-                   "64 MiB)"),
+        OptionSpec("backing", str, "", "raw image file (created if missing); empty: memory",
+                   aliases=("path",)),
+        OptionSpec("size", Size, 0, "disk size (grows the file; 0: the file's size, or 64M "
+                   "in memory)"),
         OptionSpec("readonly", bool, False, "offer VIRTIO_BLK_F_RO and refuse writes"),
         OptionSpec("queues", int, 1, "number of request queues (VIRTIO_BLK_F_MQ when > 1)"),
         OptionSpec("queue_size", int, 256, "maximum descriptors per queue"),
@@ -129,8 +130,11 @@ class VirtioBlk(VirtioPciDevice):
     #: transport and queues (`state.py`) plus `save_device_state` (docs/device-state.md)
     state_version = 1
 
-    def __init__(self, path: str = "", size: int = 0, readonly: bool = False, queues: int = 1,
-                 queue_size: int = 256, serial: str = "") -> None:
+    def __init__(self, backing: str = "", size: int = 0, readonly: bool = False,
+                 queues: int = 1, queue_size: int = 256, serial: str = "", *,
+                 path: str = "") -> None:
+        # `path`: the option's old name, still accepted from Python callers
+        path = backing or path
         if size < 0 or size % SECTOR:
             raise ValueError(f"size must be a multiple of {SECTOR}")
         if len(serial.encode()) > ID_BYTES:

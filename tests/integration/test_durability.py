@@ -227,7 +227,7 @@ async def check_durability(img: Path, run: KillRun) -> None:
 
 @pytest.mark.parametrize(("config", "disk", "option"), [
     ("nvme", "nvme0n1", "backing"),
-    ("virtio-blk", "vda", "path"),
+    ("virtio-blk", "vda", "backing"),
 ])
 async def test_flushed_data_survives_server_sigkill(qemu_configs: ConfigFile, tmp_path: Path,
                                                     config: str, disk: str,

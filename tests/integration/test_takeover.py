@@ -236,7 +236,7 @@ def config_server(configs: ConfigFile, config: str) -> str:
 
 @pytest.mark.parametrize(("config", "disk", "option", "irq"), [
     ("nvme", "nvme0n1", "backing", "nvme"),
-    ("virtio-blk", "vda", "path", "virtio"),
+    ("virtio-blk", "vda", "backing", "virtio"),
 ])
 async def test_block_loop_survives_three_upgrades(qemu_configs: ConfigFile, tmp_path: Path,
                                                   config: str, disk: str, option: str,

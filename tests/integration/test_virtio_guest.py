@@ -81,7 +81,7 @@ async def run_blk(config: str, workdir: Path, configs: ConfigFile | None = None,
     ours = not config.startswith("qemu-")
     run = await run_config(config, configs=configs, guest_env=guest_env or {}, timeout=240,
                            append_extra=append_extra,
-                           server_sets=[f"path={img}"] if ours else [],
+                           server_sets=[f"backing={img}"] if ours else [],
                            placeholders={} if ours else {"DISK": os.fspath(img)})
     after = await trio.to_thread.run_sync(img.read_bytes)
     return run.guest, data, after
