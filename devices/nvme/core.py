@@ -139,9 +139,14 @@ class WorkerCore:
         flush the backends. Polled (1 ms): quiesce is rare, and the worker and its I/O
         tasks each end on their own schedule."""
         self.quiescing = True
-        while self.stepping or self._inflight:
-            await trio.sleep(0.001)
-        await self._flush_all()
+        try:
+            while self.stepping or self._inflight:
+                await trio.sleep(0.001)
+        finally:
+            # also when the engine gives up waiting (cancels us after its grace): what was
+            # completed to the guest must be stable before the state moves elsewhere
+            with trio.CancelScope(shield=True):
+                await self._flush_all()
 
     def resume(self) -> None:
         self.quiescing = False

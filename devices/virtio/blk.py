@@ -206,12 +206,17 @@ class VirtioBlk(VirtioPciDevice):
 
     async def quiesce(self) -> None:
         """Requests in flight complete (workers stop between batches), then the backing
-        file is flushed, so whoever loads the state finds every completed write stable."""
-        await super().quiesce()
-        if self.backend.threaded:
-            await trio.to_thread.run_sync(self.backend.flush)
-        else:
-            self.backend.flush()
+        file is flushed, so whoever loads the state finds every completed write stable.
+        The flush also runs when the engine gives up waiting (cancels us after its grace):
+        the writes already completed to the guest must be stable all the same."""
+        try:
+            await super().quiesce()
+        finally:
+            with trio.CancelScope(shield=True):
+                if self.backend.threaded:
+                    await trio.to_thread.run_sync(self.backend.flush)
+                else:
+                    self.backend.flush()
 
     def save_device_state(self) -> dict[str, Value]:
         return {"size": self.backend.size, "readonly": self.backend.readonly,

@@ -190,3 +190,24 @@ def test_registers_of_a_disabled_controller_round_trip() -> None:
     assert reads(dst) == reads(src)
     src.close()
     dst.close()
+
+
+async def test_a_quiesce_the_engine_gives_up_on_still_flushes(tmp_path: Path) -> None:
+    """The engine cancels a quiesce that outlives its grace (message-mode DMA cannot finish
+    while the read loop is busy): the namespaces are flushed all the same, so completed
+    writes are stable before the state moves to another process."""
+    async with source(tmp_path / "ns.img") as (src, _host):
+        flushes: list[int] = []
+        real = src.worker._flush_all
+
+        async def counting() -> None:
+            flushes.append(1)
+            await real()
+
+        src.worker._flush_all = counting  # type: ignore[method-assign]
+        src.worker._inflight[trio.CancelScope()] = 1  # a command that never finishes
+        with trio.move_on_after(0.05):
+            await src.quiesce()
+        src.worker._inflight.clear()
+        src.resume()
+        assert flushes == [1]

@@ -222,3 +222,26 @@ async def test_virtio_net_quiesce_stops_rx_and_state_carries_frames(nursery: tri
     finally:
         await trio.to_thread.run_sync(src.close)
         await trio.to_thread.run_sync(dst.close)
+
+
+async def test_a_blk_quiesce_the_engine_gives_up_on_still_flushes(tmp_path: Path) -> None:
+    """As for nvme: cancelled after the engine's grace, the quiesce still flushes."""
+    img = tmp_path / "disk.img"
+    async with trio.open_nursery() as engine:
+        src, _drv, _ = await blk_source(img, engine, 0)
+        flushes: list[int] = []
+        real = src.backend.flush
+
+        def counting() -> None:
+            flushes.append(1)
+            real()
+
+        src.backend.flush = counting  # type: ignore[method-assign]
+        src._live_workers += 1  # a worker that never stops between batches
+        with trio.move_on_after(0.05):
+            await src.quiesce()
+        src._live_workers -= 1
+        src.resume()
+        assert flushes == [1]
+        engine.cancel_scope.cancel()
+    src.close()
