@@ -319,6 +319,7 @@ class Session(DeviceContext):
             self.stream.close()
             self.device.stats.absorb(self.counters())
             self._counted = True
+            self.tasks.on_failure = None  # no cycle: a closed session is freed at once
             # Whatever is still queued is garbage now: free it with the session, at once.
             self.outbox.clear()
             self._dma.attached_to = None
