@@ -1,51 +1,28 @@
 """Fixtures for the QEMU integration tests.
 
-Skip policy: outside CI (``CI`` unset) an unprovisioned cache skips the ``qemu`` tests with the
-command to run; in CI (``CI=true``) the session provisions the cache itself and a failure to
-do so fails the tests, so a broken CI image can never look green. Set
+Skip policy: the pytest plugin's (vfiouser_srv/pytest_plugin.py, ``vfu_qemu_ready``), the one
+device authors get: outside CI (``CI`` unset) an unprovisioned cache skips the ``qemu`` tests
+with the command to run; in CI (``CI=true``) the session provisions the cache itself and a
+failure to do so fails the tests, so a broken CI image can never look green. Set
 ``VFIOUSER_SRV_AUTO_SETUP=1`` to provision automatically outside CI too.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import pytest
 import trio
 
-from vfiouser_srv.qemu import (
-    ConfigFile,
-    ProvisionError,
-    RunResult,
-    is_provisioned,
-    load_configs,
-    provision,
-    run_config,
-)
+from vfiouser_srv.pytest_plugin import in_ci
+from vfiouser_srv.qemu import ConfigFile, RunResult, load_configs, run_config
 
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+__all__ = ["RefRunner", "in_ci"]
 
 
 @pytest.fixture(scope="session")
-def qemu_ready() -> None:
-    """Make sure QEMU and the guest are provisioned (see the module docstring)."""
-    ready, reason = is_provisioned()
-    if ready:
-        return
-    if in_ci() or os.environ.get("VFIOUSER_SRV_AUTO_SETUP") == "1":
-        try:
-            provision(log=lambda m: print(f"setup: {m}"))
-        except ProvisionError as exc:
-            pytest.fail(f"provisioning failed in CI: {exc}")
-        ready, reason = is_provisioned()
-        if not ready:
-            pytest.fail(f"provisioned, yet not ready: {reason}")
-        return
-    pytest.skip(f"QEMU guest cache not provisioned ({reason}); run `make setup` or "
-                "`python -m vfiouser_srv.qemu setup` (CI=true provisions automatically)")
+def qemu_ready(vfu_qemu_ready: None) -> None:
+    """The plugin's ``vfu_qemu_ready`` under the name these tests use."""
 
 
 @pytest.fixture(scope="session")
