@@ -199,6 +199,7 @@ class AdminCommands(WorkerCore):
                     await self._flush_all()
                 except OSError as exc:
                     log.error("nvme: flush when disabling the write cache failed: %s", exc)
+                    self._backend_failed(exc)
                     raise CommandError(Status.INTERNAL_ERROR, str(exc)) from exc
         elif fid == FeatureId.TEMPERATURE_THRESHOLD and value >> 16:
             return Status.SUCCESS, 0  # other sensors / under-threshold: accepted, not kept

@@ -209,6 +209,14 @@ class WorkerCore:
             return
         self.running = True
 
+    def _backend_failed(self, exc: OSError) -> None:
+        """A backing file error is a device failure, not just a command's: the engine marks
+        the device unhealthy (docs/operations.md, "Health"); the command still completes
+        with its error status."""
+        ctx = self.dev.ctx
+        if ctx is not None:
+            ctx.report_failure(f"nvme: backing file error: {exc}")
+
     def update_intx(self) -> None:
         """INTx is a level: asserted while an interrupt-enabled CQ holds unconsumed entries
         and INTMS bit 0 does not mask it (only meaningful while MSI-X is off)."""

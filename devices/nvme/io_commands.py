@@ -65,6 +65,7 @@ class IoCommands(WorkerCore):
                     status, result = Status.DATA_TRANSFER_ERROR, 0
                 except OSError as exc:
                     log.error("nvme: I/O %#x cid %d: backend error: %s", cmd.opcode, cmd.cid, exc)
+                    self._backend_failed(exc)
                     status = (Status.UNRECOVERED_READ_ERROR if cmd.opcode == IoOpcode.READ
                               else Status.WRITE_FAULT)
                     result = 0

@@ -128,6 +128,7 @@ class Worker(AdminCommands, IoCommands):
             await self._flush_all()
         except OSError as exc:
             log.error("nvme: flush at shutdown failed (%s): controller fatal status", exc)
+            self._backend_failed(exc)
             self.dev.set_csts(cfs=True)
             return
         self.dev.set_csts(shst=Shst.COMPLETE)

@@ -244,6 +244,12 @@ class DeviceContext(Protocol):
         """Run `fn(*args)` in the connection's task group (called from sync handlers)."""
         ...
 
+    def report_failure(self, reason: str) -> None:
+        """The device's backend failed (EIO from its file, its TAP gone): the engine marks
+        the device unhealthy, as VFIO does on a hardware error. Call from the trio thread.
+        The default does nothing, so an engine without health still runs the model."""
+        return None
+
 
 @dataclass(frozen=True)
 class OptionSpec:

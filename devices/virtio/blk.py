@@ -257,17 +257,23 @@ class VirtioBlk(VirtioPciDevice):
                 req.segments = tuple(_SEGMENT.iter_unpack(raw[: len(raw) // 16 * 16]))
             reqs.append(req)
         write_through = not self.writeback
+        failure: OSError | None = None
         if self.backend.threaded:
             fast = 0
             while fast < len(reqs) and self._read_nowait(reqs[fast]):
                 fast += 1
             if fast < len(reqs):
-                await trio.to_thread.run_sync(self._execute, reqs[fast:], write_through)
+                failure = await trio.to_thread.run_sync(self._execute, reqs[fast:],
+                                                        write_through)
                 # The thread cannot be interrupted; a reset that arrived meanwhile ends us
                 # here, before anything is written to rings the driver may have taken back.
                 await trio.lowlevel.checkpoint_if_cancelled()
         else:
-            self._execute(reqs, write_through)
+            failure = self._execute(reqs, write_through)
+        if failure is not None and self.ctx is not None:
+            # EIO from the backing file fails the device, not only the request (docs/
+            # operations.md, "Health"); the request still gets its IOERR status.
+            self.ctx.report_failure(f"{self.name}: backing file error: {failure}")
         done: list[tuple[int, int]] = []
         for req in reqs:
             written = 0
@@ -307,31 +313,36 @@ class VirtioBlk(VirtioPciDevice):
         req.inline_written = count
         return True
 
-    def _execute(self, reqs: list[_Request], write_through: bool = False) -> None:
+    def _execute(self, reqs: list[_Request], write_through: bool = False) -> OSError | None:
         """Run the backend side of a batch, in order (a thread for file backends).
 
         On a write-through disk one fsync after the batch makes its writes stable before
         any of them completes (one per batch, not per request: the guest sees the same
-        thing, and a busy queue pays for one sync); if it fails, so do they."""
+        thing, and a busy queue pays for one sync); if it fails, so do they. Returns the
+        first backend error, for the caller to report on the trio thread."""
+        failure: OSError | None = None
         for req in reqs:
             try:
                 self._execute_one(req)
             except OSError as exc:
+                failure = failure or exc
                 log.warning("%s: request type %d sector %d failed: %s", self.name, req.type,
                             req.sector, exc)
                 req.status = ReqStatus.IOERR
                 req.result = b""
         if not write_through:
-            return
+            return failure
         written = [r for r in reqs if r.type in _WRITES and r.status == ReqStatus.OK]
         if not written:
-            return
+            return failure
         try:
             self.backend.flush()
         except OSError as exc:
             log.warning("%s: write-through flush failed: %s", self.name, exc)
+            failure = failure or exc
             for req in written:
                 req.status = ReqStatus.IOERR
+        return failure
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
         return sector >= 0 and sector * SECTOR + nbytes <= self.backend.size

@@ -64,6 +64,9 @@ from .virtqueue import (
 
 log = logging.getLogger(__name__)
 
+#: what a TAP's fd answers once its interface was deleted (the kernel's tun_get() fails)
+TAP_GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO)
+
 VIRTIO_ID_NET = 1
 CLASS_NETWORK_ETHERNET = 0x020000
 RX_QUEUE = 0
@@ -139,6 +142,8 @@ class VirtioNet(VirtioPciDevice):
         self.rx_dropped = 0
         self.rx_pending: list[bytes] = []
         self._rx_wait: trio.CancelScope | None = None
+        #: the TAP failed (deleted under us) and it was reported; cleared by a reset
+        self.tap_failed = False
         super().__init__(num_queues=2, queue_size=queue_size)
         # Built before trio.run by the CLI (pyroute2's sync API must stay off trio threads).
         try:
@@ -181,6 +186,7 @@ class VirtioNet(VirtioPciDevice):
 
     def on_virtio_reset(self) -> None:
         self.rx_pending.clear()
+        self.tap_failed = False
         try:
             self.tap.set_offload(0)
         except OSError as exc:
@@ -253,6 +259,8 @@ class VirtioNet(VirtioPciDevice):
                 # EAGAIN (queue full), EINVAL (a header the TAP rejects): drop, as a NIC would.
                 self.tx_dropped += 1
                 log.debug("%s: TX frame of %d bytes dropped: %s", self.name, len(frame), exc)
+                if exc.errno in TAP_GONE:
+                    self._tap_gone(exc)
         return [(chain.head, 0) for chain in chains]
 
     # ------------------------------------------------------------------ receive
@@ -268,8 +276,17 @@ class VirtioNet(VirtioPciDevice):
             while not self.quiescing:
                 if not pending:
                     with trio.CancelScope() as self._rx_wait:
-                        pending.append(await stream.receive_some(MAX_FRAME))
-                        pending += self._read_ready(stream.fileno(), RX_BATCH - 1)
+                        try:
+                            pending.append(await stream.receive_some(MAX_FRAME))
+                            pending += self._read_ready(stream.fileno(), RX_BATCH - 1)
+                        except (OSError, trio.BrokenResourceError) as exc:
+                            # trio's FdStream wraps the read's OSError in BrokenResourceError
+                            cause = exc if isinstance(exc, OSError) else exc.__cause__
+                            if not isinstance(cause, OSError) or cause.errno not in TAP_GONE:
+                                raise
+                            self._rx_wait = None
+                            self._tap_gone(cause)
+                            return  # nothing will ever arrive; TX drops from now on
                     self._rx_wait = None
                     continue  # a quiesce may have cancelled the wait: look again
                 start = queue.last_avail_idx
@@ -283,6 +300,16 @@ class VirtioNet(VirtioPciDevice):
                 del pending[:placed]
                 if pending:
                     await self.wait_more(queue)  # out of buffers: wait for the driver
+
+    def _tap_gone(self, exc: OSError) -> None:
+        """The TAP was deleted under the device (its fd answers EBADFD): a backend failure,
+        reported once (docs/operations.md, "Health")."""
+        if self.tap_failed:
+            return
+        self.tap_failed = True
+        log.error("%s: TAP %s is gone: %s", self.name, self.tap.config.name, exc)
+        if self.ctx is not None:
+            self.ctx.report_failure(f"{self.name}: TAP {self.tap.config.name} is gone: {exc}")
 
     @staticmethod
     def _read_ready(fd: int, limit: int) -> list[bytes]:

@@ -91,6 +91,7 @@ class FakeContext:
         self._dma = FakeDma(ram_size)
         self._irq = FakeIrq()
         self.task_names: list[str] = []
+        self.failures: list[str] = []
 
     @property
     def dma(self) -> FakeDma:
@@ -103,3 +104,6 @@ class FakeContext:
     def start_task(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
         self.task_names.append(name)
         self.nursery.start_soon(fn, *args, name=name or None)
+
+    def report_failure(self, reason: str) -> None:
+        self.failures.append(reason)

@@ -188,3 +188,39 @@ async def test_link_status_change_interrupts_the_driver(ctx: FakeContext) -> Non
         await drv.reset()
     finally:
         await trio.to_thread.run_sync(dev.close)
+
+
+def delete_link(ns: str, name: str) -> None:
+    with IPRoute(netns=ns) as ipr:
+        ipr.link("del", index=ipr.link_lookup(ifname=name)[0])
+
+
+async def test_a_tap_deleted_under_the_device_is_a_device_failure(ctx: FakeContext) -> None:
+    """docs/operations.md, "Health": the TAP's fd answers EBADFD once its interface is gone;
+    RX stops and the model reports the failure once (not per dropped TX frame)."""
+    ns, name = unique("vfuns"), unique("vfut")
+    dev = await trio.to_thread.run_sync(lambda: VirtioNet(tap=name, netns=ns))
+    try:
+        dev.attach(ctx)
+        drv = Driver(dev, ctx.dma.ram)
+        drv.setup(FEATURES, size=16)
+        rx, tx = drv.rings
+        for i in range(8):
+            rx.add([], [(RX_BUFS + i * 2048, 2048)])
+        drv.kick(0)
+        await trio.sleep(0.05)  # RX waits on the TAP
+        assert ctx.failures == []
+        await trio.to_thread.run_sync(delete_link, ns, name)
+        with trio.fail_after(5):
+            while not ctx.failures:
+                await trio.sleep(0.01)
+        assert name in ctx.failures[0] and "gone" in ctx.failures[0]
+        frame = arp_request()
+        ctx.dma.ram[TX_BUF : TX_BUF + len(frame)] = frame
+        tx.add([(TX_BUF, len(frame))], [])
+        drv.kick(1)
+        assert await drv.wait_used(1) == [(0, 0)]  # dropped, as a NIC without a link does
+        assert dev.tx_dropped == 1 and len(ctx.failures) == 1
+    finally:
+        await trio.to_thread.run_sync(dev.close)
+    assert ns not in netns.listnetns()
