@@ -150,3 +150,18 @@ def test_a_broken_entry_point_is_reported_not_fatal(
     assert "edu' is a built-in model" in err
     assert cli.main(["serve", "broken", "--socket-path", str(tmp_path / "s.sock")]) == 2
     assert "is not a device model" in capsys.readouterr().err
+
+
+def test_qemu_run_model_option_makes_a_relative_file_absolute(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vfiouser_srv.qemu.launcher import _absolute_model
+
+    monkeypatch.chdir(REPO)
+    args = cli.make_parser().parse_args(
+        ["qemu", "run", "edu", "--model", "./examples/copyengine.py:CopyEngine"]
+    )
+    assert args.model == "./examples/copyengine.py:CopyEngine"
+    assert _absolute_model(args.model) == f"{EXAMPLE}:CopyEngine"
+    assert _absolute_model("mypkg.devices:CopyEngine") == "mypkg.devices:CopyEngine"
+    assert _absolute_model("nvme") == "nvme"
