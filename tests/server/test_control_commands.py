@@ -148,16 +148,15 @@ async def test_device_add_del_with_events_and_readd(tmp_path: Path) -> None:
 
 async def test_trace_on_off_writes_the_message_log(tmp_path: Path) -> None:
     log = tmp_path / "trace.log"
-    async with running(tmp_path) as (server, ctl):
-        async with open_client(server) as client:
-            await ctl.ok("trace-on", device="edu", file=str(log))
-            await client.region_read(0, int(Reg.ID), 4)
-            await ctl.ok("trace-off", device="edu")
-            text = log.read_text()
-            assert "REGION_READ" in text and "edu#" in text
-            size = len(text)
-            await client.region_read(0, int(Reg.ID), 4)
-            assert len(log.read_text()) == size
+    async with running(tmp_path) as (server, ctl), open_client(server) as client:
+        await ctl.ok("trace-on", device="edu", file=str(log))
+        await client.region_read(0, int(Reg.ID), 4)
+        await ctl.ok("trace-off", device="edu")
+        text = log.read_text()
+        assert "REGION_READ" in text and "edu#" in text
+        size = len(text)
+        await client.region_read(0, int(Reg.ID), 4)
+        assert len(log.read_text()) == size
 
 
 @pytest.mark.parametrize(
@@ -169,7 +168,10 @@ async def test_trace_on_off_writes_the_message_log(tmp_path: Path) -> None:
         ({"execute": "device-add", "arguments": {"model": "nope", "socket": "/x"}}, "GenericError"),
         ({"execute": "device-add", "arguments": {"model": "edu"}}, "GenericError"),
         ({"execute": "query-stats", "arguments": {"bogus": 1}}, "GenericError"),
-        ({"execute": "trace-on", "arguments": {"device": "edu", "file": "/no/dir/x"}}, "GenericError"),
+        (
+            {"execute": "trace-on", "arguments": {"device": "edu", "file": "/no/dir/x"}},
+            "GenericError",
+        ),
         ({"execute": "query-nothing"}, "CommandNotFound"),
     ],
 )
@@ -188,16 +190,15 @@ async def test_bad_requests_get_errors_and_the_server_serves_on(
 async def test_a_control_client_leaving_mid_request_does_not_stop_device_del(
     tmp_path: Path,
 ) -> None:
-    async with running(tmp_path) as (server, ctl):
-        async with open_client(server):
-            await ctl.channel.send(
-                {"execute": "device-del", "arguments": {"device": "edu", "deadline": 0.3}}
-            )
-            await trio.sleep(0.05)
-            ctl.channel.close()  # gone before the reply
-            with trio.fail_after(5):
-                while "edu" in server.devices:
-                    await trio.sleep(0.02)
+    async with running(tmp_path) as (server, ctl), open_client(server):
+        await ctl.channel.send(
+            {"execute": "device-del", "arguments": {"device": "edu", "deadline": 0.3}}
+        )
+        await trio.sleep(0.05)
+        ctl.channel.close()  # gone before the reply
+        with trio.fail_after(5):
+            while "edu" in server.devices:
+                await trio.sleep(0.02)
 
 
 async def test_a_failing_device_task_makes_the_device_unhealthy(tmp_path: Path) -> None:
