@@ -125,6 +125,8 @@ class Device:
     events: EventBus = field(default_factory=EventBus)
     #: `trace-on`: this device's message log (a logger writing to a file), else None
     trace: logging.Logger | None = None
+    #: `--trace FILE` / `trace-on format=trace`: this device's `trace.Tracer`, else None
+    tracer: Any = None
 
     def set_health(self, healthy: bool, reason: str | None = None) -> None:
         """Mark the device (un)healthy: an unhealthy one makes its group non-viable, so

@@ -38,6 +38,9 @@ class Outbox:
         self.verbose = False
         #: where the message log goes (the session's `set_trace`)
         self.wire = wirelog.wire_log
+        #: the session's `trace.Tracer` (None: not tracing) and its connection id there
+        self.tracer: Any = None
+        self.trace_conn = 0
         #: the connection is closing: `flush` stops waiting for room
         self.closing = False
         #: a send failed: the peer is gone, everything queued was dropped
@@ -76,6 +79,8 @@ class Outbox:
         out.clear()
         if self.verbose:
             wirelog.log_out(self.name, data, len(fds), self.wire)
+        if self.tracer is not None:
+            self.tracer.outgoing(self.trace_conn, data, fds)
         self.send(data, fds)
 
     async def flush(self, out: list[bytes], fds: tuple[Any, ...] = ()) -> None:

@@ -61,6 +61,7 @@ from .outbox import Outbox
 from .session_dma import DmaRequests, SessionDma
 from .stats import SessionCounters
 from .tasks import TaskGroup
+from .trace import Tracer
 from .transport import RECV_BUDGET, SEND_FLAGS, FdStream, TransportError
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,10 @@ class Session(DeviceContext):
         #: where the message log goes (`set_trace`)
         self.wire = wirelog.wire_log
         self._verbose = False
+        #: `--trace` / `trace-on format=trace` (`trace.Tracer`), else None
+        self.tracer: Tracer | None = None
+        #: -v or a tracer: every message takes the general path (no serial loop)
+        self._no_serial = False
         self._counted = False
         #: a live upgrade asked this session to stop at a message boundary
         self.pause: Pause | None = None
@@ -251,6 +256,20 @@ class Session(DeviceContext):
             logger = wirelog.wire_log
         self._verbose = self.outbox.verbose = logger is not None
         self.wire = self.outbox.wire = logger or wirelog.wire_log
+        self._no_serial = self._verbose or self.tracer is not None
+
+    def set_tracer(self, tracer: Tracer | None) -> None:
+        """Write this session's messages to a trace file (`trace.Tracer`), or stop."""
+        old = self.tracer
+        if old is tracer:
+            return
+        if old is not None:
+            old.disconnect(self.conn_id)
+        self.tracer = self.outbox.tracer = tracer
+        self.outbox.trace_conn = self.conn_id
+        if tracer is not None:
+            tracer.connect(self.conn_id, {**self._event_data(), "model": type(self.model).__name__})
+        self._no_serial = self._verbose or tracer is not None
 
     def request_close(self) -> None:
         """Close after the current batch is flushed (EBUSY at VERSION, hot-remove timeout)."""
@@ -312,6 +331,7 @@ class Session(DeviceContext):
                 )
         finally:
             self.closed = True
+            self.set_tracer(None)
             if self.pause is not None:
                 self.pause.changed.set()
             self.requests.fail_all()
@@ -347,6 +367,7 @@ class Session(DeviceContext):
         the connection."""
         stream = self.stream
         self.set_trace(self.device.trace)
+        self.set_tracer(self.device.tracer)
         receive_now = stream.receive_now
         out: list[bytes] = []
         try:
@@ -356,7 +377,7 @@ class Session(DeviceContext):
                     if await self._park(pause):
                         return
                     continue
-                got = None if self._verbose else self._serve_serial()
+                got = None if self._no_serial else self._serve_serial()
                 if got is None:
                     got = receive_now()
                 if got is None:
@@ -384,6 +405,8 @@ class Session(DeviceContext):
         conn, outbox = self.conn, self.outbox
         fast = access.FAST_COMMANDS
         serve = access.serve
+        if self.tracer is not None:
+            self.tracer.incoming(self.conn_id, data, fds)
         conn.receive_data(data, fds)
         while not self.closing:
             for msg_id, command, flags, payload in conn.take_plain(fast):

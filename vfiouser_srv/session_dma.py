@@ -245,6 +245,8 @@ class DmaRequests:
         try:
             if self.outbox.verbose:
                 wirelog.log_out(self.name, data, len(fds))
+            if self.outbox.tracer is not None:
+                self.outbox.tracer.outgoing(self.outbox.trace_conn, data, fds)
             self.outbox.send(data, fds)
             if self.outbox.broken:
                 raise DmaError(errno.ENOTCONN, "client is gone")
