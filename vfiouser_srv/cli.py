@@ -26,7 +26,7 @@ import devices
 from devices import OptionError
 from devices.sdk.options import type_label
 
-from . import control_commands, ctl, systemd  # noqa: F401 (control_commands registers)
+from . import control_commands, ctl, systemd, trace_cli  # noqa: F401 (control_commands registers)
 from .config import (
     ACCESS_KEYS,
     DEVICE_KEYS,
@@ -114,6 +114,7 @@ def build_server(
                     engine=d.engine,
                     access=d.access,
                 )
+                trace_cli.attach(server.devices[d.name], d)  # --trace FILE: docs/trace.md
             except BaseException:
                 with contextlib.suppress(Exception):
                     model.close()
@@ -221,8 +222,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     access = _access_options(args)
     limit_values = {k: v for k in LIMIT_KEYS if (v := getattr(args, k)) is not None}
     if args.config:
-        if args.device or args.socket_path or args.fd is not None:
-            raise ConfigError("--config excludes DEVICE, --socket-path and --fd")
+        if args.device or args.socket_path or args.fd is not None or args.trace:
+            raise ConfigError("--config excludes DEVICE, --socket-path, --fd and --trace")
         config = read_config(args.config, access=access, limits=limit_values)
         if args.control is not None:
             config.control = args.control
@@ -246,6 +247,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                 parse_sets(args.set),
                 args.engine,
                 parse_access(access, "command line"),
+                args.trace,
+                args.trace_dma,
             )
         ]
         return ServerConfig([], devs, limits, args.control, parse_access(access, "command line"))
@@ -379,8 +382,10 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"open connections to the server at a time (default {DEFAULT_LIMITS.max_connections})",
     )
     s.add_argument("-v", "--verbose", action="count", default=0, dest="sub_verbose")
+    trace_cli.add_serve_options(s)
     sub.add_parser("devices", help="list device models and their options")
     ctl.add_parser(sub)
+    trace_cli.add_parser(sub)
     q = sub.add_parser("qemu", help="provision and launch QEMU guests (see qemu-configs/)")
     from .qemu import cli as qemu_cli  # its subcommands' parsers, each with its own --help
 
@@ -409,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ctl.run(args)
         if args.command == "devices":
             return cmd_devices(args)
+        if args.command == "trace":
+            return trace_cli.run(args)
         return cmd_qemu(args)
     except (ConfigError, OptionError, ObjectError, EngineUnavailable, TakeOverError) as exc:
         print(f"vfiouser-srv: {exc}", file=sys.stderr)

@@ -22,7 +22,8 @@ from .sockets import DEFAULT_ACCESS, SocketAccess
 #: keys of a `[[device]]` table that say who may connect (also accepted in `[server]`)
 ACCESS_KEYS = ("socket_mode", "socket_group", "allow_uids", "allow_gids")
 DEVICE_KEYS = frozenset(
-    {"name", "model", "socket", "fd", "group", "options", "engine", *ACCESS_KEYS}
+    {"name", "model", "socket", "fd", "group", "options", "engine", "trace", "trace_dma"}
+    | set(ACCESS_KEYS)
 )
 #: `[server]` keys besides the `Limits` fields
 SERVER_KEYS = frozenset({"engine", "control", *ACCESS_KEYS})
@@ -39,6 +40,10 @@ class DeviceConfig:
     options: dict[str, str] = field(default_factory=dict)
     engine: str = "python"
     access: SocketAccess = DEFAULT_ACCESS
+    #: `--trace FILE` / `trace = "FILE"`: write every message to this trace (docs/trace.md)
+    trace: str | None = None
+    #: keep DMA payloads in the trace (`--trace-dma` / `trace_dma = true`)
+    trace_dma: bool = False
 
 
 @dataclass
@@ -147,6 +152,8 @@ def read_config(
                 opts,
                 str(d.get("engine", default_engine)),
                 parse_access(d, f"{path}: [[device]] {d['name']}", server_access),
+                str(d["trace"]) if "trace" in d else None,
+                bool(d.get("trace_dma", False)),
             )
         )
     devs = systemd.with_sockets(devs, path)
