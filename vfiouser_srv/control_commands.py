@@ -102,7 +102,7 @@ def device_info(server: Server, dev: Device) -> dict[str, Any]:
         "healthy": dev.healthy,
         "health_reason": dev.health_reason,
         "viable": dev.group.viable,
-        "traced": dev.trace is not None,
+        "traced": dev.trace is not None or dev.tracer is not None,
         "client": clients[0] if clients else None,
     }
 
@@ -199,12 +199,30 @@ async def _subscribe(conn: ControlConnection, args: Arguments) -> object:
     return {}
 
 
-@command("trace-on", "log one device's messages to a file: device, file")
+@command(
+    "trace-on",
+    "record one device's messages to a file: device, file, format (log: the -v lines, "
+    "the default; trace: the format of --trace, docs/trace.md), dma (trace: keep DMA data)",
+)
 async def _trace_on(conn: ControlConnection, args: Arguments) -> object:
-    _only(args, "device", "file")
+    _only(args, "device", "file", "format", "dma")
     dev = _device(conn.server, args)
     path = _str(args, "file")
+    fmt = _str(args, "format", "log")
+    if fmt not in ("log", "trace"):
+        raise ControlError(f'"format" must be "log" or "trace", not {fmt!r}')
     _trace_off_device(conn.server, dev)
+    if fmt == "trace":
+        from .trace import Tracer
+
+        try:
+            tracer = Tracer(path, dma=bool(args.get("dma", False)), meta={"device": dev.name})
+        except OSError as exc:
+            raise ControlError(f"cannot open {path}: {exc}") from None
+        dev.tracer = tracer
+        for s in _sessions(conn.server, dev):
+            s.set_tracer(tracer)
+        return {"device": dev.name, "file": path, "format": fmt}
     try:
         handler = logging.FileHandler(path)
     except OSError as exc:
@@ -228,6 +246,13 @@ async def _trace_off(conn: ControlConnection, args: Arguments) -> object:
 
 
 def _trace_off_device(server: Server, dev: Device) -> bool:
+    tracer = dev.tracer
+    if tracer is not None:
+        dev.tracer = None
+        for s in _sessions(server, dev):
+            s.set_tracer(None)
+        tracer.close()
+        return True
     logger = dev.trace
     if logger is None:
         return False
