@@ -14,6 +14,12 @@ client); the session runs without its serial loop (a tracer writing to /dev/null
 zero-filled, so a model whose replies depend on what it reads from guest memory can
 diverge where the recording did not.
 
+Polling: a guest waiting for a device (nvme's CSTS.RDY) reads one register until it
+changes, so how many reads see the old value depends on timing. A run of identical
+REGION_READs whose recorded replies change is replayed as a loop: each reply may be any
+value the recorded loop saw, and the loop must end on its last value (the last read is
+repeated, 1 ms apart, while the model is slower than it was; `extra_polls` counts them).
+
 See docs/trace.md.
 """
 
@@ -33,7 +39,7 @@ import trio
 import trio.testing
 
 from devices.sdk.interface import DeviceModel
-from protocol import HEADER_SIZE
+from protocol import HEADER_SIZE, Command
 
 from .server import Server
 from .trace import (
@@ -55,6 +61,9 @@ from .trace import (
 #: how long the replay waits for a message the trace says the server sent
 REPLY_TIMEOUT = 5.0
 _SIZE_AT = 4
+_REGION_READ = int(Command.REGION_READ)
+#: header + region access struct: the rest of a REGION_READ reply is the data
+_ACCESS_END = HEADER_SIZE + 16
 
 
 @dataclass
@@ -81,6 +90,8 @@ class ReplayResult:
     messages_sent: int = 0
     messages_compared: int = 0
     connections: int = 0
+    #: reads repeated because a polled register took longer than in the recording
+    extra_polls: int = 0
     divergence: Divergence | None = None
 
 
@@ -239,23 +250,26 @@ async def _replay_connection(
     try:
         sock.connect(path)  # a listening Unix socket: immediate
         sock.setblocking(False)
-        for r in records:
+        i = 0
+        while i < len(records):
+            r = records[i]
+            run = _poll_run(records, i)
+            if run:
+                d = await _replay_poll(peer, run, result, timeout)
+                if d is not None:
+                    return d
+                i += 2 * len(run)
+                continue
+            i += 1
             if r.kind in (IN, GARBAGE):
                 await trio.testing.wait_all_tasks_blocked()
                 data = r.data + bytes(r.wire_len - len(r.data))
                 await peer.send(data, _local_fds(r))
                 result.messages_sent += 1
             elif r.kind == OUT:
-                got = await peer.receive(timeout)
-                if got is None:
-                    why = "connection closed" if peer.eof else f"no message within {timeout}s"
-                    return Divergence(r, _recorded(r), "(nothing)", why)
-                why_not = _compare(r, got[0], got[1])
-                result.messages_compared += 1
-                if why_not is not None:
-                    return Divergence(
-                        r, _recorded(r), describe_message(got[0], len(got[0])), why_not
-                    )
+                d = await _expect(peer, r, result, timeout)
+                if d is not None:
+                    return d
             elif r.kind == DISCONNECT:
                 break
         await trio.testing.wait_all_tasks_blocked()
@@ -280,6 +294,108 @@ async def _replay_connection(
         for fd in peer.fds:
             os.close(fd)
         await trio.testing.wait_all_tasks_blocked()
+
+
+async def _expect(
+    peer: _Peer, r: Record, result: ReplayResult, timeout: float
+) -> Divergence | None:
+    got = await peer.receive(timeout)
+    if got is None:
+        why = "connection closed" if peer.eof else f"no message within {timeout}s"
+        return Divergence(r, _recorded(r), "(nothing)", why)
+    why_not = _compare(r, got[0], got[1])
+    result.messages_compared += 1
+    if why_not is not None:
+        return Divergence(r, _recorded(r), describe_message(got[0], len(got[0])), why_not)
+    return None
+
+
+def _poll_run(records: list[Record], i: int) -> list[tuple[Record, Record]]:
+    """A guest polling a register: at `i`, two or more identical REGION_READs, each followed
+    at once by its reply, whose values change (else: [], replayed message by message)."""
+    run: list[tuple[Record, Record]] = []
+    first = records[i]
+    while i + 1 < len(records):
+        req, rep = records[i], records[i + 1]
+        head, rhead = req.header(), rep.header()
+        if (
+            req.kind != IN
+            or rep.kind != OUT
+            or head is None
+            or rhead is None
+            or head[1] != _REGION_READ
+            or head[3] != 0
+            or req.data[HEADER_SIZE:] != first.data[HEADER_SIZE:]
+            or req.fds
+            or rhead[0] != head[0]
+            or rhead[1] != _REGION_READ
+            or rhead[4] != 0
+            or len(rep.data) != rep.wire_len
+        ):
+            break
+        run.append((req, rep))
+        i += 2
+    if len(run) < 2 or len({rep.data[_ACCESS_END:] for _, rep in run}) < 2:
+        return []
+    return run
+
+
+async def _replay_poll(
+    peer: _Peer, run: list[tuple[Record, Record]], result: ReplayResult, timeout: float
+) -> Divergence | None:
+    """Replay a polling loop: each reply may be any value the recording's loop saw, and the
+    loop ends on the value it ended on; if the model is slower than it was, the last read
+    is repeated (1 ms apart, up to `timeout`) until that value comes."""
+    seen = {rep.data[_ACCESS_END:] for _, rep in run}
+    final = run[-1][1].data[_ACCESS_END:]
+    got = b""
+    for req, rep in run:
+        await trio.testing.wait_all_tasks_blocked()
+        await peer.send(req.data, [])
+        result.messages_sent += 1
+        d, got = await _expect_poll(peer, rep, seen, result, timeout)
+        if d is not None:
+            return d
+    req, rep = run[-1]
+    deadline = trio.current_time() + timeout
+    while got != final:
+        if trio.current_time() > deadline:
+            return Divergence(
+                rep, _recorded(rep), f"still {got.hex()} after {timeout}s of polling", "poll"
+            )
+        await trio.sleep(0.001)
+        await peer.send(req.data, [])
+        result.messages_sent += 1
+        result.extra_polls += 1
+        d, got = await _expect_poll(peer, rep, seen, result, timeout)
+        if d is not None:
+            return d
+    return None
+
+
+async def _expect_poll(
+    peer: _Peer, rep: Record, seen: set[bytes], result: ReplayResult, timeout: float
+) -> tuple[Divergence | None, bytes]:
+    got = await peer.receive(timeout)
+    if got is None:
+        why = "connection closed" if peer.eof else f"no message within {timeout}s"
+        return Divergence(rep, _recorded(rep), "(nothing)", why), b""
+    data, fds = got
+    for fd in fds:
+        os.close(fd)
+    result.messages_compared += 1
+    if data[:_ACCESS_END] != rep.data[:_ACCESS_END] or data[_ACCESS_END:] not in seen:
+        values = ", ".join(sorted(v.hex() for v in seen))
+        return (
+            Divergence(
+                rep,
+                _recorded(rep),
+                describe_message(data, len(data)),
+                f"a polled register read a value the recorded loop never saw ({values})",
+            ),
+            b"",
+        )
+    return None, data[_ACCESS_END:]
 
 
 def _recorded(r: Record) -> str:

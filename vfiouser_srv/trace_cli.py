@@ -127,6 +127,9 @@ def replay_command(trace: Trace, args: argparse.Namespace) -> int:
         print("vfiouser-srv: the trace names no model: give --model", file=sys.stderr)
         return 2
     options = dict(trace.meta.get("options", {})) if not args.model else {}
+    for key in ("backing", "path"):  # never write into the recorded device's disk image
+        if options.pop(key, None) is not None:
+            print(f"replay: recorded option {key}= left out (give --set {key}=... to use one)")
     try:
         options.update(parse_sets(args.set))
         model = devices.create(str(spec), options)
