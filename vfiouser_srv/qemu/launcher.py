@@ -40,6 +40,7 @@ __all__ = [
     "LaunchError",
     "RunResult",
     "ServerHandle",
+    "hotplug_args",
     "new_run_dir",
     "run_config",
     "run_guest",
@@ -173,18 +174,20 @@ async def serve_device(
     probe_connect: bool = True,
     python: str | None = None,
     log_name: str = "server.log",
+    extra_args: Sequence[str] = (),
 ) -> AsyncIterator[ServerHandle]:
     """Start our server for ``device`` on ``socket_path`` and yield once it is ready.
 
     Ready means: it printed ``READY <socket path>`` on stdout, the socket file exists and
     (unless ``probe_connect`` is false) accepts a connection; QEMU exits at start when nothing
     listens, so this must hold before QEMU starts. The server's stdout and stderr go to
-    ``run_dir/<log_name>``. On exit the server gets SIGTERM, then SIGKILL.
+    ``run_dir/<log_name>``. On exit the server gets SIGTERM, then SIGKILL. ``extra_args``
+    go to ``serve`` (e.g. ``["--control", PATH]`` for the control socket).
 
     Error handling: :class:`LaunchError` (with the log's tail) if the server exits or is not
     ready within ``ready_timeout`` seconds.
     """
-    argv = server_argv(device, socket_path, sets, python)
+    argv = [*server_argv(device, socket_path, sets, python), *extra_args]
     log_path = run_dir / log_name
     if socket_path.is_socket():
         socket_path.unlink()  # a stale socket from a killed server; the path is ours
@@ -371,6 +374,8 @@ async def run_guest(
     guest_env: Mapping[str, str] | None = None,
     append_extra: Sequence[str] = (),
     extra_qemu_args: Sequence[str] = (),
+    root_ports: int = 0,
+    qmp_socket: Path | None = None,
     placeholders: Mapping[str, str] | None = None,
     trace: bool = False,
     timeout: float = 120.0,
@@ -389,6 +394,8 @@ async def run_guest(
     of the guest's init and test. ``on_line`` sees every console line (CR stripped) as it
     arrives; ``echo`` prints them (or passes them to a callable). ``placeholders`` fills
     device-specific ``@NAME@`` words of ``configs.toml`` (e.g. ``DISK``, ``TAP``).
+    ``root_ports`` free PCIe root ports (``hp0``, ``hp1``, ...) and a QMP server on
+    ``qmp_socket`` let a test hot-plug devices (:func:`hotplug_args`, :mod:`.qmp`).
 
     Never raises for a failing guest: inspect :class:`RunResult` (``ok``, ``results``).
     Raises :class:`~.provision.ProvisionError` if QEMU or the guest image is missing.
@@ -420,7 +427,7 @@ async def run_guest(
         **(placeholders or {}),
     }
     argv = [*qemu.argv, *cf.qemu_args(cfg, accel=accel, mem=mem, values=values, trace=trace),
-            *extra_qemu_args]
+            *hotplug_args(root_ports, qmp_socket), *extra_qemu_args]
     result = RunResult(cfg.name, run_dir, argv, trace_path=trace_path)
     await _write_text(run_dir / "qemu.cmd",
                       "".join(f"{k}={shlex.quote(v)} " for k, v in qemu.env.items())
@@ -468,6 +475,19 @@ async def run_guest(
         stderr.close()
         console.close()
     return result
+
+
+def hotplug_args(root_ports: int, qmp_socket: Path | None) -> list[str]:
+    """QEMU arguments for ``root_ports`` empty PCIe root ports ``hp0``.. (native hot-plug
+    slots: chassis 10+, slot addresses 0x10+ on pcie.0, clear of the configs' ``rp0``) and a
+    QMP server on ``qmp_socket`` that does not wait for a client."""
+    argv: list[str] = []
+    for i in range(root_ports):
+        argv += ["-device", f"pcie-root-port,id=hp{i},bus=pcie.0,chassis={10 + i},"
+                 f"addr={0x10 + i:#x}"]
+    if qmp_socket is not None:
+        argv += ["-qmp", f"unix:{os.fspath(qmp_socket)},server=on,wait=off"]
+    return argv
 
 
 @dataclass
