@@ -278,3 +278,19 @@ async def test_tracing_off_keeps_the_serial_loop_and_on_leaves_it(tmp_path: Path
         server.close()
     kinds = [r.kind for r in read_trace(str(tmp_path / "late.trace")).records]
     assert kinds == [CONNECT, IN, OUT, DISCONNECT]
+
+
+async def test_control_trace_on_format_trace_writes_this_format(tmp_path: Path) -> None:
+    from .test_control_commands import running
+
+    path = tmp_path / "ctl.trace"
+    async with running(tmp_path) as (server, ctl), open_client(server) as client:
+        await ctl.ok("trace-on", device="edu", file=str(path), format="trace")
+        assert (await ctl.call("trace-on", device="edu", file=str(path), format="pcap"))["error"]
+        await ctl.ok("trace-on", device="edu", file=str(path), format="trace")
+        await client.region_read(BAR0, int(Reg.ID), 4)
+        assert (await ctl.ok("trace-off", device="edu"))["was_on"]
+        await client.region_read(BAR0, int(Reg.ID), 4)
+    t = read_trace(str(path))
+    assert [r.kind for r in t.records] == [CONNECT, IN, OUT, DISCONNECT]
+    assert t.records[2].data[-4:] == (0x010000ED).to_bytes(4, "little")
