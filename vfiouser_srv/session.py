@@ -62,7 +62,7 @@ from .session_dma import DmaRequests, SessionDma
 from .stats import SessionCounters
 from .tasks import TaskGroup
 from .trace import Tracer
-from .transport import RECV_BUDGET, SEND_FLAGS, FdStream, TransportError
+from .transport import RECV_BUDGET, RECV_TRUNCATED, SEND_FLAGS, FdStream, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,7 @@ class Session(DeviceContext):
         This is the serial round trip of a vCPU doing MMIO, the latency a guest feels. Per
         message: one poll(0) on trio's epoll descriptor (`IdleWaiter.must_yield`: does
         trio have anything to do?), one read that blocks for the next request for
-        `idlewait.HOT_WAIT` at most (`FdStream.receive_waiting`), `access.serve`, one send;
+        `idlewait.HOT_WAIT` at most (`FdStream.read_waiting`), `access.serve`, one send;
         no coroutine, scheduler round, EAGAIN exception or reassembly buffer. Waking from a
         blocking read is much faster than from poll() for a peer on another CPU, and on
         these VMs every distinct object touched per message shows up in the round trip
@@ -464,30 +464,33 @@ class Session(DeviceContext):
         if deadline is None:
             return None
         must_yield = waiter.must_yield
-        receive = stream.receive_waiting
+        read = stream.read_waiting
+        buf = stream.buffer
         send = stream.send_nowait
         unpack = HEADER.unpack_from
         fast = access.FAST_COMMANDS
         serve = access.serve
+        truncated = RECV_TRUNCATED
         reads = nbytes = 0
         try:
             while reads < _SERIAL_READS and nbytes < RECV_BUDGET:
                 if must_yield(deadline):
                     return None
                 reads += 1
-                got = receive()
-                if got is None:
-                    return None
-                view, fds = got
-                n = len(view)
+                try:  # blocks for the peer's next request, HOT_WAIT at most
+                    n, anc, mflags, _addr = read()
+                except OSError as exc:
+                    return stream.read_failed(exc)
                 nbytes += n
-                if fds or n < HEADER_SIZE:
-                    return got
-                msg_id, command, size, flags, error = unpack(view)
+                if anc or mflags & truncated:
+                    return stream.chunk(n, anc, mflags)
+                if n < HEADER_SIZE:
+                    return buf[:n], []
+                msg_id, command, size, flags, error = unpack(buf)
                 # exactly one whole plain frame (the decoder's `take_plain` rule, inlined)
                 if size != n or error or command not in fast or (flags and flags != _NO_REPLY):
-                    return got
-                reply = serve(self, msg_id, command, flags, view[HEADER_SIZE:])
+                    return buf[:n], []
+                reply = serve(self, msg_id, command, flags, buf[HEADER_SIZE:n])
                 if reply is not None:
                     if stream.sending:  # the writer is mid-message: queue behind it
                         outbox.send(reply)
