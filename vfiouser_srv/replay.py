@@ -229,7 +229,7 @@ async def replay(
             async with trio.open_nursery() as nursery:
                 await nursery.start(server.serve)
                 for records in _connections(trace):
-                    if records[0].kind != CONNECT:
+                    if records[0].kind != CONNECT or records[0].info().get("joined"):
                         continue  # joined mid-connection (trace-on): cannot be replayed
                     result.connections += 1
                     result.divergence = await _replay_connection(path, records, result, timeout)

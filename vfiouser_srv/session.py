@@ -268,7 +268,9 @@ class Session(DeviceContext):
         self.tracer = self.outbox.tracer = tracer
         self.outbox.trace_conn = self.conn_id
         if tracer is not None:
-            tracer.connect(self.conn_id, {**self._event_data(), "model": type(self.model).__name__})
+            info = {**self._event_data(), "model": type(self.model).__name__}
+            # joined: the connection is past VERSION (trace-on mid-session): not replayable
+            tracer.connect(self.conn_id, {**info, "joined": self.attached_once})
         self._no_serial = self._verbose or tracer is not None
 
     def request_close(self) -> None:

@@ -294,3 +294,5 @@ async def test_control_trace_on_format_trace_writes_this_format(tmp_path: Path) 
     t = read_trace(str(path))
     assert [r.kind for r in t.records] == [CONNECT, IN, OUT, DISCONNECT]
     assert t.records[2].data[-4:] == (0x010000ED).to_bytes(4, "little")
+    assert t.records[0].info()["joined"]  # traced from mid-session: replay skips it
+    assert (await replay(t, Edu())).connections == 0
