@@ -39,32 +39,37 @@ async def move_ram(src: Client, dst: Client, address: int, size: int, shared: bo
 @pytest.mark.parametrize("shared", [True, False], ids=["mmap", "messages"])
 async def test_edu_mid_dma(make_server: MakeServer, shared: bool) -> None:
     srv = await make_server({"src": Edu(), "dst": Edu()})
-    data = os.urandom(4096)
     async with open_client(srv, "src") as a, open_client(srv, "dst") as b:
-        await a.memory.add_ram(RAM, 0x4000, shared=shared)
-        a.memory.write(RAM, data)
-        await bus_master(a)
-        await wr64(a, Reg.DMA_SRC, RAM)
-        await wr64(a, Reg.DMA_DST, DMA_START)
-        await wr64(a, Reg.DMA_CNT, len(data))
-        await wr64(a, Reg.DMA_CMD, DmaCmd.RUN)  # RAM -> edu's buffer, in a device task
-        state = await a.save_device(chunk=1000)  # quiesce lets the DMA finish or carries it
-        await move_ram(a, b, RAM, 0x4000, shared)
-        await b.restore_device(state, chunk=1000)
-        with trio.fail_after(5):
-            while await rd64(b, Reg.DMA_CMD) & DmaCmd.RUN:
-                await trio.sleep(0.001)
-        # the buffer holds what the DMA read, on the destination: copy it back out
-        await wr64(b, Reg.DMA_SRC, DMA_START)
-        await wr64(b, Reg.DMA_DST, RAM + 0x2000)
-        await wr64(b, Reg.DMA_CMD, DmaCmd.RUN | DmaCmd.TO_RAM)
-        with trio.fail_after(5):
-            while await rd64(b, Reg.DMA_CMD) & DmaCmd.RUN:
-                await trio.sleep(0.001)
-        assert b.memory.read(RAM + 0x2000, len(data)) == data
-        # the factorial register and liveness answer as before
-        await b.region_write(0, Reg.FACTORIAL, struct.pack("<I", 5))
-        assert await b.region_read(0, Reg.FACTORIAL, 4) == struct.pack("<I", 120)
+        await migrate_edu_mid_dma(a, b, shared)
+
+
+async def migrate_edu_mid_dma(a: Client, b: Client, shared: bool) -> None:
+    """edu's DMA started on `a`'s device, the device migrated to `b`'s mid-transfer."""
+    data = os.urandom(4096)
+    await a.memory.add_ram(RAM, 0x4000, shared=shared)
+    a.memory.write(RAM, data)
+    await bus_master(a)
+    await wr64(a, Reg.DMA_SRC, RAM)
+    await wr64(a, Reg.DMA_DST, DMA_START)
+    await wr64(a, Reg.DMA_CNT, len(data))
+    await wr64(a, Reg.DMA_CMD, DmaCmd.RUN)  # RAM -> edu's buffer, in a device task
+    state = await a.save_device(chunk=1000)  # quiesce lets the DMA finish or carries it
+    await move_ram(a, b, RAM, 0x4000, shared)
+    await b.restore_device(state, chunk=1000)
+    with trio.fail_after(5):
+        while await rd64(b, Reg.DMA_CMD) & DmaCmd.RUN:
+            await trio.sleep(0.001)
+    # the buffer holds what the DMA read, on the destination: copy it back out
+    await wr64(b, Reg.DMA_SRC, DMA_START)
+    await wr64(b, Reg.DMA_DST, RAM + 0x2000)
+    await wr64(b, Reg.DMA_CMD, DmaCmd.RUN | DmaCmd.TO_RAM)
+    with trio.fail_after(5):
+        while await rd64(b, Reg.DMA_CMD) & DmaCmd.RUN:
+            await trio.sleep(0.001)
+    assert b.memory.read(RAM + 0x2000, len(data)) == data
+    # the factorial register and liveness answer as before
+    await b.region_write(0, Reg.FACTORIAL, struct.pack("<I", 5))
+    assert await b.region_read(0, Reg.FACTORIAL, 4) == struct.pack("<I", 120)
 
 
 
@@ -76,31 +81,37 @@ async def test_nvme_with_queued_io(make_server: MakeServer, tmp_path: Path, shar
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(4 << 20))
     srv = await make_server({"src": Nvme(backing=str(disk)), "dst": Nvme(backing=str(disk))})
-    blocks = [os.urandom(4096) for _ in range(8)]
     async with open_client(srv, "src") as a, open_client(srv, "dst") as b:
-        await a.memory.add_ram(0, RAM_SIZE, shared=shared)
-        d = Driver(a)
-        await d.start()
-        cids = []
-        for i, block in enumerate(blocks):  # queued: rung, not reaped
-            a.memory.write(DATA + i * 4096, block)
-            cids.append(await d.submit(1, IoOpcode.WRITE, nsid=1, prp1=DATA + i * 4096,
-                                       cdw=(i * 8, 0, 7)))
-        state = await a.save_device()
-        await move_ram(a, b, 0, RAM_SIZE, shared)
-        e = Driver(b)
-        e.tails, e.heads, e.phase, e.cid = d.tails, d.heads, d.phase, d.cid
-        done: set[int] = set()
-        await b.restore_device(state)
-        for _ in blocks:
-            cid, status = await e.reap(1)
-            assert status == 0
-            done.add(cid)
-        assert done == set(cids)
-        for i, block in enumerate(blocks):
-            dst = DATA + (1 << 20) + i * 4096
-            assert (await e.cmd(1, IoOpcode.READ, nsid=1, prp1=dst, cdw=(i * 8, 0, 7)))[1] == 0
-            assert b.memory.read(dst, 4096) == block
+        await migrate_nvme_with_queued_io(a, b, shared)
+
+
+async def migrate_nvme_with_queued_io(a: Client, b: Client, shared: bool) -> None:
+    """Eight writes rung on `a`'s nvme but not reaped; after the migration `b`'s nvme (same
+    image) completes each once and reads the data back."""
+    blocks = [os.urandom(4096) for _ in range(8)]
+    await a.memory.add_ram(0, RAM_SIZE, shared=shared)
+    d = Driver(a)
+    await d.start()
+    cids = []
+    for i, block in enumerate(blocks):  # queued: rung, not reaped
+        a.memory.write(DATA + i * 4096, block)
+        cids.append(await d.submit(1, IoOpcode.WRITE, nsid=1, prp1=DATA + i * 4096,
+                                   cdw=(i * 8, 0, 7)))
+    state = await a.save_device()
+    await move_ram(a, b, 0, RAM_SIZE, shared)
+    e = Driver(b)
+    e.tails, e.heads, e.phase, e.cid = d.tails, d.heads, d.phase, d.cid
+    done: set[int] = set()
+    await b.restore_device(state)
+    for _ in blocks:
+        cid, status = await e.reap(1)
+        assert status == 0
+        done.add(cid)
+    assert done == set(cids)
+    for i, block in enumerate(blocks):
+        dst = DATA + (1 << 20) + i * 4096
+        assert (await e.cmd(1, IoOpcode.READ, nsid=1, prp1=dst, cdw=(i * 8, 0, 7)))[1] == 0
+        assert b.memory.read(dst, 4096) == block
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["mmap", "messages"])
