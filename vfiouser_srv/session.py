@@ -279,7 +279,8 @@ class Session(DeviceContext):
         self.outbox.closing = True
 
     def request_release(self) -> None:
-        """Hot remove: signal the REQ interrupt, as vfio-pci does (QEMU may then unplug)."""
+        """Hot remove: signal the REQ interrupt, as vfio-pci does (QEMU 11.1 sets no REQ
+        eventfd, so it hears nothing: docs/operations.md, "Hot-plug with QEMU")."""
         if self.irq_table is not None:
             self.irq_table.trigger(IrqIndex.REQ, 0)
 
