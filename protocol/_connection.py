@@ -296,6 +296,26 @@ class Connection:
         flags = _TYPE_REPLY | _ERROR_FLAG
         return pack_header(msg_id, command & 0xFFFF, HEADER_SIZE, flags, err or errno.EIO)
 
+    @property
+    def next_id(self) -> int:
+        """The msg_id our next request will carry."""
+        return self._next_id
+
+    def resume(self, phase: Phase, caps: Capabilities | None, next_id: int) -> None:
+        """Continue, on a fresh Connection, a stream another one served up to a message
+        boundary (a live upgrade hands the socket over): its phase, the agreed capabilities
+        and the id of our next request. Only the boundary phases AWAIT_VERSION and READY
+        (with capabilities) can be resumed."""
+        if phase is Phase.READY and caps is None:
+            raise LocalProtocolError("resuming READY needs the agreed capabilities")
+        if phase not in (Phase.AWAIT_VERSION, Phase.READY):
+            raise LocalProtocolError(f"cannot resume a stream in phase {phase.value}")
+        self.phase = phase
+        self.caps = caps
+        if phase is Phase.READY:
+            self._decoder.max_message_size = self._max_frame  # as entering READY does
+        self._next_id = next_id & 0xFFFF
+
     def close(self) -> list[Any]:
         """Mark the stream closed; returns descriptors of incomplete messages to close."""
         self.phase = Phase.CLOSED

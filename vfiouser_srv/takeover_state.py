@@ -17,7 +17,7 @@ import base64
 import socket
 from typing import Any
 
-from protocol import Capabilities, DmaMap, DmaMapFlags, Phase
+from protocol import Capabilities, DmaMap, DmaMapFlags, LocalProtocolError, Phase
 
 from .contract import EngineHost
 from .fds import OwnedFd
@@ -95,7 +95,7 @@ def save_session(session: Session, fds: Fds) -> dict[str, Any]:
         "phase": conn.phase.value,
         "caps": conn.caps.to_json() if conn.caps is not None else None,
         # the id of the server's next request (message-mode DMA): ids continue
-        "next_id": conn._next_id,
+        "next_id": conn.next_id,
         "client": [session.client.pid, session.client.uid, session.client.gid],
         "attached": session.attached,
         "attached_once": session.attached_once,
@@ -177,13 +177,12 @@ def _restore_into(session: Session, snap: dict[str, Any], fds: Received) -> None
         attached = bool(snap["attached"])
     except (KeyError, ValueError, TypeError) as exc:
         raise SnapshotError(f"bad connection state: {exc!r}") from None
-    if phase not in (Phase.AWAIT_VERSION, Phase.READY) or (attached and caps is None):
-        raise SnapshotError(f"cannot restore a connection in phase {phase.value}")
-    if phase is Phase.READY:
-        conn.phase = phase
-        conn.caps = caps
-        conn._decoder.max_message_size = conn._max_frame  # as entering READY does
-    conn._next_id = next_id
+    if attached and caps is None:
+        raise SnapshotError("an attached connection without capabilities")
+    try:
+        conn.resume(phase, caps if phase is Phase.READY else None, next_id)
+    except LocalProtocolError as exc:
+        raise SnapshotError(f"cannot restore the connection: {exc}") from None
     session.attached_once = bool(snap.get("attached_once"))
     session.warned_unsealed = bool(snap.get("warned_unsealed"))
     if not attached:

@@ -78,7 +78,6 @@ class FdStream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, usec))
         self.sock = sock
         self._fileno = sock.fileno()
-        self._send = sock.send
         #: `send_nowait(data, SEND_FLAGS)`: one non-blocking send of a whole reply, for the
         #: serial loop when nothing else is queued (the socket's own method: no Python frame
         #: per message). Raises BlockingIOError when full, BrokenPipeError when the peer left.
@@ -250,7 +249,7 @@ class FdStream:
         if self.sending:
             return 0
         try:
-            return self._sendmsg(data, fds) if fds else self._send(data, SEND_FLAGS)
+            return self._sendmsg(data, fds) if fds else self.send_nowait(data, SEND_FLAGS)
         except BlockingIOError:
             return 0
         except (BrokenPipeError, ConnectionResetError) as exc:

@@ -706,3 +706,22 @@ def test_take_plain_then_decoder_sees_what_the_decoder_alone_sees(
                 fast_ok = drain(fast, got, True)
             buf[:] = b"\xee" * len(buf)
     assert got == want
+
+
+def test_resume_continues_a_stream_at_a_message_boundary() -> None:
+    """A live upgrade: a fresh Connection takes over phase, caps and the next request id."""
+    pair = ConnectionPair()
+    pair.handshake()
+    old = pair.server
+    old.send_request(DmaRead(0x1000, 8))
+    new = Connection(Role.SERVER)
+    new.resume(old.phase, old.caps, old.next_id)
+    assert new.phase is Phase.READY and new.caps == old.caps
+    assert new.send_request(DmaRead(0x1000, 8))[0] == old.next_id
+    big = frame(Command.REGION_WRITE, struct.pack("<QII", 0, 0, 8192) + bytes(8192))
+    new.receive_data(big)  # the READY frame limit, not VERSION's
+    assert isinstance(new.next_event(), Request)
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.SERVER).resume(Phase.NEGOTIATING, old.caps, 0)
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.SERVER).resume(Phase.READY, None, 0)
