@@ -42,7 +42,7 @@ import pytest
 import trio
 
 from vfiouser_srv.qemu import ConfigFile, run_guest, serve_device
-from vfiouser_srv.qemu.launcher import new_run_dir
+from vfiouser_srv.qemu.launcher import new_run_dir, results_of
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_ready")]
 
@@ -137,12 +137,7 @@ class KillRun:
     run_dir: Path | None = None
 
     def results(self) -> dict[str, str]:
-        out = {}
-        for line in self.console:
-            if line.startswith("RESULT ") and "=" in line:
-                key, _, value = line[7:].partition("=")
-                out[key] = value
-        return out
+        return results_of(self.console)
 
     def describe(self) -> str:
         tail = "\n".join(self.console[-30:])

@@ -31,7 +31,7 @@ import pytest
 import trio
 
 from vfiouser_srv.qemu import ConfigFile, run_guest
-from vfiouser_srv.qemu.launcher import new_run_dir, server_argv
+from vfiouser_srv.qemu.launcher import new_run_dir, results_of, server_argv
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_ready")]
 
@@ -101,12 +101,7 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
     def results(self) -> dict[str, str]:
-        out = {}
-        for line in self.console:
-            if line.startswith("RESULT ") and "=" in line:
-                key, _, value = line[7:].partition("=")
-                out[key] = value
-        return out
+        return results_of(self.console)
 
     def describe(self) -> str:
         tail = "\n".join(self.console[-40:])

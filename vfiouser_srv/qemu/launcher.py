@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -328,6 +328,12 @@ class RunResult:
 
 
 _RESULT = re.compile(r"^RESULT (\S+?)=(.*)$")
+
+
+def results_of(lines: Iterable[str]) -> dict[str, str]:
+    """The ``RESULT key=value`` lines among console `lines`, as a dict (a test that watches
+    the console itself, through ``on_line``, reads them with the launcher's own rule)."""
+    return {m.group(1): m.group(2) for line in lines if (m := _RESULT.match(line))}
 
 
 def _parse_line(line: str, result: RunResult, now: float) -> None:
