@@ -244,12 +244,12 @@ class AdminCommands(WorkerCore):
         mask = self.page_size - 1
         if not cmd.prp1 or not cmd.prp2 or cmd.prp1 & mask or cmd.prp2 & mask:
             raise CommandError(Status.INVALID_FIELD, "buffers must be page aligned")
-        if not self.dev.msix_enabled():
+        if not (self.dev.msix_enabled() or self.dev.msi_enabled()):
             # With INTx, QEMU drops the line only when the guest touches a BAR (its EOI
             # heuristic), and a handler that updates the CQ head in the shadow buffer
             # touches none: the line stays up and the guest sees an interrupt storm.
             # Linux goes on without shadow doorbells when this fails.
-            raise CommandError(Status.INVALID_FIELD, "shadow doorbells need MSI-X")
+            raise CommandError(Status.INVALID_FIELD, "shadow doorbells need MSI-X or MSI")
         self.dbbuf = (cmd.prp1, cmd.prp2)
         for sq in self.sqs.values():
             self._attach_shadow(sq, sq.qid, completion=False)

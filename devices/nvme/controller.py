@@ -13,6 +13,10 @@ PCI function::
     BAR4    MSI-X table at 0x0 and PBA right after it (their own BAR)
     caps    PCI Express endpoint, MSI-X (one vector per completion queue)
 
+With ``interrupts=msi`` the function has one MSI vector instead (every CQ on vector 0) and
+no BAR4: QEMU 11.1's vfio-user-pci aborts when the guest ejects a function with MSI-X, so
+this is the variant to hot-unplug there (docs/operations.md, "Hot-plug with QEMU").
+
 Register layout and field meanings: `spec`. Behaviour of the registers here:
 
 * CC.EN 0->1 asks the worker to enable (it reads AQA/ASQ/ACQ/CC then, builds the admin
@@ -45,6 +49,7 @@ from devices.sdk import (
     Field,
     Flag,
     IrqIndex,
+    MsiCap,
     MsixCap,
     OptionSpec,
     PciDevice,
@@ -125,6 +130,9 @@ class Nvme(PciDevice):
         OptionSpec("dstrd", int, 0, "doorbell stride exponent CAP.DSTRD (stride 4 << n)"),
         OptionSpec("mdts", int, 8, "maximum data transfer size, 2^n pages (0: no limit)"),
         OptionSpec("lba_size", int, 512, "logical block size: 512 or 4096"),
+        OptionSpec("interrupts", str, "msix",
+                   "msix (one vector per completion queue, in BAR4) or msi (one vector, "
+                   "no BAR4: for QEMU <= 11.1 hot-unplug, see docs/operations.md)"),
     )
     identity = PciIdentity(
         vendor_id=VENDOR_ID,
@@ -157,6 +165,7 @@ class Nvme(PciDevice):
         dstrd: int = 0,
         mdts: int = 8,
         lba_size: int = 512,
+        interrupts: str = "msix",
     ) -> None:
         if not 1 <= queues <= 1024:
             raise ValueError("queues must be 1..1024")
@@ -168,10 +177,13 @@ class Nvme(PciDevice):
             raise ValueError("mdts must be 0..12")
         if not serial or len(serial) > 20 or not serial.isascii():
             raise ValueError("serial must be 1..20 ASCII characters")
+        if interrupts not in ("msix", "msi"):
+            raise ValueError("interrupts must be msix or msi")
         self.stride = 4 << dstrd
         self.mqes = MAX_QUEUE_ENTRIES - 1
         self.mps_max = MPS_MAX
-        self.vectors = min(queues + 1, MsixCap.MAX_VECTORS)
+        # With MSI the function has one vector: Linux then puts every CQ on vector 0.
+        self.vectors = min(queues + 1, MsixCap.MAX_VECTORS) if interrupts == "msix" else 1
         self.intmask = 0
         self._cc_en = False
         self._cc_shn = False
@@ -209,16 +221,16 @@ class Nvme(PciDevice):
             Register("CMBSZ", Reg.CMBSZ, access=Access.RO),
         ])
         bar0_size = _pow2_at_least(DOORBELL_BASE + 2 * (queues + 1) * self.stride, 0x4000)
-        msix = MsixCap(self.vectors, table_bar=MSIX_BAR, table_offset=0)
-        msix_size = _pow2_at_least(msix.pba_offset + msix.pba_size, 0x1000)
-        super().__init__(
-            bars=[
-                Bar(0, bar0_size, BarKind.MEM64,
-                    backing=CallbackHandler(self._mmio_read, self._mmio_write)),
-                Bar(MSIX_BAR, msix_size),
-            ],
-            caps=[PcieCap(), msix],
-        )
+        bars = [Bar(0, bar0_size, BarKind.MEM64,
+                    backing=CallbackHandler(self._mmio_read, self._mmio_write))]
+        irq_cap: MsixCap | MsiCap
+        if interrupts == "msix":
+            irq_cap = MsixCap(self.vectors, table_bar=MSIX_BAR, table_offset=0)
+            bars.append(Bar(MSIX_BAR, _pow2_at_least(irq_cap.pba_offset + irq_cap.pba_size,
+                                                     0x1000)))
+        else:
+            irq_cap = MsiCap(1)
+        super().__init__(bars=bars, caps=[PcieCap(), irq_cap])
         info = idf.ControllerInfo(
             vendor_id=VENDOR_ID,
             subsystem_vendor_id=SUBSYSTEM_VENDOR_ID,

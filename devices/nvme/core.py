@@ -219,8 +219,8 @@ class WorkerCore:
 
     def update_intx(self) -> None:
         """INTx is a level: asserted while an interrupt-enabled CQ holds unconsumed entries
-        and INTMS bit 0 does not mask it (only meaningful while MSI-X is off)."""
-        if self.dev.msix_enabled():
+        and INTMS bit 0 does not mask it (only meaningful while MSI-X and MSI are off)."""
+        if self.dev.msix_enabled() or self.dev.msi_enabled():
             return
         pending = False
         for cq in self.cqs.values():
@@ -319,7 +319,7 @@ class WorkerCore:
         else:
             await self.dma.write(addr, entry)
         if cq.interrupts:
-            if self.dev.msix_enabled():
+            if self.dev.msix_enabled() or self.dev.msi_enabled():
                 self.dev.raise_irq(cq.vector)
             else:
                 self.update_intx()

@@ -52,7 +52,7 @@ class ControllerPort(Protocol):
 
     @property
     def vectors(self) -> int:
-        """MSI-X vectors the function has."""
+        """Message-signalled vectors the function has (MSI-X, or 1 with MSI)."""
         ...
 
     @property
@@ -64,6 +64,8 @@ class ControllerPort(Protocol):
                  shst: int | None = None) -> None: ...
 
     def msix_enabled(self) -> bool: ...
+
+    def msi_enabled(self) -> bool: ...
 
     def raise_irq(self, vector: int = 0) -> None: ...
 
