@@ -15,7 +15,16 @@ guest's checks; net: checksums both ways). Ratios are ours / QEMU's; the goal is
 boot (ours and QEMU's back to back), which is steadier on a shared host.
 
     flock /tmp/vfiouser-qemu.lock .venv/bin/python benchmarks/virtio_guest.py [--boots 2]
-        [--rounds 4] [--only blk|net]
+        [--rounds 4] [--only blk|net] [--idle 3]
+
+Server CPU: the guest prints ``PHASE <name> start|end`` around each timed part (blk:
+``write``, ``read``; net: ``rx``, ``tx``) and, after the rounds, around ``--idle`` seconds
+without I/O. At each marker this script samples the CPU time of its child processes (the sum
+of ``/proc/PID/task/*/schedstat``, exact ns): our server's CPU per request (blk: requests
+the guest's disk completed, ``/sys/block/vda/stat``) and per MiB, and QEMU's (the whole
+process: vCPU, main loop and, for the built-in device, its emulation) per MiB for both
+configurations; idle: each process's CPU as a share of one core over the idle period (the
+server's must be ~0: no polling without I/O). Medians over the rounds after the first.
 
 ``VFU_NET_SETS=queue_size=256`` passes extra ``--set`` options to our virtio-net (e.g. QEMU's
 default ring size instead of our 1024). Writes ``benchmarks/results/virtio-guest-<stamp>.json``
@@ -28,10 +37,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +61,111 @@ from tests.integration.test_virtio_guest import (  # noqa: E402
 
 _DD = re.compile(r"BENCH round=(\d+) bytes=(\d+) write_ns=(\d+) read_ns=(\d+)")
 _NET = re.compile(r"BENCH round=(\d+) bytes=(\d+) rx_ns=(\d+) tx_ns=(\d+)")
+_IOS = re.compile(r"BENCH round=\d+ .* write_ios=(\d+) read_ios=(\d+)")
+_PHASE = re.compile(r"^PHASE (\S+) (start|end)$")
 MIB = 1 << 20
+#: bytes per timed phase of the blk guest script (32 MiB dd)
+BLK_BYTES = 32 * MIB
+
+
+def process_cpu_ns(pid: int) -> int:
+    """CPU time of every live thread of `pid` in ns (schedstat: exact, unlike clock ticks;
+    trio keeps its worker threads alive between uses, so their time is counted)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended between listdir and open
+    return total
+
+
+def children() -> dict[str, int]:
+    """Our child processes by role: ``server`` (vfiouser_srv serve) and ``qemu``."""
+    found: dict[str, int] = {}
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"vfiouser_srv" in argv and b"serve" in argv:
+            found["server"] = int(entry)
+        elif any(b"qemu-system" in a for a in argv):  # also behind the provisioned loader
+            found["qemu"] = int(entry)
+    return found
+
+
+class CpuSampler:
+    """Samples the children's CPU time at each ``PHASE`` console line (module docstring)."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int] = {}
+        self._open: dict[str, dict[str, int]] = {}
+        #: per phase name, one {role: cpu ns, "wall": ns} per start/end pair, in order
+        self.spans: dict[str, list[dict[str, int]]] = {}
+
+    def sample(self) -> dict[str, int]:
+        if "qemu" not in self.pids:
+            self.pids = children()
+        out = {role: process_cpu_ns(pid) for role, pid in self.pids.items()}
+        out["wall"] = time.monotonic_ns()
+        return out
+
+    def on_line(self, line: str) -> None:
+        m = _PHASE.match(line.strip())
+        if not m:
+            return
+        name, edge = m.group(1), m.group(2)
+        now = self.sample()
+        if edge == "start":
+            self._open[name] = now
+        elif name in self._open:
+            start = self._open.pop(name)
+            self.spans.setdefault(name, []).append(
+                {k: now[k] - start[k] for k in now if k in start})
+
+
+def cpu_metrics(sampler: CpuSampler, console: list[str], nbytes: int) -> dict[str, float]:
+    """Median over rounds (first dropped) of CPU µs per MiB (and per request for blk) by
+    phase and process; idle: CPU share of one core per process."""
+    ios: dict[str, list[int]] = {"write": [], "read": []}
+    for line in console:
+        m = _IOS.search(line)
+        if m:
+            ios["write"].append(int(m.group(1)))
+            ios["read"].append(int(m.group(2)))
+    out: dict[str, float] = {}
+    for phase, spans in sampler.spans.items():
+        if phase == "idle":
+            for span in spans:
+                for role in ("server", "qemu"):
+                    if role in span and span["wall"] > 0:
+                        out[f"idle_{role}_cpu_share"] = round(span[role] / span["wall"], 4)
+            continue
+        kept = list(enumerate(spans))[1:] if len(spans) > 1 else list(enumerate(spans))
+        for role in ("server", "qemu"):
+            per_mib = [s[role] / 1e3 / (nbytes / MIB) for _, s in kept if role in s]
+            if per_mib:
+                out[f"{phase}_{role}_us_per_mib"] = round(statistics.median(per_mib), 1)
+            counts = ios.get(phase, [])
+            per_req = [s[role] / 1e3 / counts[i] for i, s in kept
+                       if role in s and i < len(counts) and counts[i]]
+            if per_req:
+                out[f"{phase}_{role}_us_per_req"] = round(statistics.median(per_req), 1)
+    return out
 
 
 def blk_rates(console: list[str]) -> dict[str, list[float]]:
@@ -83,33 +198,43 @@ def best(values: list[float]) -> float:
     return max(kept) if kept else 0.0
 
 
-async def bench(boots: int, rounds: int, only: str | None, net_mib: int) -> dict[str, Any]:
+async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
+                idle: int) -> dict[str, Any]:
     results: dict[str, Any] = {"rounds": rounds, "boots": boots, "net_mib": net_mib,
-                               "runs": []}
+                               "idle_s": idle, "runs": []}
     samples: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, list[dict[str, float]]] = {}
+    knobs = {"idle": str(idle)} if idle else {}
+
+    def record(boot: int, config: str, rates: dict[str, list[float]], run_dir: Path,
+               sampler: CpuSampler, console: list[str], nbytes: int) -> None:
+        for k, v in rates.items():
+            samples.setdefault(config, {}).setdefault(k, []).append(best(v))
+        used = cpu_metrics(sampler, console, nbytes)
+        cpu.setdefault(config, []).append(used)
+        results["runs"].append({"boot": boot, "config": config, "rates": rates,
+                                "cpu": used, "run_dir": str(run_dir)})
+        print(f"boot {boot} {config}: " + ", ".join(
+            f"{k} {best(v):.1f} MiB/s" for k, v in rates.items()) + " | "
+            + ", ".join(f"{k} {v}" for k, v in used.items()), flush=True)
+
     for boot in range(boots):
         for config in ("virtio-blk", "qemu-virtio-blk") if only != "net" else ():
+            sampler = CpuSampler()
             with tempfile.TemporaryDirectory(prefix="vfu-bench-") as tmp:
                 res, data, after = await run_blk(config, Path(tmp),
-                                                 guest_env={"bench": str(rounds)})
+                                                 guest_env={"bench": str(rounds), **knobs},
+                                                 on_line=sampler.on_line)
             check_blk(res, data, after)
-            rates = blk_rates(res.console)
-            for k, v in rates.items():
-                samples.setdefault(config, {}).setdefault(k, []).append(best(v))
-            results["runs"].append({"boot": boot, "config": config, "rates": rates,
-                                    "run_dir": str(res.run_dir)})
-            print(f"boot {boot} {config}: " + ", ".join(
-                f"{k} {best(v):.1f} MiB/s" for k, v in rates.items()), flush=True)
+            record(boot, config, blk_rates(res.console), res.run_dir, sampler, res.console,
+                   BLK_BYTES)
         for config in ("virtio-net", "qemu-virtio-net") if only != "blk" else ():
-            run = await run_net(config, rounds=rounds, nbytes=net_mib * MIB, timeout=300)
+            sampler = CpuSampler()
+            run = await run_net(config, rounds=rounds, nbytes=net_mib * MIB, timeout=300,
+                                guest_env=knobs, on_line=sampler.on_line)
             check_net(run, rounds, net_mib * MIB)
-            rates = net_rates(run.guest.console)
-            for k, v in rates.items():
-                samples.setdefault(config, {}).setdefault(k, []).append(best(v))
-            results["runs"].append({"boot": boot, "config": config, "rates": rates,
-                                    "run_dir": str(run.guest.run_dir)})
-            print(f"boot {boot} {config}: " + ", ".join(
-                f"{k} {best(v):.1f} MiB/s" for k, v in rates.items()), flush=True)
+            record(boot, config, net_rates(run.guest.console), run.guest.run_dir, sampler,
+                   run.guest.console, net_mib * MIB)
     summary: dict[str, Any] = {}
     for ours, ref in (("virtio-blk", "qemu-virtio-blk"), ("virtio-net", "qemu-virtio-net")):
         if ours not in samples or ref not in samples:
@@ -119,10 +244,23 @@ async def bench(boots: int, rounds: int, only: str | None, net_mib: int) -> dict
             # Per boot, ours and QEMU's ran back to back: their ratio cancels load drift.
             paired = [a / b for a, b in zip(samples[ours][k], samples[ref][k], strict=True)
                       if b]
-            summary[f"{ours} {k}"] = {"ours_mib_s": round(o, 1), "qemu_mib_s": round(r, 1),
-                                      "ratio": round(o / r, 2) if r else 0.0,
-                                      "paired_median": round(statistics.median(paired), 2)
-                                      if paired else 0.0}
+            row: dict[str, float] = {
+                "ours_mib_s": round(o, 1), "qemu_mib_s": round(r, 1),
+                "ratio": round(o / r, 2) if r else 0.0,
+                "paired_median": round(statistics.median(paired), 2) if paired else 0.0}
+            for label, config in (("", ours), ("ref_", ref)):
+                for metric in ("server_us_per_req", "server_us_per_mib", "qemu_us_per_mib"):
+                    vals = [c[f"{k}_{metric}"] for c in cpu.get(config, [])
+                            if f"{k}_{metric}" in c]
+                    if vals:
+                        row[label + metric] = round(statistics.median(vals), 1)
+            summary[f"{ours} {k}"] = row
+        for config in (ours, ref):
+            for role in ("server", "qemu"):
+                vals = [c[f"idle_{role}_cpu_share"] for c in cpu.get(config, [])
+                        if f"idle_{role}_cpu_share" in c]
+                if vals:
+                    summary.setdefault(f"{config} idle", {})[f"{role}_cpu_share"] = max(vals)
     results["summary"] = summary
     return results
 
@@ -136,13 +274,26 @@ def main() -> None:
                     help="MiB per nc transfer (40 is steadier than the CI test's 10; the "
                     "guest->host stalls 40 MiB once showed were the used.idx bug, fixed: "
                     "devices/virtio/README.md)")
+    ap.add_argument("--idle", type=int, default=3,
+                    help="seconds the guest stays idle after the rounds (server CPU then)")
     args = ap.parse_args()
-    results = trio.run(bench, args.boots, args.rounds, args.only, args.net_mib)
+    results = trio.run(bench, args.boots, args.rounds, args.only, args.net_mib, args.idle)
     lines = [f"{'measurement':<22} {'ours MiB/s':>11} {'QEMU MiB/s':>11} {'ratio':>6} "
-             f"{'paired':>7}"]
+             f"{'paired':>7} {'srv us/req':>10} {'srv us/MiB':>10} {'qemu us/MiB':>11} "
+             f"{'ref qemu us/MiB':>15}"]
     for name, row in results["summary"].items():
+        if name.endswith(" idle"):
+            continue
         lines.append(f"{name:<22} {row['ours_mib_s']:>11} {row['qemu_mib_s']:>11} "
-                     f"{row['ratio']:>6} {row['paired_median']:>7}")
+                     f"{row['ratio']:>6} {row['paired_median']:>7} "
+                     f"{row.get('server_us_per_req', '-'):>10} "
+                     f"{row.get('server_us_per_mib', '-'):>10} "
+                     f"{row.get('qemu_us_per_mib', '-'):>11} "
+                     f"{row.get('ref_qemu_us_per_mib', '-'):>15}")
+    for name, row in results["summary"].items():
+        if name.endswith(" idle"):
+            lines.append(f"{name} ({args.idle} s, share of one core): " + ", ".join(
+                f"{k.removesuffix('_cpu_share')} {v}" for k, v in row.items()))
     text = "\n".join(lines)
     print(text)
     HERE.joinpath("results").mkdir(exist_ok=True)

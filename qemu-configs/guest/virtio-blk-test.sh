@@ -8,6 +8,7 @@
 # the backing file afterwards, and discards 16-17 MiB.
 # Knobs (kernel cmdline words):
 #   vfu_bench=N   after the checks, N rounds of 32 MiB O_DIRECT write + read (BENCH lines)
+#   vfu_idle=S    then S seconds without I/O between "PHASE idle start" and "... end"
 
 res()  { echo "RESULT $1=$2"; }
 info() { echo "INFO $*"; }
@@ -64,17 +65,34 @@ else
 fi
 echo "STAGE checks-done"
 
-# 5. optional throughput rounds at 32-64 MiB (not RESULT lines: timings differ)
+# 5. optional throughput rounds at 32-64 MiB (not RESULT lines: timings differ). PHASE
+# lines mark each timed part for the host (it samples the server's CPU time at each one);
+# ios = requests the disk completed (/sys/block/vda/stat fields 1 and 5).
+ios() { set -- $(cat /sys/block/vda/stat); echo "$1 $5"; }
 rounds=${vfu_bench:-0}
 r=0
 while [ "$r" -lt "$rounds" ]; do
     r=$((r + 1))
+    set -- $(ios); r0=$1; w0=$2
+    echo "PHASE write start"
     t0=$(now_ns)
     dd if=/dev/zero of=/dev/vda bs=1M count=32 seek=32 oflag=direct 2>/dev/null
     t1=$(now_ns)
-    dd if=/dev/vda of=/dev/null bs=1M count=32 skip=32 iflag=direct 2>/dev/null
+    echo "PHASE write end"
+    echo "PHASE read start"
     t2=$(now_ns)
-    echo "BENCH round=$r bytes=$((32 << 20)) write_ns=$((t1 - t0)) read_ns=$((t2 - t1))"
+    dd if=/dev/vda of=/dev/null bs=1M count=32 skip=32 iflag=direct 2>/dev/null
+    t3=$(now_ns)
+    echo "PHASE read end"
+    set -- $(ios)
+    echo "BENCH round=$r bytes=$((32 << 20)) write_ns=$((t1 - t0)) read_ns=$((t3 - t2))" \
+        "write_ios=$(($2 - w0)) read_ios=$(($1 - r0))"
 done
+# 6. optional idle time (vfu_idle=S seconds, no I/O): the host checks the server sleeps
+if [ "${vfu_idle:-0}" -gt 0 ]; then
+    echo "PHASE idle start"
+    sleep "$vfu_idle"
+    echo "PHASE idle end"
+fi
 res failed "$FAILED"
 exit "$FAILED"

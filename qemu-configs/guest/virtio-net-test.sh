@@ -10,7 +10,8 @@
 # 5001 and sends what it received back to 5002, so both directions carry the same bytes.
 # Timings (BENCH lines) are the guest's own, from /proc/timer_list; the receive time starts
 # when the guest listens, so it includes up to one connect retry (10 ms) of the peer.
-# Knobs: vfu_host=10.99.0.1 vfu_guest=10.99.0.2 vfu_rounds=1
+# PHASE lines mark the timed parts for the host (it samples the server's CPU time there).
+# Knobs: vfu_host=10.99.0.1 vfu_guest=10.99.0.2 vfu_rounds=1 vfu_idle=0 (seconds idle at the end)
 
 HOST=${vfu_host:-10.99.0.1}
 GUEST=${vfu_guest:-10.99.0.2}
@@ -63,17 +64,27 @@ while [ "$r" -lt "$ROUNDS" ]; do
     pid=$!
     usleep 200000
     echo "STAGE listen round=$r"
+    echo "PHASE rx start"
     t0=$(now_ns)
     wait $pid
     t1=$(now_ns)
+    echo "PHASE rx end"
     res rx_bytes "$(wc -c < /tmp/rx)"
     res rx_md5 "$(md5sum < /tmp/rx | cut -d' ' -f1)"
     echo "STAGE send round=$r"
+    echo "PHASE tx start"
     t2=$(now_ns)
     if nc "$HOST" 5002 < /tmp/rx; then res send ok; else fail send "nc exit $?"; fi
     t3=$(now_ns)
+    echo "PHASE tx end"
     echo "BENCH round=$r bytes=$(wc -c < /tmp/rx) rx_ns=$((t1 - t0)) tx_ns=$((t3 - t2))"
 done
+# optional idle time (vfu_idle=S seconds, no traffic): the host checks the server sleeps
+if [ "${vfu_idle:-0}" -gt 0 ]; then
+    echo "PHASE idle start"
+    sleep "$vfu_idle"
+    echo "PHASE idle end"
+fi
 ip -s link show "$IF" | sed 's/^/INFO /'
 res failed "$FAILED"
 exit "$FAILED"

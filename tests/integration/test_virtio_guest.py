@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,8 @@ GUEST_ADDR = "10.99.0.2"
 PREFIX = 24
 NET_BYTES = 10 * MIB
 GUEST_MAC = "52:54:00:12:34:56"
+#: a console-line callback (`run_guest`'s on_line)
+LineHook = Callable[[str], Awaitable[None] | None]
 #: extra `--set` options for our virtio-net (benchmarks: VFU_NET_SETS=queue_size=256)
 EXTRA_SETS: list[str] = [s for s in os.environ.get("VFU_NET_SETS", "").split(",") if s]
 
@@ -74,13 +76,17 @@ def diff(ref: RunResult, ours: RunResult) -> str:
 
 async def run_blk(config: str, workdir: Path, configs: ConfigFile | None = None,
                   guest_env: dict[str, str] | None = None,
-                  append_extra: tuple[str, ...] = ()) -> tuple[RunResult, bytes, bytes]:
-    """Boot `config` on a fresh seeded image; returns (run, seed data, image afterwards)."""
+                  append_extra: tuple[str, ...] = (),
+                  on_line: LineHook | None = None) -> tuple[RunResult, bytes, bytes]:
+    """Boot `config` on a fresh seeded image; returns (run, seed data, image afterwards).
+
+    `on_line` sees each console line as it arrives (the benchmark samples the server's CPU
+    time at the guest's STAGE lines)."""
     img = workdir / f"{config}.img"
     data = await trio.to_thread.run_sync(make_disk, img)
     ours = not config.startswith("qemu-")
     run = await run_config(config, configs=configs, guest_env=guest_env or {}, timeout=240,
-                           append_extra=append_extra,
+                           append_extra=append_extra, on_line=on_line,
                            server_sets=[f"backing={img}"] if ours else [],
                            placeholders={} if ours else {"DISK": os.fspath(img)})
     after = await trio.to_thread.run_sync(img.read_bytes)
@@ -333,10 +339,13 @@ class NetRun:
 
 
 async def run_net(config: str, configs: ConfigFile | None = None, rounds: int = 1,
-                  timeout: float = 120.0, nbytes: int = NET_BYTES) -> NetRun:
-    """Boot `config` with its TAP in a fresh namespace and the peer running there."""
+                  timeout: float = 120.0, nbytes: int = NET_BYTES,
+                  guest_env: dict[str, str] | None = None,
+                  on_line: LineHook | None = None) -> NetRun:
+    """Boot `config` with its TAP in a fresh namespace and the peer running there
+    (`guest_env` adds guest knobs, `on_line` sees each console line as it arrives)."""
     tap = f"vfu{uuid.uuid4().hex[:8]}"
-    env = {"host": HOST_ADDR, "guest": GUEST_ADDR, "rounds": str(rounds)}
+    env = {"host": HOST_ADDR, "guest": GUEST_ADDR, "rounds": str(rounds), **(guest_env or {})}
     async with namespace() as ns:
         if config.startswith("qemu-"):
             qemu = in_netns(await trio.to_thread.run_sync(find_qemu, None), ns)
@@ -344,13 +353,14 @@ async def run_net(config: str, configs: ConfigFile | None = None, rounds: int = 
                     trio.open_nursery() as nursery:
                 nursery.start_soon(_configure_tap, ns, tap)
                 run = await run_config(config, configs=configs, qemu=qemu, guest_env=env,
-                                       placeholders={"TAP": tap}, timeout=timeout)
+                                       placeholders={"TAP": tap}, timeout=timeout,
+                                       on_line=on_line)
         else:
             sets = [f"tap={tap}", f"netns={ns}", f"address={HOST_ADDR}/{PREFIX}", *EXTRA_SETS,
                     f"mac={GUEST_MAC}"]
             async with peer(ns, rounds, timeout, nbytes) as report:
                 run = await run_config(config, configs=configs, server_sets=sets,
-                                       guest_env=env, timeout=timeout)
+                                       guest_env=env, timeout=timeout, on_line=on_line)
         return NetRun(run.guest, report)
 
 
