@@ -64,6 +64,14 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
+#: The Command bits a guest can change: QEMU's generic PCI write mask (hw/pci/pci.c,
+#: pci_init_wmask), the same for every emulated device whatever its BARs. vfio-user-pci reads
+#: Command back from us, so a guest compares our device with QEMU's own twin bit for bit:
+#: I/O Space stays set on a device without an I/O BAR (the PCI spec allows hardwiring it to
+#: 0; QEMU does not), and Parity Error Response stays clear (QEMU leaves it read-only).
+COMMAND_WMASK = (Command.IO | Command.MEMORY | Command.MASTER | Command.SERR
+                 | Command.INTX_DISABLE)
+
 _CapT = TypeVar("_CapT", bound=Capability)
 
 #: Interrupt pin values (Interrupt Pin register): 0 none, 1..4 INTA#..INTD#.
@@ -182,12 +190,7 @@ class PciDevice(DeviceModel):
         c.define(cfg.SUBSYSTEM_ID, 2, ident.subsystem_id)
         c.define(cfg.HEADER_TYPE, 1, cfg.HEADER_TYPE_NORMAL)
 
-        has_io = any(b.kind is BarKind.IO for b in self.bars.values())
-        has_mem = self.rom is not None or any(b.kind is not BarKind.IO for b in self.bars.values())
-        cmd_wmask = Command.MASTER | Command.PARITY | Command.SERR | Command.INTX_DISABLE
-        cmd_wmask |= Command.IO if has_io else 0
-        cmd_wmask |= Command.MEMORY if has_mem else 0
-        c.define(cfg.COMMAND, 2, 0, cmd_wmask)
+        c.define(cfg.COMMAND, 2, 0, COMMAND_WMASK)
         c.define(cfg.STATUS, 2, 0, w1c=cfg.STATUS_RW1C)
         c.define(cfg.CACHE_LINE_SIZE, 1, 0, 0xFF)
         c.define(cfg.INTERRUPT_LINE, 1, 0, 0xFF)
