@@ -19,9 +19,27 @@ deviate, and say so here:
   their power-on values (all zero), because a function-level reset should, and because the
   engine cancels a DMA in flight before the reset.
 
-Access sizes are checked as in edu.c: offsets below 0x80 accept only 4-byte accesses, the
-rest 4 or 8 bytes. Any other access reads all ones and its write is ignored; so does an
-access to an offset with no register (including the DMA buffer, which edu.c never maps).
+The Command register keeps I/O Space once a guest sets it (0x0107, not 0x0106), because
+QEMU's PCI core gives every device the same write mask (``devices.sdk.pci.COMMAND_WMASK``).
+
+Access sizes follow what a guest sees of QEMU's edu, which is two layers of rules (the guest
+program qemu-configs/guest/edu-test.sh checks both, step ``sizes``, against the built-in edu):
+
+* **QEMU's memory core first.** edu_mmio_ops declares ``.valid`` 4 to 8 bytes, and
+  ``memory_region_access_valid`` (system/memory.c) also rejects an access not aligned to its
+  size. A rejected access never reaches edu.c: ``memory_region_dispatch_read`` answers it
+  with ``unassigned_mem_read``, which reads **0**, and a rejected write is dropped. So an 8- or
+  16-bit read of the identification register reads 0x00 / 0x0000, not all ones.
+* **Then edu.c's own checks.** Offsets below 0x80 take only 4-byte accesses, the rest 4 or 8
+  bytes; anything else the memory core let through (an aligned 8-byte access below 0x80)
+  reads all ones and its write is ignored, and so does an offset with no register
+  (including the DMA buffer, which edu.c never maps).
+
+Behind vfio-user-pci we must apply the memory core's rule ourselves: QEMU's vfio region ops
+accept 1 to 8 bytes, so the guest's 1- and 2-byte accesses arrive here as they are. An access
+that is not aligned reaches neither device whole under TCG (it is split into aligned pieces
+before either memory region sees it); one a vfio-user client sends us directly is rejected
+here the way the memory core would reject it.
 """
 
 from __future__ import annotations
@@ -63,6 +81,8 @@ DMA_START = 0x40000
 DMA_SIZE = 4096
 #: offsets below this accept only 4-byte accesses, the rest 4 or 8
 WIDE_REGS_START = 0x80
+#: edu_mmio_ops.valid: what QEMU's memory core lets through to edu.c at all
+VALID_MIN_ACCESS, VALID_MAX_ACCESS = 4, 8
 U32 = 0xFFFF_FFFF
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 #: n! mod 2**32 is 0 for every n >= 34 (34! has 32 factors of two)
@@ -222,19 +242,36 @@ class Edu(PciDevice):
     # ------------------------------------------------------------------ MMIO
 
     @staticmethod
-    def _size_ok(offset: int, count: int) -> bool:
+    def _core_accepts(offset: int, count: int) -> bool:
+        """memory_region_access_valid for edu_mmio_ops: 4 or 8 bytes, aligned to the size.
+
+        Sizes other than powers of two never come from QEMU (a MemOp is one); from any other
+        client they are rejected like the sizes out of range."""
+        return count in (VALID_MIN_ACCESS, VALID_MAX_ACCESS) and not offset & (count - 1)
+
+    @staticmethod
+    def _edu_accepts(offset: int, count: int) -> bool:
+        """edu_mmio_read/edu_mmio_write's own size check, after the memory core's."""
         return count == 4 or (offset >= WIDE_REGS_START and count == 8)
 
     def _mmio_read(self, offset: int, count: int) -> bytes:
-        if not self._size_ok(offset, count):
-            log.debug("edu: %d-byte read at 0x%x rejected", count, offset)
+        if count == 4 and not offset & 3:
+            # The common case first (one aligned register read): both layers accept it.
+            getter = self._readers.get(offset)
+            return ((getter() & U32) if getter is not None else U32).to_bytes(4, "little")
+        if not self._core_accepts(offset, count):
+            # unassigned_mem_read: the memory core answers an invalid access with 0.
+            log.debug("edu: %d-byte read at 0x%x rejected (reads 0)", count, offset)
+            return bytes(count)
+        if not self._edu_accepts(offset, count):
+            log.debug("edu: %d-byte read at 0x%x rejected (reads all ones)", count, offset)
             return b"\xff" * count
         getter = self._readers.get(offset)
         value = getter() if getter is not None else U64
-        return (value & ((1 << (8 * count)) - 1)).to_bytes(count, "little")
+        return (value & U64).to_bytes(count, "little")
 
     def _mmio_write(self, offset: int, data: bytes) -> None:
-        if not self._size_ok(offset, len(data)):
+        if not (self._core_accepts(offset, len(data)) and self._edu_accepts(offset, len(data))):
             log.debug("edu: %d-byte write at 0x%x ignored", len(data), offset)
             return
         value = int.from_bytes(data, "little")

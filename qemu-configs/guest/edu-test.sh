@@ -8,7 +8,8 @@
 # Needs: kernel cmdline `memmap=8K$0xf000000` (two reserved RAM pages for DMA; edu's DMA
 # mask is 28 bits, so they must sit below 256 MiB) and the uio_pci_generic module.
 # Knobs (kernel cmdline words `name=value` arrive as environment variables):
-#   vfu_edu_steps=ident,regs,fact,dma,irq   which steps to run, in order; also: reset, pause
+#   vfu_edu_steps=ident,regs,fact,dma,irq   which steps to run, in order; also: command,
+#                                           sizes, reset, pause
 #   vfu_dma_page=0xf000000                  physical address of the reserved pages
 #   vfu_pause=5                             seconds the `pause` step waits
 
@@ -24,6 +25,11 @@ fail() { echo "RESULT $1=FAIL${2:+ ($2)}"; FAILED=1; }
 hex8() { printf '%08x' "$1"; }
 rd()   { hex8 "$(devmem $((BAR0 + $1)) 32)"; }          # 32-bit BAR0 read, 8 hex digits
 wr()   { devmem $((BAR0 + $1)) 32 $(($2)); }             # 32-bit BAR0 write
+# rdw WIDTH OFFSET / wrw WIDTH OFFSET VALUE: a BAR0 access of 8, 16, 32 or 64 bits; the read
+# is devmem's own output (0x and WIDTH/4 hex digits), lower-cased. VALUE is passed verbatim
+# (no shell arithmetic, which would turn a 64-bit value with the top bit set negative).
+rdw()  { devmem $((BAR0 + $2)) "$1" | tr 'A-F' 'a-f'; }
+wrw()  { devmem $((BAR0 + $2)) "$1" "$3"; }
 ramrd() { hex8 "$(devmem $(($1)) 32)"; }
 ramwr() { devmem $(($1)) 32 $(($2)); }
 
@@ -181,6 +187,67 @@ step_reset() {
     info "reset methods: $(cat "$DEV/reset_method" 2>/dev/null)"
     if echo 1 > "$DEV/reset"; then res reset ok; else fail reset "write failed"; fi
     cfg_wr16 4 $((0x$(cfg_rd16 4) | 0x6))
+}
+
+# command: which Command register bits the device keeps. QEMU gives every emulated device the
+# same write mask (hw/pci/pci.c, pci_init_wmask): I/O Space, Memory Space, Bus Master, SERR#
+# Enable and Interrupt Disable, whether or not the device has an I/O BAR. Each bit is set
+# alone on top of the current value, then all of them and none; the value is restored after.
+step_command() {
+    orig=$((0x$(cfg_rd16 4)))
+    res status "$(cfg_rd16 6)"
+    for bit in 0x0001 0x0008 0x0010 0x0040 0x0080 0x0100 0x0200 0x0400; do
+        cfg_wr16 4 $((orig | bit))
+        res "command(+$(printf %04x $((bit))))" "$(cfg_rd16 4)"
+        cfg_wr16 4 $orig
+    done
+    cfg_wr16 4 0xffff
+    res "command(ffff)" "$(cfg_rd16 4)"
+    cfg_wr16 4 0
+    res "command(0000)" "$(cfg_rd16 4)"
+    cfg_wr16 4 $orig
+    res command_restored "$(cfg_rd16 4)"
+}
+
+# sizes: 8/16/32/64-bit reads and writes at and between the register offsets. edu accepts
+# 4-byte accesses below 0x80 and 4 or 8 bytes from 0x80 (anything else it answers with all
+# ones); QEMU's memory core rejects an access smaller than 4 bytes or not aligned to its size
+# before edu sees it (edu_mmio_ops.valid), and such a read returns 0. An access that is not
+# aligned reaches the device in aligned pieces (TCG splits it), the same for both devices.
+step_sizes() {
+    cfg_wr16 4 $((0x$(cfg_rd16 4) | 0x2))           # memory space (a driver may have left)
+    wr 0x04 0x12345678                              # liveness reads back edcba987
+    wrw 64 0x80 0x1122334455667788                  # DMA source/destination/count: 64 bits
+    wrw 64 0x88 0x99aabbccddeeff00
+    wrw 64 0x90 0x0000000000000040
+    for off in 0x00 0x01 0x02 0x03 0x04 0x06 0x08 0x0c 0x20 0x24 0x40 0x60 0x64 \
+               0x7c 0x80 0x82 0x84 0x88 0x8c 0x90 0x98 0x9c 0xa0 0x40000; do
+        for w in 8 16 32 64; do
+            res "rd$w($off)" "$(rdw $w $off)"
+        done
+    done
+    # Writes the size rules drop: liveness keeps edcba987, status and irq_status stay 0.
+    for w in 8 16; do
+        wrw $w 0x04 0x55
+        res "liveness(wr$w)" "$(rd 0x04)"
+        wrw $w 0x20 0x80
+        res "status(wr$w)" "$(rd 0x20)"
+        wrw $w 0x60 0x1
+        res "irq_status(wr$w)" "$(rd 0x24)"
+        wrw $w 0x80 0x77
+        res "dma_src(wr$w)" "$(rdw 64 0x80)"
+    done
+    wrw 64 0x00 0x0000000300000002                  # 64 bits below 0x80: edu ignores it
+    res "liveness(wr64@0)" "$(rd 0x04)"
+    wrw 64 0x04 0x0000000500000002                  # unaligned: liveness and factorial
+    if wait_clear 0x20 0x1; then res "fact(wr64@4)" "$(rd 0x08)"; else fail "fact(wr64@4)" timeout; fi
+    res "liveness(wr64@4)" "$(rd 0x04)"
+    wrw 32 0x84 0x12345678                          # no register at 0x84: ignored
+    res "dma_src(wr32@84)" "$(rdw 64 0x80)"
+    wrw 32 0x80 0xaabbccdd                          # 4 bytes at 0x80 clear the high half
+    res "dma_src(wr32)" "$(rdw 64 0x80)"
+    wrw 64 0x90 0xfedcba9876543210
+    res "dma_cnt(wr64)" "$(rdw 64 0x90)"
 }
 
 step_pause() {

@@ -66,6 +66,15 @@ def test_config_space_matches_qemu_edu() -> None:
     assert cfg_read(dev, 0x10, 4) == 0xFFF0_0000
 
 
+def test_command_register_keeps_what_qemu_edu_keeps() -> None:
+    """QEMU's pci_init_wmask: a guest setting I/O Space reads back 0x0107, as with -device edu."""
+    dev = Edu()
+    cfg_write(dev, 0x04, 2, Command.IO | Command.MEMORY | Command.MASTER | Command.SERR)
+    assert cfg_read(dev, 0x04, 2) == 0x0107
+    cfg_write(dev, 0x04, 2, 0xFFFF)
+    assert cfg_read(dev, 0x04, 2) == 0x0507
+
+
 def test_regions_and_irqs() -> None:
     dev = Edu()
     regions = {r.index: r for r in dev.regions()}
@@ -286,18 +295,77 @@ def test_dma_without_client_ignored() -> None:
 # ------------------------------------------------------------------ access sizes
 
 
+# What a guest reads through QEMU's built-in edu: the memory core rejects accesses under 4 or
+# over 8 bytes and unaligned ones before edu.c sees them (reads 0, writes dropped); edu.c then
+# answers the sizes it does not take (8 bytes below 0x80) and offsets without a register with
+# all ones. The values are the ones qemu-configs/guest/edu-test.sh (step sizes) reads from
+# QEMU 11.1's -device edu.
+
+
+@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("offset", [Reg.ID, Reg.LIVENESS, Reg.FACTORIAL, Reg.STATUS,
+                                    Reg.IRQ_STATUS, Reg.DMA_SRC, Reg.DMA_CMD, 0x0C, 0xA0,
+                                    DMA_START])
+async def test_reads_under_4_bytes_read_zero(edu: Edu, offset: int, size: int) -> None:
+    wr(edu, Reg.LIVENESS, 0)  # liveness reads all ones, so a 0 is not the register
+    assert edu.region_read(0, offset, size) == bytes(size)
+    assert edu.region_read(0, offset + 1, size) == bytes(size)
+
+
+@pytest.mark.parametrize("size", [3, 5, 16])
+async def test_sizes_no_memory_op_has_read_zero_and_are_ignored(edu: Edu, size: int) -> None:
+    wr(edu, Reg.DMA_SRC, 0x1234, 8)
+    assert edu.region_read(0, Reg.DMA_SRC, size) == bytes(size)
+    edu.region_write(0, Reg.DMA_SRC, b"\x01" * size)
+    assert rd(edu, Reg.DMA_SRC, 8) == 0x1234
+
+
+@pytest.mark.parametrize("offset", [Reg.ID, Reg.LIVENESS, Reg.FACTORIAL, Reg.STATUS])
+async def test_8_byte_reads_below_0x80(edu: Edu, offset: int) -> None:
+    # aligned: the memory core lets it through and edu.c answers all ones; unaligned: 0
+    want = b"\xff" * 8 if offset % 8 == 0 else bytes(8)
+    assert edu.region_read(0, offset, 8) == want
+
+
+@pytest.mark.parametrize("offset", [Reg.ID + 1, Reg.ID + 2, Reg.LIVENESS + 2, Reg.DMA_SRC + 2,
+                                    Reg.DMA_SRC + 4 + 2])
+async def test_unaligned_4_byte_reads_read_zero(edu: Edu, offset: int) -> None:
+    assert rd(edu, offset) == 0
+
+
+async def test_unaligned_8_byte_access_at_a_register(edu: Edu) -> None:
+    wr(edu, Reg.DMA_DST, 0x99, 8)
+    assert edu.region_read(0, Reg.DMA_DST + 4, 8) == bytes(8)
+    edu.region_write(0, Reg.DMA_SRC + 4, (0x77).to_bytes(8, "little"))
+    assert rd(edu, Reg.DMA_DST, 8) == 0x99
+
+
 @pytest.mark.parametrize("size", [1, 2, 8])
-async def test_low_registers_need_4_byte_access(edu: Edu, size: int) -> None:
-    assert edu.region_read(0, Reg.ID, size) == b"\xff" * size
+async def test_low_registers_ignore_writes_not_4_bytes(edu: Edu, size: int) -> None:
     edu.region_write(0, Reg.LIVENESS, b"\x01" * size)
     assert rd(edu, Reg.LIVENESS) == 0
+    edu.region_write(0, Reg.ID, b"\x01" * size)  # 8 bytes at 0x00 would span liveness
+    assert rd(edu, Reg.LIVENESS) == 0
+    edu.region_write(0, Reg.STATUS, b"\x80" * size)
+    assert rd(edu, Reg.STATUS) == 0
+    edu.region_write(0, Reg.IRQ_RAISE, b"\x01" * size)
+    assert rd(edu, Reg.IRQ_STATUS) == 0
+    edu.region_write(0, Reg.FACTORIAL, b"\x05" * size)
+    assert rd(edu, Reg.FACTORIAL) == 0
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 16])
-async def test_dma_registers_need_4_or_8_byte_access(edu: Edu, size: int) -> None:
-    assert edu.region_read(0, Reg.DMA_SRC, size) == b"\xff" * size
+@pytest.mark.parametrize("size", [1, 2])
+async def test_dma_registers_ignore_writes_under_4_bytes(edu: Edu, size: int) -> None:
     edu.region_write(0, Reg.DMA_SRC, b"\x01" * size)
     assert rd(edu, Reg.DMA_SRC, 8) == 0
+
+
+async def test_8_byte_access_to_dma_registers(edu: Edu) -> None:
+    wr(edu, Reg.DMA_SRC, 0x1122_3344_5566_7788, 8)
+    wr(edu, Reg.DMA_CNT, 0xFEDC_BA98_7654_3210, 8)
+    assert rd(edu, Reg.DMA_SRC, 8) == 0x1122_3344_5566_7788
+    assert rd(edu, Reg.DMA_CNT, 8) == 0xFEDC_BA98_7654_3210
+    assert rd(edu, 0xA0, 8) == 0xFFFF_FFFF_FFFF_FFFF  # no register
 
 
 async def test_4_byte_access_to_dma_registers(edu: Edu) -> None:
@@ -313,10 +381,6 @@ async def test_4_byte_access_to_dma_registers(edu: Edu) -> None:
 async def test_unknown_offsets_read_all_ones(edu: Edu, offset: int) -> None:
     assert rd(edu, offset) == 0xFFFF_FFFF
     wr(edu, offset, 0)  # ignored, must not crash
-
-
-async def test_unaligned_access_reads_ones(edu: Edu) -> None:
-    assert rd(edu, Reg.ID + 1) == 0xFFFF_FFFF
 
 
 # ------------------------------------------------------------------ reset
