@@ -41,6 +41,7 @@ import trio
 from devices.sdk import Apply, OptionSpec, Record, Value
 from devices.sdk.state import matches
 
+from .guestmem import GuestMemoryError, MemoryRetry, VirtqueueError, gather, piece_views, scatter
 from .spec import Status
 from .tap import (
     TUN_F_CSUM,
@@ -51,16 +52,8 @@ from .tap import (
     TapConfig,
     TapPermissionError,
 )
-from .transport import VirtioPciDevice
-from .virtqueue import (
-    Chain,
-    GuestMemoryError,
-    MemoryRetry,
-    Virtqueue,
-    VirtqueueError,
-    gather,
-    scatter,
-)
+from .transport import DEFAULT_POLL_US, VirtioPciDevice
+from .virtqueue import Chain, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +69,8 @@ RX_BATCH = 64
 #: largest frame the TAP can give us: 64 KiB GSO frame + Ethernet header + vnet header
 MAX_FRAME = 65536 + 14 + VNET_HDR_SIZE + 4
 NUM_BUFFERS_OFFSET = 10
+#: most iovecs one writev takes (Linux UIO_MAXIOV); a longer chain is gathered first
+IOV_MAX = 1024
 LINK_UP = 1
 DEFAULT_MAC = "52:54:00:12:34:56"
 
@@ -124,6 +119,8 @@ class VirtioNet(VirtioPciDevice):
         OptionSpec("link", bool, True, "link status reported to the guest"),
         OptionSpec("queue_size", int, 1024, "maximum descriptors per queue (1024, QEMU's "
                    "maximum: more posted receive buffers hide our kick latency)"),
+        OptionSpec("poll_us", int, DEFAULT_POLL_US, "after a transmit, poll the ring this "
+                   "long (us) with notifications off before sleeping (0: never poll)"),
     )
     virtio_id = VIRTIO_ID_NET
     class_code: ClassVar[int] = CLASS_NETWORK_ETHERNET
@@ -132,7 +129,8 @@ class VirtioNet(VirtioPciDevice):
 
     def __init__(self, tap: str = "vfu0", netns: str = "", bridge: str = "",
                  address: str = "", mac: str = DEFAULT_MAC, mtu: int = 1500,
-                 link: bool = True, queue_size: int = 1024) -> None:
+                 link: bool = True, queue_size: int = 1024,
+                 poll_us: int = DEFAULT_POLL_US) -> None:
         if not 68 <= mtu <= 65535:
             raise ValueError("mtu must be 68..65535")
         self.mac = parse_mac(mac)
@@ -144,7 +142,7 @@ class VirtioNet(VirtioPciDevice):
         self._rx_wait: trio.CancelScope | None = None
         #: the TAP failed (deleted under us) and it was reported; cleared by a reset
         self.tap_failed = False
-        super().__init__(num_queues=2, queue_size=queue_size)
+        super().__init__(num_queues=2, queue_size=queue_size, poll_us=poll_us)
         # Built before trio.run by the CLI (pyroute2's sync API must stay off trio threads).
         try:
             self.tap = Tap.open(TapConfig(tap, netns=netns, bridge=bridge, mtu=mtu,
@@ -249,16 +247,22 @@ class VirtioNet(VirtioPciDevice):
         dma = self.dma
         fd = self.tap.fd
         for chain in chains:
-            frame = await gather(dma, chain.readable)
-            if len(frame) <= VNET_HDR_SIZE:
+            if chain.readable_len <= VNET_HDR_SIZE:
                 self.tx_dropped += 1
                 continue
+            # Straight from guest memory when it is mmap'd: one writev is one frame for
+            # a TAP, and no 64 KiB buffer is allocated and filled per frame.
+            views = piece_views(dma, chain.readable)
             try:
-                os.write(fd, frame)
+                if views is not None and len(views) <= IOV_MAX:
+                    os.writev(fd, views)
+                else:
+                    os.write(fd, await gather(dma, chain.readable))
             except OSError as exc:
                 # EAGAIN (queue full), EINVAL (a header the TAP rejects): drop, as a NIC would.
                 self.tx_dropped += 1
-                log.debug("%s: TX frame of %d bytes dropped: %s", self.name, len(frame), exc)
+                log.debug("%s: TX frame of %d bytes dropped: %s", self.name,
+                          chain.readable_len, exc)
                 if exc.errno in TAP_GONE:
                     self._tap_gone(exc)
         return [(chain.head, 0) for chain in chains]

@@ -58,6 +58,7 @@ from devices.sdk.bits import get_le
 from devices.sdk.interface import DmaPort
 from devices.sdk.state import apply_all
 
+from .guestmem import VirtqueueError
 from .spec import (
     COMMON_OFFSET,
     CONFIG_GENERATION,
@@ -98,9 +99,15 @@ from .spec import (
     virtio_cap,
 )
 from .state import prepare_transport, save_transport
-from .virtqueue import Chain, GuestMemoryError, MemoryRetry, Virtqueue, VirtqueueError
+from .virtqueue import Chain, Virtqueue
+from .worker import serve_requests
 
 log = logging.getLogger(__name__)
+
+#: default of the `poll_us` option: how long a queue worker polls its avail ring after the
+#: last request before it re-enables notifications and sleeps (`serve_requests`)
+DEFAULT_POLL_US = 200
+MAX_POLL_US = 100_000
 
 _Getter = Callable[[], int]
 _Setter = Callable[[int], None]
@@ -123,9 +130,14 @@ class VirtioPciDevice(PciDevice):
     class_code: ClassVar[int] = 0xFF0000
     interrupt_pin = INTA
 
-    def __init__(self, num_queues: int, queue_size: int = 256) -> None:
+    def __init__(self, num_queues: int, queue_size: int = 256,
+                 poll_us: int = DEFAULT_POLL_US) -> None:
         if not 1 <= num_queues <= 1024:
             raise ValueError("num_queues must be 1..1024")
+        if not 0 <= poll_us <= MAX_POLL_US:
+            raise ValueError(f"poll_us must be 0..{MAX_POLL_US}")
+        #: how long a worker keeps polling its avail ring after its last request (s)
+        self.poll_window = poll_us / 1e6
         if queue_size & (queue_size - 1) or not 2 <= queue_size <= 32768:
             raise ValueError("queue_size must be a power of two in 2..32768")
         self.queues = [Virtqueue(i, queue_size) for i in range(num_queues)]
@@ -567,26 +579,9 @@ class VirtioPciDevice(PciDevice):
     # ------------------------------------------------------------------ generic request loop
 
     async def serve_requests(self, queue: Virtqueue) -> None:
-        """Pop every available chain, hand the batch to `process_batch`, complete, sleep."""
-        retry = MemoryRetry()
-        while not self.quiescing:
-            dma = self.dma
-            start = queue.last_avail_idx
-            chains: list[Chain] = []
-            try:
-                while (chain := await queue.pop(dma)) is not None:
-                    chains.append(chain)
-                done = await self.process_batch(queue, chains) if chains else []
-            except GuestMemoryError as exc:
-                # Nothing was pushed yet: give the chains back and try again shortly.
-                queue.rewind(start)
-                await retry.wait(exc)
-                continue
-            retry.reset()
-            if chains:
-                await self.complete(queue, done)
-                continue
-            await self.wait_kick(queue)
+        """Pop every available chain, hand the batch to `process_batch`, complete; poll
+        for `poll_window` after activity, then sleep (`worker.serve_requests`)."""
+        await serve_requests(self, queue)
 
     async def process_batch(self, queue: Virtqueue,
                             chains: list[Chain]) -> list[tuple[int, int]]:

@@ -46,6 +46,8 @@ GUEST_MAC = "52:54:00:12:34:56"
 LineHook = Callable[[str], Awaitable[None] | None]
 #: extra `--set` options for our virtio-net (benchmarks: VFU_NET_SETS=queue_size=256)
 EXTRA_SETS: list[str] = [s for s in os.environ.get("VFU_NET_SETS", "").split(",") if s]
+#: the same for our virtio-blk (benchmarks: VFU_BLK_SETS=poll_us=0)
+BLK_SETS: list[str] = [s for s in os.environ.get("VFU_BLK_SETS", "").split(",") if s]
 
 
 def seed_data(n: int = SEED_BYTES, seed: int = 5) -> bytes:
@@ -87,7 +89,7 @@ async def run_blk(config: str, workdir: Path, configs: ConfigFile | None = None,
     ours = not config.startswith("qemu-")
     run = await run_config(config, configs=configs, guest_env=guest_env or {}, timeout=240,
                            append_extra=append_extra, on_line=on_line,
-                           server_sets=[f"backing={img}"] if ours else [],
+                           server_sets=[f"backing={img}", *BLK_SETS] if ours else [],
                            placeholders={} if ours else {"DISK": os.fspath(img)})
     after = await trio.to_thread.run_sync(img.read_bytes)
     return run.guest, data, after

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -258,3 +260,46 @@ async def test_memory_that_never_gets_mapped_needs_reset(ctx: FakeContext,
     with trio.fail_after(60):
         while not drv.status() & Status.DEVICE_NEEDS_RESET:
             await trio.sleep(0.5)
+
+
+async def test_zero_copy_requests_leave_no_view_of_guest_memory(ctx: FakeContext,
+                                                                 tmp_path: Path) -> None:
+    """Writes go to the file straight from pinned guest memory and reads that miss the
+    page cache land there directly; once a request completed, no view of guest memory may
+    remain (the engine could not close a window's mmap on DMA_UNMAP otherwise). A
+    bytearray with a live view refuses to resize, which is what this checks."""
+    img = tmp_path / "disk.img"
+    dev = VirtioBlk(path=str(img), size=1 << 20)
+    dev.backend.readinto_nowait = lambda offset, bufs: 0  # type: ignore[method-assign]
+    ram, real_pin, leaked = ctx.dma.ram, ctx.dma.pin, []
+
+    @contextlib.contextmanager
+    def checking_pin(address: int, size: int, *,
+                     write: bool = False) -> Iterator[memoryview | None]:
+        # When a pin goes, nothing derived from its view may be left (the engine's unmap
+        # would fail to close the mmap): the fake's RAM must be resizable again.
+        with real_pin(address, size, write=write) as view:
+            try:
+                yield view
+            finally:
+                assert view is not None
+                view.release()
+                try:
+                    ram.append(0)
+                    ram.pop()
+                except BufferError:
+                    leaked.append((address, size))
+
+    ctx.dma.pin = checking_pin  # type: ignore[method-assign]
+    drv = attach(dev, ctx)
+    drv.setup(BASIC)
+    payload = os.urandom(8 * SECTOR)
+    head = request(drv, 0, ReqType.OUT, 16, data=payload)
+    assert await drv.wait_used(0) == [(head, 1)]
+    assert img.read_bytes()[16 * SECTOR : 24 * SECTOR] == payload
+    drv.ram[DATA : DATA + len(payload)] = bytes(len(payload))
+    head = request(drv, 0, ReqType.IN, 16, read_len=len(payload), indirect=True)
+    assert await drv.wait_used(0) == [(head, len(payload) + 1)]
+    assert bytes(drv.ram[DATA : DATA + len(payload)]) == payload
+    assert leaked == [] and ctx.dma.pins == 0
+    dev.close()

@@ -7,13 +7,17 @@ handler (an exception there would become an EIO reply to QEMU for a plain MMIO a
 
 from __future__ import annotations
 
+import struct
+
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.virtio import transport as t
+from devices.virtio import virtqueue
 from devices.virtio.blk import VirtioBlk
-from devices.virtio.virtqueue import Virtqueue, VirtqueueError
+from devices.virtio.guestmem import VirtqueueError
+from devices.virtio.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Chain, Virtqueue
 
 from ..fakes import FakeDma
 
@@ -64,3 +68,74 @@ def test_random_register_traffic_never_raises(ops: list[tuple[int, int, int, boo
         else:
             assert len(dev.region_read(t.VIRTIO_BAR, offset, size)) == size
     dev.close()
+
+
+def _table(entries: list[tuple[int, int, int, int]]) -> bytes:
+    return b"".join(struct.pack("<QIHH", *e) for e in entries)
+
+
+def _general_walk(table: bytes) -> Chain | str:
+    """What the entry-by-entry walk makes of an indirect table (or its error)."""
+    dma = FakeDma(1 << 16)
+    dma.ram[0x4000 : 0x4000 + len(table)] = table
+    struct.pack_into("<QIHH", dma.ram, DESC, 0x4000, len(table), DESC_F_INDIRECT, 0)
+    q = Virtqueue(0, SIZE)
+    q.desc_addr, q.indirect = DESC, True
+    desc = dma.view(DESC, 16 * SIZE)
+    assert desc is not None
+    saved = virtqueue._walk_linear
+    virtqueue._walk_linear = lambda head, table: None
+    try:
+        return q._walk(0, desc, dma, None)
+    except VirtqueueError as exc:
+        return str(exc)
+    finally:
+        virtqueue._walk_linear = saved
+
+
+# Entries of a Linux-like table (linear links, readable first) with random perturbations.
+_entry = st.tuples(st.integers(0, 1 << 40), st.integers(0, 1 << 31),
+                   st.sampled_from([0, DESC_F_NEXT, DESC_F_WRITE, DESC_F_NEXT | DESC_F_WRITE,
+                                    DESC_F_INDIRECT, DESC_F_NEXT | 8]),
+                   st.integers(0, 40))
+
+
+@settings(max_examples=500, deadline=None)
+@given(readable=st.integers(0, 20), writable=st.integers(0, 20),
+       tweaks=st.lists(st.tuples(st.integers(0, 39), _entry), max_size=3),
+       lengths=st.lists(st.integers(0, 1 << 31), min_size=40, max_size=40))
+def test_linear_fast_path_agrees_with_general_walk(readable: int, writable: int,
+                                                   tweaks: list[tuple[int, tuple[int, int,
+                                                                                 int, int]]],
+                                                   lengths: list[int]) -> None:
+    """`_walk_linear` returns exactly the general walk's chain, or None (never a chain the
+    general walk would reject), for tables Linux builds and tables close to them."""
+    n = readable + writable
+    if n == 0:
+        return
+    entries = []
+    for i in range(n):
+        flags = (DESC_F_WRITE if i >= readable else 0) | (DESC_F_NEXT if i < n - 1 else 0)
+        entries.append((0x10000 * i, lengths[i] % 8192, flags, i + 1 if i < n - 1 else 0))
+    for index, entry in tweaks:
+        if index < n:
+            entries[index] = entry
+    table = _table(entries)
+    fast = virtqueue._walk_linear(0, table)
+    general = _general_walk(table)
+    if not tweaks:
+        assert fast is not None, "a Linux-style table must take the fast path"
+    if fast is not None:
+        assert isinstance(general, Chain), general
+        assert (fast.head, fast.readable, fast.writable) == \
+            (general.head, general.readable, general.writable)
+
+
+def test_linear_fast_path_used_and_limits() -> None:
+    big = _table([(0, 1 << 31, DESC_F_NEXT, 1), (0, 1 << 31, DESC_F_NEXT, 2),
+                  (0, 1, 0, 0)])
+    assert virtqueue._walk_linear(0, big) is None  # over MAX_CHAIN_BYTES: general rejects
+    assert isinstance(_general_walk(big), str)
+    loop = _table([(0, 1, DESC_F_NEXT, 1), (0, 1, DESC_F_NEXT, 0)])
+    assert virtqueue._walk_linear(0, loop) is None
+    assert isinstance(_general_walk(loop), str)

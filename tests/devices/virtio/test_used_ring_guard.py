@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from devices.virtio.virtqueue import Virtqueue, VirtqueueError
+from devices.virtio.guestmem import VirtqueueError
+from devices.virtio.virtqueue import Virtqueue
 
 from ..fakes import FakeDma
 from .ring import DriverRing

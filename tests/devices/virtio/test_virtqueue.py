@@ -7,16 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from devices.virtio.virtqueue import (
-    DESC_F_INDIRECT,
-    DESC_F_NEXT,
-    DESC_F_WRITE,
-    DeviceBugError,
-    Virtqueue,
-    VirtqueueError,
-    gather,
-    scatter,
-)
+from devices.virtio.guestmem import DeviceBugError, VirtqueueError, gather, scatter
+from devices.virtio.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue
 
 from ..fakes import FakeDma
 from .ring import DriverRing

@@ -1,0 +1,77 @@
+"""The generic queue worker: batches of requests, then adaptive polling, then sleep.
+
+Why a module of its own: the transport serves registers; this is the loop every request
+queue runs (virtio-blk's queues, virtio-net's transmit queue), and its polling policy is
+the part with a speed/CPU trade-off worth reading on its own.
+
+Why poll: a guest doing synchronous I/O (``dd`` with O_DIRECT, one request at a time)
+submits its next request shortly after our interrupt. While the worker polls the avail
+ring, notifications stay suppressed: with VIRTIO_F_RING_EVENT_IDX the driver kicks only
+when its new index passes ``avail_event``, which we leave behind the requests we already
+took; without it, USED_F_NO_NOTIFY is set (`Virtqueue.disable_notify`). So the driver skips
+its notify write (a trapped MMIO access in QEMU and a vfio-user message to us) and we skip
+the wake-up. Polling starts only after a batch and ends `poll_window` after the last one,
+then the worker re-enables notifications, checks the ring once more (the race with a driver
+that added a buffer meanwhile) and sleeps on its kick: an idle guest costs no CPU. Each probe
+is a trio checkpoint, so other tasks and connections are served in between; `poll_us=0`
+turns it off (every request is kicked, as before).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from devices.sdk.interface import DmaPort
+
+from .guestmem import GuestMemoryError, MemoryRetry
+from .virtqueue import Chain, Virtqueue
+
+
+class QueueDevice(Protocol):
+    """What the loop needs of `transport.VirtioPciDevice` (declared here so the transport
+    can import this module, not the other way round)."""
+
+    quiescing: bool
+    poll_window: float
+
+    @property
+    def dma(self) -> DmaPort: ...
+
+    async def process_batch(self, queue: Virtqueue,
+                            chains: list[Chain]) -> list[tuple[int, int]]: ...
+
+    async def complete(self, queue: Virtqueue, done: list[tuple[int, int]]) -> None: ...
+
+    async def wait_kick(self, queue: Virtqueue) -> None: ...
+
+
+async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
+    """Serve `queue` until the device quiesces (cancellation ends it otherwise)."""
+    retry = MemoryRetry()
+    poll_until = 0.0
+    while not dev.quiescing:
+        dma = dev.dma
+        start = queue.last_avail_idx
+        chains: list[Chain] = []
+        try:
+            while (chain := await queue.pop(dma)) is not None:
+                chains.append(chain)
+            done = await dev.process_batch(queue, chains) if chains else []
+        except GuestMemoryError as exc:
+            # Nothing was pushed yet: give the chains back and try again shortly.
+            queue.rewind(start)
+            await retry.wait(exc)
+            continue
+        retry.reset()
+        if chains:
+            await dev.complete(queue, done)
+            poll_until = trio.current_time() + dev.poll_window
+            continue
+        if trio.current_time() < poll_until:
+            await trio.lowlevel.checkpoint()
+            continue
+        await dev.wait_kick(queue)
+        if dev.poll_window:
+            await queue.disable_notify(dev.dma)

@@ -1,0 +1,141 @@
+"""Adaptive polling after activity and the notification suppression that goes with it
+(`VirtioPciDevice.serve_requests`): requests the driver adds without kicking are served
+while the worker polls, notifications are re-enabled when polling ends, and nothing is
+polled without activity."""
+
+from __future__ import annotations
+
+import trio
+
+from devices.virtio.blk import BlkFeature, ReqType, VirtioBlk
+from devices.virtio.spec import Feature
+from devices.virtio.transport import MAX_POLL_US
+from devices.virtio.virtqueue import USED_F_NO_NOTIFY
+
+from ..fakes import FakeContext
+from .driver import Driver
+from .test_blk import HDR, STATUS_BYTE
+
+EVENT_IDX = int(Feature.VERSION_1 | Feature.RING_EVENT_IDX | BlkFeature.FLUSH)
+NO_EVENT_IDX = int(Feature.VERSION_1 | BlkFeature.FLUSH)
+#: long enough that a test step never outlives it by accident on a loaded host
+WINDOW_US = 10_000  # 10 ms
+
+
+def flush(drv: Driver, *, kick: bool) -> int:
+    """A FLUSH request made available; notified only when `kick`."""
+    head = drv.rings[0].add([(HDR, 16)], [(STATUS_BYTE, 1)])
+    drv.ram[HDR : HDR + 4] = int(ReqType.FLUSH).to_bytes(4, "little")
+    if kick:
+        drv.kick(0)
+    return head
+
+
+def used_flags(drv: Driver) -> int:
+    ring = drv.rings[0]
+    return ring.u16(ring.used)
+
+
+async def quiet(seconds: float) -> None:
+    await trio.sleep(seconds)
+
+
+async def test_requests_without_kick_served_while_polling(ctx: FakeContext) -> None:
+    dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)  # 100 ms: the whole test polls
+    drv = Driver(dev, ctx.dma.ram)
+    dev.attach(ctx)
+    drv.setup(EVENT_IDX)
+    await quiet(0.01)
+    ring = drv.rings[0]
+    assert ring.avail_event() == 0  # idle worker: notifications on
+    first = flush(drv, kick=True)
+    assert await drv.wait_used(0) == [(first, 1)]
+    # Polling: avail_event stays behind, so a Linux driver would not kick (vring_need_event
+    # is false for 0 between old 1 and new 2); the request is served all the same.
+    second = flush(drv, kick=False)
+    assert await drv.wait_used(0) == [(second, 1)]
+    assert ring.avail_event() == 0
+    dev.close()
+
+
+async def test_polling_ends_and_notifications_come_back(ctx: FakeContext) -> None:
+    dev = VirtioBlk(size=1 << 20, poll_us=WINDOW_US)
+    drv = Driver(dev, ctx.dma.ram)
+    dev.attach(ctx)
+    drv.setup(EVENT_IDX)
+    ring = drv.rings[0]
+    head = flush(drv, kick=True)
+    assert await drv.wait_used(0) == [(head, 1)]
+    await quiet(10 * WINDOW_US / 1e6)
+    # The worker sleeps again and asked for a kick at the next index.
+    assert ring.avail_event() == 1
+    late = flush(drv, kick=False)
+    await quiet(5 * WINDOW_US / 1e6)
+    assert ring.take_used() == [], "served without a kick after polling ended"
+    drv.kick(0)
+    assert await drv.wait_used(0) == [(late, 1)]
+    dev.close()
+
+
+async def test_without_event_idx_no_notify_flag_while_polling(ctx: FakeContext) -> None:
+    dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)
+    drv = Driver(dev, ctx.dma.ram)
+    dev.attach(ctx)
+    drv.setup(NO_EVENT_IDX)
+    await quiet(0.01)
+    assert not used_flags(drv) & USED_F_NO_NOTIFY
+    head = flush(drv, kick=True)
+    assert await drv.wait_used(0) == [(head, 1)]
+    assert used_flags(drv) & USED_F_NO_NOTIFY  # the driver skips its kicks meanwhile
+    second = flush(drv, kick=False)
+    assert await drv.wait_used(0) == [(second, 1)]
+    dev.close()
+
+
+async def test_without_event_idx_flag_cleared_after_polling(ctx: FakeContext) -> None:
+    dev = VirtioBlk(size=1 << 20, poll_us=WINDOW_US)
+    drv = Driver(dev, ctx.dma.ram)
+    dev.attach(ctx)
+    drv.setup(NO_EVENT_IDX)
+    head = flush(drv, kick=True)
+    assert await drv.wait_used(0) == [(head, 1)]
+    await quiet(10 * WINDOW_US / 1e6)
+    assert not used_flags(drv) & USED_F_NO_NOTIFY
+    dev.close()
+
+
+async def test_poll_zero_never_polls(ctx: FakeContext) -> None:
+    dev = VirtioBlk(size=1 << 20, poll_us=0)
+    drv = Driver(dev, ctx.dma.ram)
+    dev.attach(ctx)
+    drv.setup(EVENT_IDX)
+    head = flush(drv, kick=True)
+    assert await drv.wait_used(0) == [(head, 1)]
+    assert drv.rings[0].avail_event() == 1
+    flush(drv, kick=False)
+    await quiet(0.05)
+    assert drv.rings[0].take_used() == []
+    dev.close()
+
+
+async def test_idle_worker_does_not_spin(ctx: FakeContext) -> None:
+    """Without activity the worker sleeps on its kick: no checkpoints in a busy loop."""
+    dev = VirtioBlk(size=1 << 20, poll_us=WINDOW_US)
+    drv = Driver(dev, ctx.dma.ram)
+    dev.attach(ctx)
+    drv.setup(EVENT_IDX)
+    head = flush(drv, kick=True)
+    assert await drv.wait_used(0) == [(head, 1)]
+    await quiet(10 * WINDOW_US / 1e6)
+    pops = 0
+    real_pop = dev.queues[0].pop
+
+    async def counting_pop(dma: object) -> object:
+        nonlocal pops
+        pops += 1
+        return await real_pop(dma)  # type: ignore[arg-type]
+
+    dev.queues[0].pop = counting_pop  # type: ignore[method-assign, assignment]
+    await quiet(0.1)
+    assert pops == 0
+    dev.close()
