@@ -27,8 +27,12 @@ from protocol import Command, HeaderFlags, RemoteProtocolError
 
 from .errors import ReplyContext, fail
 
-#: commands served by `serve` (a test switches the fast path off by emptying it)
-FAST_COMMANDS = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE)})
+#: commands the serial loop answers itself, with `serve` (a test switches the fast path off
+#: by emptying this and `FAST_COMMANDS`)
+SERIAL_COMMANDS = frozenset({int(Command.REGION_READ), int(Command.REGION_WRITE)})
+#: commands the read loop takes as plain frames from the receive buffer: region accesses
+#: (`serve`) and DMA_MAP / DMA_UNMAP (`dispatch.serve_plain`, which may have to wait)
+FAST_COMMANDS = SERIAL_COMMANDS | {int(Command.DMA_MAP), int(Command.DMA_UNMAP)}
 _ACCESS = struct.Struct("<QII")
 _REPLY_HEAD = struct.Struct("<HHIIIQII")  # 16-byte header + region access struct
 _READ = int(Command.REGION_READ)
@@ -148,6 +152,7 @@ def serve(
 
 __all__ = [
     "FAST_COMMANDS",
+    "SERIAL_COMMANDS",
     "AccessContext",
     "Regions",
     "pack_read_reply",

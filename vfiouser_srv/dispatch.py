@@ -84,13 +84,16 @@ class HandlerContext(AccessContext, Attachment, Protocol):
     host: EngineHost
     device: Device
     container: Container | None
-    irq_table: IrqTable | None
     tasks: TaskGroup
     #: message-mode DMA of this client: the owner of its windows mapped without a file
     requests: DmaRequests
     warned_unsealed: bool
     #: migration v2 state of this connection's device
     migration: Migration
+
+    @property
+    def irq_table(self) -> IrqTable | None:
+        """The client's IRQ table while attached (built on first use)."""
 
     def attach(self, caps: Capabilities) -> None: ...
 
@@ -169,14 +172,50 @@ async def _finish(session: HandlerContext, req: Request, coro: Coroutine[Any, An
     return _frame(session, req, body)
 
 
+def serve_plain(
+    session: HandlerContext, msg_id: int, command: int, flags: int, payload: memoryview
+) -> bytes | Awaitable[bytes | None] | None:
+    """Answer a plain DMA_MAP / DMA_UNMAP (a request with no flag but No_reply, no error
+    field, no descriptors: `Connection.take_plain`) from its payload.
+
+    The same codec (`body.decode`), handler and error boundary as `run_request`, minus the
+    Frame, Request and payload copy the decoder would make: mapping and unmapping windows
+    back to back is what a guest's IOMMU does, and those objects were a third of the cost.
+    A payload the codec refuses goes to the full path, so the errno is always its own."""
+    try:
+        body = PLAIN_BODIES[command].decode(payload, ())
+    except RemoteProtocolError:
+        return session.full_path(msg_id, command, flags, payload)
+    session.device.stats.messages[command] += 1
+    no_reply = flags != 0
+    try:
+        result = HANDLERS[command](session, body)
+    except Exception as exc:
+        return fail(session, msg_id, command, no_reply, exc)
+    if isinstance(result, Coroutine):  # DMA_UNMAP of a pinned window: drain first
+        req = Request(msg_id, body, no_reply, 16 + len(payload), flags)
+        return _finish_plain(session, req, result)
+    if no_reply or result is None:
+        return None
+    return session.conn.send_reply(msg_id, result)[0]
+
+
+async def _finish_plain(
+    session: HandlerContext, req: Request, coro: Coroutine[Any, Any, Body]
+) -> bytes | None:
+    framed = await _finish(session, req, coro)
+    assert not isinstance(framed, tuple), "DMA replies carry no descriptors"
+    return framed
+
+
 def run_frame(session: HandlerContext, frame: Frame) -> bytes | None:
-    """The full path for a region access `access.serve` would not answer itself: decode
-    it, then run its ordinary handler (or reject it)."""
+    """The full path for a plain frame `access.serve` or `serve_plain` would not answer
+    itself: decode it, then run its ordinary handler (or reject it)."""
     ev = session.conn.event_from_frame(frame)
     if isinstance(ev, Request):
         out = run_request(session, ev)
         assert out is None or isinstance(out, bytes), "region accesses answer at once"
-        return out
+        return out  # (a DMA frame here is one its codec refused: a BadRequest)
     assert isinstance(ev, BadRequest)
     return reject(session, ev)
 
@@ -379,4 +418,11 @@ HANDLERS: dict[int, Handler] = {
     Command.DEVICE_FEATURE: on_device_feature,
     Command.MIG_DATA_READ: on_mig_data,
     Command.MIG_DATA_WRITE: on_mig_data,
+}
+
+#: the commands besides region accesses that the read loop takes as plain frames
+#: (`access.FAST_COMMANDS`) and `serve_plain` answers, with the body class that decodes them
+PLAIN_BODIES: dict[int, type[DmaMap] | type[DmaUnmap]] = {
+    Command.DMA_MAP: DmaMap,
+    Command.DMA_UNMAP: DmaUnmap,
 }

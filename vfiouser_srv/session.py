@@ -123,7 +123,7 @@ class Session(DeviceContext):
         self.requests = DmaRequests(self.conn, self.outbox, self.name)
         self._dma = SessionDma()
         self.container: Container | None = None
-        self.irq_table: IrqTable | None = None
+        self._irq_table: IrqTable | None = None
         self.tasks = TaskGroup(f"{device.name}#{self.conn_id}", self.report_failure)
         #: the device's regions (`access.Regions`), set at VERSION
         self.regions = Regions({}, 0)
@@ -159,8 +159,18 @@ class Session(DeviceContext):
 
     @property
     def irq(self) -> IrqPort:
-        assert self.irq_table is not None
-        return self.irq_table
+        table = self.irq_table
+        assert table is not None
+        return table
+
+    @property
+    def irq_table(self) -> IrqTable | None:
+        """The client's IRQ table while attached, built on first use: most connections
+        never get to SET_IRQS, and building it was a tenth of the cost of a connection."""
+        table = self._irq_table
+        if table is None and self.attached:
+            table = self._irq_table = IrqTable(self.model.irqs())
+        return table
 
     def start_task(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
         self.tasks.start_soon(fn, *args, name=name)
@@ -179,13 +189,13 @@ class Session(DeviceContext):
         self.container = group.container_for(caps.page_size, self.host.caps.max_dma_maps)
         self.container.users += 1
         self._dma.attached_to = self.container
-        self.irq_table = IrqTable(self.model.irqs())
         self.regions = Regions(self.host.region_specs(self.device), caps.max_data_xfer_size)
         self.attached = self.attached_once = True
         self._scope.deadline = float("inf")
         if model:
             self.model.attach(self)
-        log.info("%s: attached (caps %s)", self.name, caps.to_json())
+        if log.isEnabledFor(logging.INFO):  # caps.to_json() is not free
+            log.info("%s: attached (caps %s)", self.name, caps.to_json())
         self.device.events.emit("CLIENT_ATTACHED", self._event_data())
 
     async def detach(self) -> None:
@@ -201,8 +211,8 @@ class Session(DeviceContext):
             for w in windows:
                 w.release()
             self.container.users -= 1
-        if self.irq_table is not None:
-            self.irq_table.close()
+        if self._irq_table is not None:
+            self._irq_table.close()
         try:
             self.model.detach()
         except Exception:
@@ -232,7 +242,7 @@ class Session(DeviceContext):
         """What this session counted itself (`stats`); zero once folded into the device's."""
         if self._counted:
             return SessionCounters()
-        table = self.irq_table
+        table = self._irq_table
         return SessionCounters(
             self.regions.rd,
             self.regions.wr,
@@ -347,12 +357,14 @@ class Session(DeviceContext):
             self.outbox.clear()
             self._dma.attached_to = None
             self.container = None
-            self.irq_table = None
+            self._irq_table = None
 
     async def _run(self) -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.tasks.run)
-            await nursery.start(self.outbox.run)
+            # the device's task runner and the writer start when first needed (most
+            # connections need neither: see `TaskGroup.start_in`, `Outbox.start_in`)
+            self.tasks.start_in(nursery)
+            self.outbox.start_in(nursery)
             if self.attached:  # restored by a live upgrade: the model gets its ctx now
                 self.model.attach(self)
             try:
@@ -417,7 +429,15 @@ class Session(DeviceContext):
                     wirelog.log_fast(
                         self.name, msg_id, command, flags, len(payload) + 16, self.wire
                     )
-                reply = serve(self, msg_id, command, flags, payload)
+                if command in _REGION_ACCESS:
+                    reply = serve(self, msg_id, command, flags, payload)
+                else:
+                    got = dispatch.serve_plain(self, msg_id, command, flags, payload)
+                    if got is None or isinstance(got, bytes):
+                        reply = got
+                    else:  # wait (unmap of a pinned window), still in order
+                        await outbox.flush(out)
+                        reply = await got
                 if reply is not None:
                     out.append(reply)
                     # a batch is due, or big replies pile up: send, and wait while the peer
@@ -471,7 +491,7 @@ class Session(DeviceContext):
         buf = stream.buffer
         send = stream.send_nowait
         unpack = HEADER.unpack_from
-        fast = access.FAST_COMMANDS
+        fast = access.SERIAL_COMMANDS
         serve = access.serve
         truncated = RECV_TRUNCATED
         reads = nbytes = 0

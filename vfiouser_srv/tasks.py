@@ -7,6 +7,12 @@ nursery cannot be restarted after it was cancelled, so `TaskGroup` runs one nurs
 another inside its own task. A device task that raises is logged, never allowed to take the
 connection down (a model bug must not disconnect the guest).
 
+A session gives its group a parent nursery (`start_in`) instead of starting `run` itself:
+most connections never start a device task (a probe, a connect + VERSION, a client that only
+reads registers), and the runner task, its cancel scope and its nursery were a fifth of the
+server's cost of a connection. The runner then starts with the first `start_soon`, which
+queues its task until the nursery is open (the next scheduler batch), in order.
+
 See docs/architecture.md, "Rules QEMU imposes" (the deadlock rule).
 """
 
@@ -34,6 +40,17 @@ class TaskGroup:
         self._stopped = trio.Event()
         self._closing = False
         self.running = 0
+        #: where `start_soon` starts the runner on first use (`start_in`); None: the owner
+        #: runs `run` itself
+        self._parent: trio.Nursery | None = None
+        #: the runner was started in `_parent` (it may not have opened its nursery yet)
+        self._spawned = False
+        #: tasks started before the runner's nursery was open, in order
+        self._pending: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], str]] = []
+
+    def start_in(self, parent: trio.Nursery) -> None:
+        """Run lazily in `parent`: the runner starts with the first device task."""
+        self._parent = parent
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -45,6 +62,9 @@ class TaskGroup:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         self._ready.set()
+                        pending, self._pending = self._pending, []
+                        for fn, args, name in pending:
+                            nursery.start_soon(self._guard, fn, args, name=name)
                         if not started:
                             started = True
                             task_status.started()
@@ -56,9 +76,16 @@ class TaskGroup:
                 self._stopped.set()
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
-        if self._nursery is None:
+        name = name or getattr(fn, "__name__", "")
+        if self._nursery is not None:
+            self._nursery.start_soon(self._guard, fn, args, name=name)
+            return
+        if self._parent is None or self._closing:
             raise RuntimeError(f"{self.owner}: no task group (device not attached)")
-        self._nursery.start_soon(self._guard, fn, args, name=name or getattr(fn, "__name__", ""))
+        self._pending.append((fn, args, name))
+        if not self._spawned:
+            self._spawned = True
+            self._parent.start_soon(self.run, name=f"{self.owner} tasks")
 
     async def _guard(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
         self.running += 1
@@ -75,6 +102,7 @@ class TaskGroup:
 
     async def cancel_all(self) -> None:
         """Cancel every task and wait until they are gone; new tasks may start afterwards."""
+        self._pending.clear()  # not started yet: they never run
         if self._scope is None:
             return
         stopped = self._stopped
@@ -85,6 +113,7 @@ class TaskGroup:
 
     async def close(self) -> None:
         self._closing = True
+        self._pending.clear()
         if self._scope is not None:
             stopped = self._stopped
             self._scope.cancel()

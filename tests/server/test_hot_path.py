@@ -269,6 +269,7 @@ async def run_both(
     handled = hot_calls
 
     monkeypatch.setattr(region_access, "FAST_COMMANDS", frozenset())
+    monkeypatch.setattr(region_access, "SERIAL_COMMANDS", frozenset())
     full = await RawConn.connect(path_of(srv, "full"))
     try:
         without = await runner(full, steps)
@@ -319,6 +320,80 @@ async def test_hot_path_replies_like_the_full_path(
     else:
         answered = [s for s in steps if s[2]]
         check_expectations(answered, with_hot)
+
+
+DMA_MAP = int(Command.DMA_MAP)
+DMA_UNMAP = int(Command.DMA_UNMAP)
+MAP = struct.Struct("<IIQQQ")  # argsz, flags, offset, address, size
+UNMAP = struct.Struct("<IIQQ")  # argsz, flags, address, size
+RW = 3
+WIN = 0x10000
+
+#: DMA_MAP (no descriptor) and DMA_UNMAP as plain frames (`dispatch.serve_plain`), in an
+#: order whose state the expectations follow: name -> (command, flags, payload, errno)
+DMA_CASES: dict[str, tuple[int, int, bytes, int]] = {
+    "map_ok": (DMA_MAP, 0, MAP.pack(32, RW, 0, WIN, 0x1000), 0),
+    "map_overlap": (DMA_MAP, 0, MAP.pack(32, RW, 0, WIN - 0x1000, 0x2000), errno.EEXIST),
+    "map_unaligned": (DMA_MAP, 0, MAP.pack(32, RW, 0, 0x20001, 0x1000), errno.EINVAL),
+    "map_no_access": (DMA_MAP, 0, MAP.pack(32, 0, 0, 0x30000, 0x1000), errno.EINVAL),
+    "map_unknown_flag": (DMA_MAP, 0, MAP.pack(32, 0x103, 0, 0x30000, 0x1000), errno.EINVAL),
+    "map_size_0": (DMA_MAP, 0, MAP.pack(32, RW, 0, 0x30000, 0), errno.EINVAL),
+    "map_wraps": (DMA_MAP, 0, MAP.pack(32, RW, 0, (1 << 64) - 0x1000, 0x2000), errno.EINVAL),
+    "map_short": (DMA_MAP, 0, MAP.pack(32, RW, 0, 0x30000, 0x1000)[:31], errno.EINVAL),
+    "map_argsz_small": (DMA_MAP, 0, MAP.pack(16, RW, 0, 0x30000, 0x1000), errno.EINVAL),
+    "map_argsz_big": (DMA_MAP, 0, MAP.pack(40, RW, 0, 0x40000, 0x1000) + b"\0" * 8, 0),
+    "map_flags_read": (DMA_MAP, 0, MAP.pack(32, 1, 0, 0x50000, 0x2000), 0),
+    "map_unknown_header_flag": (DMA_MAP, 0x40, MAP.pack(32, RW, 0, 0x60000, 0x1000), errno.EINVAL),
+    "unmap_ok": (DMA_UNMAP, 0, UNMAP.pack(24, 0, WIN, 0x1000), 0),
+    "unmap_missing": (DMA_UNMAP, 0, UNMAP.pack(24, 0, WIN, 0x1000), errno.ENOENT),
+    "unmap_wrong_size": (DMA_UNMAP, 0, UNMAP.pack(24, 0, 0x50000, 0x1000), errno.ENOENT),
+    "unmap_unknown_flag": (DMA_UNMAP, 0, UNMAP.pack(24, 4, 0x50000, 0x2000), errno.EINVAL),
+    "unmap_all_with_range": (DMA_UNMAP, 0, UNMAP.pack(24, 2, 0x50000, 0x2000), errno.EINVAL),
+    "unmap_short": (DMA_UNMAP, 0, UNMAP.pack(24, 0, 0x50000, 0x2000)[:20], errno.EINVAL),
+    "unmap_argsz_small": (DMA_UNMAP, 0, UNMAP.pack(8, 0, 0x50000, 0x2000), errno.EINVAL),
+    "unmap_read_window": (DMA_UNMAP, 0, UNMAP.pack(24, 0, 0x50000, 0x2000), 0),
+    "unmap_all": (DMA_UNMAP, 0, UNMAP.pack(24, 2, 0, 0), 0),
+    "unmap_after_all": (DMA_UNMAP, 0, UNMAP.pack(24, 0, 0x40000, 0x1000), errno.ENOENT),
+}
+
+
+@pytest.mark.parametrize("mode", ["one_by_one", "pipelined"])
+async def test_plain_dma_replies_like_the_full_path(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """DMA_MAP without a descriptor and DMA_UNMAP taken as plain frames answer exactly as
+    decoded messages do: same replies byte for byte, same errnos, same window state."""
+    from vfiouser_srv import dispatch
+
+    plain_calls = 0
+    real = dispatch.serve_plain
+
+    def counting(*args: Any) -> Any:
+        nonlocal plain_calls
+        plain_calls += 1
+        return real(*args)
+
+    monkeypatch.setattr(dispatch, "serve_plain", counting)
+    steps = [
+        (name, frame(100 + i, command, flags, payload), True)
+        for i, (name, (command, flags, payload, _err)) in enumerate(DMA_CASES.items())
+    ]
+    runner: Runner = run_one_by_one if mode == "one_by_one" else run_pipelined
+    with_hot, without, _ = await run_both(make_server, monkeypatch, runner, steps)
+    assert plain_calls >= len(DMA_CASES) - 1  # all but the unknown header flag went plain
+    assert len(with_hot) == len(without) == len(steps)
+    for (name, data, _), a, b in zip(steps, with_hot, without, strict=True):
+        assert a == b, f"{name}: plain path {a!r} != full path {b!r}"
+        command, _flags, payload, err = DMA_CASES[name]
+        msg_id, r_command, size, r_flags, r_error = HEADER.unpack_from(a)
+        assert (msg_id, r_command) == (HEADER.unpack_from(data)[0], command), name
+        if err:
+            assert (r_flags, r_error, size) == (0x21, err, 16), name
+        elif command == DMA_MAP:
+            assert (r_flags, r_error, size) == (HeaderFlags.TYPE_REPLY, 0, 16), name
+        else:  # the reply echoes the entry
+            assert (r_flags, size) == (HeaderFlags.TYPE_REPLY, 40), name
+            assert a[16:] == payload, name
 
 
 async def test_hot_reads_see_the_state_the_script_left(
