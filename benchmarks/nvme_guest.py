@@ -16,7 +16,15 @@ Timing is the guest's nanosecond clock (`/proc/timer_list`). For every metric th
 round is taken (first rounds are always slower) and the ratio ours / QEMU's is reported
 (> 1 means ours is faster; for times, QEMU's / ours). Boots alternate when `--boots` > 1.
 
-    .venv/bin/python benchmarks/nvme_guest.py [--rounds 5] [--mib 32] [--boots 1]
+CPU: the guest prints `PHASE <name> start|end` around each measurement and counts the I/Os
+the disk completed (/sys/block/X/stat); at each marker this script samples the CPU time of
+its child processes (sum of `/proc/PID/task/*/schedstat`), so every phase gets our server's
+CPU per guest I/O and QEMU's (the whole process: vCPU thread, main loop, its own nvme
+emulation for the built-in device) per I/O, medians over the rounds. After the rounds the
+guest sits idle for a few seconds (`--idle`), and the server's CPU over that period is
+reported as a share of one core: it must be ~0 (no polling without I/O).
+
+    .venv/bin/python benchmarks/nvme_guest.py [--rounds 5] [--mib 32] [--boots 1] [--idle 5]
 
 Results go to benchmarks/results/nvme-guest-<stamp>.{json,txt}. Run it alone on the
 machine (one QEMU at a time): `flock /tmp/vfiouser-qemu.lock .venv/bin/python ...`.
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import tempfile
@@ -40,6 +49,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
 IMAGE_SIZE = 128 * MIB
 _BENCH = re.compile(r"^BENCH round=(\d+) (\S+) (.*)$")
+_PHASE = re.compile(r"^PHASE (\S+) (start|end)$")
 
 Metrics = dict[str, float]
 
@@ -52,6 +62,8 @@ def parse_bench(lines: list[str]) -> list[Metrics]:
         if not m:
             continue
         rnd, kind = int(m.group(1)), m.group(2)
+        if kind == "idle":
+            continue
         fields = {k: int(v) for k, v in (kv.split("=") for kv in m.group(3).split())}
         out = rounds.setdefault(rnd, {})
         if kind in ("seq_write", "seq_read"):
@@ -63,7 +75,95 @@ def parse_bench(lines: list[str]) -> list[Metrics]:
             # what the read adds to an I/O-less dd: small against dd's start-up, so noisy
             extra_ns = fields["ns"] - fields["baseline_ns"]
             out["rand_read_4k_extra_us"] = extra_ns / fields["ops"] / 1e3
+        out[f"{kind}_ios"] = fields.get("ios", 0)
     return [rounds[k] for k in sorted(rounds)]
+
+
+def process_cpu_ns(pid: int) -> int:
+    """CPU time of every live thread of `pid` (ns, from schedstat: exact, unlike ticks)."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended between listdir and open
+    return total
+
+
+def children() -> dict[str, int]:
+    """Our child processes by role: `server` (vfiouser_srv) and `qemu`."""
+    found: dict[str, int] = {}
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"vfiouser_srv" in argv and b"serve" in argv:
+            found["server"] = int(entry)
+        elif any(b"qemu-system" in a for a in argv):  # argv[0] may be ld.so
+            found["qemu"] = int(entry)
+    return found
+
+
+class CpuSampler:
+    """Samples our children's CPU time at each `PHASE` console line (see the docstring)."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int] = {}
+        self._open: dict[str, dict[str, int]] = {}
+        #: per phase name, one {role: ns, "wall": ns} per start/end pair, in order
+        self.spans: dict[str, list[dict[str, int]]] = {}
+
+    def sample(self) -> dict[str, int]:
+        if "qemu" not in self.pids:
+            self.pids = children()
+        out = {role: process_cpu_ns(pid) for role, pid in self.pids.items()}
+        out["wall"] = time.monotonic_ns()
+        return out
+
+    def on_line(self, line: str) -> None:
+        m = _PHASE.match(line.strip())
+        if not m:
+            return
+        name, edge = m.group(1), m.group(2)
+        now = self.sample()
+        if edge == "start":
+            self._open[name] = now
+        elif name in self._open:
+            start = self._open.pop(name)
+            self.spans.setdefault(name, []).append(
+                {k: now[k] - start[k] for k in now if k in start})
+
+
+def cpu_metrics(sampler: CpuSampler, rounds: list[Metrics]) -> Metrics:
+    """Median CPU µs per guest I/O by phase and role; idle: server CPU share of one core."""
+    out: Metrics = {}
+    for kind in ("seq_write", "seq_read", "rand_read_4k"):
+        spans = sampler.spans.get(kind, [])
+        for role in ("server", "qemu"):
+            per_io = [span[role] / 1e3 / r[f"{kind}_ios"]
+                      for span, r in zip(spans, rounds, strict=False)
+                      if role in span and r.get(f"{kind}_ios")]
+            if per_io:
+                out[f"{kind}_{role}_cpu_us_per_io"] = statistics.median(per_io)
+    for span in sampler.spans.get("idle", []):
+        for role in ("server", "qemu"):
+            if role in span and span["wall"] > 0:
+                out[f"idle_{role}_cpu_share"] = span[role] / span["wall"]
+    return out
 
 
 def best(rounds: list[Metrics]) -> Metrics:
@@ -78,43 +178,53 @@ def best(rounds: list[Metrics]) -> Metrics:
     return out
 
 
-async def run_one(which: str, workdir: Path, rounds: int, mib: int) -> list[Metrics]:
+async def run_one(which: str, workdir: Path, args: argparse.Namespace
+                  ) -> tuple[list[Metrics], Metrics]:
+    """One boot: the BENCH rounds and the CPU metrics of that boot."""
     img = workdir / f"{which}.img"
     with img.open("wb") as f:
         f.truncate(IMAGE_SIZE)
-    env = {"nvme_steps": "ident", "bench": str(rounds), "bench_mib": str(mib)}
+    env = {"nvme_steps": "ident", "bench": str(args.rounds), "bench_mib": str(args.mib),
+           "bench_idle": str(args.idle)}
+    sampler = CpuSampler()
     if which == "qemu":
         run = await run_config("qemu-nvme", placeholders={"DISK": str(img)}, guest_env=env,
-                               timeout=900)
+                               timeout=900, on_line=sampler.on_line)
     else:
         run = await run_config("nvme", server_sets=[f"backing={img}", "size=128M"],
-                               guest_env=env, timeout=900)
+                               guest_env=env, timeout=900, on_line=sampler.on_line)
     res = run.guest
     if not res.ok:
         raise SystemExit(f"{which}: guest run failed; logs in {res.run_dir}")
     parsed = parse_bench(res.console)
-    if len(parsed) != rounds:
-        raise SystemExit(f"{which}: expected {rounds} BENCH rounds; logs in {res.run_dir}")
-    return parsed
+    if len(parsed) != args.rounds:
+        raise SystemExit(f"{which}: expected {args.rounds} BENCH rounds; logs in {res.run_dir}")
+    return parsed, cpu_metrics(sampler, parsed)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     per: dict[str, list[Metrics]] = {"qemu": [], "ours": []}
+    cpu: dict[str, list[Metrics]] = {"qemu": [], "ours": []}
     with tempfile.TemporaryDirectory(prefix="nvme-bench-") as tmp:
         for boot in range(args.boots):
             order = ["qemu", "ours"] if boot % 2 == 0 else ["ours", "qemu"]
             for which in order:
                 t0 = time.monotonic()
-                got = await run_one(which, Path(tmp), args.rounds, args.mib)
+                got, used = await run_one(which, Path(tmp), args)
                 per[which] += got
+                cpu[which].append(used)
                 print(f"[boot {boot + 1}] {which}: {len(got)} rounds in "
-                      f"{time.monotonic() - t0:.1f} s; best {best(got)}")
+                      f"{time.monotonic() - t0:.1f} s; best {best(got)}; cpu {used}")
     b = {k: best(v) for k, v in per.items()}
     ratios = {key: (b["qemu"][key] / b["ours"][key] if key.endswith("_us")
                     else b["ours"][key] / b["qemu"][key])
-              for key in b["qemu"] if b["qemu"][key] > 0 and b["ours"][key] > 0}
-    return {"rounds": args.rounds, "boots": args.boots, "mib": args.mib,
-            "image_bytes": IMAGE_SIZE, "per_round": per, "best": b, "ratio_ours_over_qemu": ratios}
+              for key in b["qemu"]
+              if not key.endswith("_ios") and b["qemu"][key] > 0 and b["ours"][key] > 0}
+    cpu_med = {k: {key: statistics.median(m[key] for m in v if key in m)
+                   for key in {key for m in v for key in m}} for k, v in cpu.items()}
+    return {"rounds": args.rounds, "boots": args.boots, "mib": args.mib, "idle_s": args.idle,
+            "image_bytes": IMAGE_SIZE, "per_round": per, "best": b,
+            "ratio_ours_over_qemu": ratios, "cpu_per_boot": cpu, "cpu": cpu_med}
 
 
 def render(out: dict[str, object]) -> str:
@@ -132,6 +242,20 @@ def render(out: dict[str, object]) -> str:
         ratio = f"{ratios[key]:>9.2f}x" if key in ratios else "      n/a"
         lines.append(f"  {label:42} {b['qemu'][key]:>8.1f} {unit:<5} {b['ours'][key]:>8.1f} "
                      f"{unit:<5} {ratio}")
+    cpu: dict[str, Metrics] = out["cpu"]  # type: ignore[assignment]
+    lines.append("  CPU per guest I/O, µs (median of rounds): QEMU process / our server")
+    for kind in ("seq_write", "seq_read", "rand_read_4k"):
+        q = cpu["qemu"].get(f"{kind}_qemu_cpu_us_per_io", 0.0)
+        oq = cpu["ours"].get(f"{kind}_qemu_cpu_us_per_io", 0.0)
+        os_ = cpu["ours"].get(f"{kind}_server_cpu_us_per_io", 0.0)
+        ios = b["ours"].get(f"{kind}_ios", 0.0)
+        lines.append(f"    {kind:14} QEMU nvme: qemu {q:8.1f}   ours: qemu {oq:8.1f} + server "
+                     f"{os_:8.1f}   ({ios:.0f} I/Os per round)")
+    idle = cpu["ours"].get("idle_server_cpu_share", float("nan"))
+    lines.append(f"  idle guest ({out['idle_s']} s): our server used {idle * 100:.2f}% of one core"
+                 f" (QEMU: {cpu['ours'].get('idle_qemu_cpu_share', float('nan')) * 100:.1f}%"
+                 f" with ours, {cpu['qemu'].get('idle_qemu_cpu_share', float('nan')) * 100:.1f}%"
+                 " with its own nvme)")
     return "\n".join(lines)
 
 
@@ -140,6 +264,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="bench rounds per boot")
     p.add_argument("--mib", type=int, default=32, help="MiB per sequential measurement")
     p.add_argument("--boots", type=int, default=1, help="boots per device (alternating)")
+    p.add_argument("--idle", type=int, default=5, help="seconds of idle guest measured")
     args = p.parse_args()
     out = trio.run(main_async, args)
     text = render(out)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Coroutine
+from typing import cast
 
 import trio
 
@@ -27,27 +29,157 @@ from devices.sdk.storage import consume
 
 from .command import BROADCAST_NSID, Command, CommandError, Namespace, Outcome
 from .core import WorkerCore
-from .prp import PrpError, Segments
-from .queue import SubmissionQueue
-from .spec import DSM_ATTR_DEALLOCATE, DSM_RANGE_SIZE, FeatureId, IoOpcode, Status
+from .prp import PrpError, Segments, walk_prps
+from .queue import DoorbellError, SubmissionQueue
+from .spec import DSM_ATTR_DEALLOCATE, DSM_RANGE_SIZE, SQE, FeatureId, IoOpcode, Status
 
 log = logging.getLogger(__name__)
 
 FUA = 1 << 30
+#: commands one doorbell fetches inside the register handler before the worker takes over
+#: (bounds how long the handler keeps the trio thread, e.g. for cached 1 MiB reads)
+FETCH_NOW_LIMIT = 32
+
+
+class _NotNow(Exception):
+    """`_io_now` cannot go on without waiting (a PRP list outside mmap'd memory)."""
+
+
+def _run_now(coro: Coroutine[object, object, Segments]) -> Segments:
+    """Run a coroutine that never suspends (its reads come from mmap'd memory) to the
+    end, synchronously; `_NotNow` if it tries to suspend after all."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(Segments, done.value)
+    coro.close()
+    raise _NotNow
 
 
 class IoCommands(WorkerCore):
     """The I/O queues' commands, on the worker's state."""
 
-    def _start_io(self, sq: SubmissionQueue, cmd: Command, token: int) -> None:
-        """Run one I/O command in its own task; `token` is its `carried` entry."""
+    def _start_io(self, sq: SubmissionQueue, cmd: Command, token: int,
+                  segs: Segments | None = None) -> None:
+        """Run one I/O command in its own task; `token` is its `carried` entry, `segs` its
+        data segments when `_io_now` already walked its PRPs."""
         assert self._nursery is not None
         scope = trio.CancelScope()
         self._inflight[scope] = sq.qid
-        self._nursery.start_soon(self._io_task, sq, cmd, scope, token)
+        self._nursery.start_soon(self._io_task, sq, cmd, scope, token, segs)
+
+    # ------------------------------------------------------------------ without a task
+
+    def _fetch_now(self, sq: SubmissionQueue) -> bool:
+        """Serve an I/O doorbell inside the register handler (`core.can_fetch_now` said
+        the worker is parked): fetch what `sq` holds, answer reads the page cache has
+        (`_io_now`), start a task for the rest, and raise one interrupt per vector at the
+        end. Only mmap'd guest memory is touched here, never a message to the client
+        (the deadlock rule, docs/architecture.md). False, with whatever was fetched already
+        handled, when the worker must take over: a ring not in one mmap'd window, an
+        unreachable address (the worker turns it into CFS) or `FETCH_NOW_LIMIT` reached."""
+        budget = FETCH_NOW_LIMIT
+        batch: set[int] = set()
+        self._irq_batch = batch
+        try:
+            while True:
+                if sq.shadow_db is not None and not self._shadow_tail_now(sq):
+                    return False
+                if not sq.pending:
+                    if sq.event_idx is None:
+                        return True
+                    # publish what we have seen, then look once more (see _drain_sq)
+                    view = self.dma.view(sq.event_idx, 4, write=True)
+                    if view is None:
+                        return False
+                    view[:] = sq.tail.to_bytes(4, "little")
+                    if not self._shadow_tail_now(sq) or sq.pending:
+                        continue
+                    return True
+                if budget <= 0:
+                    return False
+                addr, count = next(sq.runs(budget))
+                view = self.dma.view(addr, count * SQE.size)
+                if view is None:
+                    return False
+                raw = bytes(view)
+                sq.advance(count)
+                budget -= count
+                for i in range(count):
+                    cmd = Command.decode(raw, i * SQE.size)
+                    self._io_now(sq, cmd, self.carry(sq.qid, cmd))
+        except DmaError:
+            return False
+        finally:
+            self._irq_batch = None
+            for vector in sorted(batch):
+                self.dev.raise_irq(vector)
+
+    def _shadow_tail_now(self, sq: SubmissionQueue) -> bool:
+        assert sq.shadow_db is not None
+        view = self.dma.view(sq.shadow_db, 4)
+        if view is None:
+            return False
+        try:
+            sq.set_tail(int.from_bytes(view, "little"))
+        except DoorbellError as exc:
+            log.warning("nvme: shadow %s; ignored", exc)
+        return True
+
+    def _io_now(self, sq: SubmissionQueue, cmd: Command, token: int) -> None:
+        """Complete `cmd` right away when that needs no waiting: a read the page cache
+        holds, or a read or write that fails its checks; otherwise start its task (with the
+        PRPs already walked)."""
+        segs: Segments | None = None
+        if cmd.opcode in (IoOpcode.READ, IoOpcode.WRITE):
+            try:
+                ns, offset, length = self._rw_range(cmd)
+                if cmd.psdt:
+                    raise CommandError(Status.INVALID_FIELD, "SGLs are not supported")
+                segs = _run_now(walk_prps(cmd.prp1, cmd.prp2, length, self.page_size,
+                                          self._list_now))
+            except (CommandError, PrpError) as exc:
+                self._finish_now(sq, cmd, token, exc.status)
+                return
+            except (DmaError, _NotNow):
+                segs = None
+            else:
+                if cmd.opcode == IoOpcode.READ and self._read_now(ns, offset, segs, length):
+                    self.smart.read_commands += 1
+                    self.smart.bytes_read += length
+                    self._finish_now(sq, cmd, token, Status.SUCCESS)
+                    return
+        self._start_io(sq, cmd, token, segs)
+
+    async def _list_now(self, address: int, size: int) -> bytes:
+        """A PRP list from mmap'd memory, for `_run_now` (never suspends)."""
+        view = self.dma.view(address, size)
+        if view is None:
+            raise _NotNow
+        return bytes(view)
+
+    def _read_now(self, ns: Namespace, offset: int, segs: Segments, length: int) -> bool:
+        """The whole read from the page cache into pinned guest memory, or False."""
+        try:
+            with pinned_views(self.dma, segs, write=True) as views:
+                if views is None:
+                    return False
+                return ns.backend.readinto_nowait(offset, views) == length
+        except (DmaError, OSError):
+            return False  # the task meets it again and reports it
+
+    def _finish_now(self, sq: SubmissionQueue, cmd: Command, token: int, status: int) -> None:
+        item = self.carried[token]
+        item.outcome = (status, 0)
+        if self.complete_now(sq, cmd.cid, status, 0, item):
+            del self.carried[token]
+        else:
+            self._start_io(sq, cmd, token)  # posts the known outcome once there is room
+
+    # ------------------------------------------------------------------ in a task
 
     async def _io_task(self, sq: SubmissionQueue, cmd: Command, scope: trio.CancelScope,
-                       token: int) -> None:
+                       token: int, segs: Segments | None = None) -> None:
         item = self.carried.get(token)
         try:
             with scope:
@@ -55,7 +187,7 @@ class IoCommands(WorkerCore):
                     if item is not None and item.outcome is not None:
                         status, result = item.outcome  # executed before; post it only
                     else:
-                        status, result = await self._io(cmd)
+                        status, result = await self._io(cmd, segs)
                 except CommandError as exc:
                     status, result = exc.status, 0
                 except PrpError as exc:
@@ -94,7 +226,15 @@ class IoCommands(WorkerCore):
             raise CommandError(Status.LBA_OUT_OF_RANGE, f"LBA {slba}+{nlb} > {ns.blocks}")
         return slba << ns.lba_shift, nlb << ns.lba_shift
 
-    async def _io(self, cmd: Command) -> Outcome:
+    def _rw_range(self, cmd: Command) -> tuple[Namespace, int, int]:
+        """Namespace, byte offset and length of a Read or Write, checked."""
+        ns = self._namespace(cmd.nsid)
+        offset, length = self._range(ns, cmd.cdw10 | (cmd.cdw11 << 32), (cmd.cdw12 & 0xFFFF) + 1)
+        if length > self.max_transfer:
+            raise CommandError(Status.INVALID_FIELD, f"{length} bytes > MDTS")
+        return ns, offset, length
+
+    async def _io(self, cmd: Command, segs: Segments | None = None) -> Outcome:
         op = cmd.opcode
         if op == IoOpcode.FLUSH:
             if cmd.nsid == BROADCAST_NSID:
@@ -107,10 +247,9 @@ class IoCommands(WorkerCore):
         slba = cmd.cdw10 | (cmd.cdw11 << 32)
         nlb = (cmd.cdw12 & 0xFFFF) + 1
         if op in (IoOpcode.READ, IoOpcode.WRITE):
-            offset, length = self._range(ns, slba, nlb)
-            if length > self.max_transfer:
-                raise CommandError(Status.INVALID_FIELD, f"{length} bytes > MDTS")
-            segs = await self._segments(cmd, length)
+            ns, offset, length = self._rw_range(cmd)
+            if segs is None:
+                segs = await self._segments(cmd, length)
             if op == IoOpcode.READ:
                 await self._read_to_guest(ns, offset, segs)
                 self.smart.read_commands += 1

@@ -19,8 +19,10 @@ carrying the completion status, never an exception that could kill a worker.
 
 from __future__ import annotations
 
+import operator
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from itertools import compress, repeat
 
 from .spec import Status
 
@@ -44,6 +46,41 @@ def _append(segs: Segments, address: int, length: int) -> None:
         segs[-1] = (segs[-1][0], segs[-1][1] + length)
     else:
         segs.append((address, length))
+
+
+def _add_pages(segs: Segments, pages: Sequence[int], left: int, page_size: int) -> int:
+    """Append one PRP list's worth of page entries (merging contiguous ones); returns the
+    bytes still to cover. Why whole lists at a time, with `map`/`compress`: a 1 MiB
+    transfer is 256 entries, and a Python statement per entry cost ~1 µs each, a quarter of
+    the I/O's time in the guest benchmark; these keep the per-entry work in C."""
+    n = len(pages)
+    if not n:
+        return left
+    if any(map((page_size - 1).__and__, pages)):
+        bad = next(e for e in pages if e & (page_size - 1))
+        raise PrpError(Status.INVALID_PRP_OFFSET, f"PRP entry {bad:#x} has an offset")
+    if segs and segs[-1][0] + segs[-1][1] == pages[0]:
+        segs[-1] = (segs[-1][0], segs[-1][1] + page_size)  # continues PRP1's segment
+        skip = 1
+    else:
+        skip = 0
+    steps = list(map(operator.sub, pages[1:], pages[:-1]))
+    if page_size not in steps:  # nothing to merge (scattered pages, the usual case)
+        segs += zip(pages[skip:], repeat(page_size, n - skip), strict=True)
+    else:
+        # a new segment starts wherever an entry does not follow the one before it
+        starts = [0, *compress(range(1, n), map(page_size.__ne__, steps))]
+        ends = [*starts[1:], n]
+        if skip:
+            segs[-1] = (segs[-1][0], segs[-1][1] + (ends[0] - 1) * page_size)
+            starts, ends = starts[1:], ends[1:]
+        segs += [(pages[a], (b - a) * page_size) for a, b in zip(starts, ends, strict=True)]
+    covered = n * page_size
+    if covered > left:  # the last entry of the transfer covers only part of its page
+        last_addr, last_len = segs[-1]
+        segs[-1] = (last_addr, last_len - (covered - left))
+        return 0
+    return left - covered
 
 
 async def walk_prps(
@@ -79,12 +116,7 @@ async def walk_prps(
             raise PrpError(Status.DATA_TRANSFER_ERROR, "short PRP list read")
         entries = struct.unpack(f"<{count}Q", raw)
         pages = entries[:-1] if chained else entries
-        for entry in pages:
-            if entry & mask:
-                raise PrpError(Status.INVALID_PRP_OFFSET, f"PRP entry {entry:#x} has an offset")
-            chunk = min(left, page_size)
-            _append(segs, entry, chunk)
-            left -= chunk
+        left = _add_pages(segs, pages, left, page_size)
         if chained:
             list_addr = entries[-1]
             if list_addr & mask:

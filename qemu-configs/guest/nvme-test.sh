@@ -13,6 +13,7 @@
 #   vfu_seed=1                             pattern seed
 #   vfu_bench=N                            N rounds of throughput measurements (BENCH lines)
 #   vfu_bench_mib=32                       MiB per sequential round
+#   vfu_bench_idle=5                       seconds of idle guest after the rounds
 
 res()  { echo "RESULT $1=$2"; }
 info() { echo "INFO $*"; }
@@ -149,7 +150,14 @@ step_flr() {
         fail flr_io "read back differs"
 }
 
-# BENCH lines: bytes and nanoseconds per measurement, for the host to turn into ratios.
+# BENCH lines: bytes, nanoseconds and completed I/Os per measurement, for the host to turn
+# into ratios. "PHASE name start|end" lines bracket each measurement so the host can sample
+# its own processes' CPU time around it (benchmarks/nvme_guest.py); "idle" is a few
+# seconds with no I/O at all.
+# completed reads + writes of the disk so far (/sys/block/X/stat fields 1 and 5)
+ios() { set -- $(cat "/sys/block/${DISK##*/}/stat"); echo $(($1 + $5)); }
+phase() { echo "PHASE $1 $2"; }
+
 bench() {
     rounds=${vfu_bench:-0}
     mib=${vfu_bench_mib:-32}
@@ -157,18 +165,26 @@ bench() {
     r=0
     while [ "$r" -lt "$rounds" ]; do
         r=$((r + 1))
-        t0=$(now_ns)
+        phase seq_write start
+        i0=$(ios); t0=$(now_ns)
         dd if=/dev/zero of=$DISK bs=1M count="$mib" seek=32 oflag=direct 2>/dev/null
-        t1=$(now_ns)
+        t1=$(now_ns); i1=$(ios)
+        phase seq_write end
+        phase seq_read start
+        t1r=$(now_ns)
         dd if=$DISK of=/dev/null bs=1M count="$mib" skip=32 iflag=direct 2>/dev/null
-        t2=$(now_ns)
+        t2=$(now_ns); i2=$(ios)
+        phase seq_read end
+        phase rand_read_4k start
+        t2r=$(now_ns)
         n=0
         while [ $n -lt 200 ]; do
             dd if=$DISK of=/dev/null bs=4k count=1 skip=$(( (n * 7919 + r * 104729) % blocks )) \
                 iflag=direct 2>/dev/null
             n=$((n + 1))
         done
-        t3=$(now_ns)
+        t3=$(now_ns); i3=$(ios)
+        phase rand_read_4k end
         # the same loop without I/O: process start-up cost, subtracted on the host
         n=0
         while [ $n -lt 200 ]; do
@@ -176,10 +192,18 @@ bench() {
             n=$((n + 1))
         done
         t4=$(now_ns)
-        echo "BENCH round=$r seq_write bytes=$((mib * MIB)) ns=$((t1 - t0))"
-        echo "BENCH round=$r seq_read bytes=$((mib * MIB)) ns=$((t2 - t1))"
-        echo "BENCH round=$r rand_read_4k ops=200 ns=$((t3 - t2)) baseline_ns=$((t4 - t3))"
+        echo "BENCH round=$r seq_write bytes=$((mib * MIB)) ns=$((t1 - t0)) ios=$((i1 - i0))"
+        echo "BENCH round=$r seq_read bytes=$((mib * MIB)) ns=$((t2 - t1r)) ios=$((i2 - i1))"
+        echo "BENCH round=$r rand_read_4k ops=200 ns=$((t3 - t2r)) baseline_ns=$((t4 - t3))" \
+             "ios=$((i3 - i2))"
     done
+    if [ "$rounds" -gt 0 ]; then
+        i0=$(ios)
+        phase idle start
+        sleep "${vfu_bench_idle:-5}"
+        phase idle end
+        echo "BENCH round=0 idle s=${vfu_bench_idle:-5} ios=$(($(ios) - i0))"
+    fi
 }
 
 for s in $STEPS; do
