@@ -343,3 +343,81 @@ async def test_doorbell_stride(nvme_ctx: FakeContext, dstrd: int) -> None:
         dev.detach()
     finally:
         dev.close()
+
+
+# ------------------------------------------------------------------ doorbells served at once
+
+
+async def test_cached_read_completes_inside_the_doorbell_write(io: Host) -> None:
+    """With the worker parked, a read the backend has at hand is fetched, read and
+    completed (entry and MSI-X vector) by the doorbell's register write itself: no task,
+    no scheduler round between the guest's doorbell and its interrupt."""
+    assert await write_read(io, b"\x33" * 4096) == b"\x33" * 4096
+    await trio.testing.wait_all_tasks_blocked()
+    triggers = io.ctx.irq.triggers
+    before = len(triggers)
+    cid = io.submit(1, io.sqe(IO.READ, nsid=1, prp1=DATA + 0x10000, cdw=rw(0, 8)))
+    c = io.poll(1)  # nothing awaited since the doorbell
+    assert c is not None and c.cid == cid and c.code == 0
+    assert bytes(io.ram[DATA + 0x10000 : DATA + 0x11000]) == b"\x33" * 4096
+    assert triggers[before:] == [(2, 1)]  # MSI-X vector 1, once
+    assert not io.dev.worker._inflight and not io.dev.worker.carried
+
+
+async def test_doorbell_batch_raises_one_interrupt_and_errors_complete_at_once(
+        io: Host) -> None:
+    """Several reads behind one doorbell: every entry is posted before a single interrupt;
+    a command that fails its checks (LBA out of range) completes at once too."""
+    await trio.testing.wait_all_tasks_blocked()
+    triggers = io.ctx.irq.triggers
+    before = len(triggers)
+    cids = [io.submit(1, io.sqe(IO.READ, nsid=1, prp1=DATA + i * PAGE, cdw=rw(i * 8, 8)),
+                      ring=False) for i in range(3)]
+    cids.append(io.submit(1, io.sqe(IO.READ, nsid=1, prp1=DATA, cdw=rw(BLOCKS, 1))))
+    got = [io.poll(1) for _ in cids]
+    assert [c.cid if c else None for c in got] == cids
+    assert [c.code if c else None for c in got] == [0, 0, 0, Status.LBA_OUT_OF_RANGE]
+    assert triggers[before:] == [(2, 1)]
+
+
+async def test_writes_and_uncached_reads_still_go_to_tasks(io: Host) -> None:
+    """What needs a thread (a write; a read the page cache does not have) is fetched by
+    the doorbell but completes from its task, with the PRPs walked once."""
+    be = use_counting_backend(io.dev)  # threaded, and readinto_nowait finds nothing
+    await trio.testing.wait_all_tasks_blocked()
+    w = io.submit(1, io.sqe(IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 8)))
+    r = io.submit(1, io.sqe(IO.READ, nsid=1, prp1=DATA + PAGE, cdw=rw(0, 8)))
+    assert io.poll(1) is None and len(io.dev.worker._inflight) == 2
+    got = [await io.wait(1), await io.wait(1)]
+    assert sorted(c.cid for c in got) == sorted([w, r]) and all(c.code == 0 for c in got)
+    assert be.reads_started == 1
+
+
+async def test_doorbell_fetch_is_bounded(io: Host) -> None:
+    """One doorbell fetches at most FETCH_NOW_LIMIT commands in the register handler; the
+    worker fetches the rest, and every command completes."""
+    from devices.nvme.io_commands import FETCH_NOW_LIMIT
+
+    await trio.testing.wait_all_tasks_blocked()
+    n = FETCH_NOW_LIMIT + 8
+    assert n < 64
+    cids = [io.submit(1, io.sqe(IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1)), ring=(i == n - 1))
+            for i in range(n)]
+    assert io.dev.worker.sqs[1].pending == n - FETCH_NOW_LIMIT
+    got = [await io.wait(1) for _ in cids]
+    assert [c.cid for c in got[:FETCH_NOW_LIMIT]] == cids[:FETCH_NOW_LIMIT]  # in order
+    assert sorted(c.cid for c in got) == cids
+
+
+async def test_doorbell_while_the_worker_is_busy_is_left_to_it(io: Host) -> None:
+    """While the worker is inside its step (here: reset requested, not yet carried out),
+    a doorbell only records and wakes it."""
+    await trio.testing.wait_all_tasks_blocked()
+    io.dev.worker.stepping = True
+    try:
+        io.submit(1, io.sqe(IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1)))
+        assert io.dev.worker.sqs[1].pending == 1 and io.poll(1) is None
+    finally:
+        io.dev.worker.stepping = False
+    c = await io.wait(1)
+    assert c.code == 0
