@@ -104,24 +104,35 @@ class SessionDma:
         self, ranges: Sequence[tuple[int, int]], *, write: bool = False
     ) -> Iterator[list[memoryview] | None]:
         """Views of many ranges, each window pinned once (see `pinned_views`); None when a
-        range has no mmap'd window of its own (message mode, or it spans windows)."""
+        range has no mmap'd window of its own (message mode, or it spans windows).
+
+        The loop keeps the last range's window and looks one up only when a range leaves
+        it: a 1 MiB guest transfer is 256 scattered pages, nearly always in one window, and
+        a lookup per page was two thirds of the cost (128 ranges: 156 -> 60 us)."""
         container = self.container
         views: list[memoryview] = []
-        windows: dict[int, DmaWindow] = {}
+        windows: list[DmaWindow] = []
+        total = 0
+        start = end = 0
+        wview: memoryview | None = None
         try:
             for address, size in ranges:
-                w = container.find(address)
-                if not (w.writable if write else w.readable):
-                    raise DmaError(errno.EPERM, f"DMA window at {w.address:#x}: no access")
-                off = address - w.address
-                if w.view is None or off + size > w.size:
-                    break
-                views.append(w.view[off : off + size])
-                windows[id(w)] = w
+                if address < start or address + size > end:
+                    w = container.find(address)
+                    if not (w.writable if write else w.readable):
+                        raise DmaError(errno.EPERM, f"DMA window at {w.address:#x}: no access")
+                    if w.view is None or address + size > w.end:
+                        break
+                    start, end, wview = w.address, w.end, w.view
+                    if w not in windows:
+                        windows.append(w)
+                assert wview is not None
+                views.append(wview[address - start : address - start + size])
+                total += size
             else:
-                self._count(sum(size for _, size in ranges), write)
+                self._count(total, write)
                 with contextlib.ExitStack() as pins:
-                    for w in windows.values():
+                    for w in windows:
                         pins.enter_context(container.pin(w))
                     if write:
                         _log_writes(container, ranges)
