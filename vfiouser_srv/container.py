@@ -277,15 +277,18 @@ class Container:
                 window.file = fd
         else:
             window.offset = 0
-        return self.add(window)
+        return self._insert(window)  # `_overlapping` said no above, and nothing ran since
 
     def add(self, window: DmaWindow) -> DmaWindow:
         """Insert a window that is already validated and reachable (its `view`, `file` or
-        message-mode owner set). `map` ends here; the libvfio-user engine calls it directly,
-        because the library checks DMA_MAP and mmaps the client's file itself and hands us
-        only the result. An overlap here is a caller's bug, hence ValueError."""
+        message-mode owner set). The libvfio-user engine calls this directly, because the
+        library checks DMA_MAP and mmaps the client's file itself and hands us only the
+        result. An overlap here is a caller's bug, hence ValueError."""
         if self._overlapping(window.address, window.size):
             raise ValueError(f"DMA window {window.address:#x}+{window.size:#x} overlaps one")
+        return self._insert(window)
+
+    def _insert(self, window: DmaWindow) -> DmaWindow:
         i = bisect.bisect_left(self._starts, window.address)
         self._starts.insert(i, window.address)
         self._windows.insert(i, window)

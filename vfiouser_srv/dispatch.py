@@ -102,6 +102,8 @@ Result = Body | Coroutine[Any, Any, Body] | None
 Handler = Callable[[HandlerContext, Any], Result]
 Framed = bytes | tuple[bytes, tuple[Any, ...]] | None
 _UNMAP_ALL = int(DmaUnmapFlags.ALL)
+#: every DMA_MAP reply is the same empty body (frozen)
+_DMA_MAP_REPLY = DmaMapReply()
 _READ = int(Command.REGION_READ)
 _WRITE = int(Command.REGION_WRITE)
 
@@ -268,7 +270,7 @@ async def _version_after_previous(session: HandlerContext, caps: Capabilities, r
 def on_dma_map(session: HandlerContext, req: DmaMap) -> Body:
     assert session.container is not None
     w = session.container.map(req, owner=session.requests)
-    if w.mode == "file" and not session.warned_unsealed:
+    if w.file is not None and not session.warned_unsealed:
         # once per connection: the deployment loses zero copy and should know why
         session.warned_unsealed = True
         log.warning(
@@ -279,9 +281,9 @@ def on_dma_map(session: HandlerContext, req: DmaMap) -> Body:
             w.address,
             w.size,
         )
-    else:
+    elif log.isEnabledFor(logging.DEBUG):
         log.debug("%s: mapped %#x+%#x %s", session.name, w.address, w.size, w.mode)
-    return DmaMapReply()
+    return _DMA_MAP_REPLY
 
 
 async def _release_pinned(session: HandlerContext, windows: list[DmaWindow], reply: Body) -> Body:

@@ -150,6 +150,9 @@ class Session(DeviceContext):
         self.pause: Pause | None = None
         #: the read loop's wait for the next read, cancelled by `request_pause`
         self._waiting: trio.CancelScope | None = None
+        #: a DMA_UNMAP the serial loop started that must wait for pinned DMA: the read loop
+        #: awaits it (and sends its reply) before it reads anything else
+        self._deferred: Awaitable[bytes | None] | None = None
 
     # ------------------------------------------------------------ DeviceContext
 
@@ -393,6 +396,12 @@ class Session(DeviceContext):
                         return
                     continue
                 got = None if self._no_serial else self._serve_serial()
+                if got is None and self._deferred is not None:  # the serial loop's unmap
+                    deferred, self._deferred = self._deferred, None
+                    reply = await deferred
+                    if reply is not None:
+                        await self.outbox.flush([reply])
+                    continue
                 if got is None:
                     got = receive_now()
                 if got is None:
@@ -492,7 +501,9 @@ class Session(DeviceContext):
         send = stream.send_nowait
         unpack = HEADER.unpack_from
         fast = access.SERIAL_COMMANDS
+        plain = access.FAST_COMMANDS
         serve = access.serve
+        serve_plain = dispatch.serve_plain
         truncated = RECV_TRUNCATED
         reads = nbytes = 0
         try:
@@ -511,9 +522,18 @@ class Session(DeviceContext):
                     return buf[:n], []
                 msg_id, command, size, flags, error = unpack(buf)
                 # exactly one whole plain frame (the decoder's `take_plain` rule, inlined)
-                if size != n or error or command not in fast or (flags and flags != _NO_REPLY):
+                if size != n or error or (flags and flags != _NO_REPLY):
                     return buf[:n], []
-                reply = serve(self, msg_id, command, flags, buf[HEADER_SIZE:n])
+                if command in fast:
+                    reply = serve(self, msg_id, command, flags, buf[HEADER_SIZE:n])
+                elif command in plain:  # DMA_MAP without fd, DMA_UNMAP
+                    got = serve_plain(self, msg_id, command, flags, buf[HEADER_SIZE:n])
+                    if got is not None and not isinstance(got, bytes):
+                        self._deferred = got  # an unmap waiting for pinned DMA
+                        return None
+                    reply = got
+                else:
+                    return buf[:n], []
                 if reply is not None:
                     if stream.sending:  # the writer is mid-message: queue behind it
                         outbox.send(reply)

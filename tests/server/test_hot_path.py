@@ -11,7 +11,10 @@ frame per read (the single-frame shortcut) and once pipelined into a few big rea
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
+import fcntl
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -462,4 +465,64 @@ async def test_frames_split_across_reads_are_reassembled(make_server: MakeServer
         await conn.send(SYNC)
         assert HEADER.unpack_from(await conn.recv_message())[0] == SYNC_ID
     finally:
+        conn.close()
+
+
+async def test_plain_unmap_of_a_pinned_window_waits_and_keeps_order(
+    make_server: MakeServer,
+) -> None:
+    """A DMA_UNMAP the serial loop takes (right behind a read it served) while the device
+    holds a pin on the window is not answered until the pin is let go (the spec), and the
+    read sent right after it is answered after it, not before."""
+    model = Scratch()
+    srv = await make_server({"s": model})
+    conn = await RawConn.connect(path_of(srv, "s"))
+    fd = os.memfd_create("hot-path-pin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 0x1000)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        await conn.send(frame(1, DMA_MAP, 0, MAP.pack(32, RW, 0, WIN, 0x1000)), [fd])
+        assert HEADER.unpack_from(await conn.recv_message()) == (1, DMA_MAP, 16, 1, 0)
+        writes = [
+            (models.DMA_ADDR, struct.pack("<Q", WIN)),
+            (models.DMA_LEN, u32(16)),
+            (models.DMA_CTRL, u32(models.GO | models.PIN)),
+        ]
+        for msg_id, (reg, value) in enumerate(writes, start=2):
+            await conn.send(frame(msg_id, WRITE, 0, access(reg, BAR0, len(value), value)))
+            await conn.recv_message()
+        with trio.fail_after(5):
+            await model.pinned.wait()
+
+        # A blocking client in a thread, so that trio is idle and the server's serial loop
+        # is waiting in its read when the unmap arrives right behind the read it answered.
+        sync = socket.socket(fileno=os.dup(conn.sock.fileno()))
+        sync.setblocking(True)
+        sync.settimeout(5)
+
+        def unmap_behind_a_read() -> list[bytes]:
+            got: list[bytes] = []
+            sync.sendall(SYNC)
+            got.append(sync.recv(64))
+            sync.sendall(frame(10, DMA_UNMAP, 0, UNMAP.pack(24, 0, WIN, 0x1000)))
+            sync.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):  # nothing while the window is pinned
+                got.append(sync.recv(64))
+            sync.sendall(SYNC)
+            with contextlib.suppress(TimeoutError):  # nor ahead of the unmap's reply
+                got.append(sync.recv(64))
+            return got
+
+        try:
+            got = await trio.to_thread.run_sync(unmap_behind_a_read)
+            assert len(got) == 1, f"answered while DMA was pinned: {got!r}"
+            assert HEADER.unpack_from(got[0])[0] == SYNC_ID
+            model.unpin.set()
+            reply = await conn.recv_message()
+            assert HEADER.unpack_from(reply) == (10, DMA_UNMAP, 40, 1, 0)
+            assert HEADER.unpack_from(await conn.recv_message())[0] == SYNC_ID
+        finally:
+            sync.close()
+    finally:
+        os.close(fd)
         conn.close()
