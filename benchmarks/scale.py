@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import shutil
 import socket
 import statistics
@@ -113,11 +114,12 @@ def _connect(path: str, timeout: float = 10.0) -> socket.socket:
     return sock
 
 
-def drive(socks: Sequence[socket.socket], start_ns: int, end_ns: int) -> Result:
+def drive(socks: Sequence[socket.socket], start_ns: int, end_ns: int, reads: int = 0) -> Result:
     """Every connection in serial REGION_READs, all at once, from one epoll loop, until
-    `end_ns` (CLOCK_MONOTONIC). Counts the replies that arrived in [start_ns, end_ns) and
-    their round trips (request sent at or after `start_ns`), and this thread's CPU time in
-    that window. Every reply is compared byte for byte with the one edu must send."""
+    `end_ns` (CLOCK_MONOTONIC), or until each connection got `reads` replies if not 0.
+    Counts the replies that arrived in [start_ns, end_ns) and their round trips (request
+    sent at or after `start_ns`), and this thread's CPU time in that window. Every reply is
+    compared byte for byte with the one edu must send."""
     n = len(socks)
     reqs = [wire.pack_region_read(i, 0, 0, 4) for i in range(256)]
     expect = [
@@ -163,7 +165,7 @@ def drive(socks: Sequence[socket.socket], start_ns: int, end_ns: int) -> Result:
             if sent_at[i] >= start_ns and now < end_ns:
                 rtts.append(now - sent_at[i])
                 counted += 1
-            if now >= end_ns:
+            if now >= end_ns or seq[i] + 1 == reads:
                 ep.unregister(fd)
                 active -= 1
                 continue
@@ -184,16 +186,16 @@ def drive(socks: Sequence[socket.socket], start_ns: int, end_ns: int) -> Result:
 
 
 def worker_main(cpu: int | None, paths: Sequence[str]) -> int:
-    """`scale.py worker`: connect to `paths`, print READY, read `GO start_ns end_ns` from
-    stdin, drive them, print the result as one JSON line."""
+    """`scale.py worker`: connect to `paths`, print READY, read `GO start_ns end_ns reads`
+    from stdin, drive them, print the result as one JSON line."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
     socks = [_connect(p) for p in paths]
     print("READY", flush=True)
     line = sys.stdin.readline().split()
-    if len(line) != 3 or line[0] != "GO":
+    if len(line) != 4 or line[0] != "GO":
         return 1
-    res = drive(socks, int(line[1]), int(line[2]))
+    res = drive(socks, int(line[1]), int(line[2]), int(line[3]))
     for s in socks:
         s.close()
     print(json.dumps(res), flush=True)
@@ -208,7 +210,8 @@ class Server:
 
     def __init__(
         self, tmp: Path, n: int, cpu: int | None, tag: str,
-        repo: Path = REPO, env: dict[str, str] | None = None,
+        repo: Path = REPO, env: dict[str, str] | None = None, prefix: Sequence[str] = (),
+        start_timeout: float = 60.0,
     ) -> None:
         self.sockets = [str(tmp / f"{tag}-d{i}.sock") for i in range(n)]
         config = tmp / f"{tag}.toml"
@@ -219,7 +222,7 @@ class Server:
             )
         )
         self.log = tmp / f"{tag}.log"
-        cmd = [sys.executable, "-m", "vfiouser_srv", "serve", "--config", str(config)]
+        cmd = [*prefix, sys.executable, "-m", "vfiouser_srv", "serve", "--config", str(config)]
         if cpu is not None:
             cmd = ["taskset", "-c", str(cpu), *cmd]  # taskset execs: same pid
         with open(self.log, "wb") as err:
@@ -229,7 +232,7 @@ class Server:
         self.pid = self.proc.pid
         assert self.proc.stdout is not None
         seen = b""
-        deadline = time.monotonic() + 30 + n / 4
+        deadline = time.monotonic() + start_timeout + n / 4
         while seen.count(b"READY") < n:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 self.stop()
@@ -241,7 +244,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(120)  # under valgrind, writing its profile takes a while
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -266,26 +269,33 @@ def read_phase(srv: Server, a: argparse.Namespace) -> Result:
             assert w.stdout is not None
             if w.stdout.readline().strip() != "READY":
                 raise SystemExit("a client worker failed to connect")
-        # the workers read from GO on; only [start, end) counts
-        start = time.monotonic_ns() + int(a.warmup * 1e9)
-        end = start + int(a.duration * 1e9)
+        # the workers read from GO on; only [start, end) counts (--reads: everything)
+        if a.reads:
+            start, end = time.monotonic_ns(), 1 << 62
+        else:
+            start = time.monotonic_ns() + int(a.warmup * 1e9)
+            end = start + int(a.duration * 1e9)
         for w in workers:
             assert w.stdin is not None
-            w.stdin.write(f"GO {start} {end}\n")
+            w.stdin.write(f"GO {start} {end} {a.reads}\n")
             w.stdin.flush()
         time.sleep(max(0.0, (start - time.monotonic_ns()) / 1e9))
         cpu0 = read_cpu(srv.pid)
         t0 = time.monotonic_ns()
-        time.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
-        cpu1 = read_cpu(srv.pid)
-        t1 = time.monotonic_ns()
+        if not a.reads:
+            time.sleep(max(0.0, (end - time.monotonic_ns()) / 1e9))
         results = []
         for w in workers:
             assert w.stdout is not None
             line = w.stdout.readline()
-            if w.wait(30) != 0 or not line:
+            if w.wait(3600) != 0 or not line:
                 raise SystemExit("a client worker failed")
             results.append(json.loads(line))
+        if a.reads:
+            for r in results:
+                r["window_s"] = (time.monotonic_ns() - t0) / 1e9
+        cpu1 = read_cpu(srv.pid)
+        t1 = time.monotonic_ns()
     finally:
         for w in workers:
             if w.poll() is None:
@@ -478,7 +488,8 @@ def run(a: argparse.Namespace) -> Result:
         for rnd in range(a.rounds):
             this: dict[str, Result] = {}
             for n in ns:
-                srv = Server(tmp, n, a.server_cpu, f"r{rnd}n{n}", a.repo, env)
+                srv = Server(tmp, n, a.server_cpu, f"r{rnd}n{n}", a.repo, env,
+                             shlex.split(a.server_prefix), a.start_timeout)
                 try:
                     this[str(n)] = read_phase(srv, a)
                     if not a.no_dma and rnd == a.rounds - 1 and n == ns[-1]:
@@ -491,7 +502,8 @@ def run(a: argparse.Namespace) -> Result:
             "devices": ns, "rounds": a.rounds, "duration_s": a.duration, "warmup_s": a.warmup,
             "server_cpu": a.server_cpu, "client_cpu": a.client_cpu,
             "client_procs": a.client_procs, "commit": git_commit(a.repo),
-            "repo": str(a.repo), "server_env": a.server_env,
+            "repo": str(a.repo), "server_env": a.server_env, "reads": a.reads,
+            "server_prefix": a.server_prefix,
             "host": platform.node(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
@@ -530,6 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="run the server from this checkout (e.g. a git worktree)")
     p.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra environment for the server (e.g. VFIOUSER_SRV_IDLE_WAIT=0)")
+    p.add_argument("--reads", type=int, default=0,
+                   help="instead of a timed window: exactly this many reads per connection "
+                        "(for instruction counts under --server-prefix valgrind)")
+    p.add_argument("--server-prefix", default="",
+                   help="command the server runs under, e.g. 'valgrind --tool=callgrind'")
+    p.add_argument("--start-timeout", type=float, default=60.0, help="s to wait for READY")
     p.add_argument("--results-dir", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     if any("=" not in kv for kv in a.server_env):

@@ -27,6 +27,12 @@ trio itself would have, and then:
 messages it asks `must_yield` (one poll(0) on trio's epoll descriptor, plus the checks
 above) and then blocks in recvmsg itself for at most `HOT_WAIT`, because waking from a
 blocking recvmsg is far quicker than waking from poll() when the peer is on another CPU.
+That blocking read sees only its own socket, and SO_RCVTIMEO counts in scheduler ticks
+(0.5 ms is one tick: 4 ms at HZ=250), so while any other descriptor uses this module in
+the same trio run (another connection, a libvfio-user device), `must_yield` waits in
+poll() on ours and trio's epoll descriptor instead, and the read that follows never
+blocks: otherwise every request to another device waited a tick behind an idle one
+(benchmarks/scale.py: 8 ms per DMA_MAP alternating between two devices, 0.1 ms after).
 
 The fast case is not a checkpoint, like a non-blocking read that succeeds: callers that
 loop must checkpoint now and then themselves (`FdStream` and `Session._hot_loop` do every
@@ -54,6 +60,8 @@ import logging
 import math
 import os
 import select
+import sys
+import weakref
 from typing import Any
 
 import trio
@@ -74,6 +82,8 @@ try:  # trio internals: see the module docstring
 except ImportError:  # pragma: no cover - depends on the installed trio
     _trio_run = None  # type: ignore[assignment]
 _RUN_CONTEXT: Any = getattr(_trio_run, "GLOBAL_RUN_CONTEXT", None)
+#: the code of trio's run loop, whose local `batch` holds the tasks still to run this round
+_RUN_LOOP_CODE: Any = getattr(getattr(_trio_run, "unrolled_run", None), "__code__", None)
 _SystemClock: Any = getattr(_trio_run, "SystemClock", None)
 
 _POLLIN = select.POLLIN
@@ -86,6 +96,14 @@ _INF = math.inf
 #: serial peer in ~35 µs on our VMs, one woken out of poll() or epoll_wait() in ~80 µs
 #: (benchmarks/README.md). A vCPU's MMIO accesses come much closer together than this.
 HOT_WAIT = 0.0005
+#: `HOT_WAIT` as a poll() timeout (whole milliseconds)
+_HOT_WAIT_MS = max(1, math.ceil(HOT_WAIT * 1000))
+#: Above this many tasks, `idle_deadline` reads the run loop's batch (one `f_locals`,
+#: ~1.5 µs) instead of looking at every task (~37 ns each: 12 µs with 64 devices' sessions,
+#: more than the rest of a message; benchmarks/scale.py)
+_SCAN_LIMIT = 48
+#: per trio run, the waiters set up in it: with more than one, nobody may block on one alone
+_LIVE: weakref.WeakKeyDictionary[Any, weakref.WeakSet[IdleWaiter]] = weakref.WeakKeyDictionary()
 
 
 def _internals_moved(what: str) -> None:
@@ -150,7 +168,10 @@ class IdleWaiter:
     close it while a `wait` is running (as with `trio.lowlevel.wait_readable`).
     """
 
-    __slots__ = ("_epoll_poller", "_fd", "_heap_len", "_poller", "_runner")
+    __slots__ = (
+        "__weakref__", "_epoll_poller", "_fd", "_heap_len", "_peers", "_poller", "_run_frame",
+        "_runner",
+    )
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
@@ -158,9 +179,14 @@ class IdleWaiter:
         self._poller: Any = None  # select.poll, or None when the fast path is unavailable
         self._heap_len = 0  # trio's deadline heap size when idle_deadline last looked
         self._epoll_poller: Any = None  # select.poll on trio's epoll descriptor alone
+        #: the waiters of this trio run (this one included), see `must_yield`
+        self._peers: weakref.WeakSet[IdleWaiter] = weakref.WeakSet()
+        #: trio's run loop frame (`_batch_pending`), None until needed or when not found
+        self._run_frame: Any = None
 
     def _setup(self, runner: Any) -> None:
         self._runner = runner
+        self._run_frame = None
         epfd = _epoll_fd(runner)
         if epfd is None:
             self._poller = None
@@ -171,6 +197,11 @@ class IdleWaiter:
         self._poller = poller
         self._epoll_poller = select.poll()
         self._epoll_poller.register(epfd, _POLLIN)
+        peers = _LIVE.get(runner)
+        if peers is None:
+            peers = _LIVE[runner] = weakref.WeakSet()
+        peers.add(self)
+        self._peers = peers
 
     def idle_deadline(self) -> float | None:
         """None when the fast path does not apply right now (other tasks runnable, an
@@ -205,12 +236,35 @@ class IdleWaiter:
         # `runq` is only the *next* batch: trio takes a batch off it and runs the tasks one
         # by one, so tasks later in the batch we run in are scheduled but in no queue. A
         # scheduled task has a pending resume function; we have none while we run.
-        for task in runner.tasks:
-            if task._next_send_fn is not None:
+        if len(runner.tasks) > _SCAN_LIMIT:
+            pending = self._batch_pending()
+            if pending is None:
+                pending = any(task._next_send_fn is not None for task in runner.tasks)
+            if pending:
                 return None
+        else:
+            for task in runner.tasks:
+                if task._next_send_fn is not None:
+                    return None
         deadline: float = runner.deadlines.next_deadline()
         self._heap_len = len(runner.deadlines._heap)
         return deadline
+
+    def _batch_pending(self) -> bool | None:
+        """Whether tasks are left in the batch trio's run loop is running (the local `batch`
+        of `unrolled_run`, which it pops as it runs them), or None when that cannot be
+        read: then the caller looks at every task. The loop's frame is the caller of the
+        running task's outermost coroutine, found once by walking up from here."""
+        frame = self._run_frame
+        if frame is None:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code is not _RUN_LOOP_CODE:
+                frame = frame.f_back
+            if frame is None:
+                return None
+            self._run_frame = frame
+        batch = frame.f_locals.get("batch")
+        return bool(batch) if isinstance(batch, list) else None
 
     def poll_until(self, deadline: float) -> bool:
         """Block in `poll()` until our descriptor or trio's epoll descriptor is readable
@@ -236,12 +290,20 @@ class IdleWaiter:
     def must_yield(self, deadline: float) -> bool:
         """After `idle_deadline`, before a read that may block for up to `HOT_WAIT`: True
         when trio should run first (our own code woke a task or set a deadline, the
-        deadline is that close, or trio's epoll descriptor has an event). One poll(0)."""
+        deadline is that close, or trio's epoll descriptor has an event). One poll(0).
+
+        With other waiters in this run (other connections), the read must not block: a
+        request to another device would wait behind ours for a whole scheduler tick. Then
+        this waits up to `HOT_WAIT` in poll() on both descriptors and says False only when
+        our descriptor alone is readable, so the read that follows returns at once."""
         runner = self._runner
         if runner.runq or len(runner.deadlines._heap) != self._heap_len:
             return True
         if deadline != _INF and deadline - runner.clock.current_time() <= HOT_WAIT:
             return True
+        if len(self._peers) > 1:
+            events = self._poller.poll(_HOT_WAIT_MS)
+            return len(events) != 1 or events[0][0] != self._fd
         return bool(self._epoll_poller.poll(0))
 
     def idle_poll(self) -> bool:
