@@ -251,6 +251,8 @@ class AdminCommands(WorkerCore):
             # Linux goes on without shadow doorbells when this fails.
             raise CommandError(Status.INVALID_FIELD, "shadow doorbells need MSI-X or MSI")
         self.dbbuf = (cmd.prp1, cmd.prp2)
+        log.info("nvme: shadow doorbells on (doorbells %#x, event indexes %#x)", cmd.prp1,
+                 cmd.prp2)
         for sq in self.sqs.values():
             self._attach_shadow(sq, sq.qid, completion=False)
             if sq.shadow_db is not None and sq.event_idx is not None:

@@ -98,6 +98,11 @@ class WorkerCore:
         self._nursery: trio.Nursery | None = None
         #: vectors to raise at the end of a batch of completions (see `_notify`)
         self._irq_batch: set[int] | None = None
+        #: I/O commands fetched and MMIO doorbell writes of I/O queues, since power-on (in
+        #: the shutdown log line: with shadow doorbells the host rings far less than twice
+        #: per command); statistics only, not device state
+        self.io_fetched = 0
+        self.io_mmio_doorbells = 0
         self.power_on()
 
     # ------------------------------------------------------------------ state
@@ -132,6 +137,8 @@ class WorkerCore:
         """Record a fetched command until its completion is posted; returns its token."""
         self.next_token += 1
         self.carried[self.next_token] = Carried(sqid, cmd)
+        if sqid:
+            self.io_fetched += 1
         return self.next_token
 
     # ------------------------------------------------------------------ quiesce
@@ -170,6 +177,7 @@ class WorkerCore:
         self.kick()
 
     def sq_doorbell(self, qid: int, value: int) -> None:
+        self.io_mmio_doorbells += qid != 0
         sq = self.sqs.get(qid)
         if sq is None or not self.enabled:
             log.debug("nvme: doorbell for SQ %d that does not exist, ignored", qid)
@@ -201,6 +209,7 @@ class WorkerCore:
         raise NotImplementedError
 
     def cq_doorbell(self, qid: int, value: int) -> None:
+        self.io_mmio_doorbells += qid != 0
         cq = self.cqs.get(qid)
         if cq is None or not self.enabled:
             log.debug("nvme: doorbell for CQ %d that does not exist, ignored", qid)

@@ -132,7 +132,8 @@ class Worker(AdminCommands, IoCommands):
             self.dev.set_csts(cfs=True)
             return
         self.dev.set_csts(shst=Shst.COMPLETE)
-        log.info("nvme: shutdown complete")
+        log.info("nvme: shutdown complete (%d I/O commands, %d I/O doorbell writes)",
+                 self.io_fetched, self.io_mmio_doorbells)
 
     # ------------------------------------------------------------------ queues
 
