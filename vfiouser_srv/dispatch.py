@@ -175,7 +175,12 @@ async def _finish(session: HandlerContext, req: Request, coro: Coroutine[Any, An
 
 
 def serve_plain(
-    session: HandlerContext, msg_id: int, command: int, flags: int, payload: memoryview
+    session: HandlerContext,
+    msg_id: int,
+    command: int,
+    flags: int,
+    payload: memoryview,
+    fds: tuple[Any, ...] = (),
 ) -> bytes | Awaitable[bytes | None] | None:
     """Answer a plain DMA_MAP / DMA_UNMAP (a request with no flag but No_reply, no error
     field, no descriptors: `Connection.take_plain`) from its payload.
@@ -183,16 +188,19 @@ def serve_plain(
     The same codec (`body.decode`), handler and error boundary as `run_request`, minus the
     Frame, Request and payload copy the decoder would make: mapping and unmapping windows
     back to back is what a guest's IOMMU does, and those objects were a third of the cost.
-    A payload the codec refuses goes to the full path, so the errno is always its own."""
+    A payload the codec refuses goes to the full path, so the errno is always its own.
+    `fds`: the descriptor a DMA_MAP came with alone in its read (the serial loop's)."""
     try:
-        body = PLAIN_BODIES[command].decode(payload, ())
+        body = PLAIN_BODIES[command].decode(payload, fds)
     except RemoteProtocolError:
+        close_all(fds)  # refused with or without them: the same EINVAL
         return session.full_path(msg_id, command, flags, payload)
     session.device.stats.messages[command] += 1
     no_reply = flags != 0
     try:
         result = HANDLERS[command](session, body)
     except Exception as exc:
+        close_all(body.fds)
         return fail(session, msg_id, command, no_reply, exc)
     if isinstance(result, Coroutine):  # DMA_UNMAP of a pinned window: drain first
         req = Request(msg_id, body, no_reply, 16 + len(payload), flags)

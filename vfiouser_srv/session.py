@@ -77,6 +77,7 @@ REPLY_BATCH = 16
 _SERIAL_READS = 63
 _NO_REPLY = int(HeaderFlags.NO_REPLY)
 _REGION_ACCESS = (int(Command.REGION_READ), int(Command.REGION_WRITE))
+_DMA_MAP = int(Command.DMA_MAP)
 #: a reply this big is sent (and backpressure applied) at once instead of being batched
 _BIG_REPLY = 64 << 10
 #: how long a closing connection waits for its queued replies to go out
@@ -517,23 +518,39 @@ class Session(DeviceContext):
                     return stream.read_failed(exc)
                 nbytes += n
                 if anc or mflags & truncated:
-                    return stream.chunk(n, anc, mflags)
-                if n < HEADER_SIZE:
+                    chunk = stream.chunk(n, anc, mflags)  # the fds are ours from here on
+                    fds = chunk[1]
+                    if n < HEADER_SIZE or len(fds) != 1:
+                        return chunk
+                    msg_id, command, size, flags, error = unpack(buf)
+                    # one whole DMA_MAP and its one fd (which, alone in the read, is its own)
+                    if (
+                        size != n
+                        or error
+                        or command != _DMA_MAP
+                        or command not in plain
+                        or (flags and flags != _NO_REPLY)
+                    ):
+                        return chunk
+                    reply = serve_plain(self, msg_id, command, flags, buf[HEADER_SIZE:n], (fds[0],))
+                    assert reply is None or isinstance(reply, bytes)  # a map never waits
+                elif n < HEADER_SIZE:
                     return buf[:n], []
-                msg_id, command, size, flags, error = unpack(buf)
-                # exactly one whole plain frame (the decoder's `take_plain` rule, inlined)
-                if size != n or error or (flags and flags != _NO_REPLY):
-                    return buf[:n], []
-                if command in fast:
-                    reply = serve(self, msg_id, command, flags, buf[HEADER_SIZE:n])
-                elif command in plain:  # DMA_MAP without fd, DMA_UNMAP
-                    got = serve_plain(self, msg_id, command, flags, buf[HEADER_SIZE:n])
-                    if got is not None and not isinstance(got, bytes):
-                        self._deferred = got  # an unmap waiting for pinned DMA
-                        return None
-                    reply = got
                 else:
-                    return buf[:n], []
+                    msg_id, command, size, flags, error = unpack(buf)
+                    # exactly one whole plain frame (the decoder's `take_plain` rule, inlined)
+                    if size != n or error or (flags and flags != _NO_REPLY):
+                        return buf[:n], []
+                    if command in fast:
+                        reply = serve(self, msg_id, command, flags, buf[HEADER_SIZE:n])
+                    elif command in plain:  # DMA_MAP without fd, DMA_UNMAP
+                        got = serve_plain(self, msg_id, command, flags, buf[HEADER_SIZE:n])
+                        if got is not None and not isinstance(got, bytes):
+                            self._deferred = got  # an unmap waiting for pinned DMA
+                            return None
+                        reply = got
+                    else:
+                        return buf[:n], []
                 if reply is not None:
                     if stream.sending:  # the writer is mid-message: queue behind it
                         outbox.send(reply)

@@ -526,3 +526,88 @@ async def test_plain_unmap_of_a_pinned_window_waits_and_keeps_order(
     finally:
         os.close(fd)
         conn.close()
+
+
+def _memfd(size: int, sealed: bool = True) -> int:
+    fd = os.memfd_create("hot-path-map", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if sealed:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+#: DMA_MAP with a descriptor, each frame alone in its read right behind a served read (so
+#: the serial loop takes it): name -> (payload, how to make the fd, errno)
+FD_MAP_CASES: dict[str, tuple[bytes, Callable[[], int], int]] = {
+    "sealed": (MAP.pack(32, RW, 0, WIN, 0x1000), lambda: _memfd(0x1000), 0),
+    "overlap": (MAP.pack(32, RW, 0, WIN, 0x1000), lambda: _memfd(0x1000), errno.EEXIST),
+    "unsealed": (MAP.pack(32, RW, 0, 0x20000, 0x1000), lambda: _memfd(0x1000, False), 0),
+    "file_too_small": (MAP.pack(32, RW, 0, 0x30000, 0x2000), lambda: _memfd(0x1000), 22),
+    "not_a_file": (MAP.pack(32, RW, 0, 0x30000, 0x1000), lambda: make_eventfd().detach(), 22),
+    "short": (MAP.pack(32, RW, 0, 0x30000, 0x1000)[:24], lambda: _memfd(0x1000), 22),
+    "read_only": (MAP.pack(32, 1, 0x1000, 0x40000, 0x1000), lambda: _memfd(0x2000), 0),
+}
+
+
+async def run_fd_maps(conn: RawConn, steps: list[tuple[str, bytes, bool]]) -> list[bytes]:
+    """Each DMA_MAP with its fd sent by a blocking client thread right after a read was
+    answered, so that the server's serial loop (trio idle) is the one that reads it."""
+    sock = socket.socket(fileno=os.dup(conn.sock.fileno()))
+    sock.setblocking(True)
+    sock.settimeout(5)
+
+    def recv_message() -> bytes:
+        data = b""
+        while len(data) < 16 or len(data) < HEADER.unpack_from(data)[2]:
+            chunk = sock.recv(4096)
+            assert chunk, "server closed the connection"
+            data += chunk
+        return data
+
+    def run() -> list[bytes]:
+        replies = []
+        for name, data, _ in steps:
+            sock.sendall(SYNC)
+            assert HEADER.unpack_from(recv_message())[0] == SYNC_ID
+            fd = FD_MAP_CASES[name][1]()
+            try:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+                sock.sendmsg([data], anc)
+            finally:
+                os.close(fd)
+            replies.append(recv_message())
+        return replies
+
+    try:
+        return await trio.to_thread.run_sync(run)
+    finally:
+        sock.close()
+
+
+async def test_dma_map_with_an_fd_in_the_serial_loop_replies_like_the_full_path(
+    make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DMA_MAP with its descriptor alone in a read is served by the serial loop: the same
+    replies as the full path, every refused descriptor closed (`no_fd_leak`)."""
+    from vfiouser_srv import dispatch
+
+    with_fd = 0
+    real = dispatch.serve_plain
+
+    def counting(*args: Any) -> Any:
+        nonlocal with_fd
+        with_fd += len(args) > 5
+        return real(*args)
+
+    monkeypatch.setattr(dispatch, "serve_plain", counting)
+    steps = [
+        (name, frame(200 + i, DMA_MAP, 0, payload), True)
+        for i, (name, (payload, _, _)) in enumerate(FD_MAP_CASES.items())
+    ]
+    with_hot, without, _ = await run_both(make_server, monkeypatch, run_fd_maps, steps)
+    assert with_fd >= len(steps) - 1, "the serial loop did not take the maps"
+    for (name, data, _), a, b in zip(steps, with_hot, without, strict=True):
+        assert a == b, f"{name}: serial loop {a!r} != full path {b!r}"
+        err = FD_MAP_CASES[name][2]
+        flags = 0x21 if err else 1
+        assert HEADER.unpack_from(a) == (HEADER.unpack_from(data)[0], DMA_MAP, 16, flags, err)
