@@ -23,6 +23,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -35,11 +36,34 @@ from .prp import Segments, walk_prps
 from .queue import CompletionQueue, DoorbellError, SubmissionQueue
 from .spec import CQE, DNR, FeatureId, Status
 
+if TYPE_CHECKING:
+    import outcome  # trio's own result type (what `start_thread_soon` hands over)
+
 log = logging.getLogger(__name__)
 
 #: statuses a retry might fix (everything else completes with Do Not Retry)
 _RETRYABLE = frozenset({Status.SUCCESS, Status.ABORTED_BY_REQUEST, Status.ABORTED_SQ_DELETION,
                         Status.NAMESPACE_NOT_READY})
+
+
+#: backend calls of one controller running in threads at once
+IO_THREADS = 8
+
+
+async def _in_thread(fn: Callable[..., None], *args: object) -> None:
+    """`fn(*args)` in a worker thread, like `trio.to_thread.run_sync` (not cancellable: a
+    call that started finishes, and the caller sees the cancel after it), with trio's
+    thread cache but without its limiter and context copy: 70 -> 39 µs per call here, and
+    every write and uncached read pays one."""
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: outcome.Outcome[None]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(lambda: fn(*args), deliver)
+    await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
 
 @dataclass
@@ -103,6 +127,9 @@ class WorkerCore:
         #: per command); statistics only, not device state
         self.io_fetched = 0
         self.io_mmio_doorbells = 0
+        #: backend calls in threads at once (a guest with deep queues must not get a thread
+        #: per command; trio.to_thread's limiter is 40 for the whole process)
+        self._threads = trio.Semaphore(IO_THREADS)
         self.power_on()
 
     # ------------------------------------------------------------------ state
@@ -451,7 +478,8 @@ class WorkerCore:
 
     async def _backend(self, ns: Namespace, fn: Callable[..., None], *args: object) -> None:
         if ns.backend.threaded:
-            await trio.to_thread.run_sync(fn, *args)
+            async with self._threads:
+                await _in_thread(fn, *args)
         else:
             fn(*args)
 

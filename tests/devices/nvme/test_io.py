@@ -421,3 +421,21 @@ async def test_doorbell_while_the_worker_is_busy_is_left_to_it(io: Host) -> None
         io.dev.worker.stepping = False
     c = await io.wait(1)
     assert c.code == 0
+
+
+async def test_backend_threads_are_bounded_per_controller(io: Host) -> None:
+    """A guest queueing many uncached reads gets at most IO_THREADS backend calls in
+    threads at once; the rest wait their turn and all complete."""
+    from devices.nvme.core import IO_THREADS
+
+    be = use_counting_backend(io.dev)
+    be.gate = threading.Event()
+    n = IO_THREADS + 12
+    cids = [io.submit(1, io.sqe(IO.READ, nsid=1, prp1=DATA + i * PAGE, cdw=rw(i * 8, 8)),
+                      ring=(i == n - 1)) for i in range(n)]
+    await io.until(lambda: be.reads_started == IO_THREADS)
+    await trio.sleep(0.05)
+    assert be.reads_started == IO_THREADS
+    be.gate.set()
+    got = [await io.wait(1) for _ in cids]
+    assert sorted(c.cid for c in got) == sorted(cids) and all(c.code == 0 for c in got)
