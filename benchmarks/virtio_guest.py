@@ -85,6 +85,16 @@ def process_cpu_ns(pid: int) -> int:
     return total
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of `pid` so far (/proc/PID/stat field 10): first touches of guest
+    memory through our mapping of it cost one each."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def children() -> dict[str, int]:
     """Our child processes by role: ``server`` (vfiouser_srv serve) and ``qemu``."""
     found: dict[str, int] = {}
@@ -121,6 +131,8 @@ class CpuSampler:
         if "qemu" not in self.pids:
             self.pids = children()
         out = {role: process_cpu_ns(pid) for role, pid in self.pids.items()}
+        if "server" in self.pids:
+            out["server_minflt"] = minor_faults(self.pids["server"])
         out["wall"] = time.monotonic_ns()
         return out
 
@@ -156,6 +168,9 @@ def cpu_metrics(sampler: CpuSampler, console: list[str], nbytes: int) -> dict[st
                         out[f"idle_{role}_cpu_share"] = round(span[role] / span["wall"], 4)
             continue
         kept = list(enumerate(spans))[1:] if len(spans) > 1 else list(enumerate(spans))
+        faults = [s["server_minflt"] / (nbytes / MIB) for _, s in kept if "server_minflt" in s]
+        if faults:
+            out[f"{phase}_server_faults_per_mib"] = round(statistics.median(faults), 1)
         for role in ("server", "qemu"):
             per_mib = [s[role] / 1e3 / (nbytes / MIB) for _, s in kept if role in s]
             if per_mib:

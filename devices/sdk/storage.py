@@ -245,10 +245,15 @@ def sync_new_file(fd: int, path: Path) -> None:
 
 
 def consume(bufs: list[memoryview], n: int) -> list[memoryview]:
-    """Drop the first `n` bytes of a buffer list (after a short vectored transfer)."""
-    while bufs and n >= len(bufs[0]):
-        n -= len(bufs[0])
-        bufs = bufs[1:]
-    if bufs and n:
-        bufs = [bufs[0][n:], *bufs[1:]]
-    return bufs
+    """Drop the first `n` bytes of a buffer list (after a short vectored transfer).
+
+    Linear in the buffers skipped: a 1 MiB transfer is 256 page buffers, and dropping
+    them one list copy at a time cost ~150 us per request."""
+    i, count = 0, len(bufs)
+    while i < count and n >= len(bufs[i]):
+        n -= len(bufs[i])
+        i += 1
+    rest = bufs[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest

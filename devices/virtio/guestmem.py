@@ -9,9 +9,13 @@ one.
 
 from __future__ import annotations
 
+import operator
+
 import trio
 
 from devices.sdk.interface import DmaError, DmaPort
+
+_length = operator.itemgetter(1)
 
 
 class VirtqueueError(Exception):
@@ -127,20 +131,30 @@ def piece_views(dma: DmaPort, pieces: list[tuple[int, int]],
 
 
 def clip(segments: list[tuple[int, int]], skip: int,
-          limit: int | None) -> list[tuple[int, int]]:
+         limit: int | None) -> list[tuple[int, int]]:
     """The (address, length) pieces of `segments` after skipping `skip` bytes, up to
-    `limit` bytes in total."""
+    `limit` bytes in total (zero-length pieces dropped)."""
+    i, count = 0, len(segments)
+    while i < count and skip >= segments[i][1]:
+        skip -= segments[i][1]
+        i += 1
+    if i == count:
+        return []
+    addr, length = segments[i]
+    if limit is None:
+        # The payload after a request header: everything else, as one list slice.
+        rest = segments[i + 1 :]
+        if not all(map(_length, rest)):
+            rest = [p for p in rest if p[1]]
+        return [(addr + skip, length - skip), *rest]
     pieces: list[tuple[int, int]] = []
     total = 0
-    for addr, length in segments:
-        if skip >= length:
-            skip -= length
-            continue
-        take = length - skip
-        if limit is not None:
-            take = min(take, limit - total)
-            if take <= 0:
+    for addr, length in segments[i:]:
+        take = min(length - skip, limit - total)
+        if take <= 0:
+            if total >= limit:
                 break
+            continue
         pieces.append((addr + skip, take))
         total += take
         skip = 0

@@ -13,10 +13,11 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devices.sdk.storage import consume
 from devices.virtio import transport as t
 from devices.virtio import virtqueue
 from devices.virtio.blk import VirtioBlk
-from devices.virtio.guestmem import VirtqueueError
+from devices.virtio.guestmem import VirtqueueError, clip
 from devices.virtio.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Chain, Virtqueue
 
 from ..fakes import FakeDma
@@ -139,3 +140,43 @@ def test_linear_fast_path_used_and_limits() -> None:
     loop = _table([(0, 1, DESC_F_NEXT, 1), (0, 1, DESC_F_NEXT, 0)])
     assert virtqueue._walk_linear(0, loop) is None
     assert isinstance(_general_walk(loop), str)
+
+
+def _clip_reference(segments: list[tuple[int, int]], skip: int,
+                    limit: int | None) -> list[tuple[int, int]]:
+    """`clip` as first written: one piece at a time (the specification of the fast one)."""
+    pieces: list[tuple[int, int]] = []
+    total = 0
+    for addr, length in segments:
+        if skip >= length:
+            skip -= length
+            continue
+        take = length - skip
+        if limit is not None:
+            take = min(take, limit - total)
+            if take <= 0:
+                break
+        pieces.append((addr + skip, take))
+        total += take
+        skip = 0
+    return pieces
+
+
+@settings(max_examples=500, deadline=None)
+@given(segments=st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(0, 64)), max_size=12),
+       skip=st.integers(0, 300), limit=st.none() | st.integers(0, 300))
+def test_clip_matches_reference(segments: list[tuple[int, int]], skip: int,
+                                limit: int | None) -> None:
+    assert clip(segments, skip, limit) == _clip_reference(segments, skip, limit)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(0, 50), max_size=10), n=st.integers(0, 600))
+def test_consume_drops_n_bytes(sizes: list[int], n: int) -> None:
+    data = bytes(range(256)) * 3
+    bufs, pos = [], 0
+    for size in sizes:
+        bufs.append(memoryview(data)[pos : pos + size])
+        pos += size
+    n = min(n, pos)
+    assert b"".join(consume(bufs, n)) == data[n:pos]
