@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from devices.sdk.interface import NUM_PCI_REGIONS, DeviceError, DeviceModel, RegionSpec
 from protocol import Command, HeaderFlags, RemoteProtocolError
@@ -48,6 +48,9 @@ class Regions:
 
     __slots__ = ("limits", "max_xfer", "rd", "wr")
 
+    #: before VERSION: no region (shared; a session replaces it at attach, never writes it)
+    NONE: ClassVar[Regions]
+
     def __init__(self, specs: dict[int, RegionSpec], max_xfer: int) -> None:
         self.limits: list[tuple[int, bool, bool]] = [
             (s.size, s.readable, s.writable) if (s := specs.get(i)) else (0, False, False)
@@ -73,6 +76,9 @@ class Regions:
             )
         if count > self.max_xfer:
             raise RemoteProtocolError(f"count {count} above max_data_xfer_size")
+
+
+Regions.NONE = Regions({}, 0)
 
 
 def pack_read_reply(msg_id: int, offset: int, region: int, data: bytes) -> bytes:

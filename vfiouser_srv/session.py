@@ -127,7 +127,7 @@ class Session(DeviceContext):
         self._irq_table: IrqTable | None = None
         self.tasks = TaskGroup(f"{device.name}#{self.conn_id}", self.report_failure)
         #: the device's regions (`access.Regions`), set at VERSION
-        self.regions = Regions({}, 0)
+        self.regions = Regions.NONE
         self.attached = False
         self.closed = False
         self._close_requested = False
@@ -337,11 +337,16 @@ class Session(DeviceContext):
         # deadline): one that connects and says nothing, or trickles bytes, must not hold a
         # connection slot (and, for an owned group, block its owner) forever.
         timeout = self.host.limits.version_timeout
-        if not self.attached:  # else restored by a live upgrade, long past VERSION
-            self._scope.deadline = trio.current_time() + timeout
         try:
-            with self._scope:
-                await self._run()
+            # The nursery's own cancel scope carries the VERSION deadline and `force_close`
+            # (one scope fewer per connection than a scope of its own around it).
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self._forced:
+                    nursery.cancel_scope.cancel()
+                if not self.attached:  # else restored by a live upgrade, long past VERSION
+                    nursery.cancel_scope.deadline = trio.current_time() + timeout
+                await self._run(nursery)
             if self._scope.cancelled_caught and not self._forced and not self.attached_once:
                 log.warning(
                     "%s: no VERSION within %.1fs of connecting; disconnecting", self.name, timeout
@@ -363,23 +368,22 @@ class Session(DeviceContext):
             self.container = None
             self._irq_table = None
 
-    async def _run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            # the device's task runner and the writer start when first needed (most
-            # connections need neither: see `TaskGroup.start_in`, `Outbox.start_in`)
-            self.tasks.start_in(nursery)
-            self.outbox.start_in(nursery)
-            if self.attached:  # restored by a live upgrade: the model gets its ctx now
-                self.model.attach(self)
-            try:
-                await self._read_loop()
-                # Whatever was answered goes out before the connection closes (e.g. the
-                # EBUSY reply to a VERSION that is refused), unless the peer stopped reading.
-                await self.outbox.drain(OUTPUT_DRAIN_TIMEOUT)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await self.detach()
-                nursery.cancel_scope.cancel()
+    async def _run(self, nursery: trio.Nursery) -> None:
+        # the device's task runner and the writer start when first needed (most
+        # connections need neither: see `TaskGroup.start_in`, `Outbox.start_in`)
+        self.tasks.start_in(nursery)
+        self.outbox.start_in(nursery)
+        if self.attached:  # restored by a live upgrade: the model gets its ctx now
+            self.model.attach(self)
+        try:
+            await self._read_loop()
+            # Whatever was answered goes out before the connection closes (e.g. the
+            # EBUSY reply to a VERSION that is refused), unless the peer stopped reading.
+            await self.outbox.drain(OUTPUT_DRAIN_TIMEOUT)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.detach()
+            nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         """Read, handle everything that arrived, repeat; the one place a broken stream ends
