@@ -41,7 +41,15 @@ import trio
 from devices.sdk import Apply, OptionSpec, Record, Value
 from devices.sdk.state import matches
 
-from .guestmem import GuestMemoryError, MemoryRetry, VirtqueueError, gather, piece_views, scatter
+from .guestmem import (
+    GuestMemoryError,
+    MemoryRetry,
+    VirtqueueError,
+    gather,
+    piece_views,
+    scatter,
+    store_u16,
+)
 from .spec import Status
 from .tap import (
     TUN_F_CSUM,
@@ -360,8 +368,49 @@ class VirtioNet(VirtioPciDevice):
         written = await scatter(self.dma, chain.writable, data)
         return [(chain.head, written)]
 
+    def _place_merged_mapped(self, queue: Virtqueue,
+                             frame: bytes) -> list[tuple[int, int]] | bool | None:
+        """`_place_merged` without awaiting, through one view of all the buffers; False
+        when guest memory is not mmap'd there (the caller takes the general path).
+
+        Why: a 64 KiB frame fills 16-40 receive buffers, and popping and scattering them
+        one by one through the DMA port was most of the receive path's CPU."""
+        dma = self.dma
+        start = queue.last_avail_idx
+        chains = queue.pop_upto(dma, len(frame))
+        if chains is None:
+            return False
+        sizes = [c.writable_len for c in chains]
+        if sum(sizes) < len(frame):
+            queue.rewind(start)  # give the buffers back; retry after a kick
+            return None
+        pieces = [p for c in chains for p in c.writable]
+        views = piece_views(dma, pieces, write=True)
+        if views is None or 0 in sizes or len(views[0]) < NUM_BUFFERS_OFFSET + 2:
+            queue.rewind(start)
+            return False
+        used: list[tuple[int, int]] = []
+        pos = first = 0
+        src = memoryview(frame)
+        for chain, size in zip(chains, sizes, strict=True):
+            n = min(size, len(frame) - pos)
+            used.append((chain.head, n))
+            end, index = pos + n, first
+            while pos < end:
+                view = views[index]
+                take = min(len(view), end - pos)
+                view[:take] = src[pos : pos + take]
+                pos += take
+                index += 1
+            first += len(chain.writable)
+        store_u16(views[0], NUM_BUFFERS_OFFSET, len(used))
+        return used
+
     async def _place_merged(self, queue: Virtqueue,
                             frame: bytes) -> list[tuple[int, int]] | None:
+        fast = self._place_merged_mapped(queue, frame)
+        if fast is not False:
+            return fast if isinstance(fast, list) else None
         dma = self.dma
         start = queue.last_avail_idx
         used: list[tuple[int, int]] = []
