@@ -22,6 +22,9 @@ from devices.sdk.interface import (
     RegionSpec,
 )
 from protocol import (
+    HEADER as _HEADER,
+)
+from protocol import (
     PROTOCOL_MAJOR,
     PROTOCOL_MINOR,
     BadRequest,
@@ -44,6 +47,7 @@ from protocol import (
     DmaUnmapFlags,
     DmaUnmapReply,
     Frame,
+    HeaderFlags,
     IrqInfo,
     MigDataRead,
     MigDataWrite,
@@ -102,6 +106,7 @@ Result = Body | Coroutine[Any, Any, Body] | None
 Handler = Callable[[HandlerContext, Any], Result]
 Framed = bytes | tuple[bytes, tuple[Any, ...]] | None
 _UNMAP_ALL = int(DmaUnmapFlags.ALL)
+_TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
 #: every DMA_MAP reply is the same empty body (frozen)
 _DMA_MAP_REPLY = DmaMapReply()
 _READ = int(Command.REGION_READ)
@@ -202,12 +207,15 @@ def serve_plain(
     except Exception as exc:
         close_all(body.fds)
         return fail(session, msg_id, command, no_reply, exc)
-    if isinstance(result, Coroutine):  # DMA_UNMAP of a pinned window: drain first
+    if not isinstance(result, Body):  # (an ABC check for Coroutine costs more)
+        assert isinstance(result, Coroutine)  # DMA_UNMAP of a pinned window: drain first
         req = Request(msg_id, body, no_reply, 16 + len(payload), flags)
         return _finish_plain(session, req, result)
-    if no_reply or result is None:
+    if no_reply:
         return None
-    return session.conn.send_reply(msg_id, result)[0]
+    # `Connection.send_reply` without its VERSION step (these are never VERSION)
+    data = result.encode()
+    return _HEADER.pack(msg_id, command, 16 + len(data), _TYPE_REPLY, 0) + data
 
 
 async def _finish_plain(
@@ -315,7 +323,7 @@ def on_dma_unmap(session: HandlerContext, req: DmaUnmap) -> Result:
     assert container is not None
     windows = container.take_all() if unmap_all else [container.take(req.address, req.size)]
     reply = DmaUnmapReply(req.flags, req.address, req.size, req.argsz)
-    if any(w.pins for w in windows):
+    if windows[0].pins if len(windows) == 1 else any(w.pins for w in windows):
         # The spec: release every reference, in-flight DMA included, before replying.
         return _release_pinned(session, windows, reply)
     for w in windows:
