@@ -214,9 +214,9 @@ def best(values: list[float]) -> float:
 
 
 async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
-                idle: int) -> dict[str, Any]:
+                idle: int, variants: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {"rounds": rounds, "boots": boots, "net_mib": net_mib,
-                               "idle_s": idle, "runs": []}
+                               "idle_s": idle, "variants": variants, "runs": []}
     samples: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, list[dict[str, float]]] = {}
     knobs = {"idle": str(idle)} if idle else {}
@@ -233,25 +233,36 @@ async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
             f"{k} {best(v):.1f} MiB/s" for k, v in rates.items()) + " | "
             + ", ".join(f"{k} {v}" for k, v in used.items()), flush=True)
 
+    def configs(ours: str, ref: str) -> list[tuple[str, str, tuple[str, ...]]]:
+        """(label, config, extra server options): ours once per --variant, then QEMU's."""
+        mine = [(f"{ours}[{v}]" if v else ours, ours, tuple(x for x in v.split(",") if x))
+                for v in variants]
+        return [*mine, (ref, ref, ())]
+
     for boot in range(boots):
-        for config in ("virtio-blk", "qemu-virtio-blk") if only != "net" else ():
+        for label, config, sets in configs("virtio-blk", "qemu-virtio-blk") \
+                if only != "net" else ():
             sampler = CpuSampler()
             with tempfile.TemporaryDirectory(prefix="vfu-bench-") as tmp:
                 res, data, after = await run_blk(config, Path(tmp),
                                                  guest_env={"bench": str(rounds), **knobs},
-                                                 on_line=sampler.on_line)
+                                                 on_line=sampler.on_line, sets=sets)
             check_blk(res, data, after)
-            record(boot, config, blk_rates(res.console), res.run_dir, sampler, res.console,
+            record(boot, label, blk_rates(res.console), res.run_dir, sampler, res.console,
                    BLK_BYTES)
-        for config in ("virtio-net", "qemu-virtio-net") if only != "blk" else ():
+        for label, config, sets in configs("virtio-net", "qemu-virtio-net") \
+                if only != "blk" else ():
             sampler = CpuSampler()
             run = await run_net(config, rounds=rounds, nbytes=net_mib * MIB, timeout=300,
-                                guest_env=knobs, on_line=sampler.on_line)
+                                guest_env=knobs, on_line=sampler.on_line, sets=sets)
             check_net(run, rounds, net_mib * MIB)
-            record(boot, config, net_rates(run.guest.console), run.guest.run_dir, sampler,
+            record(boot, label, net_rates(run.guest.console), run.guest.run_dir, sampler,
                    run.guest.console, net_mib * MIB)
     summary: dict[str, Any] = {}
-    for ours, ref in (("virtio-blk", "qemu-virtio-blk"), ("virtio-net", "qemu-virtio-net")):
+    pairs = [(f"{o}[{v}]" if v else o, r) for o, r in (("virtio-blk", "qemu-virtio-blk"),
+                                                       ("virtio-net", "qemu-virtio-net"))
+             for v in variants]
+    for ours, ref in pairs:
         if ours not in samples or ref not in samples:
             continue
         for k in samples[ours]:
@@ -291,15 +302,20 @@ def main() -> None:
                     "devices/virtio/README.md)")
     ap.add_argument("--idle", type=int, default=3,
                     help="seconds the guest stays idle after the rounds (server CPU then)")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="extra --set options for our server, comma-separated (e.g. "
+                    "poll_us=0); repeat to run several variants in the same boots (default: "
+                    "ours as configured)")
     args = ap.parse_args()
-    results = trio.run(bench, args.boots, args.rounds, args.only, args.net_mib, args.idle)
-    lines = [f"{'measurement':<22} {'ours MiB/s':>11} {'QEMU MiB/s':>11} {'ratio':>6} "
+    results = trio.run(bench, args.boots, args.rounds, args.only, args.net_mib, args.idle,
+                       args.variant or [""])
+    lines = [f"{'measurement':<32} {'ours MiB/s':>11} {'QEMU MiB/s':>11} {'ratio':>6} "
              f"{'paired':>7} {'srv us/req':>10} {'srv us/MiB':>10} {'qemu us/MiB':>11} "
              f"{'ref qemu us/MiB':>15}"]
     for name, row in results["summary"].items():
         if name.endswith(" idle"):
             continue
-        lines.append(f"{name:<22} {row['ours_mib_s']:>11} {row['qemu_mib_s']:>11} "
+        lines.append(f"{name:<32} {row['ours_mib_s']:>11} {row['qemu_mib_s']:>11} "
                      f"{row['ratio']:>6} {row['paired_median']:>7} "
                      f"{row.get('server_us_per_req', '-'):>10} "
                      f"{row.get('server_us_per_mib', '-'):>10} "

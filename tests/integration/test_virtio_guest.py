@@ -79,17 +79,18 @@ def diff(ref: RunResult, ours: RunResult) -> str:
 async def run_blk(config: str, workdir: Path, configs: ConfigFile | None = None,
                   guest_env: dict[str, str] | None = None,
                   append_extra: tuple[str, ...] = (),
-                  on_line: LineHook | None = None) -> tuple[RunResult, bytes, bytes]:
+                  on_line: LineHook | None = None,
+                  sets: tuple[str, ...] = ()) -> tuple[RunResult, bytes, bytes]:
     """Boot `config` on a fresh seeded image; returns (run, seed data, image afterwards).
 
     `on_line` sees each console line as it arrives (the benchmark samples the server's CPU
-    time at the guest's STAGE lines)."""
+    time at the guest's PHASE lines); `sets` are extra options for our server."""
     img = workdir / f"{config}.img"
     data = await trio.to_thread.run_sync(make_disk, img)
     ours = not config.startswith("qemu-")
     run = await run_config(config, configs=configs, guest_env=guest_env or {}, timeout=240,
                            append_extra=append_extra, on_line=on_line,
-                           server_sets=[f"backing={img}", *BLK_SETS] if ours else [],
+                           server_sets=[f"backing={img}", *BLK_SETS, *sets] if ours else [],
                            placeholders={} if ours else {"DISK": os.fspath(img)})
     after = await trio.to_thread.run_sync(img.read_bytes)
     return run.guest, data, after
@@ -343,9 +344,10 @@ class NetRun:
 async def run_net(config: str, configs: ConfigFile | None = None, rounds: int = 1,
                   timeout: float = 120.0, nbytes: int = NET_BYTES,
                   guest_env: dict[str, str] | None = None,
-                  on_line: LineHook | None = None) -> NetRun:
+                  on_line: LineHook | None = None, sets: tuple[str, ...] = ()) -> NetRun:
     """Boot `config` with its TAP in a fresh namespace and the peer running there
-    (`guest_env` adds guest knobs, `on_line` sees each console line as it arrives)."""
+    (`guest_env` adds guest knobs, `on_line` sees each console line as it arrives, `sets`
+    are extra options for our server)."""
     tap = f"vfu{uuid.uuid4().hex[:8]}"
     env = {"host": HOST_ADDR, "guest": GUEST_ADDR, "rounds": str(rounds), **(guest_env or {})}
     async with namespace() as ns:
@@ -358,10 +360,10 @@ async def run_net(config: str, configs: ConfigFile | None = None, rounds: int = 
                                        placeholders={"TAP": tap}, timeout=timeout,
                                        on_line=on_line)
         else:
-            sets = [f"tap={tap}", f"netns={ns}", f"address={HOST_ADDR}/{PREFIX}", *EXTRA_SETS,
-                    f"mac={GUEST_MAC}"]
+            server_sets = [f"tap={tap}", f"netns={ns}", f"address={HOST_ADDR}/{PREFIX}",
+                           *EXTRA_SETS, *sets, f"mac={GUEST_MAC}"]
             async with peer(ns, rounds, timeout, nbytes) as report:
-                run = await run_config(config, configs=configs, server_sets=sets,
+                run = await run_config(config, configs=configs, server_sets=server_sets,
                                        guest_env=env, timeout=timeout, on_line=on_line)
         return NetRun(run.guest, report)
 
