@@ -114,9 +114,13 @@ def _connect(path: str, timeout: float = 10.0) -> socket.socket:
     return sock
 
 
-def drive(socks: Sequence[socket.socket], start_ns: int, end_ns: int, reads: int = 0) -> Result:
+def drive(
+    socks: Sequence[socket.socket], start_ns: int, end_ns: int, reads: int = 0,
+    round_robin: bool = False,
+) -> Result:
     """Every connection in serial REGION_READs, all at once, from one epoll loop, until
     `end_ns` (CLOCK_MONOTONIC), or until each connection got `reads` replies if not 0.
+    `round_robin`: one request in flight in all, each to the next connection in turn.
     Counts the replies that arrived in [start_ns, end_ns) and their round trips (request
     sent at or after `start_ns`), and this thread's CPU time in that window. Every reply is
     compared byte for byte with the one edu must send."""
@@ -146,7 +150,7 @@ def drive(socks: Sequence[socket.socket], start_ns: int, end_ns: int, reads: int
     cpu0 = cpu1 = None
     active = n
     now = clock()
-    for i, s in enumerate(socks):
+    for i, s in enumerate(socks[:1] if round_robin else socks):
         s.send(reqs[0])
         sent_at[i] = now
     while active:
@@ -165,13 +169,20 @@ def drive(socks: Sequence[socket.socket], start_ns: int, end_ns: int, reads: int
             if sent_at[i] >= start_ns and now < end_ns:
                 rtts.append(now - sent_at[i])
                 counted += 1
-            if now >= end_ns or seq[i] + 1 == reads:
+            if cpu0 is None and now >= start_ns:
+                cpu0 = cpu()
+            if round_robin:
+                seq[i] += 1
+                if now >= end_ns or (reads and seq[-1] == reads):
+                    active = 0
+                    break
+                i = (i + 1) % n
+            elif now >= end_ns or seq[i] + 1 == reads:
                 ep.unregister(fd)
                 active -= 1
                 continue
-            if cpu0 is None and now >= start_ns:
-                cpu0 = cpu()
-            seq[i] += 1
+            else:
+                seq[i] += 1
             sent_at[i] = clock()
             socks[i].send(reqs[seq[i] & 0xFF])
     cpu1 = cpu()
@@ -193,9 +204,9 @@ def worker_main(cpu: int | None, paths: Sequence[str]) -> int:
     socks = [_connect(p) for p in paths]
     print("READY", flush=True)
     line = sys.stdin.readline().split()
-    if len(line) != 4 or line[0] != "GO":
+    if len(line) != 5 or line[0] != "GO":
         return 1
-    res = drive(socks, int(line[1]), int(line[2]), int(line[3]))
+    res = drive(socks, int(line[1]), int(line[2]), int(line[3]), line[4] == "1")
     for s in socks:
         s.close()
     print(json.dumps(res), flush=True)
@@ -255,7 +266,7 @@ class Server:
 
 def read_phase(srv: Server, a: argparse.Namespace) -> Result:
     """All of `srv`'s devices read serially at once; server CPU per reply, round trips."""
-    procs = max(1, min(a.client_procs, len(srv.sockets)))
+    procs = 1 if a.round_robin else max(1, min(a.client_procs, len(srv.sockets)))
     parts = [srv.sockets[i::procs] for i in range(procs)]
     cmd = [sys.executable, str(Path(__file__).resolve()), "worker"]
     if a.client_cpu is not None:
@@ -277,7 +288,7 @@ def read_phase(srv: Server, a: argparse.Namespace) -> Result:
             end = start + int(a.duration * 1e9)
         for w in workers:
             assert w.stdin is not None
-            w.stdin.write(f"GO {start} {end} {a.reads}\n")
+            w.stdin.write(f"GO {start} {end} {a.reads} {int(a.round_robin)}\n")
             w.stdin.flush()
         time.sleep(max(0.0, (start - time.monotonic_ns()) / 1e9))
         cpu0 = read_cpu(srv.pid)
@@ -503,6 +514,7 @@ def run(a: argparse.Namespace) -> Result:
             "server_cpu": a.server_cpu, "client_cpu": a.client_cpu,
             "client_procs": a.client_procs, "commit": git_commit(a.repo),
             "repo": str(a.repo), "server_env": a.server_env, "reads": a.reads,
+            "round_robin": a.round_robin,
             "server_prefix": a.server_prefix,
             "host": platform.node(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -545,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--reads", type=int, default=0,
                    help="instead of a timed window: exactly this many reads per connection "
                         "(for instruction counts under --server-prefix valgrind)")
+    p.add_argument("--round-robin", action="store_true",
+                   help="one request in flight in all, each to the next device in turn "
+                        "(the same path per message whatever N: for instruction counts)")
     p.add_argument("--server-prefix", default="",
                    help="command the server runs under, e.g. 'valgrind --tool=callgrind'")
     p.add_argument("--start-timeout", type=float, default=60.0, help="s to wait for READY")

@@ -169,8 +169,8 @@ class IdleWaiter:
     """
 
     __slots__ = (
-        "__weakref__", "_epoll_poller", "_fd", "_heap_len", "_peers", "_poller", "_run_frame",
-        "_runner",
+        "__weakref__", "_epoll_poller", "_fd", "_heap_len", "_peer_refs", "_peers", "_poller",
+        "_run_frame", "_runner",
     )
 
     def __init__(self, fd: int) -> None:
@@ -181,6 +181,7 @@ class IdleWaiter:
         self._epoll_poller: Any = None  # select.poll on trio's epoll descriptor alone
         #: the waiters of this trio run (this one included), see `must_yield`
         self._peers: weakref.WeakSet[IdleWaiter] = weakref.WeakSet()
+        self._peer_refs: set[Any] = set()
         #: trio's run loop frame (`_batch_pending`), None until needed or when not found
         self._run_frame: Any = None
 
@@ -202,6 +203,9 @@ class IdleWaiter:
             peers = _LIVE[runner] = weakref.WeakSet()
         peers.add(self)
         self._peers = peers
+        # the WeakSet's own set of references: its len() is C-level, WeakSet's a Python
+        # frame per message (its count is off only while somebody iterates the WeakSet)
+        self._peer_refs = peers.data  # type: ignore[attr-defined]
 
     def idle_deadline(self) -> float | None:
         """None when the fast path does not apply right now (other tasks runnable, an
@@ -301,7 +305,7 @@ class IdleWaiter:
             return True
         if deadline != _INF and deadline - runner.clock.current_time() <= HOT_WAIT:
             return True
-        if len(self._peers) > 1:
+        if len(self._peer_refs) > 1:
             events = self._poller.poll(_HOT_WAIT_MS)
             return len(events) != 1 or events[0][0] != self._fd
         return bool(self._epoll_poller.poll(0))
