@@ -138,7 +138,8 @@ class Session(DeviceContext):
         #: VERSION succeeded at some point (a failed attach may be retried)
         self.attached_once = False
         self._forced = False
-        self._scope = trio.CancelScope()
+        #: the session nursery's scope once `run` started (VERSION deadline, `force_close`)
+        self._scope: trio.CancelScope | None = None
         #: where the message log goes (`set_trace`)
         self.wire = wirelog.wire_log
         self._verbose = False
@@ -195,12 +196,14 @@ class Session(DeviceContext):
         self._dma.attached_to = self.container
         self.regions = Regions(self.host.region_specs(self.device), caps.max_data_xfer_size)
         self.attached = self.attached_once = True
-        self._scope.deadline = float("inf")
+        if self._scope is not None:  # (None: restored by a live upgrade, not running yet)
+            self._scope.deadline = float("inf")
         if model:
             self.model.attach(self)
         if log.isEnabledFor(logging.INFO):  # caps.to_json() is not free
             log.info("%s: attached (caps %s)", self.name, caps.to_json())
-        self.device.events.emit("CLIENT_ATTACHED", self._event_data())
+        if self.device.events.listeners:
+            self.device.events.emit("CLIENT_ATTACHED", self._event_data())
 
     async def detach(self) -> None:
         if not self.attached:
@@ -226,7 +229,8 @@ class Session(DeviceContext):
         if self.device.released is not None:
             self.device.released.set()
         log.info("%s: detached", self.name)
-        self.device.events.emit("CLIENT_DETACHED", self._event_data())
+        if self.device.events.listeners:
+            self.device.events.emit("CLIENT_DETACHED", self._event_data())
 
     # ------------------------------------------------------------ operations (control socket)
 
@@ -301,7 +305,8 @@ class Session(DeviceContext):
     def force_close(self) -> None:
         """Disconnect now (hot-remove deadline); detaching still runs in full."""
         self._forced = True
-        self._scope.cancel()
+        if self._scope is not None:  # else `run` cancels at once
+            self._scope.cancel()
 
     @property
     def closing(self) -> bool:
@@ -347,7 +352,11 @@ class Session(DeviceContext):
                 if not self.attached:  # else restored by a live upgrade, long past VERSION
                     nursery.cancel_scope.deadline = trio.current_time() + timeout
                 await self._run(nursery)
-            if self._scope.cancelled_caught and not self._forced and not self.attached_once:
+            if (
+                nursery.cancel_scope.cancelled_caught
+                and not self._forced
+                and not self.attached_once
+            ):
                 log.warning(
                     "%s: no VERSION within %.1fs of connecting; disconnecting", self.name, timeout
                 )
