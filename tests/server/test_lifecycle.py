@@ -199,6 +199,28 @@ async def test_disconnect_cancels_the_connections_device_tasks(
         assert fds_closed_by_gc(caplog) == []
 
 
+@python_engine_only("checks the Python engine's session tasks (session_of)")
+async def test_task_runner_and_writer_start_only_when_needed(tmp_path: Path, engine: str) -> None:
+    """Most connections never start device work nor fill their socket: a session starts its
+    device-task runner and its writer on first use (`TaskGroup.start_in`,
+    `Outbox.start_in`), and a task started then runs and is cancelled as before."""
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path, engine=engine)
+        model = dev.model
+        assert isinstance(model, TrackedEdu)
+        async with open_client(path) as c:
+            await c.region_read(BAR0, 0, 4)
+            session = session_of(dev)
+            assert not session.tasks._spawned and not session.outbox._writer
+            await c.region_write(BAR0, HANG_REG, u32(1))
+            with trio.fail_after(5):
+                await model.task_started.wait()
+            assert session.tasks._spawned and session.tasks.running == 1
+            assert not session.outbox._writer
+        await wait_detached(dev)
+        assert model.task_cancelled == 1
+
+
 @python_engine_only("checks the Python engine's session task group (session_of)")
 async def test_edu_dma_task_cancelled_by_disconnect_leaves_device_usable(
     tmp_path: Path,
