@@ -1,14 +1,16 @@
 """One client connection to one device: the Python engine's session.
 
-Structure (one task reading, one writing, plus the device's tasks; docs/architecture.md):
+Structure (one task reading; a writer and the device's task runner, each started the first
+time it is needed; docs/architecture.md):
 
 * The *read loop* receives chunks and handles every complete message in them strictly in
-  arrival order. Plain region accesses go to `access.serve` straight from the receive buffer;
-  everything else is decoded into an event and handled by `dispatch` (handlers are
-  synchronous except the few that must wait, DMA_UNMAP draining pinned DMA and DEVICE_RESET
-  cancelling device tasks; those are awaited inline, so ordering holds). Replies leave in
-  batches (`REPLY_BATCH`) through the `Outbox`; a reply carrying fds ends its batch, so the
-  receiver can tell whose fds they are.
+  arrival order. Plain region accesses go to `access.serve` straight from the receive buffer,
+  plain DMA_MAP / DMA_UNMAP to `dispatch.serve_plain` (the same codec and handler, without
+  a message object); everything else is decoded into an event and handled by `dispatch`
+  (handlers are synchronous except the few that must wait, DMA_UNMAP draining pinned DMA
+  and DEVICE_RESET cancelling device tasks; those are awaited inline, so ordering holds).
+  Replies leave in batches (`REPLY_BATCH`) through the `Outbox`; a reply carrying fds ends
+  its batch, so the receiver can tell whose fds they are.
 * The *serial loop* (`_serve_serial`) is the latency path of a vCPU doing one MMIO access
   at a time: while trio has nothing else to do it waits for the next request in a blocking
   read (at most `idlewait.HOT_WAIT`) and answers it at once, without a scheduler round.
