@@ -63,6 +63,7 @@ _ADDRESS_LIMIT = 1 << 64
 _READ = int(DmaMapFlags.READ)
 _WRITE = int(DmaMapFlags.WRITE)
 _KNOWN = _READ | _WRITE
+_UNKNOWN = ~_KNOWN
 #: seals that make a mapping of the file safe: it can never get shorter
 _SEAL_SHRINK = int(getattr(fcntl, "F_SEAL_SHRINK", 0x0002))
 _F_GET_SEALS = int(getattr(fcntl, "F_GET_SEALS", 1034))
@@ -233,19 +234,21 @@ class Container:
         """Add a window. Consumes `req.fd`: closed if the map fails, else kept by the window
         (`DmaWindow.file` or `DmaWindow.fd`) until `release`."""
         fd: OwnedFd | None = req.fd
+        if fd is None:  # message mode: nothing to close whatever happens
+            return self._map(req, None, owner)
         window: DmaWindow | None = None
         try:
             window = self._map(req, fd, owner)
             return window
         finally:
-            if fd is not None and (window is None or fd not in (window.file, window.fd)):
+            if window is None or fd not in (window.file, window.fd):
                 fd.close()
 
     def _map(self, req: DmaMap, fd: OwnedFd | None, owner: Any) -> DmaWindow:
-        known = _KNOWN
-        if req.flags & ~int(known):
+        flags = req.flags
+        if flags & _UNKNOWN:
             raise RemoteProtocolError(f"DMA_MAP: unknown flags {req.flags:#x}")
-        if not req.flags & known:
+        if not flags & _KNOWN:
             raise RemoteProtocolError("DMA_MAP: neither read nor write")
         if req.size == 0:
             raise RemoteProtocolError("DMA_MAP: size 0")
