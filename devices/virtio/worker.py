@@ -10,11 +10,18 @@ ring, notifications stay suppressed: with VIRTIO_F_RING_EVENT_IDX the driver kic
 when its new index passes ``avail_event``, which we leave behind the requests we already
 took; without it, USED_F_NO_NOTIFY is set (`Virtqueue.disable_notify`). So the driver skips
 its notify write (a trapped MMIO access in QEMU and a vfio-user message to us) and we skip
-the wake-up. Polling starts only after a batch and ends `poll_window` after the last one,
-then the worker re-enables notifications, checks the ring once more (the race with a driver
-that added a buffer meanwhile) and sleeps on its kick: an idle guest costs no CPU. Each probe
-is a trio checkpoint, so other tasks and connections are served in between; `poll_us=0`
-turns it off (every request is kicked, as before).
+the wake-up. Polling starts only after a batch and ends a window after the last one, then
+the worker re-enables notifications, checks the ring once more (the race with a driver that
+added a buffer meanwhile) and sleeps on its kick: an idle guest costs no CPU. Each probe is
+a trio checkpoint, so other tasks and connections are served in between.
+
+The window adapts, like KVM's halt polling: it starts at 0; when a kick comes within
+`poll_window` (the `poll_us` option) of going to sleep, a longer poll would have caught it
+and the window doubles (from `POLL_START`, up to `poll_window`); when the sleep was longer,
+it halves (to 0 below `POLL_START`). So a guest whose next request comes soon (a stream of
+frames) is polled, and one that computes for milliseconds between requests (``dd`` filling
+1 MiB in a TCG guest) is not: there polling only burnt CPU the guest's vCPU needed.
+`poll_us=0` turns it off (every request is kicked, as before).
 """
 
 from __future__ import annotations
@@ -27,6 +34,26 @@ from devices.sdk.interface import DmaPort
 
 from .guestmem import GuestMemoryError, MemoryRetry
 from .virtqueue import Chain, Virtqueue
+
+#: the first window after a sleep that a longer poll would have avoided (s)
+POLL_START = 10e-6
+
+
+class PollWindow:
+    """The adaptive poll window of one queue (module docstring)."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.window = 0.0
+
+    def slept(self, seconds: float) -> None:
+        """The worker slept `seconds` until the driver's kick."""
+        if seconds <= self.limit:
+            self.window = min(self.limit, max(2 * self.window, POLL_START))
+        else:
+            self.window /= 2
+            if self.window < POLL_START:
+                self.window = 0.0
 
 
 class QueueDevice(Protocol):
@@ -50,6 +77,7 @@ class QueueDevice(Protocol):
 async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
     """Serve `queue` until the device quiesces (cancellation ends it otherwise)."""
     retry = MemoryRetry()
+    poll = PollWindow(dev.poll_window)
     poll_until = 0.0
     while not dev.quiescing:
         dma = dev.dma
@@ -67,11 +95,14 @@ async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
         retry.reset()
         if chains:
             await dev.complete(queue, done)
-            poll_until = trio.current_time() + dev.poll_window
+            poll_until = trio.current_time() + poll.window
             continue
         if trio.current_time() < poll_until:
             await trio.lowlevel.checkpoint()
             continue
+        asleep = trio.current_time()
         await dev.wait_kick(queue)
-        if dev.poll_window:
-            await queue.disable_notify(dev.dma)
+        if poll.limit:
+            poll.slept(trio.current_time() - asleep)
+            if poll.window:
+                await queue.disable_notify(dev.dma)
