@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -53,7 +55,11 @@ from .guestmem import (
 from .transport import DEFAULT_POLL_US, VirtioPciDevice
 from .virtqueue import Chain, Virtqueue
 
+if TYPE_CHECKING:
+    import outcome  # trio's own result type (what `start_thread_soon` hands over)
+
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 VIRTIO_ID_BLOCK = 2
 CLASS_STORAGE_SCSI = 0x010000  # what QEMU's virtio-blk-pci reports
@@ -268,8 +274,8 @@ class VirtioBlk(VirtioPciDevice):
                         if req.type == ReqType.IN:
                             req.views = _pin(pins, dma, _without_last_byte(req.chain.writable),
                                              write=True) or ()
-                    failure = await trio.to_thread.run_sync(self._execute, reqs[fast:],
-                                                            write_through)
+                    failure = await _in_thread(functools.partial(
+                        self._execute, reqs[fast:], write_through))
                     # The thread cannot be interrupted; a reset that arrived meanwhile ends
                     # us here, before anything is written to rings the driver may have taken
                     # back.
@@ -411,6 +417,24 @@ class VirtioBlk(VirtioPciDevice):
                 b.deallocate(sector * SECTOR, num * SECTOR)
         else:
             req.status = ReqStatus.UNSUPP
+
+
+async def _in_thread(fn: Callable[[], _T]) -> _T:
+    """`fn()` in one of trio's cached worker threads, like `trio.to_thread.run_sync` (not
+    cancellable: the call finishes and the caller sees a cancel after it) without its
+    limiter and context copy, which halved the cost of a hop for nvme (70 -> 39 us); every
+    write of a batch pays one. A queue has one batch in a thread at a time."""
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: outcome.Outcome[_T]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(fn, deliver)
+    value: _T = await trio.lowlevel.wait_task_rescheduled(
+        lambda _: trio.lowlevel.Abort.FAILED)
+    return value
 
 
 def _pin(pins: contextlib.ExitStack, dma: DmaPort, pieces: list[tuple[int, int]], *,
