@@ -154,8 +154,7 @@ class Session(DeviceContext):
         self.pause: Pause | None = None
         #: the read loop's wait for the next read, cancelled by `request_pause`
         self._waiting: trio.CancelScope | None = None
-        #: a DMA_UNMAP the serial loop started that must wait for pinned DMA: the read loop
-        #: awaits it (and sends its reply) before it reads anything else
+        #: an unmap the serial loop started that waits for pinned DMA (the read loop awaits it)
         self._deferred: Awaitable[bytes | None] | None = None
 
     # ------------------------------------------------------------ DeviceContext
@@ -172,8 +171,7 @@ class Session(DeviceContext):
 
     @property
     def irq_table(self) -> IrqTable | None:
-        """The client's IRQ table while attached, built on first use: most connections
-        never get to SET_IRQS, and building it was a tenth of the cost of a connection."""
+        """The IRQ table while attached, built on first use (a tenth of a connect's cost)."""
         table = self._irq_table
         if table is None and self.attached:
             table = self._irq_table = IrqTable(self.model.irqs())
@@ -345,8 +343,7 @@ class Session(DeviceContext):
         # connection slot (and, for an owned group, block its owner) forever.
         timeout = self.host.limits.version_timeout
         try:
-            # The nursery's own cancel scope carries the VERSION deadline and `force_close`
-            # (one scope fewer per connection than a scope of its own around it).
+            # the nursery's own scope carries the VERSION deadline and `force_close`
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 if self._forced:
@@ -380,8 +377,7 @@ class Session(DeviceContext):
             self._irq_table = None
 
     async def _run(self, nursery: trio.Nursery) -> None:
-        # the device's task runner and the writer start when first needed (most
-        # connections need neither: see `TaskGroup.start_in`, `Outbox.start_in`)
+        # the device's task runner and the writer start when first needed (`start_in`)
         self.tasks.start_in(nursery)
         self.outbox.start_in(nursery)
         if self.attached:  # restored by a live upgrade: the model gets its ctx now
@@ -414,9 +410,7 @@ class Session(DeviceContext):
                 got = None if self._no_serial else self._serve_serial()
                 if got is None and self._deferred is not None:  # the serial loop's unmap
                     deferred, self._deferred = self._deferred, None
-                    reply = await deferred
-                    if reply is not None:
-                        await self.outbox.flush([reply])
+                    await self.outbox.flush([r] if (r := await deferred) is not None else [])
                     continue
                 if got is None:
                     got = receive_now()
@@ -539,13 +533,9 @@ class Session(DeviceContext):
                         return chunk
                     msg_id, command, size, flags, error = unpack(buf)
                     # one whole DMA_MAP and its one fd (which, alone in the read, is its own)
-                    if (
-                        size != n
-                        or error
-                        or command != _DMA_MAP
-                        or command not in plain
-                        or (flags and flags != _NO_REPLY)
-                    ):
+                    if size != n or error or command != _DMA_MAP or command not in plain:
+                        return chunk
+                    if flags and flags != _NO_REPLY:
                         return chunk
                     reply = serve_plain(self, msg_id, command, flags, buf[HEADER_SIZE:n], (fds[0],))
                     assert reply is None or isinstance(reply, bytes)  # a map never waits
