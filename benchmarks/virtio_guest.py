@@ -10,7 +10,7 @@ default: 10 MiB rounds, as in the CI test, vary by up to 10x on a shared host).
 Method: ours and QEMU's alternate, one QEMU at a time
 (``flock /tmp/vfiouser-qemu.lock``), several rounds per boot; the first round is dropped
 (cold caches), the best remaining round counts, and every round's data is checked (blk: the
-guest's checks; net: checksums both ways). Ratios are ours / QEMU's; the goal is >= 0.5.
+guest's checks; net: checksums both ways). Ratios are ours / QEMU's; the goal is >= 1.0 (issue 15).
 ``ratio`` compares the best boots; ``paired`` is the median over boots of the ratio within a
 boot (ours and QEMU's back to back), which is steadier on a shared host.
 
