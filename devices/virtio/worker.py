@@ -96,6 +96,9 @@ async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
         if chains:
             await dev.complete(queue, done)
             poll_until = trio.current_time() + poll.window
+            # With mmap'd rings and page-cache reads a batch may not await anything for
+            # real: a guest that keeps its ring full must not starve the other devices.
+            await trio.lowlevel.checkpoint()
             continue
         if trio.current_time() < poll_until:
             await trio.lowlevel.checkpoint()

@@ -11,7 +11,7 @@ import trio
 from devices.virtio.blk import BlkFeature, ReqType, VirtioBlk
 from devices.virtio.spec import Feature
 from devices.virtio.transport import MAX_POLL_US
-from devices.virtio.virtqueue import USED_F_NO_NOTIFY
+from devices.virtio.virtqueue import USED_F_NO_NOTIFY, Virtqueue
 from devices.virtio.worker import POLL_START, PollWindow
 
 from ..fakes import FakeContext
@@ -161,4 +161,45 @@ async def test_idle_worker_does_not_spin(ctx: FakeContext) -> None:
     dev.queues[0].pop = counting_pop  # type: ignore[method-assign, assignment]
     await quiet(0.1)
     assert pops == 0
+    dev.close()
+
+
+async def test_a_ring_kept_full_does_not_starve_other_tasks(ctx: FakeContext) -> None:
+    """A guest refilling its ring as fast as we complete (an in-memory disk: no batch
+    awaits for real) must leave the trio thread to other tasks between batches."""
+    dev = VirtioBlk(size=1 << 20)
+    drv = Driver(dev, ctx.dma.ram)
+    dev.attach(ctx)
+    drv.setup(EVENT_IDX)
+    ring = drv.rings[0]
+    batches = 0
+    flooding = True
+    others = 0
+    real_complete = dev.complete
+
+    async def refill(queue: Virtqueue, done: list[tuple[int, int]]) -> None:
+        nonlocal batches, flooding
+        await real_complete(queue, done)
+        ring.take_used()
+        batches += 1
+        if batches < 300:  # the "vCPU" adds more before the worker looks again
+            for _ in range(4):
+                flush(drv, kick=False)
+        else:
+            flooding = False
+
+    async def other() -> None:
+        nonlocal others
+        while flooding:
+            others += 1
+            await trio.lowlevel.checkpoint()
+
+    dev.complete = refill  # type: ignore[method-assign]
+    ctx.nursery.start_soon(other)
+    flush(drv, kick=True)
+    with trio.fail_after(10):
+        while flooding:
+            await trio.sleep(0.01)
+    assert others > 100, f"other tasks ran {others} times during {batches} batches"
+    await drv.reset()
     dev.close()
