@@ -22,6 +22,8 @@ EVENT_IDX = int(Feature.VERSION_1 | Feature.RING_EVENT_IDX | BlkFeature.FLUSH)
 NO_EVENT_IDX = int(Feature.VERSION_1 | BlkFeature.FLUSH)
 #: long enough that a test step never outlives it by accident on a loaded host
 WINDOW_US = 10_000  # 10 ms
+#: a poll limit no stall of a loaded host outlasts (set on the device, past the option's cap)
+LONG = 5.0
 
 
 def flush(drv: Driver, *, kick: bool) -> int:
@@ -50,6 +52,21 @@ async def warm_up(drv: Driver, requests: int = 16) -> None:
         assert await drv.wait_used(0) == [(head, 1)]
 
 
+async def until_polling(drv: Driver, tries: int = 200) -> None:
+    """Requests at a steady pace until one is served without a kick (the window grew
+    enough); each one that is not gets its kick, which grows the window further."""
+    ring = drv.rings[0]
+    for _ in range(tries):
+        head = flush(drv, kick=False)
+        for _ in range(5):
+            await trio.sleep(0.001)
+            if ring.take_used() == [(head, 1)]:
+                return
+        drv.kick(0)
+        assert await drv.wait_used(0) == [(head, 1)]
+    raise AssertionError(f"never polled in {tries} requests")
+
+
 def test_window_grows_on_short_sleeps_and_shrinks_on_long_ones() -> None:
     poll = PollWindow(200e-6)
     assert poll.window == 0.0  # no polling before any evidence
@@ -69,14 +86,15 @@ def test_window_grows_on_short_sleeps_and_shrinks_on_long_ones() -> None:
 
 
 async def test_requests_without_kick_served_while_polling(ctx: FakeContext) -> None:
-    dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)  # 100 ms: the whole test polls
+    dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)
+    dev.poll_window = LONG  # the whole test polls, however slow the host
     drv = Driver(dev, ctx.dma.ram)
     dev.attach(ctx)
     drv.setup(EVENT_IDX)
     await quiet(0.01)
     ring = drv.rings[0]
     assert ring.avail_event() == 0  # idle worker: notifications on
-    await warm_up(drv)
+    await until_polling(drv)
     event = ring.avail_event()
     # Polling: avail_event stays behind, so a Linux driver would not kick
     # (vring_need_event is false); the request is served all the same.
@@ -106,12 +124,13 @@ async def test_polling_ends_and_notifications_come_back(ctx: FakeContext) -> Non
 
 async def test_without_event_idx_no_notify_flag_while_polling(ctx: FakeContext) -> None:
     dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)
+    dev.poll_window = LONG
     drv = Driver(dev, ctx.dma.ram)
     dev.attach(ctx)
     drv.setup(NO_EVENT_IDX)
     await quiet(0.01)
     assert not used_flags(drv) & USED_F_NO_NOTIFY
-    await warm_up(drv)
+    await until_polling(drv)
     assert used_flags(drv) & USED_F_NO_NOTIFY  # the driver skips its kicks meanwhile
     second = flush(drv, kick=False)
     assert await drv.wait_used(0) == [(second, 1)]
