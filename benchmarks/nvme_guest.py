@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import tempfile
@@ -42,6 +41,7 @@ import time
 from pathlib import Path
 
 import trio
+from guest_cpu import CpuSampler
 
 from vfiouser_srv.qemu import run_config
 
@@ -49,7 +49,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
 IMAGE_SIZE = 128 * MIB
 _BENCH = re.compile(r"^BENCH round=(\d+) (\S+) (.*)$")
-_PHASE = re.compile(r"^PHASE (\S+) (start|end)$")
 
 Metrics = dict[str, float]
 
@@ -77,75 +76,6 @@ def parse_bench(lines: list[str]) -> list[Metrics]:
             out["rand_read_4k_extra_us"] = extra_ns / fields["ops"] / 1e3
         out[f"{kind}_ios"] = fields.get("ios", 0)
     return [rounds[k] for k in sorted(rounds)]
-
-
-def process_cpu_ns(pid: int) -> int:
-    """CPU time of every live thread of `pid` (ns, from schedstat: exact, unlike ticks)."""
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # the thread ended between listdir and open
-    return total
-
-
-def children() -> dict[str, int]:
-    """Our child processes by role: `server` (vfiouser_srv) and `qemu`."""
-    found: dict[str, int] = {}
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid != me:
-                continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"vfiouser_srv" in argv and b"serve" in argv:
-            found["server"] = int(entry)
-        elif any(b"qemu-system" in a for a in argv):  # argv[0] may be ld.so
-            found["qemu"] = int(entry)
-    return found
-
-
-class CpuSampler:
-    """Samples our children's CPU time at each `PHASE` console line (see the docstring)."""
-
-    def __init__(self) -> None:
-        self.pids: dict[str, int] = {}
-        self._open: dict[str, dict[str, int]] = {}
-        #: per phase name, one {role: ns, "wall": ns} per start/end pair, in order
-        self.spans: dict[str, list[dict[str, int]]] = {}
-
-    def sample(self) -> dict[str, int]:
-        if "qemu" not in self.pids:
-            self.pids = children()
-        out = {role: process_cpu_ns(pid) for role, pid in self.pids.items()}
-        out["wall"] = time.monotonic_ns()
-        return out
-
-    def on_line(self, line: str) -> None:
-        m = _PHASE.match(line.strip())
-        if not m:
-            return
-        name, edge = m.group(1), m.group(2)
-        now = self.sample()
-        if edge == "start":
-            self._open[name] = now
-        elif name in self._open:
-            start = self._open.pop(name)
-            self.spans.setdefault(name, []).append(
-                {k: now[k] - start[k] for k in now if k in start})
 
 
 def cpu_metrics(sampler: CpuSampler, rounds: list[Metrics]) -> Metrics:
