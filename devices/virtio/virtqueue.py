@@ -254,27 +254,11 @@ class Virtqueue:
         requires. Raises `_NoView` when a ring is not mmap'd (message mode): the caller
         then takes the async path. Returns None when nothing is available.
         """
-        try:
-            avail = dma.view(self.avail_addr, RING_HEADER + 2 * self.size + 2)
-            desc = dma.view(self.desc_addr, DESC_SIZE * self.size)
-        except DmaError as exc:
-            raise GuestMemoryError(f"queue {self.index}: guest memory of the rings: {exc}") \
-                from None
-        if avail is None or desc is None:
+        rings = self._mapped_rings(dma)
+        if rings is None:
             raise _NoView
-        avail_idx = _U16.unpack_from(avail, 2)[0]
-        self._known_avail = avail_idx  # keeps `has_work`'s shortcut from going stale
-        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
-        if pending > self.size:
-            raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
-                                 f"> size {self.size}")
-        if pending == 0:
-            return None
-        head = _U16.unpack_from(avail, RING_HEADER + 2 * (self.last_avail_idx % self.size))[0]
-        chain = self._walk(head, desc, dma, None)
-        self._track(head)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        return chain
+        avail, desc, pending = rings
+        return self._take(avail, desc, dma) if pending else None
 
     def pop_upto(self, dma: DmaPort, need: int) -> list[Chain] | None:
         """Pop chains until their writable parts hold `need` bytes or the ring is empty
@@ -282,6 +266,23 @@ class Virtqueue:
 
         For a receive path filling many small buffers per frame: the rings are viewed
         once for all of them, not once per buffer as `pop` does."""
+        rings = self._mapped_rings(dma)
+        if rings is None:
+            return None
+        avail, desc, pending = rings
+        chains: list[Chain] = []
+        got = 0
+        while pending and got < need:
+            chain = self._take(avail, desc, dma)
+            pending -= 1
+            chains.append(chain)
+            got += chain.writable_len
+        return chains
+
+    def _mapped_rings(self, dma: DmaPort) -> tuple[memoryview, memoryview, int] | None:
+        """Views of the avail ring and the descriptor table and how many chains are pending,
+        or None when the rings are not mmap'd (message mode). The views are valid only until
+        the caller's next checkpoint (`DmaPort.view`)."""
         try:
             avail = dma.view(self.avail_addr, RING_HEADER + 2 * self.size + 2)
             desc = dma.view(self.desc_addr, DESC_SIZE * self.size)
@@ -291,23 +292,20 @@ class Virtqueue:
         if avail is None or desc is None:
             return None
         avail_idx = _U16.unpack_from(avail, 2)[0]
-        self._known_avail = avail_idx
+        self._known_avail = avail_idx  # keeps `has_work`'s shortcut from going stale
         pending = (avail_idx - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
             raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
                                  f"> size {self.size}")
-        chains: list[Chain] = []
-        got = 0
-        while pending and got < need:
-            head = _U16.unpack_from(avail, RING_HEADER + 2 * (self.last_avail_idx
-                                                               % self.size))[0]
-            chain = self._walk(head, desc, dma, None)
-            self._track(head)
-            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-            pending -= 1
-            chains.append(chain)
-            got += chain.writable_len
-        return chains
+        return avail, desc, pending
+
+    def _take(self, avail: memoryview, desc: memoryview, dma: DmaPort) -> Chain:
+        """Walk the next available chain through the mapped rings and consume it."""
+        head = _U16.unpack_from(avail, RING_HEADER + 2 * (self.last_avail_idx % self.size))[0]
+        chain = self._walk(head, desc, dma, None)
+        self._track(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return chain
 
     def _walk(self, head: int, desc: bytes | memoryview, dma: DmaPort,
               tables: dict[tuple[int, int], bytes] | None) -> Chain:
