@@ -20,14 +20,15 @@ racing with the publish is never lost. MMIO values of shadowed queues are only w
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from devices.sdk.interface import DmaError, DmaPort
+from devices.sdk.threads import run_in_thread
 
 from . import identify as idf
 from .command import Command, CommandError, Namespace
@@ -35,9 +36,6 @@ from .port import ControllerPort
 from .prp import Segments, walk_prps
 from .queue import CompletionQueue, DoorbellError, SubmissionQueue
 from .spec import CQE, DNR, FeatureId, Status
-
-if TYPE_CHECKING:
-    import outcome  # trio's own result type (what `start_thread_soon` hands over)
 
 log = logging.getLogger(__name__)
 
@@ -50,37 +48,6 @@ _RETRYABLE = frozenset({Status.SUCCESS, Status.ABORTED_BY_REQUEST, Status.ABORTE
 IO_THREADS = 8
 
 
-#: while a backend call runs in a thread, the worker keeps a trio deadline this close (see
-#: `_in_thread`); below the Python engine's `idlewait.HOT_WAIT` (0.5 ms)
-_NEAR = 0.0004
-
-
-async def _in_thread(fn: Callable[..., None], *args: object) -> None:
-    """`fn(*args)` in a worker thread, like `trio.to_thread.run_sync` (not cancellable: a
-    call that started finishes, and the caller sees the cancel after it), with trio's
-    thread cache but without its limiter and context copy: 70 -> 39 µs per call here, and
-    every write and uncached read pays one.
-
-    Why the loop of near deadlines: with trio otherwise idle, the Python engine's serial
-    loop blocks in recvmsg on the client's socket (for a whole scheduler tick, 4 ms at
-    HZ=250) and only notices the thread's wake-up when that read times out; a deadline
-    closer than its `HOT_WAIT` makes it wait in trio's epoll instead, which wakes the
-    moment the thread is done. It costs a wake-up per millisecond only while a call runs."""
-    token = trio.lowlevel.current_trio_token()
-    done = trio.Event()
-    result: list[outcome.Outcome[None]] = []
-
-    def deliver(res: outcome.Outcome[None]) -> None:
-        result.append(res)
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(done.set)
-
-    trio.lowlevel.start_thread_soon(lambda: fn(*args), deliver)
-    with trio.CancelScope(shield=True):
-        while not done.is_set():
-            with trio.move_on_after(_NEAR):
-                await done.wait()
-    result[0].unwrap()
 
 
 @dataclass
@@ -496,7 +463,7 @@ class WorkerCore:
     async def _backend(self, ns: Namespace, fn: Callable[..., None], *args: object) -> None:
         if ns.backend.threaded:
             async with self._threads:
-                await _in_thread(fn, *args)
+                await run_in_thread(functools.partial(fn, *args))
         else:
             fn(*args)
 

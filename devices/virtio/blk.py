@@ -31,9 +31,8 @@ import enum
 import functools
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -41,6 +40,7 @@ from devices.sdk import Apply, OptionSpec, Record, Size, Value
 from devices.sdk.interface import DmaError, DmaPort, pinned_view, pinned_views
 from devices.sdk.state import matches
 from devices.sdk.storage import BlockBackend, FileBackend, MemoryBackend
+from devices.sdk.threads import run_in_thread
 
 from .guestmem import (
     MAX_SPAN,
@@ -55,11 +55,7 @@ from .guestmem import (
 from .transport import DEFAULT_POLL_US, VirtioPciDevice
 from .virtqueue import Chain, Virtqueue
 
-if TYPE_CHECKING:
-    import outcome  # trio's own result type (what `start_thread_soon` hands over)
-
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 VIRTIO_ID_BLOCK = 2
 CLASS_STORAGE_SCSI = 0x010000  # what QEMU's virtio-blk-pci reports
@@ -274,7 +270,7 @@ class VirtioBlk(VirtioPciDevice):
                         if req.type == ReqType.IN:
                             req.views = _pin(pins, dma, _without_last_byte(req.chain.writable),
                                              write=True) or ()
-                    failure = await _in_thread(functools.partial(
+                    failure = await run_in_thread(functools.partial(
                         self._execute, reqs[fast:], write_through))
                     # The thread cannot be interrupted; a reset that arrived meanwhile ends
                     # us here, before anything is written to rings the driver may have taken
@@ -419,22 +415,6 @@ class VirtioBlk(VirtioPciDevice):
             req.status = ReqStatus.UNSUPP
 
 
-async def _in_thread(fn: Callable[[], _T]) -> _T:
-    """`fn()` in one of trio's cached worker threads, like `trio.to_thread.run_sync` (not
-    cancellable: the call finishes and the caller sees a cancel after it) without its
-    limiter and context copy, which halved the cost of a hop for nvme (70 -> 39 us); every
-    write of a batch pays one. A queue has one batch in a thread at a time."""
-    task = trio.lowlevel.current_task()
-    token = trio.lowlevel.current_trio_token()
-
-    def deliver(result: outcome.Outcome[_T]) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-
-    trio.lowlevel.start_thread_soon(fn, deliver)
-    value: _T = await trio.lowlevel.wait_task_rescheduled(
-        lambda _: trio.lowlevel.Abort.FAILED)
-    return value
 
 
 def _pin(pins: contextlib.ExitStack, dma: DmaPort, pieces: list[tuple[int, int]], *,

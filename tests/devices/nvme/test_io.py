@@ -443,10 +443,10 @@ async def test_backend_threads_are_bounded_per_controller(io: Host) -> None:
 
 async def test_a_backend_call_in_a_thread_keeps_a_deadline_near() -> None:
     """While a backend call runs in a thread, the worker keeps a trio deadline within
-    `_NEAR` (so the engine's serial loop waits in trio's epoll, which the thread's wake-up
+    `NEAR` (so the engine's serial loop waits in trio's epoll, which the thread's wake-up
     reaches, instead of blocking in recvmsg); none is left once the call returned, and the
     call is not cancellable once started."""
-    from devices.nvme.core import _NEAR, _in_thread
+    from devices.sdk.threads import NEAR, run_in_thread
 
     gate = threading.Event()
     ran: list[int] = []
@@ -456,12 +456,12 @@ async def test_a_backend_call_in_a_thread_keeps_a_deadline_near() -> None:
         ran.append(1)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_in_thread, call)
+        nursery.start_soon(run_in_thread, call)
         for _ in range(5):
             await trio.sleep(0.002)
             await trio.testing.wait_all_tasks_blocked()
             left = trio.lowlevel.current_statistics().seconds_to_next_deadline
-            assert left <= _NEAR
+            assert left <= NEAR
         nursery.cancel_scope.cancel()  # a reset: the started call still finishes
         gate.set()
     assert ran == [1]
