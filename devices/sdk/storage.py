@@ -158,6 +158,7 @@ class FileBackend:
     def readinto(self, offset: int, bufs: Sequence[memoryview]) -> None:
         for start in range(0, len(bufs), IOV_MAX):
             chunk = list(bufs[start : start + IOV_MAX])
+            left = sum(map(len, chunk))
             while chunk:
                 n = os.preadv(self.fd, chunk, offset)
                 if n == 0:  # past EOF (cannot happen for a sized image): zeros
@@ -165,7 +166,10 @@ class FileBackend:
                         b[:] = bytes(len(b))
                     break
                 offset += n
-                chunk = consume(chunk, n)
+                left -= n
+                # consume walks the buffers in Python (~30-60 us for 256 pages): only
+                # after a short transfer
+                chunk = consume(chunk, n) if left else []
 
     def readinto_nowait(self, offset: int, bufs: Sequence[memoryview]) -> int:
         """`preadv(RWF_NOWAIT)`: served from the page cache on the caller's thread, so a
@@ -176,6 +180,7 @@ class FileBackend:
             return 0
         done = 0
         chunk = list(bufs)
+        total = sum(map(len, chunk))
         while chunk:
             try:
                 n = os.preadv(self.fd, chunk, offset + done, os.RWF_NOWAIT)
@@ -189,12 +194,18 @@ class FileBackend:
             if n == 0:
                 break
             done += n
-            chunk = consume(chunk, n)
+            chunk = consume(chunk, n) if done < total else []
         return done
 
     def write(self, offset: int, bufs: Sequence[BytesLike]) -> None:
         for start in range(0, len(bufs), IOV_MAX):
-            chunk = [memoryview(b) for b in bufs[start : start + IOV_MAX]]
+            part = bufs[start : start + IOV_MAX]
+            n = os.pwritev(self.fd, part, offset)
+            offset += n
+            if n == sum(map(len, part)):
+                continue  # the usual case: no per-buffer work in Python
+            # a short write: memoryviews, so consume can slice the first one left
+            chunk = consume([memoryview(b) for b in part], n)
             while chunk:
                 n = os.pwritev(self.fd, chunk, offset)
                 offset += n

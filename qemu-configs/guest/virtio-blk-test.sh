@@ -35,6 +35,12 @@ while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
 res disk vda
 res sectors "$(cat /sys/block/vda/size)"
 res logical_block "$(cat /sys/block/vda/queue/logical_block_size)"
+# what the driver made of the device's limits (compared by hand between ours and QEMU's)
+q=/sys/block/vda/queue
+info "queue max_segments=$(cat $q/max_segments) max_segment_size=$(cat $q/max_segment_size)" \
+    "max_sectors_kb=$(cat $q/max_sectors_kb) max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
+    "nr_requests=$(cat $q/nr_requests) write_cache=$(cat $q/write_cache)" \
+    "mq=$(ls /sys/block/vda/mq 2>/dev/null | wc -l)"
 
 now_ns() { sed -n 's/^now at \([0-9]*\) nsecs$/\1/p' /proc/timer_list | head -n 1; }
 md5() { dd if=/dev/vda bs=1M skip="$1" count="$2" iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1; }
@@ -69,24 +75,30 @@ echo "STAGE checks-done"
 # lines mark each timed part for the host (it samples the server's CPU time at each one);
 # ios = requests the disk completed (/sys/block/vda/stat fields 1 and 5).
 ios() { set -- $(cat /sys/block/vda/stat); echo "$1 $5"; }
+# interrupts the guest took on the disk's MSI-X vectors (all CPUs, all its lines)
+irqs() { awk '/virtio/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts; }
 rounds=${vfu_bench:-0}
 r=0
 while [ "$r" -lt "$rounds" ]; do
     r=$((r + 1))
     set -- $(ios); r0=$1; w0=$2
+    i0=$(irqs)
     echo "PHASE write start"
     t0=$(now_ns)
     dd if=/dev/zero of=/dev/vda bs=1M count=32 seek=32 oflag=direct 2>/dev/null
     t1=$(now_ns)
     echo "PHASE write end"
+    i1=$(irqs)
     echo "PHASE read start"
     t2=$(now_ns)
     dd if=/dev/vda of=/dev/null bs=1M count=32 skip=32 iflag=direct 2>/dev/null
     t3=$(now_ns)
     echo "PHASE read end"
+    i2=$(irqs)
     set -- $(ios)
     echo "BENCH round=$r bytes=$((32 << 20)) write_ns=$((t1 - t0)) read_ns=$((t3 - t2))" \
-        "write_ios=$(($2 - w0)) read_ios=$(($1 - r0))"
+        "write_ios=$(($2 - w0)) read_ios=$(($1 - r0))" \
+        "write_irqs=$((i1 - i0)) read_irqs=$((i2 - i1))"
 done
 # 6. optional idle time (vfu_idle=S seconds, no I/O): the host checks the server sleeps
 if [ "${vfu_idle:-0}" -gt 0 ]; then

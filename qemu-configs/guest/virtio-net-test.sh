@@ -56,6 +56,8 @@ res carrier "$(cat /sys/class/net/$IF/carrier)"
 if ping -c 3 -W 5 "$HOST" >/tmp/ping 2>&1; then res ping_host ok; else
     fail ping_host "$(tail -n 2 /tmp/ping | tr '\n' ' ')"; fi
 
+# interrupts the guest took on the NIC's MSI-X vectors (all CPUs, all its lines)
+irqs() { awk '/virtio/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts; }
 r=0
 while [ "$r" -lt "$ROUNDS" ]; do
     r=$((r + 1))
@@ -64,11 +66,13 @@ while [ "$r" -lt "$ROUNDS" ]; do
     pid=$!
     usleep 200000
     echo "STAGE listen round=$r"
+    i0=$(irqs)
     echo "PHASE rx start"
     t0=$(now_ns)
     wait $pid
     t1=$(now_ns)
     echo "PHASE rx end"
+    i1=$(irqs)
     res rx_bytes "$(wc -c < /tmp/rx)"
     res rx_md5 "$(md5sum < /tmp/rx | cut -d' ' -f1)"
     echo "STAGE send round=$r"
@@ -77,7 +81,9 @@ while [ "$r" -lt "$ROUNDS" ]; do
     if nc "$HOST" 5002 < /tmp/rx; then res send ok; else fail send "nc exit $?"; fi
     t3=$(now_ns)
     echo "PHASE tx end"
-    echo "BENCH round=$r bytes=$(wc -c < /tmp/rx) rx_ns=$((t1 - t0)) tx_ns=$((t3 - t2))"
+    i2=$(irqs)
+    echo "BENCH round=$r bytes=$(wc -c < /tmp/rx) rx_ns=$((t1 - t0)) tx_ns=$((t3 - t2))" \
+        "rx_irqs=$((i1 - i0)) tx_irqs=$((i2 - i1))"
 done
 # optional idle time (vfu_idle=S seconds, no traffic): the host checks the server sleeps
 if [ "${vfu_idle:-0}" -gt 0 ]; then

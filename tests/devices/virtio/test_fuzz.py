@@ -7,13 +7,18 @@ handler (an exception there would become an EIO reply to QEMU for a plain MMIO a
 
 from __future__ import annotations
 
+import os
 import struct
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.sdk.storage import consume
+from devices.sdk import storage
+from devices.sdk.storage import FileBackend, consume
 from devices.virtio import transport as t
 from devices.virtio import virtqueue
 from devices.virtio.blk import VirtioBlk
@@ -180,3 +185,56 @@ def test_consume_drops_n_bytes(sizes: list[int], n: int) -> None:
         pos += size
     n = min(n, pos)
     assert b"".join(consume(bufs, n)) == data[n:pos]
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 700), min_size=1, max_size=8),
+       caps=st.lists(st.integers(1, 900), min_size=1, max_size=6),
+       kinds=st.lists(st.sampled_from(["bytes", "bytearray", "memoryview"]), min_size=8,
+                      max_size=8))
+def test_file_backend_survives_short_transfers(tmp_path_factory: pytest.TempPathFactory,
+                                               sizes: list[int], caps: list[int],
+                                               kinds: list[str]) -> None:
+    """`FileBackend` skips `consume` when a transfer is complete; a short pwritev/preadv
+    (the kernel may stop early) must still move every byte, whatever buffer types came."""
+    path = tmp_path_factory.mktemp("short") / "disk.img"
+    backend = FileBackend(str(path), 8192, False)
+    limits = iter(caps * 50)
+    real_pwritev, real_preadv = os.pwritev, os.preadv
+
+    def short(fn: Callable[..., int]) -> Callable[..., int]:
+        def call(fd: int, bufs: Sequence[Any], offset: int, *flags: int) -> int:
+            cap, out = next(limits, 1 << 20), []
+            for b in bufs:  # the first `cap` bytes of the buffers
+                view = memoryview(b)
+                out.append(view[:cap])
+                cap -= len(out[-1])
+                if cap <= 0:
+                    break
+            return fn(fd, out, offset, *flags)
+        return call
+
+    data = os.urandom(sum(sizes))
+    bufs: list[bytes | bytearray | memoryview] = []
+    pos = 0
+    for size, kind in zip(sizes, kinds, strict=False):
+        piece = data[pos : pos + size]
+        pos += size
+        bufs.append(piece if kind == "bytes" else bytearray(piece) if kind == "bytearray"
+                    else memoryview(bytearray(piece)))
+    try:
+        storage.os.pwritev = short(real_pwritev)  # type: ignore[attr-defined]
+        storage.os.preadv = short(real_preadv)  # type: ignore[attr-defined]
+        backend.write(100, bufs)
+        out = [bytearray(n) for n in sizes]
+        backend.readinto(100, [memoryview(b) for b in out])
+        assert b"".join(out) == data
+        back = [bytearray(n) for n in sizes]
+        got = backend.readinto_nowait(100, [memoryview(b) for b in back])
+        assert got in (0, len(data))  # 0: the file system has no RWF_NOWAIT
+        if got:
+            assert b"".join(back) == data
+    finally:
+        storage.os.pwritev = real_pwritev  # type: ignore[attr-defined]
+        storage.os.preadv = real_preadv  # type: ignore[attr-defined]
+        backend.close()
