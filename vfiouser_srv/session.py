@@ -15,15 +15,12 @@ time it is needed; docs/architecture.md):
   at a time: while trio has nothing else to do it waits for the next request in a blocking
   read (at most `idlewait.HOT_WAIT`) and answers it at once, without a scheduler round.
 * Replies to our own requests (message-mode DMA) are routed to their waiters by msg_id from
-  the read loop (`session_dma.DmaRequests`).
-* Device tasks run in a `TaskGroup` that reset, unmap-quiesce and disconnect cancel.
+  the read loop (`session_dma.DmaRequests`); device tasks run in a `TaskGroup` that reset,
+  unmap-quiesce and disconnect cancel.
 
-Deadlock rule: QEMU holds its big lock while a vCPU waits for a region access reply, and it
-serves our DMA_READ/DMA_WRITE from the same lock. So a region access is answered before the
-loop waits for anything, and the device work it starts runs in a task afterwards.
-
-Broken streams are handled in one place (`_read_loop`'s `except`), errors in another
-(`errors.fail`).
+Deadlock rule (docs/architecture.md): a region access is answered before the loop waits for
+anything; the device work it starts runs in a task afterwards. Broken streams are handled in
+one place (`_read_loop`'s `except`), errors in another (`errors.fail`).
 """
 
 from __future__ import annotations
@@ -60,6 +57,7 @@ from .irq import IrqTable
 from .migration import Migration
 from .objects import ClientId, Device, new_connection_id
 from .outbox import Outbox
+from .pause import Pause
 from .session_dma import DmaRequests, SessionDma
 from .stats import SessionCounters
 from .tasks import TaskGroup
@@ -84,23 +82,6 @@ _DMA_MAP = int(Command.DMA_MAP)
 _BIG_REPLY = 64 << 10
 #: how long a closing connection waits for its queued replies to go out
 OUTPUT_DRAIN_TIMEOUT = 1.0
-
-
-class Pause:
-    """A live upgrade holding sessions at a message boundary (`vfiouser_srv.takeover`).
-
-    Each session it is given to (`Session.request_pause`) stops reading once it has answered
-    everything complete it received and its outbox is empty, counts itself in `parked` and
-    waits for `done`: then it either serves on (`handed_over` False) or ends without sending
-    or detaching anything the next process now owns.
-    """
-
-    def __init__(self) -> None:
-        self.parked = 0
-        #: set (and replaced) whenever a session parks or ends, for the waiting taker
-        self.changed = trio.Event()
-        self.done = trio.Event()
-        self.handed_over = False
 
 
 class Session(DeviceContext):
@@ -152,7 +133,7 @@ class Session(DeviceContext):
         self._counted = False
         #: a live upgrade asked this session to stop at a message boundary
         self.pause: Pause | None = None
-        #: the read loop's wait for the next read, cancelled by `request_pause`
+        #: the read epoch's scope while it waits to read (`_read_loop`): `request_pause` cancels
         self._waiting: trio.CancelScope | None = None
         #: an unmap the serial loop started that waits for pinned DMA (the read loop awaits it)
         self._deferred: Awaitable[bytes | None] | None = None
@@ -394,11 +375,13 @@ class Session(DeviceContext):
 
     async def _read_loop(self) -> None:
         """Read, handle everything that arrived, repeat; the one place a broken stream ends
-        the connection."""
-        stream = self.stream
+        the connection. It reads in *epochs*, one cancel scope from pause to pause (a scope
+        per wait was a quarter of a message's cost with many connections: benchmarks/
+        README.md, "Scale"); `request_pause` cancels it only while it waits in
+        `receive_view`, where a cancel loses nothing, and a read that completed anyway (data
+        and pause in one scheduler round) is handled here, outside the cancelled scope."""
         self.set_trace(self.device.trace)
         self.set_tracer(self.device.tracer)
-        receive_now = stream.receive_now
         out: list[bytes] = []
         try:
             while not self.closing:
@@ -407,30 +390,51 @@ class Session(DeviceContext):
                     if await self._park(pause):
                         return
                     continue
-                got = None if self._no_serial else self._serve_serial()
-                if got is None and self._deferred is not None:  # the serial loop's unmap
-                    deferred, self._deferred = self._deferred, None
-                    await self.outbox.flush([r] if (r := await deferred) is not None else [])
-                    continue
-                if got is None:
-                    got = receive_now()
-                if got is None:
-                    with trio.CancelScope() as self._waiting:
-                        got = await stream.receive_view()
-                    self._waiting = None
-                    if got is None:  # woken by `request_pause`
-                        continue
-                data, fds = got
-                if not data:
-                    close_all(fds)
-                    log.info("%s: client closed the connection", self.name)
-                    return
-                await self._handle_chunk(data, fds, out)
+                got = None
+                with trio.CancelScope() as epoch:
+                    got = await self._read_epoch(epoch, out)
+                self._waiting = None
+                if got is not None:
+                    data, fds = got
+                    if not data:
+                        close_all(fds)
+                        log.info("%s: client closed the connection", self.name)
+                        return
+                    await self._handle_chunk(data, fds, out)
         except (FatalProtocolError, TransportError) as exc:
             if isinstance(exc, FatalProtocolError):
                 close_all(exc.fds)
             log.warning("%s: broken stream (%s); disconnecting", self.name, exc)
             await self.outbox.flush(out)
+
+    async def _read_epoch(
+        self, epoch: trio.CancelScope, out: list[bytes]
+    ) -> tuple[memoryview, list[Any]] | None:
+        """`_read_loop` until a pause's message boundary or closing (None), EOF or a pause
+        that came while it waited (that read, to handle outside `epoch`)."""
+        stream, decoder = self.stream, self.conn._decoder
+        receive_now = stream.receive_now
+        while not self.closing:
+            if self.pause is not None and decoder.idle:
+                return None
+            got = None if self._no_serial else self._serve_serial()
+            if got is None and self._deferred is not None:  # the serial loop's unmap
+                deferred, self._deferred = self._deferred, None
+                await self.outbox.flush([r] if (r := await deferred) is not None else [])
+                continue
+            if got is None:
+                got = receive_now()
+            if got is None:
+                self._waiting = epoch
+                got = await stream.receive_view()
+                self._waiting = None
+                if self.pause is not None:  # maybe cancelled: nothing more in this epoch
+                    return got
+            data, fds = got
+            if not data:
+                return got
+            await self._handle_chunk(data, fds, out)
+        return None
 
     async def _handle_chunk(self, data: memoryview, fds: list[Any], out: list[bytes]) -> None:
         """Everything complete in one read, in order: plain region accesses straight from
@@ -486,24 +490,20 @@ class Session(DeviceContext):
         message: one poll(0) on trio's epoll descriptor (`IdleWaiter.must_yield`: does
         trio have anything to do?), one read that blocks for the next request for
         `idlewait.HOT_WAIT` at most (`FdStream.read_waiting`), `access.serve`, one send;
-        no coroutine, scheduler round, EAGAIN exception or reassembly buffer. Waking from a
-        blocking read is much faster than from poll() for a peer on another CPU, and on
-        these VMs every distinct object touched per message shows up in the round trip
-        (with a peer on the same CPU, it runs in between and evicts our caches), hence the
-        flat style.
+        no coroutine, scheduler round, EAGAIN exception or reassembly buffer (a blocking
+        read wakes faster than poll(); every object touched per message shows with a peer
+        on the same CPU evicting our caches, hence the flat style: benchmarks/README.md).
 
         Returns the first read that is not exactly one plain region access (for the read
-        loop), or None when the caller must go through trio: it is not idle, trio has an
-        event, a deadline is near, our handler woke a task, no request came within
-        HOT_WAIT, the reply could not be sent whole, or the reads due before a checkpoint
-        went by.
+        loop), or None when the caller must go through trio: not idle, trio has an event,
+        a deadline is near, our handler woke a task, no request within HOT_WAIT, the reply
+        not sent whole, or the reads due before a checkpoint went by.
         """
         conn, stream, outbox = self.conn, self.stream, self.outbox
+        waiter = stream.waiter
         if outbox.pending or self.closing or not conn.fast_ready():
             return None
-        waiter = stream.waiter
-        deadline = waiter.idle_deadline()
-        if deadline is None:
+        if (deadline := waiter.idle_deadline()) is None:
             return None
         must_yield = waiter.must_yield
         read = stream.read_waiting
