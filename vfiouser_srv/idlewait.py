@@ -23,7 +23,7 @@ trio itself would have, and then:
   `trio.lowlevel.wait_readable`, so trio handles it first with its usual semantics
   (cancellation, fairness, deadlines).
 
-`Session._hot_loop` goes one step further for a peer that is actively sending: between
+`Session._serve_serial` goes one step further for a peer that is actively sending: between
 messages it asks `must_yield` (one poll(0) on trio's epoll descriptor, plus the checks
 above) and then blocks in recvmsg itself for at most `HOT_WAIT`, because waking from a
 blocking recvmsg is far quicker than waking from poll() when the peer is on another CPU.
@@ -33,9 +33,11 @@ the same trio run (another connection, a libvfio-user device), `must_yield` wait
 poll() on ours and trio's epoll descriptor instead, and the read that follows never
 blocks: otherwise every request to another device waited a tick behind an idle one
 (benchmarks/scale.py: 8 ms per DMA_MAP alternating between two devices, 0.1 ms after).
+It does the same while a model's backend call runs in a thread
+(`devices.sdk.threads.in_flight`), whose completion only trio's epoll sees.
 
 The fast case is not a checkpoint, like a non-blocking read that succeeds: callers that
-loop must checkpoint now and then themselves (`FdStream` and `Session._hot_loop` do every
+loop must checkpoint now and then themselves (`FdStream` and `Session._serve_serial` do every
 64 reads). Cancellation is not delayed by it: a cancel can only come from another task
 (none can run while we block), a deadline (the poll times out at it) or a signal or thread
 (their wakeup makes trio's epoll descriptor readable).
@@ -49,7 +51,7 @@ get about 2x slower) and uses the ordinary path; and
 `tests/server/test_idlewait.py::test_fast_path_is_available` fails so we notice.
 
 Off switch: `VFIOUSER_SRV_IDLE_WAIT=0` in the environment turns the fast path (and with it
-`Session._hot_loop`) off, for debugging or for a trio this module does not know.
+`Session._serve_serial`) off, for debugging or for a trio this module does not know.
 
 See docs/architecture.md, "The region-access path".
 """
@@ -65,6 +67,8 @@ import weakref
 from typing import Any
 
 import trio
+
+from devices.sdk.threads import in_flight as _THREADS
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,7 @@ _SystemClock: Any = getattr(_trio_run, "SystemClock", None)
 _POLLIN = select.POLLIN
 _INF = math.inf
 
-#: How long `Session._hot_loop` may block in a plain recvmsg for a serial peer's next
+#: How long `Session._serve_serial` may block in a plain recvmsg for a serial peer's next
 #: request (the socket's SO_RCVTIMEO, see `FdStream`), delaying any other trio event by at
 #: most this much. Why block in recvmsg at all: with the peer on another CPU (QEMU's vCPU
 #: thread and us on CPUs of our own), a task woken out of a blocking recvmsg answered a
@@ -308,15 +312,18 @@ class IdleWaiter:
         deadline is that close, or trio's epoll descriptor has an event). One poll(0).
 
         With other waiters in this run (other connections), the read must not block: a
-        request to another device would wait behind ours for a whole scheduler tick. Then
-        this waits up to `HOT_WAIT` in poll() on both descriptors and says False only when
-        our descriptor alone is readable, so the read that follows returns at once."""
+        request to another device would wait behind ours for a whole scheduler tick. The
+        same while a model's backend call runs in a thread (`devices.sdk.threads`): its
+        completion reaches only trio's epoll, and the device's completion would wait for
+        the tick. Then this waits up to `HOT_WAIT` in poll() on both descriptors and says
+        False only when our descriptor alone is readable, so the read that follows returns
+        at once."""
         runner = self._runner
         if runner.runq or len(runner.deadlines._heap) != self._heap_len:
             return True
         if deadline != _INF and deadline - runner.clock.current_time() <= HOT_WAIT:
             return True
-        if len(self._peer_refs) > 1:
+        if len(self._peer_refs) > 1 or _THREADS[0]:
             events = self._poller.poll(_HOT_WAIT_MS)
             return len(events) != 1 or events[0][0] != self._fd
         return bool(self._epoll_poller.poll(0))

@@ -4,12 +4,13 @@ Why not `trio.to_thread.run_sync`: its limiter and context copy nearly doubled t
 hop (70 -> 39 µs measured for nvme), and every write and uncached read pays one. This uses
 trio's thread cache directly (`trio.lowlevel.start_thread_soon`).
 
-Why the loop of near deadlines while the call runs: with trio otherwise idle, the Python
-engine's serial loop blocks in recvmsg on the client's socket (for a whole scheduler tick,
-4 ms at HZ=250) and notices the thread's wake-up only when that read times out; a trio
-deadline closer than its `idlewait.HOT_WAIT` makes it wait in trio's epoll instead, which
-wakes the moment the thread is done. It costs a wake-up per `NEAR` only while a call runs,
-and keeps the model ignorant of which engine serves it.
+Why `in_flight`: a thread hands its result back through trio's wake-up socket, which only
+trio's epoll sees. An engine that sometimes blocks on one descriptor of its own instead of
+in trio's epoll (the Python engine's serial loop blocks in recvmsg on its one client's
+socket, for a scheduler tick at most) would notice a finished call only when that wait ends.
+It reads `in_flight` and, while a call runs, waits on its descriptor and trio's epoll
+together (`vfiouser_srv.idlewait.IdleWaiter.must_yield`). The count lives here, on the
+model's side, so a model never learns which engine serves it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-#: while a call runs in a thread, the caller keeps a trio deadline this close (module
-#: docstring); below the Python engine's `idlewait.HOT_WAIT` (0.5 ms)
-NEAR = 0.0004
+#: ``in_flight[0]``: calls started by `run_in_thread` in this process whose caller has not
+#: resumed yet (a list, so a reader can keep a reference and index it: cheaper per message
+#: than a module attribute). Changed only by trio threads, never by the worker threads.
+in_flight = [0]
 
 
 async def run_in_thread(fn: Callable[[], _T]) -> _T:
@@ -44,12 +46,14 @@ async def run_in_thread(fn: Callable[[], _T]) -> _T:
         with contextlib.suppress(trio.RunFinishedError):
             token.run_sync_soon(done.set)
 
-    trio.lowlevel.start_thread_soon(fn, deliver)
-    with trio.CancelScope(shield=True):
-        while not done.is_set():
-            with trio.move_on_after(NEAR):
-                await done.wait()
+    in_flight[0] += 1
+    try:
+        trio.lowlevel.start_thread_soon(fn, deliver)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+    finally:
+        in_flight[0] -= 1
     return result[0].unwrap()
 
 
-__all__ = ["NEAR", "run_in_thread"]
+__all__ = ["in_flight", "run_in_thread"]

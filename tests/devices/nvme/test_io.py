@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
+import statistics
 import struct
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from devices.nvme import Nvme
 from devices.nvme.backend import FileBackend, MemoryBackend
 from devices.nvme.spec import DNR, AdminOpcode, IoOpcode, Reg, Status
 from devices.sdk.bits import BytesLike
+from vfiouser_srv.idlewait import HOT_WAIT
 
 from ..fakes import FakeContext
 from .host import DATA, DBS, EIS, PAGE, PRP_LISTS, Host
@@ -441,28 +445,95 @@ async def test_backend_threads_are_bounded_per_controller(io: Host) -> None:
     assert sorted(c.cid for c in got) == sorted(cids) and all(c.code == 0 for c in got)
 
 
-async def test_a_backend_call_in_a_thread_keeps_a_deadline_near() -> None:
-    """While a backend call runs in a thread, the worker keeps a trio deadline within
-    `NEAR` (so the engine's serial loop waits in trio's epoll, which the thread's wake-up
-    reaches, instead of blocking in recvmsg); none is left once the call returned, and the
-    call is not cancellable once started."""
-    from devices.sdk.threads import NEAR, run_in_thread
+class SlowWrites(MemoryBackend):
+    """A backend whose writes run in a thread and take a moment (a real disk's pwritev)."""
 
-    gate = threading.Event()
-    ran: list[int] = []
+    threaded = True
 
-    def call() -> None:
-        gate.wait(5)
-        ran.append(1)
+    def write(self, offset: int, bufs: Sequence[BytesLike]) -> None:
+        time.sleep(0.001)
+        super().write(offset, bufs)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run_in_thread, call)
-        for _ in range(5):
-            await trio.sleep(0.002)
-            await trio.testing.wait_all_tasks_blocked()
-            left = trio.lowlevel.current_statistics().seconds_to_next_deadline
-            assert left <= NEAR
-        nursery.cancel_scope.cancel()  # a reset: the started call still finishes
-        gate.set()
-    assert ran == [1]
-    assert trio.lowlevel.current_statistics().seconds_to_next_deadline == float("inf")
+
+async def test_a_thread_completion_wakes_the_only_connection_at_once(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one client, the engine's serial loop may block in recvmsg on that client's
+    socket for a scheduler tick, and a backend call finishing in a thread reaches only
+    trio's epoll: the write's completion would wait for the tick. While a call is in
+    flight (`devices.sdk.threads.in_flight`) the loop must not start a read that can block
+    (it waits on both descriptors instead), so the worker resumes at once.
+
+    The client runs in a trio run of its own in another thread: in this run it would be a
+    second connection, which takes the other path anyway."""
+    from devices.nvme import core
+    from devices.sdk.threads import in_flight, run_in_thread
+    from vfiouser_srv.client import open_client
+    from vfiouser_srv.server import Server
+
+    from .test_over_socket import DATA as GUEST_DATA
+    from .test_over_socket import RAM_SIZE, Driver
+
+    model = Nvme(size="4M")
+    ns = model.worker.namespaces[1]
+    ns.backend.close()
+    ns.backend = SlowWrites(4 << 20)
+    srv = Server()
+    sock = tmp_path / "nvme.sock"
+    srv.add_device("nvme", model, socket_path=str(sock))
+    await nursery.start(srv.serve)
+
+    late: list[float] = []  # from the call's end in its thread to its caller running again
+
+    async def timed(fn: Callable[[], None]) -> None:
+        ended: list[float] = []
+
+        def call() -> None:
+            fn()
+            ended.append(time.perf_counter())
+
+        await run_in_thread(call)
+        late.append(time.perf_counter() - ended[0])
+
+    monkeypatch.setattr(core, "run_in_thread", timed)
+    ready, go = threading.Event(), threading.Event()
+    writes = 20
+
+    def client() -> None:
+        async def drive() -> None:
+            async with open_client(sock, reply_timeout=10) as c:
+                await c.memory.add_ram(0, RAM_SIZE, shared=True)
+                d = Driver(c)
+                await d.start()
+                ready.set()
+                go.wait(5)
+                for i in range(writes):
+                    cid = await d.submit(1, IO.WRITE, nsid=1, prp1=GUEST_DATA, cdw=rw(i * 8, 8))
+                    await d.rd(Reg.CSTS)  # a vCPU's access while the write is in its thread
+                    assert await d.reap(1) == (cid, 0)
+
+        trio.run(drive)
+
+    blocking_reads: list[int] = []  # reads started with a call in flight and nothing to read
+
+    async def watch() -> None:
+        await trio.to_thread.run_sync(ready.wait, 5)
+        session = srv.devices["nvme"].session
+        assert session is not None
+        stream = session.stream
+        read = stream.read_waiting
+
+        def watched() -> tuple[int, list[tuple[int, int, bytes]], int, object]:
+            if in_flight[0] and not select.select([stream.sock], [], [], 0)[0]:
+                blocking_reads.append(in_flight[0])
+            return read()
+
+        stream.read_waiting = watched  # type: ignore[assignment]
+        go.set()
+
+    nursery.start_soon(watch)
+    await trio.to_thread.run_sync(client)
+    assert len(late) == writes
+    assert blocking_reads == []
+    # a tick (4 ms at HZ=250) without the wake-up; well under one with it
+    assert statistics.median(late) < HOT_WAIT, sorted(late)
