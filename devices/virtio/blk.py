@@ -46,6 +46,7 @@ from .guestmem import (
     MAX_SPAN,
     GuestMemoryError,
     VirtqueueError,
+    bounds,
     clip,
     gather,
     scatter,
@@ -428,7 +429,7 @@ def _pin(pins: contextlib.ExitStack, dma: DmaPort, pieces: list[tuple[int, int]]
             # One pin of the pieces' span (guest RAM is normally one window), sliced:
             # pinning 256 pages one by one cost about as much as copying them. Writes
             # into the guest pin per piece, so dirty logging marks only those pages.
-            lo, hi = min(pieces)[0], max(map(sum, pieces))
+            lo, hi = bounds(pieces)
             if hi - lo <= MAX_SPAN:
                 span = pins.enter_context(pinned_view(dma, lo, hi - lo))
                 if span is not None:

@@ -83,6 +83,16 @@ async def write_guest(dma: DmaPort, address: int, data: bytes | bytearray | memo
         raise GuestMemoryError(f"guest memory 0x{address:x}+{len(data)}: {exc}") from None
 
 
+def bounds(pieces: list[tuple[int, int]]) -> tuple[int, int]:
+    """The guest range [lo, hi) that `pieces` (non-empty) lie in.
+
+    Why this way: it runs per request over ~200-256 pieces, before the data moves; two
+    C-level passes over the columns take about half the time of `min(pieces)` plus
+    `max(map(sum, pieces))` (one tuple comparison and one `sum` call per piece)."""
+    addrs, lengths = zip(*pieces, strict=True)
+    return min(addrs), max(map(operator.add, addrs, lengths))
+
+
 #: largest guest range `span_view` asks for in one piece
 MAX_SPAN = 1 << 30
 
@@ -98,8 +108,7 @@ def span_view(dma: DmaPort, pieces: list[tuple[int, int]],
     """
     if not pieces:
         return None
-    lo = min(pieces)[0]  # C-level passes: this runs per request over ~256 pieces
-    hi = max(map(sum, pieces))
+    lo, hi = bounds(pieces)
     if hi - lo > MAX_SPAN:
         return None
     try:

@@ -100,6 +100,15 @@ def _table_struct(entries: int) -> struct.Struct:
     return struct.Struct("<" + "QIHH" * entries)
 
 
+@functools.lru_cache(maxsize=64)
+def _linear_layout(entries: int, readable: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The flags and next fields of an in-order table (`_walk_linear`): a driver sends the
+    same few shapes over and over, so they are built once, not per request."""
+    flags = [DESC_F_NEXT] * readable + [DESC_F_NEXT | DESC_F_WRITE] * (entries - readable)
+    flags[-1] &= ~DESC_F_NEXT
+    return tuple(flags), tuple(range(1, entries))
+
+
 def _walk_linear(head: int, table: bytes | memoryview) -> Chain | None:
     """An indirect table laid out in order (entry i links to i + 1, readable entries
     first, as Linux builds them), checked with a few C-level operations; None for
@@ -114,9 +123,8 @@ def _walk_linear(head: int, table: bytes | memoryview) -> Chain | None:
     fields = _table_struct(n).unpack(table)
     flags = fields[2::4]
     readable_count = flags.count(0) + flags.count(DESC_F_NEXT)
-    expect = [DESC_F_NEXT] * readable_count + [DESC_F_NEXT | DESC_F_WRITE] * (n - readable_count)
-    expect[-1] &= ~DESC_F_NEXT
-    if flags != tuple(expect) or fields[3:-4:4] != tuple(range(1, n)):
+    expect_flags, expect_next = _linear_layout(n, readable_count)
+    if flags != expect_flags or fields[3:-4:4] != expect_next:
         return None
     addrs, lengths = fields[0::4], fields[1::4]
     if sum(lengths) > MAX_CHAIN_BYTES:
@@ -259,6 +267,21 @@ class Virtqueue:
             raise _NoView
         avail, desc, pending = rings
         return self._take(avail, desc, dma) if pending else None
+
+    async def pop_all(self, dma: DmaPort) -> list[Chain]:
+        """Every chain available now (what a request queue's worker serves as one batch).
+
+        The rings are viewed once for all of them: `pop` views them per chain and once
+        more to find the ring empty, two DMA-port lookups each (~10 % of the server's CPU
+        per 1 MiB read). Message mode pops one by one."""
+        rings = self._mapped_rings(dma)
+        if rings is None:
+            chains: list[Chain] = []
+            while (chain := await self.pop(dma)) is not None:
+                chains.append(chain)
+            return chains
+        avail, desc, pending = rings
+        return [self._take(avail, desc, dma) for _ in range(pending)]
 
     def pop_upto(self, dma: DmaPort, need: int) -> list[Chain] | None:
         """Pop chains until their writable parts hold `need` bytes or the ring is empty

@@ -84,8 +84,7 @@ async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
         start = queue.last_avail_idx
         chains: list[Chain] = []
         try:
-            while (chain := await queue.pop(dma)) is not None:
-                chains.append(chain)
+            chains = await queue.pop_all(dma)
             done = await dev.process_batch(queue, chains) if chains else []
         except GuestMemoryError as exc:
             # Nothing was pushed yet: give the chains back and try again shortly.
