@@ -185,7 +185,7 @@ class IdleWaiter:
 
     __slots__ = (
         "__weakref__", "_epoll_poller", "_fd", "_heap_len", "_peer_refs", "_peers", "_poller",
-        "_run_frame", "_runner",
+        "_run_frame", "_runner", "busy",
     )
 
     def __init__(self, fd: int) -> None:
@@ -199,6 +199,11 @@ class IdleWaiter:
         self._peer_refs: set[Any] = set()
         #: trio's run loop frame (`_batch_pending`), None until needed or when not found
         self._run_frame: Any = None
+        #: `must_yield` found trio's epoll descriptor readable and ours not: a read now
+        #: would fail, and so would `idle_poll`; the next `wait` goes straight to trio
+        #: (the reader skips its read-first: `FdStream`). Only ever a shortcut: stale, it
+        #: costs a scheduler round, since trio's own wait sees data already there.
+        self.busy = False
 
     def _setup(self, runner: Any) -> None:
         self._runner = runner
@@ -325,7 +330,11 @@ class IdleWaiter:
             return True
         if len(self._peer_refs) > 1 or _THREADS[0]:
             events = self._poller.poll(_HOT_WAIT_MS)
-            return len(events) != 1 or events[0][0] != self._fd
+            if len(events) == 1:
+                if events[0][0] == self._fd:
+                    return False
+                self.busy = True  # (with many connections: the usual way out, per message)
+            return True
         return bool(self._epoll_poller.poll(0))
 
     def idle_poll(self) -> bool:
@@ -335,7 +344,10 @@ class IdleWaiter:
 
     async def wait(self) -> None:
         """Return when the descriptor is readable (or at EOF or error)."""
-        if not self.idle_poll():
+        if self.busy:
+            self.busy = False
+            await trio.lowlevel.wait_readable(self._fd)
+        elif not self.idle_poll():
             await trio.lowlevel.wait_readable(self._fd)
 
 

@@ -159,6 +159,8 @@ class FdStream:
         coroutine per message is measurable on a serial round trip."""
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
+        if self._would_block or self.waiter.busy:  # known empty: no EAGAIN read
+            return None
         count = self._reads_without_checkpoint + 1
         if count >= _READS_PER_CHECKPOINT or self._bytes_without_checkpoint >= RECV_BUDGET:
             return None
@@ -214,10 +216,12 @@ class FdStream:
             or self._bytes_without_checkpoint >= RECV_BUDGET
         ):
             self._reads_without_checkpoint = self._bytes_without_checkpoint = 0
-            self._would_block = False
+            self._would_block = self.waiter.busy = False
             await trio.lowlevel.checkpoint()
         while True:
-            if not self._would_block:  # else receive_now just read nothing: wait first
+            # else a read just found nothing, or the serial loop's poll saw trio busy and
+            # our socket empty (`IdleWaiter.busy`): wait first
+            if not self._would_block and not self.waiter.busy:
                 try:
                     chunk = self._recv_nowait()
                 except OSError as exc:
