@@ -377,9 +377,8 @@ class Session(DeviceContext):
         """Read, handle everything that arrived, repeat; the one place a broken stream ends
         the connection. It reads in *epochs*, one cancel scope from pause to pause (a scope
         per wait was a quarter of a message's cost with many connections: benchmarks/
-        README.md, "Scale"); `request_pause` cancels it only while it waits in
-        `receive_view`, where a cancel loses nothing, and a read that completed anyway (data
-        and pause in one scheduler round) is handled here, outside the cancelled scope."""
+        README.md, "Scale"); `request_pause` cancels it only while it waits for data
+        (`FdStream.wait_ready`, which reads nothing: a cancel there loses nothing)."""
         self.set_trace(self.device.trace)
         self.set_tracer(self.device.tracer)
         out: list[bytes] = []
@@ -390,51 +389,45 @@ class Session(DeviceContext):
                     if await self._park(pause):
                         return
                     continue
-                got = None
                 with trio.CancelScope() as epoch:
-                    got = await self._read_epoch(epoch, out)
-                self._waiting = None
-                if got is not None:
-                    data, fds = got
-                    if not data:
-                        close_all(fds)
+                    if await self._read_epoch(epoch, out):
                         log.info("%s: client closed the connection", self.name)
                         return
-                    await self._handle_chunk(data, fds, out)
+                self._waiting = None
         except (FatalProtocolError, TransportError) as exc:
             if isinstance(exc, FatalProtocolError):
                 close_all(exc.fds)
             log.warning("%s: broken stream (%s); disconnecting", self.name, exc)
             await self.outbox.flush(out)
 
-    async def _read_epoch(
-        self, epoch: trio.CancelScope, out: list[bytes]
-    ) -> tuple[memoryview, list[Any]] | None:
-        """`_read_loop` until a pause's message boundary or closing (None), EOF or a pause
-        that came while it waited (that read, to handle outside `epoch`)."""
+    async def _read_epoch(self, epoch: trio.CancelScope, out: list[bytes]) -> bool:
+        """`_read_loop` until a pause's message boundary or closing (False) or EOF (True).
+        After a wait, the serial loop reads first (`ready`: no poll before that read)."""
         stream, decoder = self.stream, self.conn._decoder
         receive_now = stream.receive_now
+        ready = False
         while not self.closing:
             if self.pause is not None and decoder.idle:
-                return None
-            got = None if self._no_serial else self._serve_serial()
+                return False
+            got = None if self._no_serial else self._serve_serial(ready)
             if got is None and self._deferred is not None:  # the serial loop's unmap
                 deferred, self._deferred = self._deferred, None
                 await self.outbox.flush([r] if (r := await deferred) is not None else [])
                 continue
-            if got is None:
-                got = receive_now()
-            if got is None:
+            if got is None and (got := receive_now()) is None:
                 self._waiting = epoch
-                got = await stream.receive_view()
+                ready = await stream.wait_ready()
                 self._waiting = None
-                if self.pause is not None:  # maybe cancelled: nothing more in this epoch
-                    return got
+                if self.pause is not None:  # maybe cancelled: read on in a new epoch
+                    return False
+                continue
+            ready = False
             data, fds = got
             if not data:
-                return got
+                close_all(fds)
+                return True
             await self._handle_chunk(data, fds, out)
-        return None
+        return False
 
     async def _handle_chunk(self, data: memoryview, fds: list[Any], out: list[bytes]) -> None:
         """Everything complete in one read, in order: plain region accesses straight from
@@ -483,7 +476,7 @@ class Session(DeviceContext):
         answer itself and run it like any other message."""
         return dispatch.run_frame(self, Frame(msg_id, command, flags, 0, bytes(payload), []))
 
-    def _serve_serial(self) -> tuple[memoryview, list[Any]] | None:
+    def _serve_serial(self, ready: bool = False) -> tuple[memoryview, list[Any]] | None:
         """Serve one-access reads back to back, synchronously, while trio is otherwise idle.
 
         This is the serial round trip of a vCPU doing MMIO, the latency a guest feels. Per
@@ -497,7 +490,8 @@ class Session(DeviceContext):
         Returns the first read that is not exactly one plain region access (for the read
         loop), or None when the caller must go through trio: not idle, trio has an event,
         a deadline is near, our handler woke a task, no request within HOT_WAIT, the reply
-        not sent whole, or the reads due before a checkpoint went by.
+        not sent whole, or the reads due before a checkpoint went by. `ready`: a wait just
+        saw our socket readable, so the first read needs no `must_yield`.
         """
         conn, stream, outbox = self.conn, self.stream, self.outbox
         waiter = stream.waiter
@@ -506,6 +500,8 @@ class Session(DeviceContext):
         if (deadline := waiter.idle_deadline()) is None:
             return None
         must_yield = waiter.must_yield
+        if not ready and must_yield(deadline):  # many connections: usually, before any set-up
+            return None
         read = stream.read_waiting
         buf = stream.buffer
         send = stream.send_nowait
@@ -517,9 +513,7 @@ class Session(DeviceContext):
         truncated = RECV_TRUNCATED
         reads = nbytes = 0
         try:
-            while reads < _SERIAL_READS and nbytes < RECV_BUDGET:
-                if must_yield(deadline):
-                    return None
+            while True:
                 reads += 1
                 try:  # blocks for the peer's next request, HOT_WAIT at most
                     n, anc, mflags, _addr = read()
@@ -568,9 +562,10 @@ class Session(DeviceContext):
                     if sent != len(reply):
                         outbox.send(reply[sent:])
                         return None
-                if self._close_requested:
+                if self._close_requested or reads >= _SERIAL_READS or nbytes >= RECV_BUDGET:
                     return None
-            return None
+                if must_yield(deadline):
+                    return None
         finally:
             stream.count_reads(reads, nbytes)
 

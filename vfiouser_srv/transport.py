@@ -235,6 +235,26 @@ class FdStream:
             self._reads_without_checkpoint = self._bytes_without_checkpoint = 0
             await self.waiter.wait()
 
+    async def wait_ready(self) -> bool:
+        """For a caller that reads itself (`Session._read_epoch`): True once a read would
+        find something (or EOF); False after only the checkpoint owed every 64 reads or
+        `RECV_BUDGET` bytes (read without blocking then: there may be nothing). Waits
+        like `receive_view`, reads nothing, so a cancel while it waits loses nothing."""
+        if self._closed:
+            raise trio.ClosedResourceError("stream closed")
+        over = (
+            self._reads_without_checkpoint + 1 >= _READS_PER_CHECKPOINT
+            or self._bytes_without_checkpoint >= RECV_BUDGET
+        )
+        self._reads_without_checkpoint = self._bytes_without_checkpoint = 0
+        self._would_block = False
+        if over:
+            self.waiter.busy = False
+            await trio.lowlevel.checkpoint()
+            return False
+        await self.waiter.wait()
+        return True
+
     # ------------------------------------------------------------------ send
 
     def _sendmsg(self, data: bytes | memoryview, fds: Sequence[Any]) -> int:
