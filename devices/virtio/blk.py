@@ -390,7 +390,7 @@ class VirtioBlk(VirtioPciDevice):
             b.readinto(req.sector * SECTOR, [memoryview(data)])
             req.result = data
         elif req.type == ReqType.OUT:
-            nbytes = sum(len(d) for d in req.data)
+            nbytes = sum(map(len, req.data))
             if b.readonly or nbytes % SECTOR or not self._in_range(req.sector, nbytes):
                 req.status = ReqStatus.IOERR
                 return
