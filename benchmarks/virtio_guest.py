@@ -61,6 +61,7 @@ from tests.integration.test_virtio_guest import (  # noqa: E402
 _DD = re.compile(r"BENCH round=(\d+) bytes=(\d+) write_ns=(\d+) read_ns=(\d+)")
 _NET = re.compile(r"BENCH round=(\d+) bytes=(\d+) rx_ns=(\d+) tx_ns=(\d+)")
 _IOS = re.compile(r"BENCH round=\d+ .* write_ios=(\d+) read_ios=(\d+)")
+_IRQS = re.compile(r"(\w+)_irqs=(\d+)")
 MIB = 1 << 20
 #: bytes per timed phase of the blk guest script (32 MiB dd)
 BLK_BYTES = 32 * MIB
@@ -76,6 +77,20 @@ def cpu_metrics(sampler: CpuSampler, console: list[str], nbytes: int) -> dict[st
             ios["write"].append(int(m.group(1)))
             ios["read"].append(int(m.group(2)))
     out: dict[str, float] = {}
+    # Guest interrupts per request (blk) or per MiB (net), from /proc/interrupts around
+    # each phase: completions batched into fewer interrupts show here.
+    irqs: dict[str, list[int]] = {}
+    for line in console:
+        if line.startswith("BENCH"):
+            for phase, count in _IRQS.findall(line):
+                irqs.setdefault(phase, []).append(int(count))
+    for phase, counts in irqs.items():
+        kept_counts = list(enumerate(counts))[1:] if len(counts) > 1 else list(enumerate(counts))
+        reqs = ios.get(phase, [])
+        per = [c / reqs[i] for i, c in kept_counts if i < len(reqs) and reqs[i]] if reqs \
+            else [c / (nbytes / MIB) for _, c in kept_counts]
+        if per:
+            out[f"{phase}_irqs_per_{'req' if reqs else 'mib'}"] = round(statistics.median(per), 2)
     for phase, spans in sampler.spans.items():
         if phase == "idle":
             for span in spans:
@@ -191,7 +206,8 @@ async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
                 "ratio": round(o / r, 2) if r else 0.0,
                 "paired_median": round(statistics.median(paired), 2) if paired else 0.0}
             for label, config in (("", ours), ("ref_", ref)):
-                for metric in ("server_us_per_req", "server_us_per_mib", "qemu_us_per_mib"):
+                for metric in ("server_us_per_req", "server_us_per_mib", "qemu_us_per_mib",
+                               "irqs_per_req", "irqs_per_mib"):
                     vals = [c[f"{k}_{metric}"] for c in cpu.get(config, [])
                             if f"{k}_{metric}" in c]
                     if vals:
@@ -205,6 +221,15 @@ async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
                     summary.setdefault(f"{config} idle", {})[f"{role}_cpu_share"] = max(vals)
     results["summary"] = summary
     return results
+
+
+def _irqs(row: dict[str, float]) -> str:
+    """Guest interrupts per request (blk) or per MiB (net), ours / QEMU's."""
+    for unit in ("req", "mib"):
+        if f"irqs_per_{unit}" in row or f"ref_irqs_per_{unit}" in row:
+            return (f"{row.get(f'irqs_per_{unit}', '-')}/{row.get(f'ref_irqs_per_{unit}', '-')}"
+                    f" per {unit}")
+    return "-"
 
 
 def main() -> None:
@@ -227,7 +252,7 @@ def main() -> None:
                        args.variant or [""])
     lines = [f"{'measurement':<32} {'ours MiB/s':>11} {'QEMU MiB/s':>11} {'ratio':>6} "
              f"{'paired':>7} {'srv us/req':>10} {'srv us/MiB':>10} {'qemu us/MiB':>11} "
-             f"{'ref qemu us/MiB':>15}"]
+             f"{'ref qemu us/MiB':>15} {'irqs ours/ref':>13}"]
     for name, row in results["summary"].items():
         if name.endswith(" idle"):
             continue
@@ -236,7 +261,8 @@ def main() -> None:
                      f"{row.get('server_us_per_req', '-'):>10} "
                      f"{row.get('server_us_per_mib', '-'):>10} "
                      f"{row.get('qemu_us_per_mib', '-'):>11} "
-                     f"{row.get('ref_qemu_us_per_mib', '-'):>15}")
+                     f"{row.get('ref_qemu_us_per_mib', '-'):>15} "
+                     f"{_irqs(row):>13}")
     for name, row in results["summary"].items():
         if name.endswith(" idle"):
             lines.append(f"{name} ({args.idle} s, share of one core): " + ", ".join(

@@ -91,6 +91,22 @@ async def until_polling(drv: Driver, tries: int = 200,
     raise AssertionError(f"never polled in {tries} requests")
 
 
+def test_blk_default_window_covers_a_guest_reading_one_request_at_a_time() -> None:
+    """A TCG guest's O_DIRECT reads (dd, 1 MiB each) come ~0.5-0.6 ms after our interrupt:
+    virtio-blk's default window must grow to cover that (the transport's 200 us did not,
+    and every read paid a notify), while ~2 ms write gaps leave it at 0."""
+    dev = VirtioBlk(size=1 << 20)
+    assert dev.poll_window == 1e-3
+    reads = PollWindow(dev.poll_window)
+    for _ in range(12):
+        reads.slept(600e-6)  # the worker slept 0.6 ms until the next read's kick
+    assert reads.window >= 600e-6
+    writes = PollWindow(dev.poll_window)
+    for _ in range(12):
+        writes.slept(2.2e-3)
+    assert writes.window == 0.0
+
+
 def test_window_grows_on_short_sleeps_and_shrinks_on_long_ones() -> None:
     poll = PollWindow(200e-6)
     assert poll.window == 0.0  # no polling before any evidence
