@@ -462,8 +462,16 @@ class WorkerCore:
 
     async def _backend(self, ns: Namespace, fn: Callable[..., None], *args: object) -> None:
         if ns.backend.threaded:
-            async with self._threads:
+            # the limiter's own `acquire` takes a scheduling round even when a thread is
+            # free; that round is on the I/O's latency
+            try:
+                self._threads.acquire_nowait()
+            except trio.WouldBlock:
+                await self._threads.acquire()
+            try:
                 await run_in_thread(functools.partial(fn, *args))
+            finally:
+                self._threads.release()
         else:
             fn(*args)
 

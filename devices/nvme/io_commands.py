@@ -13,17 +13,28 @@ the Volatile Write Cache feature off, is flushed before it completes.
 
 Data path: PRP segments are pinned in one call (`pinned_views`) and handed to the backend as
 zero-copy views of guest RAM; reads first try the page cache without blocking.
+
+Writes from a doorbell served in the register handler start their thread right there
+(`_write_now`) and post their completion from the thread's hand-back on the trio thread
+(`_write_done`): measured in the guest, a 512 KiB write spent ~3x QEMU's device time between
+doorbell and interrupt, much of it trio rounds (task start, the thread limiter's checkpoint,
+the hand-back waking a task that then posts). The task still owns the command (reset
+cancels it and waits for it; it reports errors, flushes for FUA and posts a completion
+the hand-back could not) but is no longer between the guest and its interrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import struct
 from collections.abc import Coroutine
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import trio
 
+from devices.sdk import threads
 from devices.sdk.interface import DmaError, pinned_views
 from devices.sdk.storage import consume
 
@@ -32,6 +43,9 @@ from .core import WorkerCore
 from .prp import PrpError, Segments, walk_prps
 from .queue import DoorbellError, SubmissionQueue
 from .spec import DSM_ATTR_DEALLOCATE, DSM_RANGE_SIZE, SQE, FeatureId, IoOpcode, Status
+
+if TYPE_CHECKING:
+    import outcome
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +70,33 @@ def _run_now(coro: Coroutine[object, object, Segments]) -> Segments:
     raise _NotNow
 
 
+class _Started:
+    """A write whose thread `_write_now` started from the register handler: what the
+    hand-back (`_write_done`) and the command's task share."""
+
+    def __init__(self, sq: SubmissionQueue, cmd: Command, token: int, length: int,
+                 pins: contextlib.ExitStack) -> None:
+        self.sq, self.cmd, self.token, self.length, self.pins = sq, cmd, token, length, pins
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        #: what the backend call raised (the task reports it)
+        self.error: Exception | None = None
+        #: the completion is posted (the task has only its bookkeeping left)
+        self.posted = False
+
+
 class IoCommands(WorkerCore):
     """The I/O queues' commands, on the worker's state."""
 
     def _start_io(self, sq: SubmissionQueue, cmd: Command, token: int,
-                  segs: Segments | None = None) -> None:
+                  segs: Segments | None = None, started: _Started | None = None) -> None:
         """Run one I/O command in its own task; `token` is its `carried` entry, `segs` its
-        data segments when `_io_now` already walked its PRPs."""
+        data segments when `_io_now` already walked its PRPs, `started` its write when
+        `_write_now` already started it."""
         assert self._nursery is not None
-        scope = trio.CancelScope()
+        scope = started.scope if started is not None else trio.CancelScope()
         self._inflight[scope] = sq.qid
-        self._nursery.start_soon(self._io_task, sq, cmd, scope, token, segs)
+        self._nursery.start_soon(self._io_task, sq, cmd, scope, token, segs, started)
 
     # ------------------------------------------------------------------ without a task
 
@@ -149,7 +179,69 @@ class IoCommands(WorkerCore):
                     self.smart.bytes_read += length
                     self._finish_now(sq, cmd, token, Status.SUCCESS)
                     return
+                if cmd.opcode == IoOpcode.WRITE and self._write_now(sq, cmd, token, ns,
+                                                                     offset, segs, length):
+                    return
         self._start_io(sq, cmd, token, segs)
+
+    def _write_now(self, sq: SubmissionQueue, cmd: Command, token: int, ns: Namespace,
+                   offset: int, segs: Segments, length: int) -> bool:
+        """Start a write's backend call in a thread now, from the register handler, with
+        its guest memory pinned (module docstring); False when it must go the task's way:
+        an in-memory backend (no thread), no free I/O thread, memory not mmap'd."""
+        if not ns.backend.threaded:
+            return False
+        try:
+            self._threads.acquire_nowait()
+        except trio.WouldBlock:
+            return False
+        pins = contextlib.ExitStack()
+        try:
+            views = pins.enter_context(pinned_views(self.dma, segs))
+        except DmaError:
+            views = None
+        if views is None:
+            pins.close()
+            self._threads.release()
+            return False
+        job = _Started(sq, cmd, token, length, pins)
+        trio_token = trio.lowlevel.current_trio_token()
+
+        write = functools.partial(ns.backend.write, offset, views)
+
+        def call() -> None:  # in the worker thread
+            try:
+                write()
+            except Exception as exc:  # handed to the task, which reports it
+                job.error = exc
+
+        def deliver(_: outcome.Outcome[None]) -> None:  # in the worker thread
+            with contextlib.suppress(trio.RunFinishedError):
+                trio_token.run_sync_soon(self._write_done, job)
+
+        threads.in_flight[0] += 1
+        trio.lowlevel.start_thread_soon(call, deliver)
+        self._start_io(sq, cmd, token, segs, job)
+        return True
+
+    def _write_done(self, job: _Started) -> None:
+        """The thread of a `_write_now` write is back (on the trio thread): let go of its
+        guest memory and thread, and post its completion unless the task must (an error,
+        FUA or the write cache off: a flush first; a reset cancelled it; no room)."""
+        threads.in_flight[0] -= 1
+        job.pins.close()
+        self._threads.release()
+        fua = bool(job.cmd.cdw12 & FUA) or not self.features[FeatureId.VOLATILE_WRITE_CACHE]
+        item = self.carried.get(job.token)
+        if (not job.scope.cancel_called and not fua and item is not None
+                and job.error is None):
+            self.smart.write_commands += 1
+            self.smart.bytes_written += job.length
+            item.outcome = (Status.SUCCESS, 0)
+            if self.complete_now(job.sq, job.cmd.cid, Status.SUCCESS, 0, item):
+                del self.carried[job.token]
+                job.posted = True
+        job.done.set()
 
     async def _list_now(self, address: int, size: int) -> bytes:
         """A PRP list from mmap'd memory, for `_run_now` (never suspends)."""
@@ -179,12 +271,19 @@ class IoCommands(WorkerCore):
     # ------------------------------------------------------------------ in a task
 
     async def _io_task(self, sq: SubmissionQueue, cmd: Command, scope: trio.CancelScope,
-                       token: int, segs: Segments | None = None) -> None:
+                       token: int, segs: Segments | None = None,
+                       started: _Started | None = None) -> None:
         item = self.carried.get(token)
         try:
             with scope:
                 try:
-                    if item is not None and item.outcome is not None:
+                    if started is not None:
+                        with trio.CancelScope(shield=True):  # a write cannot be taken back
+                            await started.done.wait()
+                        if started.posted or scope.cancel_called:
+                            return  # posted; or reset: aborted without a completion
+                        status, result = await self._started_outcome(started)
+                    elif item is not None and item.outcome is not None:
                         status, result = item.outcome  # executed before; post it only
                     else:
                         status, result = await self._io(cmd, segs)
@@ -213,6 +312,20 @@ class IoCommands(WorkerCore):
             del self._inflight[scope]
             changed, self._inflight_changed = self._inflight_changed, trio.Event()
             changed.set()
+
+    async def _started_outcome(self, started: _Started) -> Outcome:
+        """What a `_write_now` write's task reports when `_write_done` did not post it:
+        the backend's error, or success once flushed if the write must be stable."""
+        item = self.carried.get(started.token)
+        if item is not None and item.outcome is not None:
+            return item.outcome  # posted by neither: no room in the CQ; post it only
+        if started.error is not None:
+            raise started.error  # OSError: reported by the caller
+        self.smart.write_commands += 1
+        self.smart.bytes_written += started.length
+        await self._stable_if_asked(self._namespace(started.cmd.nsid),
+                                    fua=bool(started.cmd.cdw12 & FUA))
+        return Status.SUCCESS, 0
 
     def _namespace(self, nsid: int) -> Namespace:
         ns = self.namespaces.get(nsid)

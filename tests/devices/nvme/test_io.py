@@ -16,8 +16,9 @@ import trio
 
 from devices.nvme import Nvme
 from devices.nvme.backend import FileBackend, MemoryBackend
-from devices.nvme.spec import DNR, AdminOpcode, IoOpcode, Reg, Status
+from devices.nvme.spec import DNR, AdminOpcode, FeatureId, IoOpcode, Reg, Status
 from devices.sdk.bits import BytesLike
+from devices.sdk.interface import IrqIndex
 from vfiouser_srv.idlewait import HOT_WAIT
 
 from ..fakes import FakeContext
@@ -466,7 +467,7 @@ async def test_a_thread_completion_wakes_the_only_connection_at_once(
 
     The client runs in a trio run of its own in another thread: in this run it would be a
     second connection, which takes the other path anyway."""
-    from devices.nvme import core
+    from devices.nvme import core, io_commands
     from devices.sdk.threads import in_flight, run_in_thread
     from vfiouser_srv.client import open_client
     from vfiouser_srv.server import Server
@@ -496,6 +497,22 @@ async def test_a_thread_completion_wakes_the_only_connection_at_once(
         late.append(time.perf_counter() - ended[0])
 
     monkeypatch.setattr(core, "run_in_thread", timed)
+    # a write the register handler started has its hand-back (`_write_done`) instead
+    write_ended: list[float] = []
+    write = ns.backend.write
+
+    def timed_write(offset: int, bufs: Sequence[BytesLike]) -> None:
+        write(offset, bufs)
+        write_ended.append(time.perf_counter())
+
+    ns.backend.write = timed_write  # type: ignore[method-assign]
+    write_done = io_commands.IoCommands._write_done
+
+    def timed_done(self: io_commands.IoCommands, job: object) -> None:
+        late.append(time.perf_counter() - write_ended[-1])
+        write_done(self, job)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(io_commands.IoCommands, "_write_done", timed_done)
     ready, go = threading.Event(), threading.Event()
     writes = 20
 
@@ -537,3 +554,104 @@ async def test_a_thread_completion_wakes_the_only_connection_at_once(
     assert blocking_reads == []
     # a tick (4 ms at HZ=250) without the wake-up; well under one with it
     assert statistics.median(late) < HOT_WAIT, sorted(late)
+
+
+class GatedWrites(MemoryBackend):
+    """Writes that run in a thread and wait for `gate`; `entered` once one started."""
+
+    threaded = True
+
+    def __init__(self, size: int, fail: bool = False) -> None:
+        super().__init__(size)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.fail = fail
+        self.calls: list[str] = []
+
+    def write(self, offset: int, bufs: Sequence[BytesLike]) -> None:
+        self.entered.set()
+        self.gate.wait(5)
+        if self.fail:
+            raise OSError(5, "injected write error")
+        super().write(offset, bufs)
+        self.calls.append("write")
+
+    def flush(self) -> None:
+        self.calls.append("flush")
+
+
+def use_gated_writes(dev: Nvme, fail: bool = False) -> GatedWrites:
+    ns = dev.worker.namespaces[1]
+    ns.backend.close()
+    ns.backend = GatedWrites(4 << 20, fail)
+    return ns.backend
+
+
+async def test_a_doorbell_starts_a_write_thread_before_the_handler_returns(io: Host) -> None:
+    """A write fetched in the register handler has its backend call started right there,
+    not after a task of its own got scheduled (each trio round was guest-visible latency),
+    and its completion is posted by the thread's hand-back, with its interrupt."""
+    from devices.sdk.threads import in_flight
+
+    be = use_gated_writes(io.dev)
+    await trio.testing.wait_all_tasks_blocked()
+    data = os.urandom(PAGE)
+    io.ram[DATA : DATA + PAGE] = data
+    irqs = len(io.ctx.irq.triggers)
+    io.submit(1, io.sqe(IO.WRITE, nsid=1, prp1=DATA, cdw=rw(16, 8)))
+    # no checkpoint since the doorbell: only a thread started by the handler can be here
+    assert be.entered.wait(2)
+    assert in_flight[0] == 1  # the serial loop watches trio's epoll until it is back
+    assert io.poll(1) is None
+    be.gate.set()
+    c = await io.wait(1)
+    assert c.code == 0 and in_flight[0] == 0
+    assert io.ctx.irq.triggers[irqs:] == [(IrqIndex.MSIX, 1)]
+    out = memoryview(bytearray(PAGE))
+    be.readinto(16 * 512, [out])
+    assert bytes(out) == data
+    assert not io.dev.worker.carried and not io.dev.worker._inflight
+    assert io.dev.worker.smart.write_commands == 1
+
+
+async def test_a_handler_started_fua_write_completes_after_its_flush(io: Host) -> None:
+    be = use_gated_writes(io.dev)
+    await trio.testing.wait_all_tasks_blocked()
+    be.gate.set()
+    c = await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 1, 1 << 30))  # FUA
+    assert c.code == 0 and be.calls == ["write", "flush"]
+    # the host turned the write cache off: every write is flushed before it completes
+    assert (await io.admin(AdminOpcode.SET_FEATURES, cdw=(FeatureId.VOLATILE_WRITE_CACHE, 0))
+            ).code == 0
+    be.calls.clear()
+    c = await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 1))
+    assert c.code == 0 and be.calls == ["write", "flush"]
+
+
+async def test_a_handler_started_write_that_fails_reports_a_write_fault(io: Host) -> None:
+    be = use_gated_writes(io.dev, fail=True)
+    await trio.testing.wait_all_tasks_blocked()
+    be.gate.set()
+    c = await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 1))
+    assert c.code == Status.WRITE_FAULT and c.status & DNR
+    assert io.ctx.failures  # a backing file error marks the device unhealthy
+
+
+async def test_reset_while_a_handler_started_write_runs(io: Host) -> None:
+    """Controller reset waits for the write's thread, posts no completion for it, and lets
+    go of its guest memory; the controller comes back and serves I/O."""
+    be = use_gated_writes(io.dev)
+    await trio.testing.wait_all_tasks_blocked()
+    io.submit(1, io.sqe(IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 8)))
+    assert be.entered.wait(2)
+    io.wr(Reg.CC, (6 << 16) | (4 << 20))
+    await trio.sleep(0.05)
+    assert io.rd(Reg.CSTS) & 1  # still waiting for the write in its thread
+    be.gate.set()
+    await io.until(lambda: not io.rd(Reg.CSTS) & 1)
+    assert io.poll(1) is None
+    assert io.ctx.dma.pins == 0
+    io.queues.clear()
+    await io.enable()
+    await io.create_io_queues()
+    assert (await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 8))).code == 0
