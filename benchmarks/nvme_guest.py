@@ -34,21 +34,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import trio
-from guest_cpu import CpuSampler
+from guest_cpu import CpuSampler, children
 
 from vfiouser_srv.qemu import run_config
+from vfiouser_srv.qemu.launcher import new_run_dir, serve_device
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
 IMAGE_SIZE = 128 * MIB
 _BENCH = re.compile(r"^BENCH round=(\d+) (\S+) (.*)$")
+_DIAG = re.compile(r"^DIAG round=(\d+) phase=(\S+) (.*)$")
+_PHASE = re.compile(r"^PHASE (\S+) (start|end)$")
 
 Metrics = dict[str, float]
 
@@ -76,6 +81,96 @@ def parse_bench(lines: list[str]) -> list[Metrics]:
             out["rand_read_4k_extra_us"] = extra_ns / fields["ops"] / 1e3
         out[f"{kind}_ios"] = fields.get("ios", 0)
     return [rounds[k] for k in sorted(rounds)]
+
+
+def parse_diag(lines: list[str]) -> dict[str, dict[str, int]]:
+    """The guest's own counters per phase (`DIAG` lines), summed over the rounds."""
+    out: dict[str, dict[str, int]] = {}
+    for line in lines:
+        m = _DIAG.match(line.strip())
+        if m:
+            acc = out.setdefault(m.group(2), {})
+            for k, v in (kv.split("=") for kv in m.group(3).split()):
+                acc[k] = acc.get(k, 0) + int(v)
+    return out
+
+
+def query_stats(path: Path) -> dict[str, int]:
+    """Our server's message counters (`query-stats` on its control socket), blocking: it is
+    called from a console callback, outside the CPU-sampled span of a phase."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        f = s.makefile("rwb")
+        f.readline()
+        f.write(b'{"execute": "query-stats"}\n')
+        f.flush()
+        reply = json.loads(f.readline())["return"]
+    out: dict[str, int] = {}
+    for dev in reply.values():
+        for name, n in dev["messages"].items():
+            out[name] = out.get(name, 0) + n
+        out["interrupts"] = out.get("interrupts", 0) + dev["interrupts"]
+    return out
+
+
+def qemu_threads_ns(pid: int) -> dict[str, int]:
+    """CPU ns of QEMU's threads by kind: `vcpu` (the TCG vCPU thread: the guest's own
+    running time, idle guest excluded), `main` (the main loop: our interrupts and its own
+    nvme's queue processing) and `other` (its block-layer worker threads, vfio-user's)."""
+    out = {"qemu_vcpu_ns": 0, "qemu_main_ns": 0, "qemu_other_ns": 0}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        kind = ("qemu_vcpu_ns" if "/TCG" in comm or "/KVM" in comm
+                else "qemu_main_ns" if tid == str(pid) else "qemu_other_ns")
+        out[kind] += ns
+    return out
+
+
+class StatsSampler:
+    """Message counts of our server and QEMU's CPU by thread kind, per phase, around the
+    CPU samples (taken before a phase's CPU start sample and after its end sample, so the
+    query costs the phase no server CPU); summed over the rounds."""
+
+    def __init__(self, cpu: CpuSampler, control: Path | None) -> None:
+        self.cpu, self.control = cpu, control
+        self._open: dict[str, dict[str, int]] = {}
+        self.totals: dict[str, dict[str, int]] = {}
+
+    def _sample(self) -> dict[str, int]:
+        out = query_stats(self.control) if self.control is not None else {}
+        if "qemu" not in self.cpu.pids:
+            self.cpu.pids = children()
+        if "qemu" in self.cpu.pids:
+            out.update(qemu_threads_ns(self.cpu.pids["qemu"]))
+        return out
+
+    def on_line(self, line: str) -> None:
+        m = _PHASE.match(line.strip())
+        if not m:
+            self.cpu.on_line(line)
+            return
+        name, edge = m.group(1), m.group(2)
+        if edge == "start":
+            self._open[name] = self._sample()
+            self.cpu.on_line(line)
+            return
+        self.cpu.on_line(line)
+        if name in self._open:
+            start, now = self._open.pop(name), self._sample()
+            acc = self.totals.setdefault(name, {})
+            for k, v in now.items():
+                acc[k] = acc.get(k, 0) + v - start.get(k, 0)
 
 
 def cpu_metrics(sampler: CpuSampler, rounds: list[Metrics]) -> Metrics:
@@ -118,18 +213,36 @@ async def run_one(which: str, workdir: Path, args: argparse.Namespace
            "bench_idle": str(args.idle)}
     sampler = CpuSampler()
     if which == "qemu":
+        stats = StatsSampler(sampler, None)
         run = await run_config("qemu-nvme", placeholders={"DISK": str(img)}, guest_env=env,
-                               timeout=900, on_line=sampler.on_line)
+                               timeout=900, on_line=stats.on_line)
     else:
-        run = await run_config("nvme", server_sets=[f"backing={img}", "size=128M"],
-                               guest_env=env, timeout=900, on_line=sampler.on_line)
+        run_dir = await new_run_dir("nvme-bench-server")
+        sock, control = run_dir / "nvme.sock", run_dir / "control.sock"
+        stats = StatsSampler(sampler, control)
+        async with serve_device("nvme", sock, run_dir=run_dir,
+                                sets=[f"backing={img}", "size=128M"],
+                                extra_args=["--control", str(control)]) as server:
+            run = await run_config("nvme", socket_path=sock, guest_env=env, timeout=900,
+                                   on_line=stats.on_line)
+            await server.stop()
     res = run.guest
     if not res.ok:
         raise SystemExit(f"{which}: guest run failed; logs in {res.run_dir}")
     parsed = parse_bench(res.console)
     if len(parsed) != args.rounds:
         raise SystemExit(f"{which}: expected {args.rounds} BENCH rounds; logs in {res.run_dir}")
-    return parsed, cpu_metrics(sampler, parsed)
+    used = cpu_metrics(sampler, parsed)
+    # per guest I/O: the guest's interrupts, CPU ticks and context switches, and the
+    # messages our server received (REGION_WRITE: the guest's MMIO writes)
+    for kind, counts in parse_diag(res.console).items():
+        ios = sum(r.get(f"{kind}_ios", 0) for r in parsed)
+        for key, n in [*counts.items(), *stats.totals.get(kind, {}).items()]:
+            if ios:
+                used[f"{kind}_{key}_per_io"] = n / ios
+    info = [line for line in res.console if line.startswith("INFO queue:")]
+    print(f"{which}: {info[0] if info else 'no queue line'}")
+    return parsed, used
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:

@@ -72,6 +72,14 @@ step_ident() {
     DISK=$(disk_of 1)
     b=/sys/block/${DISK##*/}
     res write_cache "$(cat "$b/queue/write_cache" | tr ' ' _)"
+    # what the block layer makes of the controller (differences change the I/O pattern)
+    q=$b/queue
+    info "queue: max_sectors_kb=$(cat $q/max_sectors_kb) max_hw_sectors_kb=$(cat $q/max_hw_sectors_kb)" \
+         "max_segments=$(cat $q/max_segments) max_segment_size=$(cat $q/max_segment_size)" \
+         "nr_requests=$(cat $q/nr_requests) fua=$(cat $q/fua 2>/dev/null)" \
+         "optimal_io_size=$(cat $q/optimal_io_size) io_poll=$(cat $q/io_poll 2>/dev/null)" \
+         "virt_boundary_mask=$(cat $q/virt_boundary_mask 2>/dev/null)" \
+         "hw_queues=$(ls -d $b/mq/* | wc -l) irqs=$(grep -c nvme /proc/interrupts)"
     [ "$(cat "$b/queue/discard_max_bytes")" -gt 0 ] && res discard_max yes ||
         res discard_max no
 }
@@ -156,6 +164,23 @@ step_flr() {
 # seconds with no I/O at all.
 # completed reads + writes of the disk so far (/sys/block/X/stat fields 1 and 5)
 ios() { set -- $(cat "/sys/block/${DISK##*/}/stat"); echo $(($1 + $5)); }
+# the guest's own counters: nvme interrupts, all interrupts, context switches, and the
+# /proc/stat CPU ticks (user system idle iowait irq softirq), and the ms the disk's I/Os
+# spent from submission to completion, summed (/sys/block/X/stat); `diag` prints the change
+# since `snap` as a DIAG line (outside the timed span: it forks)
+snap() {
+    S0=$(awk '/nvme/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i }
+              END { printf "%d ", n }' /proc/interrupts
+         awk '/^cpu / { printf "%d %d %d %d %d %d ", $2 + $3, $4, $5, $6, $7, $8 }
+              /^intr/ { printf "%d ", $2 } /^ctxt/ { printf "%d ", $2 }' /proc/stat
+         awk '{ printf "%d", $4 + $8 }' "/sys/block/${DISK##*/}/stat")
+}
+diag() {
+    old=$S0; snap
+    echo "$old $S0" | awk -v p="$1" -v r="$2" '{ h = NF / 2; split("nvme_irqs user sys idle iowait irq softirq intr ctxt io_ms", k)
+        printf "DIAG round=%s phase=%s", r, p
+        for (i = 1; i <= h; i++) printf " %s=%d", k[i], $(i + h) - $i; print "" }'
+}
 phase() { echo "PHASE $1 $2"; }
 
 bench() {
@@ -165,16 +190,19 @@ bench() {
     r=0
     while [ "$r" -lt "$rounds" ]; do
         r=$((r + 1))
+        snap
         phase seq_write start
         i0=$(ios); t0=$(now_ns)
         dd if=/dev/zero of=$DISK bs=1M count="$mib" seek=32 oflag=direct 2>/dev/null
         t1=$(now_ns); i1=$(ios)
         phase seq_write end
+        diag seq_write $r
         phase seq_read start
         t1r=$(now_ns)
         dd if=$DISK of=/dev/null bs=1M count="$mib" skip=32 iflag=direct 2>/dev/null
         t2=$(now_ns); i2=$(ios)
         phase seq_read end
+        diag seq_read $r
         phase rand_read_4k start
         t2r=$(now_ns)
         n=0
@@ -185,6 +213,7 @@ bench() {
         done
         t3=$(now_ns); i3=$(ios)
         phase rand_read_4k end
+        diag rand_read_4k $r
         # the same loop without I/O: process start-up cost, subtracted on the host
         n=0
         while [ $n -lt 200 ]; do
