@@ -42,8 +42,9 @@ loop must checkpoint now and then themselves (`FdStream` and `Session._serve_ser
 (none can run while we block), a deadline (the poll times out at it) or a signal or thread
 (their wakeup makes trio's epoll descriptor readable).
 
-It reads private attributes of trio's runner (`runq`, `tasks` and their `_next_send_fn`,
-`deadlines`, `clock`, `instruments`, `waiting_for_idle`, `io_manager._epoll`, `is_guest`).
+It reads private attributes of trio's runner (`runq`, `tasks` and their `_next_send_fn`
+and `_schedule_points`, `deadlines`, `clock`, `instruments`, `waiting_for_idle`,
+`io_manager._epoll`, `is_guest`).
 They have been stable for years, and pyproject.toml bounds trio to the releases this was
 tested with (`TESTED_TRIO`). If a trio release moves them anyway, the probe fails, the
 server logs one warning (`vfiouser_srv.idlewait`: the fast wait is off, serial round trips
@@ -128,6 +129,7 @@ class _AnyTask:
     """Stands in for a task when the runner has none yet (nothing to contradict)."""
 
     _next_send_fn = None
+    _schedule_points = 0
 
 
 _ANY_TASK = _AnyTask()
@@ -150,6 +152,7 @@ def _epoll_fd(runner: Any) -> int | None:
             # one task tells (they are all trio's Task): checking every one made each new
             # connection cost O(tasks in the process)
             and hasattr(next(iter(runner.tasks), _ANY_TASK), "_next_send_fn")
+            and hasattr(next(iter(runner.tasks), _ANY_TASK), "_schedule_points")
             and hasattr(runner.deadlines, "next_deadline")
             and isinstance(getattr(runner.deadlines, "_heap", None), list)
             and hasattr(runner.instruments, "data")
@@ -184,8 +187,8 @@ class IdleWaiter:
     """
 
     __slots__ = (
-        "__weakref__", "_epoll_poller", "_fd", "_heap_len", "_peer_refs", "_peers", "_poller",
-        "_run_frame", "_runner", "busy",
+        "__weakref__", "_busy_step", "_busy_task", "_epoll_poller", "_fd", "_heap_len",
+        "_peer_refs", "_peers", "_poller", "_run_frame", "_runner", "busy", "empty",
     )
 
     def __init__(self, fd: int) -> None:
@@ -199,11 +202,17 @@ class IdleWaiter:
         self._peer_refs: set[Any] = set()
         #: trio's run loop frame (`_batch_pending`), None until needed or when not found
         self._run_frame: Any = None
-        #: `must_yield` found trio's epoll descriptor readable and ours not: a read now
-        #: would fail, and so would `idle_poll`; the next `wait` goes straight to trio
-        #: (the reader skips its read-first: `FdStream`). Only ever a shortcut: stale, it
-        #: costs a scheduler round, since trio's own wait sees data already there.
+        #: trio has something to do (`idle_deadline` found a task to run, `must_yield` an
+        #: event): `idle_poll` would fail, so the next `wait` goes straight to trio, and
+        #: `idle_deadline` says None at once until the task yields (`_busy_step`: looking
+        #: at trio's batch costs more than the rest of its checks). Only ever a shortcut.
         self.busy = False
+        self._busy_task: Any = None
+        self._busy_step = -1
+        #: our descriptor has nothing to read (`must_yield` saw only trio's epoll
+        #: descriptor; the caller's guess after the last read): the reader skips its
+        #: read-first (`FdStream`) until `wait` returns. Stale, it costs a round too.
+        self.empty = False
 
     def _setup(self, runner: Any) -> None:
         self._runner = runner
@@ -240,6 +249,10 @@ class IdleWaiter:
         work: both notice that.)"""
         try:
             runner = _RUN_CONTEXT.runner
+            if self.busy:  # still in the task step that found trio busy: it still is
+                task = _RUN_CONTEXT.task
+                if task is self._busy_task and task._schedule_points == self._busy_step:
+                    return None
         except AttributeError:  # not inside trio.run, or no trio internals
             if _RUN_CONTEXT is None and ENABLED:
                 _internals_moved("trio._core._run.GLOBAL_RUN_CONTEXT is gone")
@@ -256,6 +269,7 @@ class IdleWaiter:
             or len(runner.instruments.data) != 1
             or type(runner.clock) is not _SystemClock
         ):
+            self._set_busy()
             return None
         # `runq` is only the *next* batch: trio takes a batch off it and runs the tasks one
         # by one, so tasks later in the batch we run in are scheduled but in no queue. A
@@ -265,10 +279,12 @@ class IdleWaiter:
             if pending is None:
                 pending = any(task._next_send_fn is not None for task in runner.tasks)
             if pending:
+                self._set_busy()
                 return None
         else:
             for task in runner.tasks:
                 if task._next_send_fn is not None:
+                    self._set_busy()
                     return None
         deadline: float = runner.deadlines.next_deadline()
         self._heap_len = len(runner.deadlines._heap)
@@ -325,6 +341,7 @@ class IdleWaiter:
         at once."""
         runner = self._runner
         if runner.runq or len(runner.deadlines._heap) != self._heap_len:
+            self._set_busy()
             return True
         if deadline != _INF and deadline - runner.clock.current_time() <= HOT_WAIT:
             return True
@@ -333,9 +350,18 @@ class IdleWaiter:
             if len(events) == 1:
                 if events[0][0] == self._fd:
                     return False
-                self.busy = True  # (with many connections: the usual way out, per message)
+                self.empty = True  # (with many connections: the usual way out)
+                self._set_busy()
             return True
-        return bool(self._epoll_poller.poll(0))
+        if self._epoll_poller.poll(0):
+            self._set_busy()
+            return True
+        return False
+
+    def _set_busy(self) -> None:
+        self.busy = True
+        task = self._busy_task = _RUN_CONTEXT.task
+        self._busy_step = task._schedule_points
 
     def idle_poll(self) -> bool:
         """`idle_deadline` and `poll_until` in one: False at once when not idle."""
@@ -344,10 +370,9 @@ class IdleWaiter:
 
     async def wait(self) -> None:
         """Return when the descriptor is readable (or at EOF or error)."""
-        if self.busy:
+        self.empty = False
+        if self.busy or not self.idle_poll():
             self.busy = False
-            await trio.lowlevel.wait_readable(self._fd)
-        elif not self.idle_poll():
             await trio.lowlevel.wait_readable(self._fd)
 
 

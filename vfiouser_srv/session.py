@@ -497,10 +497,11 @@ class Session(DeviceContext):
         waiter = stream.waiter
         if outbox.pending or self.closing or not conn.fast_ready():
             return None
-        if (deadline := waiter.idle_deadline()) is None:
-            return None
         must_yield = waiter.must_yield
-        if not ready and must_yield(deadline):  # many connections: usually, before any set-up
+        if (deadline := waiter.idle_deadline()) is None:
+            if not ready:  # (else trio has other work: serve the read announced, then go)
+                return None
+        elif not ready and must_yield(deadline):  # many connections: usually, before set-up
             return None
         read = stream.read_waiting
         buf = stream.buffer
@@ -563,6 +564,9 @@ class Session(DeviceContext):
                         outbox.send(reply[sent:])
                         return None
                 if self._close_requested or reads >= _SERIAL_READS or nbytes >= RECV_BUDGET:
+                    return None
+                if deadline is None:  # not idle: wait in trio, a request/reply peer's next
+                    waiter.empty = True  # request is not there yet (else: a round later)
                     return None
                 if must_yield(deadline):
                     return None

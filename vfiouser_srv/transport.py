@@ -159,7 +159,7 @@ class FdStream:
         coroutine per message is measurable on a serial round trip."""
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
-        if self._would_block or self.waiter.busy:  # known empty: no EAGAIN read
+        if self._would_block or self.waiter.empty:  # known empty: no EAGAIN read
             return None
         count = self._reads_without_checkpoint + 1
         if count >= _READS_PER_CHECKPOINT or self._bytes_without_checkpoint >= RECV_BUDGET:
@@ -216,12 +216,12 @@ class FdStream:
             or self._bytes_without_checkpoint >= RECV_BUDGET
         ):
             self._reads_without_checkpoint = self._bytes_without_checkpoint = 0
-            self._would_block = self.waiter.busy = False
+            self._would_block = self.waiter.empty = self.waiter.busy = False
             await trio.lowlevel.checkpoint()
         while True:
             # else a read just found nothing, or the serial loop's poll saw trio busy and
-            # our socket empty (`IdleWaiter.busy`): wait first
-            if not self._would_block and not self.waiter.busy:
+            # our socket empty (`IdleWaiter.empty`): wait first
+            if not self._would_block and not self.waiter.empty:
                 try:
                     chunk = self._recv_nowait()
                 except OSError as exc:
@@ -249,7 +249,7 @@ class FdStream:
         self._reads_without_checkpoint = self._bytes_without_checkpoint = 0
         self._would_block = False
         if over:
-            self.waiter.busy = False
+            self.waiter.empty = self.waiter.busy = False
             await trio.lowlevel.checkpoint()
             return False
         await self.waiter.wait()
