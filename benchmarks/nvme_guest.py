@@ -24,7 +24,16 @@ emulation for the built-in device) per I/O, medians over the rounds. After the r
 guest sits idle for a few seconds (`--idle`), and the server's CPU over that period is
 reported as a share of one core: it must be ~0 (no polling without I/O).
 
+Why the guest waits longer with ours (devices/nvme/README.md), per guest I/O and phase: the
+guest's summed I/O latency (/sys/block/X/stat), its interrupts, context switches and CPU
+ticks (`DIAG` lines), our server's messages by command (`query-stats` on its control
+socket: REGION_WRITE is the guest's MMIO doorbells), its run delay and minor faults, and
+QEMU's CPU by thread (TCG vCPU: the guest's own running time; main loop; the rest).
+`--base DIR` also runs our server from another source tree (a `git worktree` of the old
+code) in the same alternation, for old/new ratios from one run.
+
     .venv/bin/python benchmarks/nvme_guest.py [--rounds 5] [--mib 32] [--boots 1] [--idle 5]
+                                              [--base /tmp/base-tree]
 
 Results go to benchmarks/results/nvme-guest-<stamp>.{json,txt}. Run it alone on the
 machine (one QEMU at a time): `flock /tmp/vfiouser-qemu.lock .venv/bin/python ...`.
@@ -38,12 +47,13 @@ import os
 import re
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import trio
-from guest_cpu import CpuSampler, children
+from guest_cpu import CpuSampler, children, minor_faults
 
 from vfiouser_srv.qemu import run_config
 from vfiouser_srv.qemu.launcher import new_run_dir, serve_device
@@ -137,6 +147,24 @@ def qemu_threads_ns(pid: int) -> dict[str, int]:
     return out
 
 
+def server_waits(pid: int) -> dict[str, int]:
+    """Our server's time runnable but not running (schedstat run_delay, all threads: the
+    host's other load delaying us) and its minor page faults (first touches of guest
+    memory through our mapping)."""
+    delay = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        tids = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                delay += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return {"server_run_delay_ns": delay, "server_minflt": minor_faults(pid)}
+
+
 class StatsSampler:
     """Message counts of our server and QEMU's CPU by thread kind, per phase, around the
     CPU samples (taken before a phase's CPU start sample and after its end sample, so the
@@ -153,6 +181,8 @@ class StatsSampler:
             self.cpu.pids = children()
         if "qemu" in self.cpu.pids:
             out.update(qemu_threads_ns(self.cpu.pids["qemu"]))
+        if "server" in self.cpu.pids:
+            out.update(server_waits(self.cpu.pids["server"]))
         return out
 
     def on_line(self, line: str) -> None:
@@ -220,7 +250,13 @@ async def run_one(which: str, workdir: Path, args: argparse.Namespace
         run_dir = await new_run_dir("nvme-bench-server")
         sock, control = run_dir / "nvme.sock", run_dir / "control.sock"
         stats = StatsSampler(sampler, control)
-        async with serve_device("nvme", sock, run_dir=run_dir,
+        python = None
+        if which == "base":  # the same interpreter, importing the other tree's code
+            python = str(workdir / "base-python.sh")
+            Path(python).write_text(f'#!/bin/sh\ncd "{args.base}" && exec "{sys.executable}"'
+                                    ' "$@"\n')
+            Path(python).chmod(0o755)
+        async with serve_device("nvme", sock, run_dir=run_dir, python=python,
                                 sets=[f"backing={img}", "size=128M"],
                                 extra_args=["--control", str(control)]) as server:
             run = await run_config("nvme", socket_path=sock, guest_env=env, timeout=900,
@@ -245,12 +281,20 @@ async def run_one(which: str, workdir: Path, args: argparse.Namespace
     return parsed, used
 
 
+def ratio(b: dict[str, Metrics], num: str, den: str) -> Metrics:
+    """`num` / `den` per metric, > 1 meaning `num` is faster (for times: den / num)."""
+    return {key: (b[den][key] / b[num][key] if key.endswith("_us") else b[num][key] / b[den][key])
+            for key in b[den]
+            if not key.endswith("_ios") and b[den][key] > 0 and b[num].get(key, 0) > 0}
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
-    per: dict[str, list[Metrics]] = {"qemu": [], "ours": []}
-    cpu: dict[str, list[Metrics]] = {"qemu": [], "ours": []}
+    kinds = ["qemu", "ours", *(["base"] if args.base else [])]
+    per: dict[str, list[Metrics]] = {k: [] for k in kinds}
+    cpu: dict[str, list[Metrics]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="nvme-bench-") as tmp:
         for boot in range(args.boots):
-            order = ["qemu", "ours"] if boot % 2 == 0 else ["ours", "qemu"]
+            order = kinds if boot % 2 == 0 else kinds[::-1]
             for which in order:
                 t0 = time.monotonic()
                 got, used = await run_one(which, Path(tmp), args)
@@ -259,20 +303,23 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                 print(f"[boot {boot + 1}] {which}: {len(got)} rounds in "
                       f"{time.monotonic() - t0:.1f} s; best {best(got)}; cpu {used}")
     b = {k: best(v) for k, v in per.items()}
-    ratios = {key: (b["qemu"][key] / b["ours"][key] if key.endswith("_us")
-                    else b["ours"][key] / b["qemu"][key])
-              for key in b["qemu"]
-              if not key.endswith("_ios") and b["qemu"][key] > 0 and b["ours"][key] > 0}
+    ratios = ratio(b, "ours", "qemu")
     cpu_med = {k: {key: statistics.median(m[key] for m in v if key in m)
                    for key in {key for m in v for key in m}} for k, v in cpu.items()}
-    return {"rounds": args.rounds, "boots": args.boots, "mib": args.mib, "idle_s": args.idle,
-            "image_bytes": IMAGE_SIZE, "per_round": per, "best": b,
-            "ratio_ours_over_qemu": ratios, "cpu_per_boot": cpu, "cpu": cpu_med}
+    out = {"rounds": args.rounds, "boots": args.boots, "mib": args.mib, "idle_s": args.idle,
+           "image_bytes": IMAGE_SIZE, "per_round": per, "best": b,
+           "ratio_ours_over_qemu": ratios, "cpu_per_boot": cpu, "cpu": cpu_med}
+    if args.base:
+        out["base_tree"] = args.base
+        out["ratio_base_over_qemu"] = ratio(b, "base", "qemu")
+        out["ratio_ours_over_base"] = ratio(b, "ours", "base")
+    return out
 
 
 def render(out: dict[str, object]) -> str:
     b: dict[str, Metrics] = out["best"]  # type: ignore[assignment]
     ratios: Metrics = out["ratio_ours_over_qemu"]  # type: ignore[assignment]
+    base: Metrics | None = out.get("ratio_ours_over_base")  # type: ignore[assignment]
     rows = [("sequential write, 1 MiB O_DIRECT", "seq_write_mib_s", "MiB/s"),
             ("sequential read, 1 MiB O_DIRECT", "seq_read_mib_s", "MiB/s"),
             ("random read 4 KiB, one dd per read", "rand_read_4k_iops", "IOPS"),
@@ -280,20 +327,40 @@ def render(out: dict[str, object]) -> str:
             ("  of which the read (median, noisy)", "rand_read_4k_extra_us", "µs")]
     lines = [f"NVMe in the guest (TCG, 1 vCPU), best of {out['rounds']} rounds x "
              f"{out['boots']} boot(s), {out['mib']} MiB sequential",
-             f"  {'':42} {'QEMU nvme':>12} {'ours':>12} {'ours/QEMU':>10}"]
+             f"  {'':42} {'QEMU nvme':>12} {'ours':>12} {'ours/QEMU':>10}"
+             + (f" {'base':>12} {'base/QEMU':>10} {'ours/base':>10}" if base else "")]
     for label, key, unit in rows:
         ratio = f"{ratios[key]:>9.2f}x" if key in ratios else "      n/a"
-        lines.append(f"  {label:42} {b['qemu'][key]:>8.1f} {unit:<5} {b['ours'][key]:>8.1f} "
-                     f"{unit:<5} {ratio}")
+        line = (f"  {label:42} {b['qemu'][key]:>8.1f} {unit:<5} {b['ours'][key]:>8.1f} "
+                f"{unit:<5} {ratio}")
+        if base:
+            bq: Metrics = out["ratio_base_over_qemu"]  # type: ignore[assignment]
+            line += (f" {b['base'][key]:>8.1f} {unit:<5}"
+                     + (f" {bq[key]:>9.2f}x" if key in bq else "       n/a")
+                     + (f" {base[key]:>9.2f}x" if key in base else "       n/a"))
+        lines.append(line)
     cpu: dict[str, Metrics] = out["cpu"]  # type: ignore[assignment]
     lines.append("  CPU per guest I/O, µs (median of rounds): QEMU process / our server")
     for kind in ("seq_write", "seq_read", "rand_read_4k"):
         q = cpu["qemu"].get(f"{kind}_qemu_cpu_us_per_io", 0.0)
-        oq = cpu["ours"].get(f"{kind}_qemu_cpu_us_per_io", 0.0)
-        os_ = cpu["ours"].get(f"{kind}_server_cpu_us_per_io", 0.0)
-        ios = b["ours"].get(f"{kind}_ios", 0.0)
-        lines.append(f"    {kind:14} QEMU nvme: qemu {q:8.1f}   ours: qemu {oq:8.1f} + server "
-                     f"{os_:8.1f}   ({ios:.0f} I/Os per round)")
+        line = f"    {kind:14} QEMU nvme: qemu {q:8.1f}"
+        for who in ("ours", *(["base"] if base else [])):
+            oq = cpu[who].get(f"{kind}_qemu_cpu_us_per_io", 0.0)
+            os_ = cpu[who].get(f"{kind}_server_cpu_us_per_io", 0.0)
+            ios = b[who].get(f"{kind}_ios", 0.0)
+            line += f"   {who}: qemu {oq:8.1f} + server {os_:7.1f} ({ios:.0f} I/Os/round)"
+        lines.append(line)
+    lines.append("  per guest I/O (sums over rounds / I/Os): the guest's summed I/O latency"
+                 " (ms), nvme interrupts, MMIO doorbells (REGION_WRITE), QEMU vCPU µs")
+    for kind in ("seq_write", "seq_read", "rand_read_4k"):
+        line = f"    {kind:14}"
+        for who in cpu:
+            m = cpu[who]
+            line += (f" {who}: {m.get(f'{kind}_io_ms_per_io', 0.0):.3f} ms"
+                     f" {m.get(f'{kind}_nvme_irqs_per_io', 0.0):.2f} irq"
+                     f" {m.get(f'{kind}_REGION_WRITE_per_io', 0.0):.2f} db"
+                     f" {m.get(f'{kind}_qemu_vcpu_ns_per_io', 0.0) / 1e3:.0f} µs;")
+        lines.append(line)
     idle = cpu["ours"].get("idle_server_cpu_share", float("nan"))
     lines.append(f"  idle guest ({out['idle_s']} s): our server used {idle * 100:.2f}% of one core"
                  f" (QEMU: {cpu['ours'].get('idle_qemu_cpu_share', float('nan')) * 100:.1f}%"
@@ -308,6 +375,8 @@ def main() -> None:
     p.add_argument("--mib", type=int, default=32, help="MiB per sequential measurement")
     p.add_argument("--boots", type=int, default=1, help="boots per device (alternating)")
     p.add_argument("--idle", type=int, default=5, help="seconds of idle guest measured")
+    p.add_argument("--base", default="", help="also run our server from this source tree "
+                   "(e.g. a `git worktree` of the old code), for old/new ratios in one run")
     args = p.parse_args()
     out = trio.run(main_async, args)
     text = render(out)
