@@ -25,6 +25,9 @@ the guest's disk completed, ``/sys/block/vda/stat``) and per MiB, and QEMU's (th
 process: vCPU, main loop and, for the built-in device, its emulation) per MiB for both
 configurations; idle: each process's CPU as a share of one core over the idle period (the
 server's must be ~0: no polling without I/O). Medians over the rounds after the first.
+The guest also counts its interrupts on the device's vectors around each phase
+(``/proc/interrupts``): the table's last column is interrupts per request (blk) or per MiB
+(net), ours / QEMU's. The blk script prints the queue limits its driver chose (INFO line).
 
 ``VFU_NET_SETS=queue_size=256`` passes extra ``--set`` options to our virtio-net (e.g. QEMU's
 default ring size instead of our 1024). Writes ``benchmarks/results/virtio-guest-<stamp>.json``
