@@ -117,9 +117,19 @@ class DmaUnmap(Body):
 
     @classmethod
     def decode(cls, payload: memoryview, fds: Fds) -> Self:
-        no_fds(cls, fds)
+        return cls(*cls.fields(payload, fds))
+
+    @classmethod
+    def fields(
+        cls, payload: memoryview, fds: Fds
+    ) -> tuple[int, int, int, int, DmaBitmap | None]:
+        """(flags, address, size, argsz, bitmap): what `decode` builds the body from, for
+        a caller that needs only the values (`FixedBody.fields` says why)."""
+        if fds:
+            no_fds(cls, fds)
         size = DMA_UNMAP_SIZE
-        need(cls, payload, size, fds)
+        if len(payload) < size:
+            need(cls, payload, size, fds)
         argsz, flags, address, length = _DMA_UNMAP.unpack_from(payload)
         if argsz < size:
             raise reject(cls, f"argsz {argsz} < {size}", fds)
@@ -128,7 +138,7 @@ class DmaUnmap(Body):
             need(cls, payload, size + _BITMAP.size, fds)
             pgsize, bsize = _BITMAP.unpack_from(payload, size)
             bitmap = DmaBitmap(pgsize, bsize, bytes(payload[size + _BITMAP.size :]))
-        return cls(flags, address, length, argsz, bitmap)
+        return flags, address, length, argsz, bitmap
 
 
 @dataclass(frozen=True, slots=True)

@@ -233,54 +233,68 @@ class Container:
     def map(self, req: DmaMap, owner: Any = None) -> DmaWindow:
         """Add a window. Consumes `req.fd`: closed if the map fails, else kept by the window
         (`DmaWindow.file` or `DmaWindow.fd`) until `release`."""
-        fd: OwnedFd | None = req.fd
+        return self.map_window(req.flags, req.offset, req.address, req.size, req.fd, owner)
+
+    def map_window(
+        self, flags: int, offset: int, address: int, size: int, fd: OwnedFd | None, owner: Any
+    ) -> DmaWindow:
+        """`map` from the body's values (`DmaMap.fields`, the server's DMA_MAP path)."""
         if fd is None:  # message mode: nothing to close whatever happens
-            return self._map(req, None, owner)
+            return self._map(flags, offset, address, size, None, owner)
         window: DmaWindow | None = None
         try:
-            window = self._map(req, fd, owner)
+            window = self._map(flags, offset, address, size, fd, owner)
             return window
         finally:
             if window is None or fd not in (window.file, window.fd):
                 fd.close()
 
-    def _map(self, req: DmaMap, fd: OwnedFd | None, owner: Any) -> DmaWindow:
-        flags = req.flags
+    def _map(
+        self, flags: int, offset: int, address: int, size: int, fd: OwnedFd | None, owner: Any
+    ) -> DmaWindow:
         if flags & _UNKNOWN:
-            raise RemoteProtocolError(f"DMA_MAP: unknown flags {req.flags:#x}")
+            raise RemoteProtocolError(f"DMA_MAP: unknown flags {flags:#x}")
         if not flags & _KNOWN:
             raise RemoteProtocolError("DMA_MAP: neither read nor write")
-        if req.size == 0:
+        if size == 0:
             raise RemoteProtocolError("DMA_MAP: size 0")
-        if req.address + req.size > _ADDRESS_LIMIT:
+        if address + size > _ADDRESS_LIMIT:
             raise RemoteProtocolError("DMA_MAP: address range wraps")
         mask = self.page_size - 1
-        if req.address & mask or req.size & mask or (fd is not None and req.offset & mask):
+        if address & mask or size & mask or (fd is not None and offset & mask):
             raise RemoteProtocolError(
-                f"DMA_MAP: {req.address:#x}+{req.size:#x} (offset {req.offset:#x}) "
+                f"DMA_MAP: {address:#x}+{size:#x} (offset {offset:#x}) "
                 f"not aligned to {self.page_size:#x}"
             )
-        if self._overlapping(req.address, req.size):
+        # `_overlapping`, inlined: this runs for every map a guest's IOMMU makes
+        starts, windows = self._starts, self._windows
+        i = bisect.bisect_right(starts, address)
+        if (i > 0 and windows[i - 1].end > address) or (
+            i < len(windows) and starts[i] < address + size
+        ):
             raise RemoteProtocolError(
-                f"DMA_MAP: {req.address:#x}+{req.size:#x} overlaps a window", errno=errno.EEXIST
+                f"DMA_MAP: {address:#x}+{size:#x} overlaps a window", errno=errno.EEXIST
             )
-        if len(self._windows) >= self.max_maps:
+        if len(windows) >= self.max_maps:
             raise RemoteProtocolError(
-                f"DMA_MAP: already {len(self._windows)} windows", errno=errno.ENOSPC
+                f"DMA_MAP: already {len(windows)} windows", errno=errno.ENOSPC
             )
-        readable = bool(req.flags & _READ)
-        writable = bool(req.flags & _WRITE)
-        window = DmaWindow(req.address, req.size, readable, writable, req.offset, owner=owner)
+        writable = bool(flags & _WRITE)
+        window = DmaWindow(address, size, bool(flags & _READ), writable, offset, owner=owner)
         if fd is not None:
-            if self._check_file(fd, req):
-                window.mapping = self._mmap(fd, req, writable)
-                window.view = memoryview(window.mapping)
+            mapping = self._map_sealed(fd, offset, size, writable)
+            if mapping is not None:
+                window.mapping = mapping
+                window.view = memoryview(mapping)
                 window.fd = fd
             else:
                 window.file = fd
         else:
             window.offset = 0
-        return self._insert(window)  # `_overlapping` said no above, and nothing ran since
+        # `_overlapping` said no above, and nothing ran since: insert at the same place
+        starts.insert(i, address)
+        windows.insert(i, window)
+        return window
 
     def add(self, window: DmaWindow) -> DmaWindow:
         """Insert a window that is already validated and reachable (its `view`, `file` or
@@ -298,30 +312,37 @@ class Container:
         return window
 
     @staticmethod
-    def _check_file(fd: OwnedFd, req: DmaMap) -> bool:
-        """Validate the window's file; True when it may be mmap'd (it cannot shrink).
+    def _map_sealed(fd: OwnedFd, offset: int, size: int, writable: bool) -> mmap.mmap | None:
+        """mmap the window's file if it can never shrink; None: serve it with pread/pwrite.
 
         Only regular files back guest memory (memfd, tmpfs, hugetlbfs, a plain file): a
         character device's mapping has semantics of its own and cannot be read safely.
+        The seal check comes first because only shmem and hugetlbfs files (regular files
+        by construction) can carry seals: a sealed file needs no fstat of ours, and
+        CPython's mmap refuses a window past its end itself (it fstats a regular file),
+        so the map QEMU makes costs one syscall fewer. Any other file is checked here.
         """
-        st = os.fstat(fd.fileno())
+        fileno = fd.fileno()
+        if cannot_shrink(fileno):
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            try:
+                return mmap.mmap(fileno, size, mmap.MAP_SHARED, prot, offset=offset)
+            except (ValueError, OverflowError) as exc:  # past the end of the file
+                raise RemoteProtocolError(
+                    f"DMA_MAP: the file cannot back {offset:#x}+{size:#x} ({exc})"
+                ) from None
+            except OSError as exc:
+                raise RemoteProtocolError(
+                    f"DMA_MAP: mmap failed: {exc}", errno=exc.errno or errno.EINVAL
+                ) from None
+        st = os.fstat(fileno)
         if not stat.S_ISREG(st.st_mode):
             raise RemoteProtocolError("DMA_MAP: descriptor is not a regular file (guest memory)")
-        if req.offset + req.size > st.st_size:
+        if offset + size > st.st_size:
             raise RemoteProtocolError(
-                f"DMA_MAP: file of {st.st_size:#x} bytes cannot back {req.offset:#x}+{req.size:#x}"
+                f"DMA_MAP: file of {st.st_size:#x} bytes cannot back {offset:#x}+{size:#x}"
             )
-        return cannot_shrink(fd.fileno())
-
-    @staticmethod
-    def _mmap(fd: OwnedFd, req: DmaMap, writable: bool) -> mmap.mmap:
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        try:
-            return mmap.mmap(fd.fileno(), req.size, mmap.MAP_SHARED, prot, offset=req.offset)
-        except OSError as exc:
-            raise RemoteProtocolError(
-                f"DMA_MAP: mmap failed: {exc}", errno=exc.errno or errno.EINVAL
-            ) from None
+        return None
 
     def _overlapping(self, address: int, size: int) -> bool:
         i = bisect.bisect_right(self._starts, address)

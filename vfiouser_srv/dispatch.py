@@ -111,6 +111,9 @@ _TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
 _DMA_MAP_REPLY = DmaMapReply()
 _READ = int(Command.REGION_READ)
 _WRITE = int(Command.REGION_WRITE)
+_DMA_MAP = int(Command.DMA_MAP)
+_UNMAP_HEAD = DmaUnmap.HEAD
+_UNMAP_SIZE = DmaUnmap.SIZE
 
 
 def _frame(session: HandlerContext, req: Request, body: Body | None) -> Framed:
@@ -190,40 +193,53 @@ def serve_plain(
     """Answer a plain DMA_MAP / DMA_UNMAP (a request with no flag but No_reply, no error
     field, no descriptors: `Connection.take_plain`) from its payload.
 
-    The same codec (`body.decode`), handler and error boundary as `run_request`, minus the
-    Frame, Request and payload copy the decoder would make: mapping and unmapping windows
-    back to back is what a guest's IOMMU does, and those objects were a third of the cost.
+    The same checks (`fields`, the codec's twin of `decode`), the same handler work
+    (`map_window`, `unmap_windows`, which `on_dma_map` and `on_dma_unmap` call too) and the
+    same error boundary as `run_request`, minus the Frame, Request, body and reply objects:
+    mapping and unmapping windows back to back is what a guest's IOMMU does, and building
+    those frozen dataclasses was more than half of what a map cost beyond any message.
     A payload the codec refuses goes to the full path, so the errno is always its own.
     `fds`: the descriptor a DMA_MAP came with alone in its read (the serial loop's)."""
     try:
-        body = PLAIN_BODIES[command].decode(payload, fds)
+        args = PLAIN_BODIES[command].fields(payload, fds)
     except RemoteProtocolError:
         close_all(fds)  # refused with or without them: the same EINVAL
         return session.full_path(msg_id, command, flags, payload)
     session.device.stats.messages[command] += 1
     no_reply = flags != 0
     try:
-        result = HANDLERS[command](session, body)
+        if command == _DMA_MAP:
+            flags_, offset, address, size, fd, _argsz = args
+            map_window(session, flags_, offset, address, size, fd)
+            return None if no_reply else _HEADER.pack(msg_id, command, 16, _TYPE_REPLY, 0)
+        flags_, address, size, argsz, _bitmap = args
+        waiting = unmap_windows(session, flags_, address, size)
     except Exception as exc:
-        close_all(body.fds)
+        close_all(fds)
         return fail(session, msg_id, command, no_reply, exc)
-    if not isinstance(result, Body):  # (an ABC check for Coroutine costs more)
-        assert isinstance(result, Coroutine)  # DMA_UNMAP of a pinned window: drain first
-        req = Request(msg_id, body, no_reply, 16 + len(payload), flags)
-        return _finish_plain(session, req, result)
-    if no_reply:
-        return None
-    # `Connection.send_reply` without its VERSION step (these are never VERSION)
-    data = result.encode()
-    return _HEADER.pack(msg_id, command, 16 + len(data), _TYPE_REPLY, 0) + data
+    # the reply echoes the request's entry (`DmaUnmapReply` without a bitmap, encoded)
+    reply = None if no_reply else (
+        _HEADER.pack(msg_id, command, 16 + _UNMAP_SIZE, _TYPE_REPLY, 0)
+        + _UNMAP_HEAD.pack(argsz, flags_, address, size)
+    )
+    if waiting is None:
+        return reply
+    return _finish_plain(session, msg_id, command, no_reply, waiting, reply)
 
 
 async def _finish_plain(
-    session: HandlerContext, req: Request, coro: Coroutine[Any, Any, Body]
+    session: HandlerContext,
+    msg_id: int,
+    command: int,
+    no_reply: bool,
+    waiting: Awaitable[None],
+    reply: bytes | None,
 ) -> bytes | None:
-    framed = await _finish(session, req, coro)
-    assert not isinstance(framed, tuple), "DMA replies carry no descriptors"
-    return framed
+    try:
+        await waiting
+    except Exception as exc:
+        return fail(session, msg_id, command, no_reply, exc)
+    return reply
 
 
 def run_frame(session: HandlerContext, frame: Frame) -> bytes | None:
@@ -284,8 +300,17 @@ async def _version_after_previous(session: HandlerContext, caps: Capabilities, r
 
 
 def on_dma_map(session: HandlerContext, req: DmaMap) -> Body:
-    assert session.container is not None
-    w = session.container.map(req, owner=session.requests)
+    map_window(session, req.flags, req.offset, req.address, req.size, req.fd)
+    return _DMA_MAP_REPLY
+
+
+def map_window(
+    session: HandlerContext, flags: int, offset: int, address: int, size: int, fd: Any
+) -> None:
+    """DMA_MAP's work, from the body's values (`on_dma_map` and `serve_plain`)."""
+    container = session.container
+    assert container is not None
+    w = container.map_window(flags, offset, address, size, fd, session.requests)
     if w.file is not None and not session.warned_unsealed:
         # once per connection: the deployment loses zero copy and should know why
         session.warned_unsealed = True
@@ -299,10 +324,9 @@ def on_dma_map(session: HandlerContext, req: DmaMap) -> Body:
         )
     elif log.isEnabledFor(logging.DEBUG):
         log.debug("%s: mapped %#x+%#x %s", session.name, w.address, w.size, w.mode)
-    return _DMA_MAP_REPLY
 
 
-async def _release_pinned(session: HandlerContext, windows: list[DmaWindow], reply: Body) -> Body:
+async def _release_pinned(session: HandlerContext, windows: list[DmaWindow]) -> None:
     if not await Container.drain(windows, timeout=1.0):
         # Quiesce: the device holds guest memory across an await and did not let go in
         # time; cancel its tasks (they are restartable by design) rather than unmap under it.
@@ -310,25 +334,45 @@ async def _release_pinned(session: HandlerContext, windows: list[DmaWindow], rep
         await session.tasks.cancel_all()
     for w in windows:
         w.release()
+
+
+async def _reply_after(waiting: Awaitable[None], reply: Body) -> Body:
+    await waiting
     return reply
 
 
 def on_dma_unmap(session: HandlerContext, req: DmaUnmap) -> Result:
-    if req.flags & ~_UNMAP_ALL:
-        raise RemoteProtocolError(f"DMA_UNMAP: flags {req.flags:#x} not supported")
-    unmap_all = bool(req.flags & _UNMAP_ALL)
-    if unmap_all and (req.address or req.size):
+    waiting = unmap_windows(session, req.flags, req.address, req.size)
+    reply = DmaUnmapReply(req.flags, req.address, req.size, req.argsz)
+    return reply if waiting is None else _reply_after(waiting, reply)
+
+
+def unmap_windows(
+    session: HandlerContext, flags: int, address: int, size: int
+) -> Coroutine[Any, Any, None] | None:
+    """DMA_UNMAP's work (`on_dma_unmap` and `serve_plain`): the windows are gone from the
+    container at once; None when they are released too, else what releases them once the
+    device's pins let go (the spec: every reference, in-flight DMA included, is released
+    before the reply)."""
+    if flags & ~_UNMAP_ALL:
+        raise RemoteProtocolError(f"DMA_UNMAP: flags {flags:#x} not supported")
+    unmap_all = bool(flags & _UNMAP_ALL)
+    if unmap_all and (address or size):
         raise RemoteProtocolError("DMA_UNMAP: unmap-all needs address = size = 0")
     container = session.container
     assert container is not None
-    windows = container.take_all() if unmap_all else [container.take(req.address, req.size)]
-    reply = DmaUnmapReply(req.flags, req.address, req.size, req.argsz)
-    if windows[0].pins if len(windows) == 1 else any(w.pins for w in windows):
-        # The spec: release every reference, in-flight DMA included, before replying.
-        return _release_pinned(session, windows, reply)
+    if not unmap_all:
+        w = container.take(address, size)
+        if w.pins:
+            return _release_pinned(session, [w])
+        w.release()
+        return None
+    windows = container.take_all()
+    if any(w.pins for w in windows):
+        return _release_pinned(session, windows)
     for w in windows:
         w.release()
-    return reply
+    return None
 
 
 def on_device_get_info(session: HandlerContext, req: DeviceGetInfo) -> Body:

@@ -8,6 +8,7 @@ that connection was closed and nothing else was affected).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import struct
 from collections.abc import Awaitable
@@ -36,7 +37,7 @@ from protocol import (
     pack_header,
 )
 from vfiouser_srv.client import Client, VfioUserError, make_eventfd, wait_eventfd
-from vfiouser_srv.fds import OwnedFd
+from vfiouser_srv.fds import OwnedFd, open_fd_count
 from vfiouser_srv.objects import OwnerPolicy
 from vfiouser_srv.server import Server
 
@@ -422,6 +423,31 @@ async def test_dma_map_invalid_ranges_are_einval(server: Server) -> None:
             assert len(container_of(server)) == 0
             await c.dma_map(0x10000, PAGE, fd=fd, offset=PAGE)
         assert len(container_of(server)) == 1
+
+
+@python_engine_only(VALIDATION)
+async def test_dma_map_past_the_end_of_a_sealed_file_is_einval(server: Server) -> None:
+    # A file sealed against shrinking is mmap'd without an fstat of ours: CPython's mmap
+    # refuses a window past the end of the file (ValueError, OverflowError for sizes no
+    # C type holds), and that must be the same EINVAL, with the descriptor closed.
+    fd = OwnedFd(os.memfd_create("errno-sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING))
+    with fd:
+        os.ftruncate(fd.fileno(), 4 * PAGE)
+        fcntl.fcntl(fd.fileno(), fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        async with open_client(server) as c:
+            before = open_fd_count()
+            for offset, size in [
+                (0, 8 * PAGE),  # file too small
+                (4 * PAGE, PAGE),  # starts at the end
+                (3 * PAGE, 2 * PAGE),  # runs past the end
+                (0, 1 << 62),  # far too big for the file
+                (1 << 63, PAGE),  # an offset no off_t holds
+            ]:
+                await expect_errno(errno.EINVAL, c.dma_map(0x10000, size, fd=fd, offset=offset))
+            assert len(container_of(server)) == 0
+            assert open_fd_count() == before  # every descriptor sent was closed
+            await c.dma_map(0x10000, 3 * PAGE, fd=fd, offset=PAGE)
+            assert next(iter(container_of(server))).mode == "mmap"
 
 
 @python_engine_only(VALIDATION)
