@@ -68,8 +68,15 @@ class FdStream:
     """One connected AF_UNIX stream socket carrying (bytes, fds)."""
 
     def __init__(
-        self, sock: socket.socket, *, recv_size: int = RECV_SIZE, max_fds: int = SCM_MAX_FD
+        self,
+        sock: socket.socket,
+        *,
+        recv_size: int = RECV_SIZE,
+        max_fds: int = SCM_MAX_FD,
+        peer: tuple[int, int, int] | None = None,
     ) -> None:
+        #: SO_PEERCRED as the accept loop already read it (one getsockopt per connection)
+        self._peer = peer
         # Blocking mode + MSG_DONTWAIT on every call except the hot loop's read (see
         # RECV_FLAGS): O_NONBLOCK belongs to the shared file description, and toggling it
         # per message cost more than it saved.
@@ -123,7 +130,10 @@ class FdStream:
         return self._closed
 
     def peercred(self) -> tuple[int, int, int]:
-        """(pid, uid, gid) of the peer, from SO_PEERCRED."""
+        """(pid, uid, gid) of the peer, from SO_PEERCRED (read once: they are the peer's
+        credentials when it connected, and never change)."""
+        if self._peer is not None:
+            return self._peer
         raw = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", raw)
         return pid, uid, gid
