@@ -32,6 +32,7 @@ from devices.sdk.threads import run_in_thread
 
 from . import identify as idf
 from .command import Command, CommandError, Namespace
+from .polling import SqPoller
 from .port import ControllerPort
 from .prp import Segments, walk_prps
 from .queue import CompletionQueue, DoorbellError, SubmissionQueue
@@ -87,7 +88,8 @@ class WorkerCore:
     """State and shared operations of one controller's worker (see the module docstring)."""
 
     def __init__(self, dev: ControllerPort, namespaces: dict[int, Namespace],
-                 info: idf.ControllerInfo, *, max_queues: int, stride: int) -> None:
+                 info: idf.ControllerInfo, *, max_queues: int, stride: int,
+                 poll_us: int = 0) -> None:
         self.dev = dev
         self.namespaces = namespaces
         self.info = info
@@ -114,6 +116,8 @@ class WorkerCore:
         #: backend calls in threads at once (a guest with deep queues must not get a thread
         #: per command; trio.to_thread's limiter is 40 for the whole process)
         self._threads = trio.Semaphore(IO_THREADS)
+        #: shadow SQ tails polled after a doorbell-served batch (not device state)
+        self.poller = SqPoller(self, poll_us / 1e6)
         self.power_on()
 
     # ------------------------------------------------------------------ state
@@ -129,6 +133,7 @@ class WorkerCore:
         self._controller_state()
 
     def _controller_state(self) -> None:
+        self.poller.forget()
         self.sqs: dict[int, SubmissionQueue] = {}
         self.cqs: dict[int, CompletionQueue] = {}
         self.page_size = 4096
@@ -159,6 +164,7 @@ class WorkerCore:
         flush the backends. Polled (1 ms): quiesce is rare, and the worker and its I/O
         tasks each end on their own schedule."""
         self.quiescing = True
+        self.poller.stop()
         try:
             while self.stepping or self._inflight:
                 await trio.sleep(0.001)
@@ -199,6 +205,8 @@ class WorkerCore:
             except DoorbellError as exc:
                 log.warning("nvme: %s; ignored", exc)
                 return
+        else:
+            self.poller.mmio_doorbell(sq)
         if qid and self.can_fetch_now() and self._fetch_now(sq):
             return
         self.kick()
@@ -218,6 +226,12 @@ class WorkerCore:
         """`io_commands.IoCommands` supplies it: fetch and run what `sq` holds without
         waiting; False when the worker must take over."""
         raise NotImplementedError
+
+    def _publish_event_idx(self, sq: SubmissionQueue) -> bool:
+        raise NotImplementedError  # `io_commands.IoCommands`
+
+    def _shadow_tail_now(self, sq: SubmissionQueue) -> bool:
+        raise NotImplementedError  # `io_commands.IoCommands`
 
     def cq_doorbell(self, qid: int, value: int) -> None:
         self.io_mmio_doorbells += qid != 0

@@ -116,14 +116,12 @@ class IoCommands(WorkerCore):
                 if sq.shadow_db is not None and not self._shadow_tail_now(sq):
                     return False
                 if not sq.pending:
-                    if sq.event_idx is None:
-                        return True
+                    if sq.event_idx is None or self.poller.hold(sq):
+                        return True  # (held: the event index stays behind while we poll)
                     # publish what we have seen, then look once more (see _drain_sq)
-                    view = self.dma.view(sq.event_idx, 4, write=True)
-                    if view is None:
+                    if not self._publish_event_idx(sq):
                         return False
-                    view[:] = sq.tail.to_bytes(4, "little")
-                    if not self._shadow_tail_now(sq) or sq.pending:
+                    if sq.pending:
                         continue
                     return True
                 if budget <= 0:
@@ -144,6 +142,22 @@ class IoCommands(WorkerCore):
             self._irq_batch = None
             for vector in sorted(batch):
                 self.dev.raise_irq(vector)
+
+    def _publish_event_idx(self, sq: SubmissionQueue) -> bool:
+        """Tell the host (event index) we have seen `sq` up to its tail, so its next
+        submission rings the MMIO doorbell, and read the shadow tail once more (a command
+        added before the host could see the new index would not ring); False when guest
+        memory is not mmap'd here."""
+        assert sq.event_idx is not None
+        try:
+            view = self.dma.view(sq.event_idx, 4, write=True)
+        except DmaError:
+            return False
+        if view is None:
+            return False
+        view[:] = sq.tail.to_bytes(4, "little")
+        self.poller.published_now(sq)
+        return self._shadow_tail_now(sq)
 
     def _shadow_tail_now(self, sq: SubmissionQueue) -> bool:
         assert sq.shadow_db is not None

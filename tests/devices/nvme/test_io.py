@@ -655,3 +655,89 @@ async def test_reset_while_a_handler_started_write_runs(io: Host) -> None:
     await io.enable()
     await io.create_io_queues()
     assert (await io.cmd(1, IO.WRITE, nsid=1, prp1=DATA, cdw=rw(0, 8))).code == 0
+
+
+async def shadow_io(io: Host, poll_us: int = 1000) -> None:
+    c = await io.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=DBS, prp2=EIS)
+    assert c.code == 0
+    io.queues[1].shadow = True
+    io.dev.worker.poller.limit = poll_us / 1e6  # the `poll_us` option (default off)
+
+
+def event_index(io: Host) -> int:
+    return int.from_bytes(io.ram[EIS + 8 : EIS + 12], "little")
+
+
+async def test_polling_catches_a_quick_next_submission_without_mmio(io: Host) -> None:
+    """A host whose next command comes soon after the last completion: the poll window
+    grows (each MMIO doorbell came within `poll_us` of the event index being published);
+    while we poll, the event index stays behind and a command is served without the host
+    ringing. Once the window ends, the index is published again and the host rings."""
+    await shadow_io(io)
+    poller = io.dev.worker.poller
+    assert poller.limit > 0 and poller.window == 0
+    poller.limit = 0.05  # this host looks at its CQ every ms: a window well above that
+    await trio.testing.wait_all_tasks_blocked()
+    for _ in range(3):
+        assert (await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1))).code == 0
+    assert poller.window > 0  # grew
+    await io.until(lambda: not poller.running)
+    poller.window = poller.limit
+    assert (await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1))).code == 0
+    before, hits = io.mmio_doorbells, poller.hits
+    for i in range(3):
+        c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(8 * i, 1))
+        assert c.code == 0
+    assert io.mmio_doorbells == before and poller.hits == hits + 3  # no MMIO: polled
+    # idle: the window ends, the event index catches up, the poll task is gone
+    await io.until(lambda: not poller.running)
+    assert event_index(io) == io.queues[1].tail
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(16, 1))
+    assert c.code == 0 and io.mmio_doorbells == before + 1
+
+
+async def test_polling_shrinks_when_the_host_is_slow(io: Host) -> None:
+    await shadow_io(io)
+    poller = io.dev.worker.poller
+    poller.window = poller.limit
+    for _ in range(12):
+        c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1))
+        assert c.code == 0
+        await io.until(lambda: not poller.running)
+        await trio.sleep(poller.limit * 1.5)  # the next command comes after the window
+    assert poller.window == 0
+
+
+async def test_quiesce_stops_polling_and_publishes_the_event_index(io: Host) -> None:
+    await shadow_io(io)
+    poller = io.dev.worker.poller
+    poller.window = poller.limit = 5.0  # a long window: only quiesce ends it
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1))
+    assert c.code == 0 and poller.until
+    assert event_index(io) != io.queues[1].tail
+    await io.dev.worker.quiesce()
+    assert not poller.until and event_index(io) == io.queues[1].tail
+    io.dev.worker.resume()
+    await io.until(lambda: not poller.running)
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1))
+    assert c.code == 0
+
+
+async def test_reset_while_polling(io: Host) -> None:
+    await shadow_io(io)
+    poller = io.dev.worker.poller
+    poller.window = poller.limit = 5.0
+    c = await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1))
+    assert c.code == 0 and poller.until
+    await io.disable()
+    await io.until(lambda: not poller.running)
+    await io.enable()
+    await io.create_io_queues()
+    assert (await io.cmd(1, IO.READ, nsid=1, prp1=DATA, cdw=rw(0, 1))).code == 0
+
+
+def test_poll_us_option() -> None:
+    assert Nvme(size="4M").worker.poller.limit == 0  # off unless asked for
+    assert Nvme(size="4M", poll_us=500).worker.poller.limit == 0.0005
+    with pytest.raises(ValueError):
+        Nvme(size="4M", poll_us=-1)
