@@ -410,6 +410,7 @@ class Session(DeviceContext):
             if self.pause is not None and decoder.idle:
                 return False
             got = None if self._no_serial else self._serve_serial(ready)
+            ready = False
             if got is None and self._deferred is not None:  # the serial loop's unmap
                 deferred, self._deferred = self._deferred, None
                 await self.outbox.flush([r] if (r := await deferred) is not None else [])
@@ -421,7 +422,6 @@ class Session(DeviceContext):
                 if self.pause is not None:  # maybe cancelled: read on in a new epoch
                     return False
                 continue
-            ready = False
             data, fds = got
             if not data:
                 close_all(fds)
