@@ -242,6 +242,34 @@ async def test_allow_list_admits_a_listed_peer(
     assert refusals(caplog) == []
 
 
+async def test_peer_credentials_are_read_once_per_connection(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the accept loop reads SO_PEERCRED for the allow-list and hands it to the session
+    # (a getsockopt per connection less); the session still knows who its client is
+    reads = 0
+    real = socket.socket.getsockopt
+
+    def counting(sock: socket.socket, level: int, option: int, *rest: Any) -> Any:
+        nonlocal reads
+        if (level, option) == (socket.SOL_SOCKET, socket.SO_PEERCRED) and sock.family == (
+            socket.AF_UNIX
+        ) and sock.getsockname():  # the server's end (the client's is unnamed)
+            reads += 1
+        return real(sock, level, option, *rest)
+
+    server = Server()
+    server.add_device("edu", Edu(), socket_path=sock_path(tmp_path, "edu"))
+    await serving(nursery, server)
+    monkeypatch.setattr(socket.socket, "getsockopt", counting)
+    async with open_client(server) as c:
+        assert from_u32(await c.region_read(BAR0, Reg.ID, 4)) == EDU_ID
+        (session,) = server.sessions
+        assert (session.client.pid, session.client.uid, session.client.gid) == (
+            os.getpid(), os.getuid(), os.getgid())
+    assert reads == 1
+
+
 # ------------------------------------------------------------------------ connection caps
 
 

@@ -30,6 +30,10 @@ from ..transport import FdStream
 
 log = logging.getLogger(__name__)
 
+#: plain ints for the accepted socket (the enum properties of the listener cost ~3 µs)
+_AF_UNIX = int(socket.AF_UNIX)
+_SOCK_STREAM = int(socket.SOCK_STREAM)
+
 #: pause before retrying accept after EMFILE/ENFILE
 ACCEPT_RETRY_SLEEP = 0.1
 
@@ -181,9 +185,10 @@ class PythonDevice:
             if sock.fileno() < 0:  # hot-removed before this task first ran
                 return
             if not is_listening(sock):  # --fd handed us one connected client
-                if self._admit(sock):
+                peer = self._admit(sock)
+                if peer is not None:
                     self._count(+1)
-                    await self._serve_connection(sock)
+                    await self._serve_connection(sock, peer)
                 return
             while True:
                 await trio.lowlevel.wait_readable(sock)
@@ -191,7 +196,9 @@ class PythonDevice:
                     await self._held.wait()
                     continue
                 try:
-                    conn, _ = sock.accept()
+                    # `socket.accept` without its enum conversions of the listener's family
+                    # and type (~3 µs): the connection is an AF_UNIX stream like the listener
+                    fd, _ = sock._accept()  # type: ignore[attr-defined]
                 except BlockingIOError:
                     continue
                 except OSError as exc:
@@ -207,9 +214,15 @@ class PythonDevice:
                     if exc.errno in (errno.EBADF, errno.EINVAL):
                         return  # listener closed under us (hot remove)
                     raise
-                if not self._admit(conn):
+                try:
+                    conn = socket.socket(_AF_UNIX, _SOCK_STREAM, 0, fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                peer = self._admit(conn)
+                if peer is None:
                     continue
-                self.host.start_soon(self._serve_connection, conn)
+                self.host.start_soon(self._serve_connection, conn, peer)
                 # no checkpoint since the check: the next accept sees this connection counted
                 self._count(+1)
 
@@ -217,11 +230,13 @@ class PythonDevice:
         self.host.connections[self.device.name] += delta
         self.host.total_connections += delta
 
-    def _admit(self, conn: socket.socket) -> bool:
+    def _admit(self, conn: socket.socket) -> tuple[int, int, int] | None:
         """Check a new connection against the allow-list and the caps; close it if refused.
 
         Runs before anything is read from `conn`, so a refused peer gets no byte from us and
         costs no parsing; the caps count every open connection, negotiating or attached.
+        Returns the peer's (pid, uid, gid) from SO_PEERCRED (-1s if unreadable) for the
+        session, which then reads them no second time; None when refused.
         """
         host, name, access = self.host, self.device.name, self.endpoint.access
         try:
@@ -243,17 +258,20 @@ class PythonDevice:
             )
         if reason is None:
             self.device.stats.connections_accepted += 1
-            return True
+            return pid, uid, gid
         self.device.stats.connections_refused += 1
         conn.close()
         peer = f"pid {pid} uid {uid} gid {gid}"
         self._refusals.refused(name, reason, peer, self.host.start_soon)
-        return False
+        return None
 
-    async def _serve_connection(self, conn: socket.socket) -> None:
+    async def _serve_connection(self, conn: socket.socket, peer: tuple[int, int, int]) -> None:
         """Serve one admitted connection (already counted) until it ends."""
         try:
-            stream = FdStream(conn, max_fds=self.host.caps.max_msg_fds)
+            # SO_PEERCRED as `_admit` read it; unreadable (-1s) lets the session try again
+            stream = FdStream(
+                conn, max_fds=self.host.caps.max_msg_fds, peer=peer if peer[0] != -1 else None
+            )
             session = Session(self.host, self.device, stream)
         except BaseException:
             self._count(-1)
