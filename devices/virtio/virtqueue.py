@@ -276,8 +276,8 @@ class Virtqueue:
         """Every chain available now (what a request queue's worker serves as one batch).
 
         The rings are viewed once for all of them: `pop` views them per chain and once
-        more to find the ring empty, two DMA-port lookups each (~10 % of the server's CPU
-        per 1 MiB read). Message mode pops one by one."""
+        more to find the ring empty, two DMA-port lookups each time, on the path between
+        a notify and the request's I/O. Message mode pops one by one."""
         rings = self._mapped_rings(dma)
         if rings is None:
             chains: list[Chain] = []
