@@ -51,6 +51,24 @@ async def test_empty_ring_pops_nothing() -> None:
     assert await q.pop(dma) is None
 
 
+async def test_pop_all_takes_every_available_chain_once() -> None:
+    """A worker's batch: every chain available, in ring order, each held once; then none
+    (an indirect table included, and the avail ring's slots wrap in the third lap)."""
+    dma, ring, q = make(size=8)
+    assert await q.pop_all(dma) == []
+    for lap in range(3):
+        heads = [ring.add([(BUF, 16)], [(BUF + 64 * i, 64), (BUF + 600, 1)]) for i in range(2)]
+        heads.append(ring.add([(BUF, 16)], [(BUF + 700, 8), (BUF + 800, 1)],
+                              indirect_at=0x8000))
+        chains = await q.pop_all(dma)
+        assert [c.head for c in chains] == heads, lap
+        assert chains[2].writable == [(BUF + 700, 8), (BUF + 800, 1)]
+        assert q.in_flight == 3
+        assert await q.pop_all(dma) == []
+        await q.push_many(dma, [(h, 0) for h in heads])
+        assert q.in_flight == 0
+
+
 async def test_chain_split_into_readable_and_writable() -> None:
     dma, ring, q = make()
     head = ring.add([(BUF, 16), (BUF + 16, 100)], [(BUF + 200, 50), (BUF + 300, 1)])
