@@ -23,11 +23,19 @@ from ._wire import Frame, FrameDecoder, pack_header
 
 
 class Role(enum.Enum):
+    #: members are equal only to themselves, so they hash by identity: Enum's own
+    #: `__hash__` is a Python call, and a phase-table lookup makes three
+    __hash__ = object.__hash__
+
     SERVER = "server"
     CLIENT = "client"
 
 
 class Phase(enum.Enum):
+    #: members are equal only to themselves, so they hash by identity: Enum's own
+    #: `__hash__` is a Python call, and a phase-table lookup makes three
+    __hash__ = object.__hash__
+
     #: nothing but VERSION may happen (for a server: nothing is granted yet)
     AWAIT_VERSION = "await-version"
     #: the VERSION request is in flight (client sent it / server is answering it)
@@ -39,6 +47,10 @@ class Phase(enum.Enum):
 
 
 class Step(enum.Enum):
+    #: members are equal only to themselves, so they hash by identity: Enum's own
+    #: `__hash__` is a Python call, and a phase-table lookup makes three
+    __hash__ = object.__hash__
+
     SEND_VERSION = "send VERSION request"
     RECV_VERSION = "receive VERSION request"
     SEND_VERSION_REPLY = "send VERSION reply"

@@ -37,6 +37,31 @@ def _caps_json(caps: Capabilities) -> bytes:
     return text.encode() + b"\0"
 
 
+class _BadVersionJson(Exception):
+    """Why VERSION's JSON was refused (`Version.decode` raises it as the body's error)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _version_json(text: bytes) -> tuple[Capabilities, dict[str, Any]]:
+    """The capabilities in VERSION's JSON `text` (NUL excluded), and the object itself.
+
+    A client sends the same JSON on every connection (QEMU's is fixed per build), and
+    parsing it into capabilities was 7 µs of a connect: the result is immutable
+    (`Capabilities` is frozen; `decode` hands each body its own copy of the object), so
+    it is kept for the last few texts. A refused text raises and is not kept; the cache
+    holds at most 16 texts of at most `limits.max_version_size` bytes each."""
+    try:
+        obj = json.loads(text.decode("utf-8")) if text else {}
+    except (ValueError, RecursionError) as exc:  # also int-digit limit, deep nesting
+        raise _BadVersionJson(f"bad JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _BadVersionJson("JSON is not an object")
+    caps = obj.get("capabilities", {})
+    if not isinstance(caps, dict):
+        raise _BadVersionJson("capabilities is not an object")
+    return Capabilities.from_json(caps), obj
+
+
 @dataclass(frozen=True, slots=True)
 class Version(Body):
     """VERSION request and reply: `u16 major, u16 minor`, then NUL-terminated JSON."""
@@ -66,15 +91,10 @@ class Version(Body):
         if end < 0:
             raise reject(cls, "JSON is not NUL-terminated", fds)
         try:
-            obj = json.loads(data[:end].decode("utf-8")) if end else {}
-        except (ValueError, RecursionError) as exc:  # also int-digit limit, deep nesting
-            raise reject(cls, f"bad JSON: {exc}", fds) from None
-        if not isinstance(obj, dict):
-            raise reject(cls, "JSON is not an object", fds)
-        caps = obj.get("capabilities", {})
-        if not isinstance(caps, dict):
-            raise reject(cls, "capabilities is not an object", fds)
-        return cls(major, minor, Capabilities.from_json(caps), obj)
+            caps, obj = _version_json(data[:end])
+        except _BadVersionJson as exc:
+            raise reject(cls, str(exc), fds) from None
+        return cls(major, minor, caps, dict(obj))
 
 
 @dataclass(frozen=True, slots=True)

@@ -173,3 +173,10 @@ def test_negotiate_no_common_page_size() -> None:
     with pytest.raises(RemoteProtocolError) as info:
         negotiate(Capabilities(pgsizes=1 << 21), Capabilities(pgsizes=4096))
     assert info.value.errno == errno.EINVAL
+
+
+def test_negotiate_keeps_the_answer_for_a_repeated_client() -> None:
+    # every connection to a server asks the same: the (frozen) answer is built once
+    assert negotiate(Capabilities(pgsizes=4096), SERVER) is negotiate(
+        Capabilities(pgsizes=4096), SERVER
+    )

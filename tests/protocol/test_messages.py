@@ -758,3 +758,15 @@ def test_unknown_command_is_enotsup(command: int, is_reply: bool) -> None:
         decode_body(command, is_reply, memoryview(b""), carried)
     assert info.value.errno == errno.ENOTSUP
     assert info.value.fds == list(carried)
+
+
+def test_version_json_is_parsed_once_per_text() -> None:
+    # QEMU sends the same JSON on every connection: parsed once, each body its own `raw`
+    payload = memoryview(struct.pack("<HH", 0, 0) + b'{"capabilities":{"max_msg_fds":8}}\0')
+    a, b = Version.decode(payload, ()), Version.decode(payload, ())
+    assert a.capabilities is b.capabilities and a.capabilities.max_msg_fds == 8
+    assert a.raw == b.raw and a.raw is not b.raw
+    bad = memoryview(struct.pack("<HH", 0, 0) + b'{"capabilities": 5}\0')
+    for _ in range(2):  # a refused text is refused every time (not kept)
+        with pytest.raises(RemoteProtocolError, match="capabilities is not an object"):
+            Version.decode(bad, ())
