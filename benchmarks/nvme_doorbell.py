@@ -1,0 +1,94 @@
+"""NVMe doorbell -> completion time of one command, in process (no guest, no QEMU).
+
+What the guest benchmark cannot isolate: how long our server takes from an I/O doorbell to
+the completion's interrupt. A real server and client run in one trio process over a socket
+(tests/devices/nvme/test_over_socket.py's `served`: guest RAM is a memfd window, so data
+moves by mmap), the namespace is a raw image file in a temporary folder (page cache), and
+each command is written to the SQ, its doorbell rung straight into the worker
+(`sq_doorbell`, as the register handler does) and the time to the interrupt (the worker's
+`_notify`) taken. One command at a time; median, p10, p90 of `--count` commands.
+
+    .venv/bin/python benchmarks/nvme_doorbell.py [--count 2000] read4k write4k read512k write512k
+
+Run it from a tree's root to measure that tree (`cd /tmp/old-tree && .../python
+/work/main/benchmarks/nvme_doorbell.py`): old and new right after each other, since the
+host's load moves these numbers more than most changes do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, os.getcwd())  # the tree we are run from, not this file's
+
+KINDS = {"read4k": 1, "write4k": 1, "read512k": 128, "write512k": 128}
+
+
+async def measure(kind: str, count: int) -> str:
+    from devices.nvme import Nvme
+    from devices.nvme.spec import SQE, IoOpcode
+    from tests.devices.nvme.test_over_socket import DATA, IOCQ, IOSQ, LISTS, PAGE, served
+
+    pages = KINDS[kind]
+    op = IoOpcode.READ if kind.startswith("read") else IoOpcode.WRITE
+    with tempfile.TemporaryDirectory(prefix="nvme-doorbell-") as tmp:
+        model = Nvme(backing=str(Path(tmp) / "disk.img"), size="64M")
+        async with (trio.open_nursery() as nursery,
+                    served(nursery, Path(tmp), True, model) as (_srv, d, m)):
+                mem, w = d.c.memory, m.worker
+                entries = [DATA + i * PAGE for i in range(1, pages)]
+                if entries:
+                    mem.write(LISTS, struct.pack(f"<{len(entries)}Q", *entries))
+                prp2 = LISTS if pages > 2 else 0
+                # the range is in the page cache before we time reads
+                await d.cmd(1, IoOpcode.WRITE, nsid=1, prp1=DATA, prp2=prp2,
+                            cdw=(0, 0, pages * 8 - 1))
+                box = [trio.Event()]
+                w._notify = lambda cq: box[0].set()  # type: ignore[method-assign]
+                tail, head, phase = d.tails[1], d.heads[1], d.phase[1]
+                lat: list[int] = []
+                for i in range(count):
+                    mem.write(IOSQ + tail * 64, SQE.pack(op, 0, i & 0xFFFF, 1, 0, DATA, prp2,
+                                                         0, 0, pages * 8 - 1, 0, 0, 0))
+                    tail = (tail + 1) % 64
+                    t0 = time.perf_counter_ns()
+                    w.sq_doorbell(1, tail)
+                    with trio.fail_after(5):
+                        await box[0].wait()
+                    lat.append(time.perf_counter_ns() - t0)
+                    box[0] = trio.Event()
+                    st = struct.unpack_from("<H", mem.read(IOCQ + head * 16 + 14, 2))[0]
+                    if st & 1 != phase or st >> 1:
+                        raise SystemExit(f"{kind}: command {i} failed: status {st >> 1:#x}")
+                    head = (head + 1) % 64
+                    phase ^= head == 0
+                    w.cq_doorbell(1, head)
+                nursery.cancel_scope.cancel()
+    lat.sort()
+    return (f"{kind:9} n={count} median {lat[count // 2] / 1e3:7.1f} µs  p10 "
+            f"{lat[count // 10] / 1e3:7.1f}  p90 {lat[9 * count // 10] / 1e3:7.1f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--count", type=int, default=2000)
+    p.add_argument("kinds", nargs="*", help=f"any of {', '.join(KINDS)} (default: all)")
+    args = p.parse_args()
+    bad = set(args.kinds) - set(KINDS)
+    if bad:
+        p.error(f"unknown kind(s) {', '.join(sorted(bad))}")
+    print(f"tree {os.getcwd()}")
+    for kind in args.kinds or KINDS:
+        print(trio.run(measure, kind, args.count))
+
+
+if __name__ == "__main__":
+    main()
