@@ -103,8 +103,14 @@ async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
             await trio.lowlevel.checkpoint()
             continue
         asleep = trio.current_time()
+        used = queue.used_idx
         await dev.wait_kick(queue)
         if poll.limit:
             poll.slept(trio.current_time() - asleep)
             if poll.window:
                 await queue.disable_notify(dev.dma)
+        if queue.used_idx != used:
+            # The notify handler served the requests (`serve_notify`): poll after them as
+            # after a batch of ours. Until we sleep again (`wait_kick` re-arms), an EVENT_IDX
+            # driver does not kick: avail_event stays where we left it.
+            poll_until = trio.current_time() + poll.window
