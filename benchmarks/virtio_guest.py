@@ -15,7 +15,7 @@ guest's checks; net: checksums both ways). Ratios are ours / QEMU's; the goal is
 boot (ours and QEMU's back to back), which is steadier on a shared host.
 
     flock /tmp/vfiouser-qemu.lock .venv/bin/python benchmarks/virtio_guest.py [--boots 2]
-        [--rounds 4] [--only blk|net] [--idle 3]
+        [--rounds 4] [--only blk|net] [--idle 3] [--base OLD_TREE]
 
 Server CPU: the guest prints ``PHASE <name> start|end`` around each timed part (blk:
 ``write``, ``read``; net: ``rx``, ``tx``) and, after the rounds, around ``--idle`` seconds
@@ -148,9 +148,15 @@ def best(values: list[float]) -> float:
 
 
 async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
-                idle: int, variants: list[str]) -> dict[str, Any]:
+                idle: int, variants: list[str], base: str = "") -> dict[str, Any]:
     results: dict[str, Any] = {"rounds": rounds, "boots": boots, "net_mib": net_mib,
-                               "idle_s": idle, "variants": variants, "runs": []}
+                               "idle_s": idle, "variants": variants, "base": base,
+                               "runs": []}
+    python = None
+    if base:  # the same interpreter, importing the other tree's code (blk only)
+        python = str(Path(tempfile.mkdtemp(prefix="vfu-base-")) / "base-python.sh")
+        Path(python).write_text(f'#!/bin/sh\ncd "{base}" && exec "{sys.executable}" "$@"\n')
+        Path(python).chmod(0o755)
     samples: dict[str, dict[str, list[float]]] = {}
     cpu: dict[str, list[dict[str, float]]] = {}
     knobs = {"idle": str(idle)} if idle else {}
@@ -171,16 +177,18 @@ async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
         """(label, config, extra server options): ours once per --variant, then QEMU's."""
         mine = [(f"{ours}[{v}]" if v else ours, ours, tuple(x for x in v.split(",") if x))
                 for v in variants]
-        return [*mine, (ref, ref, ())]
+        old = [(f"{ours}[base]", ours, ())] if base and ours == "virtio-blk" else []
+        return [*old, *mine, (ref, ref, ())]
 
     for boot in range(boots):
         for label, config, sets in configs("virtio-blk", "qemu-virtio-blk") \
                 if only != "net" else ():
             sampler = CpuSampler()
             with tempfile.TemporaryDirectory(prefix="vfu-bench-") as tmp:
-                res, data, after = await run_blk(config, Path(tmp),
-                                                 guest_env={"bench": str(rounds), **knobs},
-                                                 on_line=sampler.on_line, sets=sets)
+                res, data, after = await run_blk(
+                    config, Path(tmp), guest_env={"bench": str(rounds), **knobs},
+                    on_line=sampler.on_line, sets=sets,
+                    python=python if label.endswith("[base]") else None)
             check_blk(res, data, after)
             record(boot, label, blk_rates(res.console), res.run_dir, sampler, res.console,
                    BLK_BYTES)
@@ -196,6 +204,8 @@ async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
     pairs = [(f"{o}[{v}]" if v else o, r) for o, r in (("virtio-blk", "qemu-virtio-blk"),
                                                        ("virtio-net", "qemu-virtio-net"))
              for v in variants]
+    if base:
+        pairs.insert(0, ("virtio-blk[base]", "qemu-virtio-blk"))
     for ours, ref in pairs:
         if ours not in samples or ref not in samples:
             continue
@@ -222,6 +232,13 @@ async def bench(boots: int, rounds: int, only: str | None, net_mib: int,
                         if f"idle_{role}_cpu_share" in c]
                 if vals:
                     summary.setdefault(f"{config} idle", {})[f"{role}_cpu_share"] = max(vals)
+    if base and "virtio-blk[base]" in samples and "virtio-blk" in samples:
+        # new / old from the same boots: the ratio the change made
+        for k in samples["virtio-blk"]:
+            new, old = samples["virtio-blk"][k], samples["virtio-blk[base]"][k]
+            paired = [a / b for a, b in zip(new, old, strict=True) if b]
+            summary[f"new/base {k}"] = {"ratio": round(max(new) / max(old), 2),
+                                        "paired_median": round(statistics.median(paired), 2)}
     results["summary"] = summary
     return results
 
@@ -250,14 +267,20 @@ def main() -> None:
                     help="extra --set options for our server, comma-separated (e.g. "
                     "poll_us=0); repeat to run several variants in the same boots (default: "
                     "ours as configured)")
+    ap.add_argument("--base", default="",
+                    help="also run our virtio-blk from this source tree (a `git worktree` of "
+                    "the old commit) in the same boots: old / new / QEMU from one run")
     args = ap.parse_args()
     results = trio.run(bench, args.boots, args.rounds, args.only, args.net_mib, args.idle,
-                       args.variant or [""])
+                       args.variant or [""], args.base)
     lines = [f"{'measurement':<32} {'ours MiB/s':>11} {'QEMU MiB/s':>11} {'ratio':>6} "
              f"{'paired':>7} {'srv us/req':>10} {'srv us/MiB':>10} {'qemu us/MiB':>11} "
              f"{'ref qemu us/MiB':>15} {'irqs ours/ref':>13}"]
     for name, row in results["summary"].items():
         if name.endswith(" idle"):
+            continue
+        if name.startswith("new/base"):
+            lines.append(f"{name:<32} best {row['ratio']} paired {row['paired_median']}")
             continue
         lines.append(f"{name:<32} {row['ours_mib_s']:>11} {row['qemu_mib_s']:>11} "
                      f"{row['ratio']:>6} {row['paired_median']:>7} "

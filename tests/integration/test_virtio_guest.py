@@ -31,6 +31,7 @@ import pytest
 import trio
 
 from vfiouser_srv.qemu import ConfigFile, QemuCommand, RunResult, find_qemu, run_config
+from vfiouser_srv.qemu.launcher import new_run_dir, serve_device
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_ready")]
 
@@ -80,18 +81,29 @@ async def run_blk(config: str, workdir: Path, configs: ConfigFile | None = None,
                   guest_env: dict[str, str] | None = None,
                   append_extra: tuple[str, ...] = (),
                   on_line: LineHook | None = None,
-                  sets: tuple[str, ...] = ()) -> tuple[RunResult, bytes, bytes]:
+                  sets: tuple[str, ...] = (),
+                  python: str | None = None) -> tuple[RunResult, bytes, bytes]:
     """Boot `config` on a fresh seeded image; returns (run, seed data, image afterwards).
 
     `on_line` sees each console line as it arrives (the benchmark samples the server's CPU
-    time at the guest's PHASE lines); `sets` are extra options for our server."""
+    time at the guest's PHASE lines); `sets` are extra options for our server; `python`
+    runs our server with another interpreter command (the benchmark's `--base` tree)."""
     img = workdir / f"{config}.img"
     data = await trio.to_thread.run_sync(make_disk, img)
     ours = not config.startswith("qemu-")
-    run = await run_config(config, configs=configs, guest_env=guest_env or {}, timeout=240,
-                           append_extra=append_extra, on_line=on_line,
-                           server_sets=[f"backing={img}", *BLK_SETS, *sets] if ours else [],
-                           placeholders={} if ours else {"DISK": os.fspath(img)})
+    server_sets = [f"backing={img}", *BLK_SETS, *sets] if ours else []
+    kwargs = dict(configs=configs, guest_env=guest_env or {}, timeout=240,
+                  append_extra=append_extra, on_line=on_line,
+                  placeholders={} if ours else {"DISK": os.fspath(img)})
+    if python is not None and ours:
+        run_dir = await new_run_dir(f"{config}-base")
+        sock = run_dir / "blk.sock"
+        async with serve_device("virtio-blk", sock, run_dir=run_dir, python=python,
+                                sets=server_sets) as server:
+            run = await run_config(config, socket_path=sock, **kwargs)  # type: ignore[arg-type]
+            await server.stop()
+    else:
+        run = await run_config(config, server_sets=server_sets, **kwargs)  # type: ignore[arg-type]
     after = await trio.to_thread.run_sync(img.read_bytes)
     return run.guest, data, after
 
