@@ -76,7 +76,7 @@ ID_BYTES = 20
 #: ~1.4-1.6x the server CPU per read. Writes (dd computes ~2 ms between them) stay
 #: unpolled: the window halves on every longer sleep. Idle costs nothing either way.
 BLK_POLL_US = 1000
-#: most data bytes `VirtioBlk.serve_notify` reads per notify in the handler (the rest is the
+#: most data bytes `VirtioBlk.serve_inline` reads per call (in a handler: the rest is the
 #: worker's): ~0.2 ms of memcpy at most, so other clients wait no longer than for a message
 INLINE_BYTES = 1 << 20
 #: largest discard / write-zeroes request we advertise, in sectors
@@ -331,8 +331,9 @@ class VirtioBlk(VirtioPciDevice):
             req.segments = tuple(_SEGMENT.iter_unpack(raw[: len(raw) // 16 * 16]))
         return req
 
-    def serve_notify(self, queue: Virtqueue) -> None:
-        """Serve page-cache reads in the notify handler while the queue's worker sleeps.
+    def serve_inline(self, queue: Virtqueue) -> bool:
+        """Serve page-cache reads in the notify handler while the queue's worker sleeps,
+        and in the worker before it pops a batch (a request found while polling).
 
         Why: a notify used to wake the worker task, and the read started ~300 us after the
         notify arrived (the session's path, a scheduler round, the worker's pop and parse);
@@ -344,9 +345,11 @@ class VirtioBlk(VirtioPciDevice):
         the worker (woken by the caller as before), which also keeps the polling window
         and re-arms notifications. Nothing is held when the handler returns, so reset,
         quiesce and device state see no difference. A ring error is left to the worker.
+        In the worker it replaces `process_batch`'s per-batch objects (requests, pins,
+        awaits) for these reads: ~3x fewer instructions per 1 MiB read.
         """
         if self.ctx is None or not self.status & Status.DRIVER_OK:
-            return
+            return False
         dma = self.ctx.dma
         start = queue.last_avail_idx
         try:
@@ -354,9 +357,9 @@ class VirtioBlk(VirtioPciDevice):
                             write=True)
             rings = queue._mapped_rings(dma)
         except (DmaError, GuestMemoryError, VirtqueueError):
-            return
+            return False
         if used is None or rings is None or not rings[2]:
-            return
+            return False
         avail, desc, pending = rings
         done: list[tuple[int, int]] = []
         budget = INLINE_BYTES
@@ -375,10 +378,12 @@ class VirtioBlk(VirtioPciDevice):
         except (DmaError, GuestMemoryError, VirtqueueError, OSError):
             # the worker meets the same error and answers it (retry, NEEDS_RESET, IOERR)
             queue.rewind(at)
-        if done:
-            _now(queue.push_many(dma, done))
-            if _now(queue.should_interrupt(dma)):
-                self.notify_queue(queue)
+        if not done:
+            return False
+        _now(queue.push_many(dma, done))
+        if _now(queue.should_interrupt(dma)):
+            self.notify_queue(queue)
+        return True
 
     def _read_inline(self, chain: Chain, dma: DmaPort) -> int | None:
         """A cached read of `chain` done, its status byte OK; the data bytes, or None (not

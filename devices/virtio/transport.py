@@ -20,7 +20,7 @@ each field merges the written bytes into its value.
 
 Concurrency: register handlers are synchronous and never wait. A notify sets the queue's
 kick event for its worker task (started through `ctx.start_task` at DRIVER_OK), after
-`serve_notify` may serve a sleeping worker's ring in the handler. Status 0 cancels the
+`serve_inline` may serve a sleeping worker's ring in the handler. Status 0 cancels the
 workers; the status keeps reading non-zero until they are gone and only then is the reset
 applied, because a driver must poll for 0 before it reuses the rings (4.1.4.3.2), so no
 worker can touch memory the driver already took back.
@@ -142,7 +142,6 @@ class VirtioPciDevice(PciDevice):
             raise ValueError("queue_size must be a power of two in 2..32768")
         self.queues = [Virtqueue(i, queue_size) for i in range(num_queues)]
         self._kicks = [trio.Event() for _ in self.queues]
-        #: per queue: its worker sleeps in `wait_kick` (a notify may serve it: `serve_notify`)
         self._parked = [False] * num_queues
         vectors = num_queues + 1
         self.msix_cap = MsixCap(vectors, table_bar=MSIX_BAR, table_offset=0,
@@ -258,15 +257,16 @@ class VirtioPciDevice(PciDevice):
             # awaits for real, and a worker must never monopolise the trio thread.
             await trio.lowlevel.checkpoint()
             return
-        self._parked[queue.index] = True
+        self._parked[queue.index] = True  # a notify may serve the ring now (`serve_inline`)
         try:
             await kick.wait()
         finally:
             self._parked[queue.index] = False
 
-    def serve_notify(self, queue: Virtqueue) -> None:
-        """Hook: serve `queue` in the notify handler while its worker sleeps; synchronous,
-        never waits (blk: page-cache reads). The worker is woken afterwards all the same."""
+    def serve_inline(self, queue: Virtqueue) -> bool:
+        """Hook: serve `queue`'s first requests without waiting (blk: cached reads); True if
+        any. Called by a notify while the worker sleeps, and by the worker."""
+        return False
 
     async def wait_more(self, queue: Virtqueue) -> None:
         """Sleep until the driver adds buffers beyond those available now."""
@@ -344,7 +344,7 @@ class VirtioPciDevice(PciDevice):
             index = rel // NOTIFY_MULTIPLIER
             if rel % NOTIFY_MULTIPLIER == 0 and index < len(self.queues):
                 if self._parked[index] and not self.quiescing:
-                    self.serve_notify(self.queues[index])
+                    self.serve_inline(self.queues[index])
                 self._kicks[index].set()
             return
         if offset < COMMON_OFFSET + REGION_SIZE:

@@ -66,6 +66,8 @@ class QueueDevice(Protocol):
     @property
     def dma(self) -> DmaPort: ...
 
+    def serve_inline(self, queue: Virtqueue) -> bool: ...
+
     async def process_batch(self, queue: Virtqueue,
                             chains: list[Chain]) -> list[tuple[int, int]]: ...
 
@@ -80,6 +82,11 @@ async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
     poll = PollWindow(dev.poll_window)
     poll_until = 0.0
     while not dev.quiescing:
+        # page-cache reads first, the way the notify handler serves them (no batch objects)
+        if dev.serve_inline(queue):
+            poll_until = trio.current_time() + poll.window
+            await trio.lowlevel.checkpoint()
+            continue
         dma = dev.dma
         start = queue.last_avail_idx
         chains: list[Chain] = []
@@ -110,7 +117,7 @@ async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
             if poll.window:
                 await queue.disable_notify(dev.dma)
         if queue.used_idx != used:
-            # The notify handler served the requests (`serve_notify`): poll after them as
+            # The notify handler served the requests (`serve_inline`): poll after them as
             # after a batch of ours. Until we sleep again (`wait_kick` re-arms), an EVENT_IDX
             # driver does not kick: avail_event stays where we left it.
             poll_until = trio.current_time() + poll.window

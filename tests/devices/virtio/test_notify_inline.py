@@ -1,5 +1,5 @@
 """Page-cache reads served in the notify handler while the queue's worker sleeps
-(`VirtioBlk.serve_notify`): completed, with their interrupt, before the register write
+(`VirtioBlk.serve_inline`): completed, with their interrupt, before the register write
 returns; anything else is left to the worker, in ring order; the worker re-arms
 notifications afterwards, so the next request is kicked and served the same way."""
 
@@ -14,6 +14,7 @@ import trio
 from devices.sdk import IrqIndex
 from devices.virtio.blk import SECTOR, ReqStatus, ReqType, VirtioBlk
 from devices.virtio.transport import MAX_POLL_US
+from devices.virtio.virtqueue import Chain, Virtqueue
 
 from ..fakes import FakeContext
 from .driver import Driver
@@ -123,9 +124,18 @@ async def test_quiescing_or_busy_worker_is_not_served_inline(ctx: FakeContext,
 async def test_worker_polls_after_requests_served_inline(ctx: FakeContext) -> None:
     """The worker, woken after the handler served the kick, polls for its window as after a
     batch of its own: a request the driver then adds without a kick (avail_event stayed
-    behind, so a Linux driver would not kick) is still served."""
+    behind, so a Linux driver would not kick) is still served, and the worker serves that
+    cached read the same synchronous way as the handler (no `process_batch`)."""
     dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)
     dev.poll_window = 5.0  # a limit no stall of a loaded host outlasts
+    batches: list[int] = []
+    process_batch = dev.process_batch
+
+    async def counted(queue: Virtqueue, chains: list[Chain]) -> list[tuple[int, int]]:
+        batches.append(len(chains))
+        return await process_batch(queue, chains)
+
+    dev.process_batch = counted  # type: ignore[method-assign]
     drv = attach(dev, ctx)
     drv.setup(BASIC)
     for _ in range(16):  # kicks soon after each sleep: the window doubles to ~0.3 s
@@ -137,4 +147,6 @@ async def test_worker_polls_after_requests_served_inline(ctx: FakeContext) -> No
     await trio.sleep(0.01)  # the worker woke and polls now
     head = add(drv, ReqType.IN, 0, read_len=SECTOR)
     assert await drv.wait_used(0) == [(head, SECTOR + 1)]
+    # the polling worker served it the handler's way too, without a batch of requests
+    assert batches == []
     dev.close()
