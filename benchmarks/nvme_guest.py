@@ -33,7 +33,7 @@ QEMU's CPU by thread (TCG vCPU: the guest's own running time; main loop; the res
 code) in the same alternation, for old/new ratios from one run.
 
     .venv/bin/python benchmarks/nvme_guest.py [--rounds 5] [--mib 32] [--boots 1] [--idle 5]
-                                              [--base /tmp/base-tree]
+                                              [--base /tmp/base-tree] [--set poll_us=1000]
 
 Results go to benchmarks/results/nvme-guest-<stamp>.{json,txt}. Run it alone on the
 machine (one QEMU at a time): `flock /tmp/vfiouser-qemu.lock .venv/bin/python ...`.
@@ -257,7 +257,8 @@ async def run_one(which: str, workdir: Path, args: argparse.Namespace
                                     ' "$@"\n')
             Path(python).chmod(0o755)
         async with serve_device("nvme", sock, run_dir=run_dir, python=python,
-                                sets=[f"backing={img}", "size=128M"],
+                                sets=[f"backing={img}", "size=128M",
+                                      *(args.set if which == "ours" else [])],
                                 extra_args=["--control", str(control)]) as server:
             run = await run_config("nvme", socket_path=sock, guest_env=env, timeout=900,
                                    on_line=stats.on_line)
@@ -307,6 +308,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
     cpu_med = {k: {key: statistics.median(m[key] for m in v if key in m)
                    for key in {key for m in v for key in m}} for k, v in cpu.items()}
     out = {"rounds": args.rounds, "boots": args.boots, "mib": args.mib, "idle_s": args.idle,
+           "ours_sets": args.set,
            "image_bytes": IMAGE_SIZE, "per_round": per, "best": b,
            "ratio_ours_over_qemu": ratios, "cpu_per_boot": cpu, "cpu": cpu_med}
     if args.base:
@@ -375,6 +377,8 @@ def main() -> None:
     p.add_argument("--mib", type=int, default=32, help="MiB per sequential measurement")
     p.add_argument("--boots", type=int, default=1, help="boots per device (alternating)")
     p.add_argument("--idle", type=int, default=5, help="seconds of idle guest measured")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for our server (not base's), e.g. poll_us=1000")
     p.add_argument("--base", default="", help="also run our server from this source tree "
                    "(e.g. a `git worktree` of the old code), for old/new ratios in one run")
     args = p.parse_args()
