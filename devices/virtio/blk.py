@@ -5,8 +5,10 @@ is available, copies write payloads out of guest memory, runs all backend operat
 batch in one worker thread (blocking file I/O never runs on the trio thread), then scatters
 read data back and completes the whole batch with a single interrupt check. Reads that the
 host's page cache can serve are done on the spot with ``preadv(RWF_NOWAIT)`` straight into
-guest memory (see `VirtioBlk._read_nowait`). Requests of one queue
-complete in ring order; queues (`queues=N`, VIRTIO_BLK_F_MQ) run independently.
+guest memory (see `VirtioBlk._read_nowait`); such reads at the head of the ring are served
+without a batch at all, by the notify handler while the worker sleeps or by the worker before
+it pops (`VirtioBlk.serve_inline`). Requests of one queue complete in ring order; queues
+(`queues=N`, VIRTIO_BLK_F_MQ) run independently.
 
 Request layout (one chain)::
 
@@ -79,6 +81,8 @@ BLK_POLL_US = 1000
 #: most data bytes `VirtioBlk.serve_inline` reads per call (in a handler: the rest is the
 #: worker's): ~0.2 ms of memcpy at most, so other clients wait no longer than for a message
 INLINE_BYTES = 1 << 20
+#: and at most this many requests (many small reads cost more per byte)
+INLINE_CHAINS = 32
 #: largest discard / write-zeroes request we advertise, in sectors
 MAX_DISCARD_SECTORS = (1 << 22) - 1
 MAX_DISCARD_SEGMENTS = 32
@@ -339,8 +343,9 @@ class VirtioBlk(VirtioPciDevice):
         notify arrived (the session's path, a scheduler round, the worker's pop and parse);
         here the chains are popped, read with ``preadv(RWF_NOWAIT)`` straight into guest
         memory, completed and interrupted before the handler returns. Everything is
-        synchronous (mmap'd rings and buffers only) and bounded by `INLINE_BYTES`, so the
-        access is still answered before anything waits and other clients are not held up.
+        synchronous (mmap'd rings and buffers only) and bounded (`INLINE_BYTES`,
+        `INLINE_CHAINS`), so the access is still answered before anything waits and other
+        clients are not held up.
         The first request that is not a cached read, and all after it, are given back for
         the worker (woken by the caller as before), which also keeps the polling window
         and re-arms notifications. Nothing is held when the handler returns, so reset,
@@ -365,7 +370,7 @@ class VirtioBlk(VirtioPciDevice):
         budget = INLINE_BYTES
         at = start
         try:
-            while pending and budget > 0:
+            while pending and budget > 0 and len(done) < INLINE_CHAINS:
                 at = queue.last_avail_idx
                 chain = queue._take(avail, desc, dma)
                 pending -= 1

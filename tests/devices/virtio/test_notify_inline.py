@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from devices.sdk import IrqIndex
-from devices.virtio.blk import SECTOR, ReqStatus, ReqType, VirtioBlk
+from devices.virtio.blk import INLINE_CHAINS, SECTOR, ReqStatus, ReqType, VirtioBlk
 from devices.virtio.transport import MAX_POLL_US
 from devices.virtio.virtqueue import Chain, Virtqueue
 
@@ -149,4 +149,19 @@ async def test_worker_polls_after_requests_served_inline(ctx: FakeContext) -> No
     assert await drv.wait_used(0) == [(head, SECTOR + 1)]
     # the polling worker served it the handler's way too, without a batch of requests
     assert batches == []
+    dev.close()
+
+
+async def test_the_handler_serves_a_bounded_share(ctx: FakeContext) -> None:
+    """Many small cached reads in one kick: the handler serves `INLINE_CHAINS` of them (a
+    register write must not keep other clients waiting), the worker the rest."""
+    dev = VirtioBlk(size=1 << 20, poll_us=0)
+    drv = attach(dev, ctx)
+    drv.setup(BASIC, size=128)  # three descriptors per request
+    await parked(dev)
+    heads = [add(drv, ReqType.IN, 0, read_len=SECTOR) for _ in range(INLINE_CHAINS + 8)]
+    drv.kick(0)
+    assert [h for h, _ in drv.rings[0].take_used()] == heads[:INLINE_CHAINS]
+    rest = await drv.wait_used(0, 8)
+    assert [h for h, _ in rest] == heads[INLINE_CHAINS:]
     dev.close()
