@@ -109,6 +109,12 @@ _HOT_WAIT_MS = max(1, math.ceil(HOT_WAIT * 1000))
 _SCAN_LIMIT = 48
 #: per trio run, the waiters set up in it: with more than one, nobody may block on one alone
 _LIVE: weakref.WeakKeyDictionary[Any, weakref.WeakSet[IdleWaiter]] = weakref.WeakKeyDictionary()
+#: per trio run, `_epoll_fd`'s answer and a `select.poll` on that descriptor alone, shared by
+#: the run's waiters: checking trio's internals and building the poll object again for every
+#: connection was ~4% of a connect (the run's internals cannot change while it runs)
+_RUNS: weakref.WeakKeyDictionary[Any, tuple[int | None, Any]] = weakref.WeakKeyDictionary()
+#: a waiter's peers before its first use (never added to: one shared empty set)
+_NO_PEERS: weakref.WeakSet[IdleWaiter] = weakref.WeakSet()
 
 
 def _internals_moved(what: str) -> None:
@@ -198,8 +204,8 @@ class IdleWaiter:
         self._heap_len = 0  # trio's deadline heap size when idle_deadline last looked
         self._epoll_poller: Any = None  # select.poll on trio's epoll descriptor alone
         #: the waiters of this trio run (this one included), see `must_yield`
-        self._peers: weakref.WeakSet[IdleWaiter] = weakref.WeakSet()
-        self._peer_refs: set[Any] = set()
+        self._peers: weakref.WeakSet[IdleWaiter] = _NO_PEERS
+        self._peer_refs: set[Any] = _NO_PEERS.data  # type: ignore[attr-defined]
         #: trio's run loop frame (`_batch_pending`), None until needed or when not found
         self._run_frame: Any = None
         #: trio has something to do (`idle_deadline` found a task to run, `must_yield` an
@@ -217,7 +223,15 @@ class IdleWaiter:
     def _setup(self, runner: Any) -> None:
         self._runner = runner
         self._run_frame = None
-        epfd = _epoll_fd(runner)
+        run = _RUNS.get(runner)
+        if run is None:
+            epfd = _epoll_fd(runner)
+            epoll_poller = None
+            if epfd is not None:
+                epoll_poller = select.poll()
+                epoll_poller.register(epfd, _POLLIN)
+            run = _RUNS[runner] = (epfd, epoll_poller)
+        epfd, self._epoll_poller = run
         if epfd is None:
             self._poller = None
             return
@@ -225,8 +239,6 @@ class IdleWaiter:
         poller.register(self._fd, _POLLIN)
         poller.register(epfd, _POLLIN)
         self._poller = poller
-        self._epoll_poller = select.poll()
-        self._epoll_poller.register(epfd, _POLLIN)
         peers = _LIVE.get(runner)
         if peers is None:
             peers = _LIVE[runner] = weakref.WeakSet()
