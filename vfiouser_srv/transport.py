@@ -110,7 +110,9 @@ class FdStream:
         )
         self.buffer = self._view.toreadonly()
         self.waiter = idlewait.IdleWaiter(self._fileno)
-        self._send_lock = trio.Lock()
+        #: built by the first `send` (the writer's path): most connections never queue a
+        #: reply, and a trio.Lock per connection was ~1% of a connect
+        self._send_lock: trio.Lock | None = None
         #: `send` calls running or queued for the lock: while non-zero, a direct send would
         #: overtake them (a plain int: `Lock.locked()` is a Python call per reply)
         self.sending = 0
@@ -300,6 +302,8 @@ class FdStream:
         if self._closed:
             raise trio.ClosedResourceError("stream closed")
         lock = self._send_lock
+        if lock is None:
+            lock = self._send_lock = trio.Lock()
         self.sending += 1
         try:
             lock.acquire_nowait()
