@@ -66,14 +66,11 @@ from .transport import RECV_BUDGET, RECV_TRUNCATED, SEND_FLAGS, FdStream, Transp
 
 log = logging.getLogger(__name__)
 
-#: Replies to a read holding many requests leave in batches of this many: one sendmsg for
-#: all of them would leave a pipelining peer (QEMU on another CPU) idle until the last one
-#: is done; per-reply sends would cost a syscall each. 16 replies amortise the syscall and
-#: let the peer work in parallel (pipelined throughput with client and server on separate
-#: CPUs: see benchmarks/README.md).
+#: Replies to a read holding many requests leave in batches of this many: one sendmsg for all
+#: would leave a pipelining peer (QEMU on another CPU) idle until the last one is done, a send
+#: per reply costs a syscall each (pipelined throughput: benchmarks/README.md).
 REPLY_BATCH = 16
-#: reads `_serve_serial` serves before it lets trio take a turn (with `FdStream`'s own
-#: count, a checkpoint at least every 64 reads)
+#: reads `_serve_serial` serves before trio gets a turn (with `FdStream`'s: one in 64 at least)
 _SERIAL_READS = 63
 _NO_REPLY = int(HeaderFlags.NO_REPLY)
 _REGION_ACCESS = (int(Command.REGION_READ), int(Command.REGION_WRITE))
@@ -332,14 +329,8 @@ class Session(DeviceContext):
                 if not self.attached:  # else restored by a live upgrade, long past VERSION
                     nursery.cancel_scope.deadline = trio.current_time() + timeout
                 await self._run(nursery)
-            if (
-                nursery.cancel_scope.cancelled_caught
-                and not self._forced
-                and not self.attached_once
-            ):
-                log.warning(
-                    "%s: no VERSION within %.1fs of connecting; disconnecting", self.name, timeout
-                )
+            if nursery.cancel_scope.cancelled_caught and not (self._forced or self.attached_once):
+                log.warning("%s: no VERSION within %.1fs; disconnecting", self.name, timeout)
         finally:
             self.closed = True
             self.set_tracer(None)
@@ -369,9 +360,19 @@ class Session(DeviceContext):
             # EBUSY reply to a VERSION that is refused), unless the peer stopped reading.
             await self.outbox.drain(OUTPUT_DRAIN_TIMEOUT)
         finally:
-            with trio.CancelScope(shield=True):
+            if self._detach_may_wait():
+                with trio.CancelScope(shield=True):
+                    await self.detach()
+            else:  # no checkpoint in it, nothing to shield (a scope is ~2% of a connect)
                 await self.detach()
             nursery.cancel_scope.cancel()
+
+    def _detach_may_wait(self) -> bool:
+        """Whether `detach` could reach a checkpoint (device tasks to stop, pinned windows);
+        nothing between this check and those waits yields."""
+        c = self.container
+        pinned = c is not None and bool(len(c)) and any(w.pins for w in c)
+        return self.attached and (self.tasks.started or pinned)
 
     async def _read_loop(self) -> None:
         """Read, handle everything that arrived, repeat; the one place a broken stream ends
