@@ -335,7 +335,7 @@ class VirtioBlk(VirtioPciDevice):
             req.segments = tuple(_SEGMENT.iter_unpack(raw[: len(raw) // 16 * 16]))
         return req
 
-    def serve_inline(self, queue: Virtqueue) -> bool:
+    def serve_inline(self, queue: Virtqueue) -> bool | None:
         """Serve page-cache reads in the notify handler while the queue's worker sleeps,
         and in the worker before it pops a batch (a request found while polling).
 
@@ -351,7 +351,8 @@ class VirtioBlk(VirtioPciDevice):
         and re-arms notifications. Nothing is held when the handler returns, so reset,
         quiesce and device state see no difference. A ring error is left to the worker.
         In the worker it replaces `process_batch`'s per-batch objects (requests, pins,
-        awaits) for these reads: ~3x fewer instructions per 1 MiB read.
+        awaits) for these reads: ~2x fewer instructions per 1 MiB read. None: the ring was
+        seen empty (a polling worker skips its own look).
         """
         if self.ctx is None or not self.status & Status.DRIVER_OK:
             return False
@@ -363,8 +364,10 @@ class VirtioBlk(VirtioPciDevice):
             rings = queue._mapped_rings(dma)
         except (DmaError, GuestMemoryError, VirtqueueError):
             return False
-        if used is None or rings is None or not rings[2]:
+        if used is None or rings is None:
             return False
+        if not rings[2]:
+            return None  # nothing available: a polling worker need not pop either
         avail, desc, pending = rings
         done: list[tuple[int, int]] = []
         budget = INLINE_BYTES

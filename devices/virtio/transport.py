@@ -263,9 +263,9 @@ class VirtioPciDevice(PciDevice):
         finally:
             self._parked[queue.index] = False
 
-    def serve_inline(self, queue: Virtqueue) -> bool:
+    def serve_inline(self, queue: Virtqueue) -> bool | None:
         """Hook: serve `queue`'s first requests without waiting (blk: cached reads); True if
-        any. Called by a notify while the worker sleeps, and by the worker."""
+        any, None if none were available. By a notify while the worker sleeps, and the worker."""
         return False
 
     async def wait_more(self, queue: Virtqueue) -> None:

@@ -66,7 +66,7 @@ class QueueDevice(Protocol):
     @property
     def dma(self) -> DmaPort: ...
 
-    def serve_inline(self, queue: Virtqueue) -> bool: ...
+    def serve_inline(self, queue: Virtqueue) -> bool | None: ...
 
     async def process_batch(self, queue: Virtqueue,
                             chains: list[Chain]) -> list[tuple[int, int]]: ...
@@ -83,7 +83,8 @@ async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
     poll_until = 0.0
     while not dev.quiescing:
         # page-cache reads first, the way the notify handler serves them (no batch objects)
-        if dev.serve_inline(queue):
+        served = dev.serve_inline(queue)
+        if served:
             poll_until = trio.current_time() + poll.window
             await trio.lowlevel.checkpoint()
             continue
@@ -91,7 +92,8 @@ async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
         start = queue.last_avail_idx
         chains: list[Chain] = []
         try:
-            chains = await queue.pop_all(dma)
+            # None: the rings were just seen empty (a poll probe costs one look, not two)
+            chains = await queue.pop_all(dma) if served is not None else []
             done = await dev.process_batch(queue, chains) if chains else []
         except GuestMemoryError as exc:
             # Nothing was pushed yet: give the chains back and try again shortly.

@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 
 from devices.sdk import IrqIndex
+from devices.sdk.interface import DmaPort
 from devices.virtio.blk import INLINE_CHAINS, SECTOR, ReqStatus, ReqType, VirtioBlk
 from devices.virtio.transport import MAX_POLL_US
 from devices.virtio.virtqueue import Chain, Virtqueue
@@ -164,4 +165,34 @@ async def test_the_handler_serves_a_bounded_share(ctx: FakeContext) -> None:
     assert [h for h, _ in drv.rings[0].take_used()] == heads[:INLINE_CHAINS]
     rest = await drv.wait_used(0, 8)
     assert [h for h, _ in rest] == heads[INLINE_CHAINS:]
+    dev.close()
+
+
+async def test_a_polling_worker_looks_at_an_empty_ring_once_per_probe(
+        ctx: FakeContext) -> None:
+    """`serve_inline` answers None for an empty ring, and the worker then does not pop as
+    well: a poll probe views the rings once, not twice."""
+    dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)
+    dev.poll_window = 5.0
+    drv = attach(dev, ctx)
+    drv.setup(BASIC)
+    queue = dev.queues[0]
+    pops: list[int] = []
+    pop_all = queue.pop_all
+
+    async def counted(dma: DmaPort) -> list[Chain]:
+        pops.append(1)
+        return await pop_all(dma)
+
+    queue.pop_all = counted  # type: ignore[method-assign]
+    for _ in range(16):  # grow the poll window (to ~0.3 s)
+        await parked(dev)
+        head = add(drv, ReqType.IN, 0, read_len=SECTOR)
+        drv.kick(0)
+        assert drv.rings[0].take_used() == [(head, SECTOR + 1)]
+        await trio.sleep(0.002)
+    head = add(drv, ReqType.IN, 0, read_len=SECTOR)  # found by a probe, served inline
+    assert await drv.wait_used(0) == [(head, SECTOR + 1)]
+    await trio.sleep(0.01)  # probes of the empty ring
+    assert pops == []
     dev.close()
