@@ -62,11 +62,18 @@ class DeviceStats:
     connections_refused: int = 0
 
     def absorb(self, c: SessionCounters) -> None:
-        self.region_read += c.region_read
-        self.region_write += c.region_write
-        self.dma_read_bytes += c.dma_read_bytes
-        self.dma_write_bytes += c.dma_write_bytes
-        self.interrupts += c.interrupts
+        self.fold(c.region_read, c.region_write, c.dma_read_bytes, c.dma_write_bytes, c.interrupts)
+
+    def fold(
+        self, region_read: int, region_write: int, dma_read: int, dma_write: int, irqs: int
+    ) -> None:
+        """`absorb` without the snapshot: a closing session's counts (a frozen dataclass
+        per connection is not free)."""
+        self.region_read += region_read
+        self.region_write += region_write
+        self.dma_read_bytes += dma_read
+        self.dma_write_bytes += dma_write
+        self.interrupts += irqs
 
     def report(
         self, live: list[SessionCounters], command_name: dict[int, str]
