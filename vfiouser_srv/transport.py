@@ -58,6 +58,8 @@ RECV_SIZE = 16 << 10
 #: 2 * RECV_SIZE bytes of requests (about a millisecond of 4-byte MMIO reads).
 RECV_BUDGET = RECV_SIZE
 _READS_PER_CHECKPOINT = 64
+#: SO_RCVTIMEO's value: `idlewait.HOT_WAIT` as a struct timeval
+_RCVTIMEO = struct.pack("ll", 0, int(idlewait.HOT_WAIT * 1_000_000))
 
 
 class TransportError(Exception):
@@ -81,8 +83,7 @@ class FdStream:
         # RECV_FLAGS): O_NONBLOCK belongs to the shared file description, and toggling it
         # per message cost more than it saved.
         sock.setblocking(True)
-        usec = int(idlewait.HOT_WAIT * 1_000_000)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, usec))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
         self.sock = sock
         self._fileno = sock.fileno()
         #: `send_nowait(data, SEND_FLAGS)`: one non-blocking send of a whole reply, for the
