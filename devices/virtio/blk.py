@@ -351,8 +351,8 @@ class VirtioBlk(VirtioPciDevice):
         and re-arms notifications. Nothing is held when the handler returns, so reset,
         quiesce and device state see no difference. A ring error is left to the worker.
         In the worker it replaces `process_batch`'s per-batch objects (requests, pins,
-        awaits) for these reads: ~2x fewer instructions per 1 MiB read. None: the ring was
-        seen empty (a polling worker skips its own look).
+        awaits) for these reads. None: the ring was seen empty (a polling worker skips its
+        own look).
         """
         if self.ctx is None or not self.status & Status.DRIVER_OK:
             return False
