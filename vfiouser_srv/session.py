@@ -1,7 +1,7 @@
 """One client connection to one device: the Python engine's session.
 
-Structure (one task reading; a writer and the device's task runner, each started the first
-time it is needed; docs/architecture.md):
+Structure (one task reading; a writer and the device's task runner, started when first
+needed; docs/architecture.md):
 
 * The *read loop* receives chunks and handles every complete message in them strictly in
   arrival order. Plain region accesses go to `access.serve` straight from the receive buffer,
@@ -14,9 +14,8 @@ time it is needed; docs/architecture.md):
 * The *serial loop* (`_serve_serial`) is the latency path of a vCPU doing one MMIO access
   at a time: while trio has nothing else to do it waits for the next request in a blocking
   read (at most `idlewait.HOT_WAIT`) and answers it at once, without a scheduler round.
-* Replies to our own requests (message-mode DMA) are routed to their waiters by msg_id from
-  the read loop (`session_dma.DmaRequests`); device tasks run in a `TaskGroup` that reset,
-  unmap-quiesce and disconnect cancel.
+* Replies to our own requests (message-mode DMA) go to their waiters by msg_id
+  (`session_dma.DmaRequests`); device tasks run in a `TaskGroup` (reset etc. cancel it).
 
 Deadlock rule (docs/architecture.md): a region access is answered before the loop waits for
 anything; the device work it starts runs in a task afterwards. Broken streams are handled in
@@ -297,14 +296,7 @@ class Session(DeviceContext):
         await self.outbox.drain(OUTPUT_DRAIN_TIMEOUT)
         if self.outbox.pending:
             return False  # the peer is not reading: no handover (the taker times out)
-        pause.parked += 1
-        pause.changed.set()
-        try:
-            await pause.done.wait()
-        finally:
-            pause.parked -= 1
-        if pause.handed_over:
-            log.info("%s: handed over to the next process", self.name)
+        if await pause.hold(self.name):
             return True
         self.pause = None
         return False
@@ -356,20 +348,16 @@ class Session(DeviceContext):
             # EBUSY reply to a VERSION that is refused), unless the peer stopped reading.
             await self.outbox.drain(OUTPUT_DRAIN_TIMEOUT)
         finally:
-            if self._detach_may_wait():
+            # shielded if `detach` can reach a checkpoint (device tasks to stop, pinned windows;
+            # nothing before those yields), else no scope: one is ~2% of a connect
+            c = self.container
+            if self.attached and (self.tasks.started or (c is not None and any(w.pins for w in c))):
                 with trio.CancelScope(shield=True):
                     await self.detach()
-            else:  # no checkpoint in it, nothing to shield (a scope is ~2% of a connect)
+            else:
                 await self.detach()
             if nursery.child_tasks:  # (a cancel costs ~1% of a connect)
                 nursery.cancel_scope.cancel()
-
-    def _detach_may_wait(self) -> bool:
-        """Whether `detach` could reach a checkpoint (device tasks to stop, pinned windows);
-        nothing between this check and those waits yields."""
-        c = self.container
-        pinned = c is not None and bool(len(c)) and any(w.pins for w in c)
-        return self.attached and (self.tasks.started or pinned)
 
     async def _read_loop(self) -> None:
         """Read, handle everything that arrived, repeat; the one place a broken stream ends
@@ -380,6 +368,9 @@ class Session(DeviceContext):
         self.set_trace(self.device.trace)
         self.set_tracer(self.device.tracer)
         out: list[bytes] = []
+        # The first epoch opens no scope until it must wait (None; later ones start with the
+        # wait): a connect + VERSION + close often never waits, and a scope is ~4% of that.
+        wait: bool | None = False
         try:
             while not self.closing:
                 pause = self.pause
@@ -387,19 +378,26 @@ class Session(DeviceContext):
                     if await self._park(pause):
                         return
                     continue
-                with trio.CancelScope() as epoch:
-                    if await self._read_epoch(epoch, out):
-                        log.info("%s: client closed the connection", self.name)
-                        return
-                self._waiting = None
+                if wait is False:
+                    wait = await self._read_epoch(None, out)
+                else:
+                    with trio.CancelScope() as epoch:
+                        wait = await self._read_epoch(epoch, out, wait=wait is None)
+                    self._waiting = None
+                if wait:
+                    log.info("%s: client closed the connection", self.name)
+                    return
         except (FatalProtocolError, TransportError) as exc:
             if isinstance(exc, FatalProtocolError):
                 close_all(exc.fds)
             log.warning("%s: broken stream (%s); disconnecting", self.name, exc)
             await self.outbox.flush(out)
 
-    async def _read_epoch(self, epoch: trio.CancelScope, out: list[bytes]) -> bool:
-        """`_read_loop` until a pause's message boundary or closing (False) or EOF (True).
+    async def _read_epoch(
+        self, epoch: trio.CancelScope | None, out: list[bytes], wait: bool = False
+    ) -> bool | None:
+        """`_read_loop` until a pause's message boundary or closing (False) or EOF (True),
+        or (without `epoch`) until it must wait (None; `wait`: wait before reading).
         After a wait, the serial loop reads first (`ready`: no poll before that read)."""
         stream, decoder = self.stream, self.conn._decoder
         receive_now = stream.receive_now
@@ -407,13 +405,16 @@ class Session(DeviceContext):
         while not self.closing:
             if self.pause is not None and decoder.idle:
                 return False
-            got = None if self._no_serial else self._serve_serial(ready)
+            got = None if wait or self._no_serial else self._serve_serial(ready)
             ready = False
             if got is None and self._deferred is not None:  # the serial loop's unmap
                 deferred, self._deferred = self._deferred, None
                 await self.outbox.flush([r] if (r := await deferred) is not None else [])
                 continue
-            if got is None and (got := receive_now()) is None:
+            if got is None and (wait or (got := receive_now()) is None):
+                wait = False
+                if epoch is None:
+                    return None
                 self._waiting = epoch
                 ready = await stream.wait_ready()
                 self._waiting = None

@@ -366,3 +366,31 @@ async def test_no_leak_from_clients_refused_with_ebusy(
             Snapshot().assert_same_counts(before)
             assert len(server.sessions) == 1
             assert fds_closed_by_gc(caplog) == []
+
+
+@python_engine_only("counts the Python engine's session cancel scopes")
+async def test_connect_version_close_opens_few_cancel_scopes(
+    tmp_path: Path, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel scope is a few percent of a connection's cost: a session that never starts
+    device work and pins no window opens its nursery's scope and at most one read epoch's,
+    no shield for `detach` (nothing there can wait) and no epoch before it must wait."""
+    entered: list[str] = []
+    enter = trio.CancelScope.__enter__
+
+    def counting_enter(self: trio.CancelScope) -> trio.CancelScope:
+        task = trio.lowlevel.current_task()
+        if task.coro.cr_code.co_name == "_serve_connection":  # the session's own task
+            entered.append("shield" if self.shield else "scope")
+        return enter(self)
+
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path, engine=engine)
+        monkeypatch.setattr(trio.CancelScope, "__enter__", counting_enter)
+        for _ in range(3):
+            async with open_client(path) as c:
+                await c.region_read(BAR0, 0, 4)
+            await wait_detached(dev)
+        monkeypatch.undo()
+    assert "shield" not in entered
+    assert 3 <= len(entered) <= 6, entered  # per connection: the nursery's, one epoch's
