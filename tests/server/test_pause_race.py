@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from protocol import HEADER, HEADER_SIZE, Capabilities, Command, Version, pack_header
-from vfiouser_srv.session import Pause
+from vfiouser_srv.session import Pause, Session
 
 from ._support import BAR0, HANG_REG, TrackedEdu
 from .conftest import MakeServer, path_of, session_of
@@ -46,6 +46,17 @@ async def _reply(sock: socket.socket) -> tuple[int, int, int]:
     if size > HEADER_SIZE:
         sock.recv(size - HEADER_SIZE, socket.MSG_WAITALL)
     return msg_id, command, error
+
+
+async def _parked(session: Session) -> Pause:
+    """A pause requested of `session`, once the session has parked for it."""
+    pause = Pause()
+    session.request_pause(pause)
+    with trio.fail_after(5):
+        while not pause.parked:
+            await pause.changed.wait()
+            pause.changed = trio.Event()
+    return pause
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split"])
@@ -86,12 +97,7 @@ async def test_a_pause_racing_with_a_request_loses_nothing(
                 before += 1  # the session has not read the reset yet (maybe it is scheduled)
             else:
                 after += 1  # it took the reset and waits for the device task to end
-            pause = Pause()
-            session.request_pause(pause)
-            with trio.fail_after(5):
-                while not pause.parked:
-                    await pause.changed.wait()
-                    pause.changed = trio.Event()
+            pause = await _parked(session)
             # parked: the reset was answered, or is still unread in the socket (then the
             # next process would read it), never read and dropped
             answered = bool(select.select([sock], [], [], 0)[0])
@@ -102,12 +108,7 @@ async def test_a_pause_racing_with_a_request_loses_nothing(
                 await trio.lowlevel.checkpoint()
             assert session.pause is None and not session.closed
             # and a pause with nothing arriving: the waiting session must be woken to park
-            pause = Pause()
-            session.request_pause(pause)
-            with trio.fail_after(5):
-                while not pause.parked:
-                    await pause.changed.wait()
-                    pause.changed = trio.Event()
+            pause = await _parked(session)
             pause.done.set()
         assert before and after, (before, after)  # both sides of the race were run
         assert model.task_cancelled == ROUNDS
