@@ -219,30 +219,21 @@ class IoCommands(WorkerCore):
             self._threads.release()
             return False
         job = _Started(sq, cmd, token, length, pins)
-        trio_token = trio.lowlevel.current_trio_token()
-
-        write = functools.partial(ns.backend.write, offset, views)
-
-        def call() -> None:  # in the worker thread
-            try:
-                write()
-            except Exception as exc:  # handed to the task, which reports it
-                job.error = exc
-
-        def deliver(_: outcome.Outcome[None]) -> None:  # in the worker thread
-            with contextlib.suppress(trio.RunFinishedError):
-                trio_token.run_sync_soon(self._write_done, job)
-
-        threads.in_flight[0] += 1
-        trio.lowlevel.start_thread_soon(call, deliver)
+        threads.start_in_thread(functools.partial(ns.backend.write, offset, views),
+                                functools.partial(self._write_done, job))
         self._start_io(sq, cmd, token, segs, job)
         return True
 
-    def _write_done(self, job: _Started) -> None:
+    def _write_done(self, job: _Started, result: outcome.Outcome[None]) -> None:
         """The thread of a `_write_now` write is back (on the trio thread): let go of its
         guest memory and thread, and post its completion unless the task must (an error,
         FUA or the write cache off: a flush first; a reset cancelled it; no room)."""
-        threads.in_flight[0] -= 1
+        try:
+            result.unwrap()
+        except Exception as exc:  # handed to the task, which reports it
+            job.error = exc
+        except BaseException:  # not an I/O error of the command: logged, the write stands as before
+            log.exception("nvme: a write's thread raised")
         job.pins.close()
         self._threads.release()
         fua = bool(job.cmd.cdw12 & FUA) or not self.features[FeatureId.VOLATILE_WRITE_CACHE]

@@ -26,10 +26,33 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-#: ``in_flight[0]``: calls started by `run_in_thread` in this process whose caller has not
-#: resumed yet (a list, so a reader can keep a reference and index it: cheaper per message
-#: than a module attribute). Changed only by trio threads, never by the worker threads.
+#: ``in_flight[0]``: calls started by `start_in_thread` in this process whose hand-back has
+#: not run on the trio thread yet (a list, so a reader can keep a reference and index it:
+#: cheaper per message than a module attribute). Changed only by trio threads, never by the
+#: worker threads.
 in_flight = [0]
+
+
+def start_in_thread(fn: Callable[[], _T], then: Callable[[outcome.Outcome[_T]], None]) -> None:
+    """Start `fn()` in one of trio's cached worker threads and return at once; `then(result)`
+    runs on the trio thread when it is back. For a caller that must not wait (a register
+    handler starting a device's I/O); counted in `in_flight` until `then` runs."""
+    token = trio.lowlevel.current_trio_token()
+
+    def back(res: outcome.Outcome[_T]) -> None:
+        in_flight[0] -= 1
+        then(res)
+
+    def deliver(res: outcome.Outcome[_T]) -> None:  # in the worker thread
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(back, res)
+
+    in_flight[0] += 1
+    try:
+        trio.lowlevel.start_thread_soon(fn, deliver)
+    except BaseException:
+        in_flight[0] -= 1
+        raise
 
 
 async def run_in_thread(fn: Callable[[], _T]) -> _T:
@@ -37,23 +60,17 @@ async def run_in_thread(fn: Callable[[], _T]) -> _T:
 
     Not cancellable once started (a write in flight cannot be taken back): the call
     finishes, and the caller sees a cancel at its next checkpoint after it."""
-    token = trio.lowlevel.current_trio_token()
     done = trio.Event()
     result: list[outcome.Outcome[_T]] = []
 
-    def deliver(res: outcome.Outcome[_T]) -> None:
+    def then(res: outcome.Outcome[_T]) -> None:
         result.append(res)
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(done.set)
+        done.set()
 
-    in_flight[0] += 1
-    try:
-        trio.lowlevel.start_thread_soon(fn, deliver)
-        with trio.CancelScope(shield=True):
-            await done.wait()
-    finally:
-        in_flight[0] -= 1
+    start_in_thread(fn, then)
+    with trio.CancelScope(shield=True):
+        await done.wait()
     return result[0].unwrap()
 
 
-__all__ = ["in_flight", "run_in_thread"]
+__all__ = ["in_flight", "run_in_thread", "start_in_thread"]

@@ -508,9 +508,9 @@ async def test_a_thread_completion_wakes_the_only_connection_at_once(
     ns.backend.write = timed_write  # type: ignore[method-assign]
     write_done = io_commands.IoCommands._write_done
 
-    def timed_done(self: io_commands.IoCommands, job: object) -> None:
+    def timed_done(self: io_commands.IoCommands, job: object, result: object) -> None:
         late.append(time.perf_counter() - write_ended[-1])
-        write_done(self, job)  # type: ignore[arg-type]
+        write_done(self, job, result)  # type: ignore[arg-type]
 
     monkeypatch.setattr(io_commands.IoCommands, "_write_done", timed_done)
     ready, go = threading.Event(), threading.Event()
