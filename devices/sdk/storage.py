@@ -34,11 +34,16 @@ from pathlib import Path
 from typing import Protocol
 
 from .bits import BytesLike
+from .interface import DmaError, DmaPort, pinned_views
 
 IOV_MAX = 1024
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_CHUNK = 1 << 20
+#: widest stretch of guest addresses `read_cached` takes one view of; scattered buffers
+#: further apart get one pinned view per window instead. Why a bound: a write view marks
+#: its whole span dirty while the client logs dirty pages (migration), a set entry per page
+SPAN_LIMIT = 8 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -268,3 +273,40 @@ def consume(bufs: list[memoryview], n: int) -> list[memoryview]:
     if rest and n:
         rest[0] = rest[0][n:]
     return rest
+
+
+def read_cached(backend: BlockBackend, dma: DmaPort, offset: int,
+                ranges: Sequence[tuple[int, int]], length: int) -> bool:
+    """Read `length` bytes at `offset` from the page cache straight into the guest memory
+    `ranges` ((address, size) pieces adding up to `length`), without blocking: True when
+    all of it was served, False when the caller must take its usual path (a page-cache
+    miss or short read, memory not mmap'd here, an unmapped address, an I/O error: that
+    path meets the error again and reports it).
+
+    Why one helper: a disk model's register or notify handler may serve a cached read
+    before it returns (a doorbell to its interrupt without a task or a thread hop), which
+    needs exactly this and nothing that waits. The views are used before the caller's next
+    checkpoint, so nothing is pinned: one view of the pieces' whole span when it is one
+    mmap'd stretch within `SPAN_LIMIT` (a slice per piece, no lookup per piece), else
+    `pinned_views` (one lookup per window). Anything left partly written is overwritten
+    by the caller's usual path."""
+    try:
+        if len(ranges) == 1:
+            address, size = ranges[0]
+            view = dma.view(address, size, write=True)
+            return view is not None and backend.readinto_nowait(offset, [view]) == length
+        lo = min(ranges)[0]
+        hi = max(map(sum, ranges))
+        span = None
+        if hi - lo <= SPAN_LIMIT:
+            try:
+                span = dma.view(lo, hi - lo, write=True)
+            except DmaError:
+                span = None  # a hole between the pieces: one view per window below
+        if span is not None:
+            views = [span[a - lo : a - lo + n] for a, n in ranges]
+            return backend.readinto_nowait(offset, views) == length
+        with pinned_views(dma, ranges, write=True) as pinned:
+            return pinned is not None and backend.readinto_nowait(offset, pinned) == length
+    except (DmaError, OSError):
+        return False
