@@ -5,10 +5,10 @@ is available, copies write payloads out of guest memory, runs all backend operat
 batch in one worker thread (blocking file I/O never runs on the trio thread), then scatters
 read data back and completes the whole batch with a single interrupt check. Reads that the
 host's page cache can serve are done on the spot with ``preadv(RWF_NOWAIT)`` straight into
-guest memory (see `VirtioBlk._read_nowait`); such reads at the head of the ring are served
-without a batch at all, by the notify handler while the worker sleeps or by the worker before
-it pops (`VirtioBlk.serve_inline`). Requests of one queue complete in ring order; queues
-(`queues=N`, VIRTIO_BLK_F_MQ) run independently.
+guest memory. Cached reads at the head of the ring are served without a batch at all, and
+writes there get their thread started, by the notify handler while the worker sleeps or by
+the worker before it pops (`blkinline`, which says what keeps that safe). Requests of one
+queue complete in ring order; queues (`queues=N`, VIRTIO_BLK_F_MQ) run independently.
 
 Request layout (one chain)::
 
@@ -33,40 +33,32 @@ import enum
 import functools
 import logging
 import struct
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar, cast
 
 import trio
 
 from devices.sdk import Apply, OptionSpec, Record, Size, Value
-from devices.sdk.interface import DmaError, DmaPort, pinned_view, pinned_views
 from devices.sdk.state import matches
-from devices.sdk.storage import BlockBackend, FileBackend, MemoryBackend
+from devices.sdk.storage import FileBackend, MemoryBackend
 from devices.sdk.threads import run_in_thread
 
-from .guestmem import (
-    MAX_SPAN,
-    DeviceBugError,
-    GuestMemoryError,
-    VirtqueueError,
-    bounds,
-    clip,
-    gather,
-    scatter,
-    span_view,
-    write_guest,
+from .blkinline import INLINE_BYTES, INLINE_CHAINS, INLINE_WRITE_BYTES, InlineBlk
+from .blkreq import (
+    OUTHDR,
+    SECTOR,
+    WRITES,
+    ReqStatus,
+    ReqType,
+    Request,
+    pin,
+    without_last_byte,
 )
-from .spec import Status
-from .transport import VirtioPciDevice
-from .virtqueue import RING_HEADER, USED_ELEM_SIZE, Chain, Virtqueue
+from .guestmem import VirtqueueError, clip, gather, scatter, write_guest
+from .virtqueue import Chain, Virtqueue
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 VIRTIO_ID_BLOCK = 2
 CLASS_STORAGE_SCSI = 0x010000  # what QEMU's virtio-blk-pci reports
-SECTOR = 512
 DEFAULT_MEMORY_SIZE = 64 << 20
 ID_BYTES = 20
 #: virtio-blk's default `poll_us` (the transport's is 200). Why longer: a guest reading
@@ -78,11 +70,6 @@ ID_BYTES = 20
 #: ~1.4-1.6x the server CPU per read. Writes (dd computes ~2 ms between them) stay
 #: unpolled: the window halves on every longer sleep. Idle costs nothing either way.
 BLK_POLL_US = 1000
-#: most data bytes `VirtioBlk.serve_inline` reads per call (in a handler: the rest is the
-#: worker's): ~0.2 ms of memcpy at most, so other clients wait no longer than for a message
-INLINE_BYTES = 1 << 20
-#: and at most this many requests (many small reads cost more per byte)
-INLINE_CHAINS = 32
 #: largest discard / write-zeroes request we advertise, in sectors
 MAX_DISCARD_SECTORS = (1 << 22) - 1
 MAX_DISCARD_SEGMENTS = 32
@@ -102,48 +89,15 @@ class BlkFeature(enum.IntFlag):
     WRITE_ZEROES = 1 << 14
 
 
-class ReqType(enum.IntEnum):
-    IN = 0
-    OUT = 1
-    FLUSH = 4
-    GET_ID = 8
-    DISCARD = 11
-    WRITE_ZEROES = 13
-
-
-class ReqStatus(enum.IntEnum):
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
-
-
-#: requests that change the disk's contents (made stable at once on a write-through disk)
-_WRITES = frozenset({ReqType.OUT, ReqType.DISCARD, ReqType.WRITE_ZEROES})
 #: offset of `u8 writeback` in struct virtio_blk_config (the only writable field)
 WRITEBACK_OFFSET = 32
 
-_OUTHDR = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 #: struct virtio_blk_config up to write_zeroes_may_unmap (+3 bytes of padding)
 _CONFIG = struct.Struct("<QII HBB I BBHI BBH IIIIIB3x")
 
 
-@dataclass
-class _Request:
-    chain: Chain
-    type: int
-    sector: int
-    #: OUT payload: pinned views of guest memory (zero copy) or one copied buffer
-    data: Sequence[bytes | bytearray | memoryview] = ()
-    #: IN without a page-cache hit: pinned views of the data buffers, read into directly
-    views: Sequence[memoryview] = ()
-    segments: tuple[tuple[int, int, int], ...] = ()
-    status: int = ReqStatus.OK
-    result: bytes | bytearray = b""
-    inline_written: int | None = None
-
-
-class VirtioBlk(VirtioPciDevice):
+class VirtioBlk(InlineBlk):
     name = "virtio-blk"
     description = "virtio-blk (modern virtio-pci) over a raw file or memory"
     options = (
@@ -172,7 +126,6 @@ class VirtioBlk(VirtioPciDevice):
             raise ValueError(f"size must be a multiple of {SECTOR}")
         if len(serial.encode()) > ID_BYTES:
             raise ValueError(f"serial is at most {ID_BYTES} bytes")
-        self.backend: BlockBackend
         if path:
             try:
                 # fsync, not fdatasync, on FLUSH: what docs/durability.md promises here
@@ -289,7 +242,7 @@ class VirtioBlk(VirtioPciDevice):
                 if fast < len(reqs):
                     for req in reqs[fast:]:
                         if req.type == ReqType.IN:
-                            req.views = _pin(pins, dma, _without_last_byte(req.chain.writable),
+                            req.views = pin(pins, dma, without_last_byte(req.chain.writable),
                                              write=True) or ()
                     failure = await run_in_thread(functools.partial(
                         self._execute, reqs[fast:], write_through))
@@ -306,7 +259,7 @@ class VirtioBlk(VirtioPciDevice):
         done: list[tuple[int, int]] = []
         for req in reqs:
             written = 0
-            data_segs = _without_last_byte(req.chain.writable)
+            data_segs = without_last_byte(req.chain.writable)
             if req.inline_written is not None:
                 written = req.inline_written
             elif req.result:
@@ -317,127 +270,25 @@ class VirtioBlk(VirtioPciDevice):
         return done
 
     async def _parse(self, queue: Virtqueue, chain: Chain,
-                     pins: contextlib.ExitStack) -> _Request:
+                     pins: contextlib.ExitStack) -> Request:
         """One request's header and payload (pinned in `pins` when it can be)."""
         dma = self.dma
-        if chain.readable_len < _OUTHDR.size or chain.writable_len < 1:
+        if chain.readable_len < OUTHDR.size or chain.writable_len < 1:
             raise VirtqueueError(f"queue {queue.index}: request {chain.head} without a "
                                  "header or status byte")
-        rtype, _, sector = _OUTHDR.unpack(await gather(dma, chain.readable,
-                                                       limit=_OUTHDR.size))
-        req = _Request(chain, rtype, sector)
+        rtype, _, sector = OUTHDR.unpack(await gather(dma, chain.readable,
+                                                       limit=OUTHDR.size))
+        req = Request(chain, rtype, sector)
         if rtype == ReqType.OUT:
-            views = _pin(pins, dma, clip(chain.readable, _OUTHDR.size, None))
+            views = pin(pins, dma, clip(chain.readable, OUTHDR.size, None))
             req.data = views if views is not None else [
-                await gather(dma, chain.readable, skip=_OUTHDR.size)]
+                await gather(dma, chain.readable, skip=OUTHDR.size)]
         elif rtype in (ReqType.DISCARD, ReqType.WRITE_ZEROES):
-            raw = await gather(dma, chain.readable, skip=_OUTHDR.size)
+            raw = await gather(dma, chain.readable, skip=OUTHDR.size)
             req.segments = tuple(_SEGMENT.iter_unpack(raw[: len(raw) // 16 * 16]))
         return req
 
-    def serve_inline(self, queue: Virtqueue) -> bool | None:
-        """Serve page-cache reads in the notify handler while the queue's worker sleeps,
-        and in the worker before it pops a batch (a request found while polling).
-
-        Why: a notify used to wake the worker task, and the read started ~300 us after the
-        notify arrived (the session's path, a scheduler round, the worker's pop and parse);
-        here the chains are popped, read with ``preadv(RWF_NOWAIT)`` straight into guest
-        memory, completed and interrupted before the handler returns. Everything is
-        synchronous (mmap'd rings and buffers only) and bounded (`INLINE_BYTES`,
-        `INLINE_CHAINS`), so the access is still answered before anything waits and other
-        clients are not held up.
-        The first request that is not a cached read, and all after it, are given back for
-        the worker (woken by the caller as before), which also keeps the polling window
-        and re-arms notifications. Nothing is held when the handler returns, so reset,
-        quiesce and device state see no difference. A ring error is left to the worker.
-        In the worker it replaces `process_batch`'s per-batch objects (requests, pins,
-        awaits) for these reads. None: the ring was seen empty (a polling worker skips its
-        own look).
-        """
-        if self.ctx is None or not self.status & Status.DRIVER_OK:
-            return False
-        dma = self.ctx.dma
-        start = queue.last_avail_idx
-        try:
-            used = dma.view(queue.used_addr, RING_HEADER + USED_ELEM_SIZE * queue.size + 2,
-                            write=True)
-            rings = queue._mapped_rings(dma)
-        except (DmaError, GuestMemoryError, VirtqueueError):
-            return False
-        if used is None or rings is None:
-            return False
-        if not rings[2]:
-            return None  # nothing available: a polling worker need not pop either
-        avail, desc, pending = rings
-        done: list[tuple[int, int]] = []
-        budget = INLINE_BYTES
-        at = start
-        try:
-            while pending and budget > 0 and len(done) < INLINE_CHAINS:
-                at = queue.last_avail_idx
-                chain = queue._take(avail, desc, dma)
-                pending -= 1
-                n = self._read_inline(chain, dma)
-                if n is None:
-                    queue.rewind(at)
-                    break
-                done.append((chain.head, n + 1))
-                budget -= n
-        except (DmaError, GuestMemoryError, VirtqueueError, OSError):
-            # the worker meets the same error and answers it (retry, NEEDS_RESET, IOERR)
-            queue.rewind(at)
-        if not done:
-            return False
-        _now(queue.push_many(dma, done))
-        if _now(queue.should_interrupt(dma)):
-            self.notify_queue(queue)
-        return True
-
-    def _read_inline(self, chain: Chain, dma: DmaPort) -> int | None:
-        """A cached read of `chain` done, its status byte OK; the data bytes, or None (not
-        a read, not cached, or not mmap'd: then nothing was written)."""
-        first = chain.readable[0] if chain.readable else (0, 0)
-        if first[1] < _OUTHDR.size or not chain.writable:
-            return None
-        hdr = dma.view(first[0], _OUTHDR.size)
-        addr, length = chain.writable[-1]
-        status = dma.view(addr + length - 1, 1, write=True)
-        if hdr is None or status is None:
-            return None
-        rtype, _, sector = _OUTHDR.unpack(hdr)
-        req = _Request(chain, rtype, sector)
-        if not self._read_nowait(req) or req.inline_written is None:
-            return None
-        status[0] = ReqStatus.OK
-        return req.inline_written
-
-    def _read_nowait(self, req: _Request) -> bool:
-        """Serve a read from the page cache straight into guest memory, without blocking.
-
-        Why: most reads of a busy disk hit the host's page cache, and a hop to a worker
-        thread costs more than the copy. ``preadv(RWF_NOWAIT)`` either completes from the
-        cache or fails with EAGAIN, so the trio thread never waits for the disk; the
-        guest-memory views are used synchronously, before any checkpoint. Anything else
-        (a miss, a short read, a write, a flush) goes to the worker thread.
-        """
-        if req.type != ReqType.IN:
-            return False
-        count = req.chain.writable_len - 1
-        if count <= 0 or count % SECTOR or not self._in_range(req.sector, count):
-            return False
-        pieces = _without_last_byte(req.chain.writable)
-        assert self.ctx is not None
-        span = span_view(self.ctx.dma, pieces, write=True)
-        if span is None:
-            return False
-        base, view = span
-        buffers = [view[a - base : a - base + n] for a, n in pieces]
-        if self.backend.readinto_nowait(req.sector * SECTOR, buffers) != count:
-            return False  # partly cached: the thread redoes the whole read
-        req.inline_written = count
-        return True
-
-    def _execute(self, reqs: list[_Request], write_through: bool = False) -> OSError | None:
+    def _execute(self, reqs: list[Request], write_through: bool = False) -> OSError | None:
         """Run the backend side of a batch, in order (a thread for file backends).
 
         On a write-through disk one fsync after the batch makes its writes stable before
@@ -456,7 +307,7 @@ class VirtioBlk(VirtioPciDevice):
                 req.result = b""
         if not write_through:
             return failure
-        written = [r for r in reqs if r.type in _WRITES and r.status == ReqStatus.OK]
+        written = [r for r in reqs if r.type in WRITES and r.status == ReqStatus.OK]
         if not written:
             return failure
         try:
@@ -468,10 +319,7 @@ class VirtioBlk(VirtioPciDevice):
                 req.status = ReqStatus.IOERR
         return failure
 
-    def _in_range(self, sector: int, nbytes: int) -> bool:
-        return sector >= 0 and sector * SECTOR + nbytes <= self.backend.size
-
-    def _execute_one(self, req: _Request) -> None:
+    def _execute_one(self, req: Request) -> None:
         b = self.backend
         if req.type == ReqType.IN:
             count = req.chain.writable_len - 1
@@ -512,52 +360,5 @@ class VirtioBlk(VirtioPciDevice):
             req.status = ReqStatus.UNSUPP
 
 
-
-
-def _pin(pins: contextlib.ExitStack, dma: DmaPort, pieces: list[tuple[int, int]], *,
-         write: bool = False) -> list[memoryview] | None:
-    """Zero-copy views of `pieces` valid until `pins` closes, or None (message mode, or an
-    engine that cannot pin): the caller copies then."""
-    if not pieces:
-        return None
-    try:
-        if not write:
-            # One pin of the pieces' span (guest RAM is normally one window), sliced:
-            # pinning 256 pages one by one cost about as much as copying them. Writes
-            # into the guest pin per piece, so dirty logging marks only those pages.
-            lo, hi = bounds(pieces)
-            if hi - lo <= MAX_SPAN:
-                span = pins.enter_context(pinned_view(dma, lo, hi - lo))
-                if span is not None:
-                    views = [span[a - lo : a - lo + n] for a, n in pieces]
-                    # released before the pin goes (LIFO), or the window's mmap could
-                    # not be closed while the request objects still hold them
-                    pins.callback(_release, views)
-                    return views
-        return pins.enter_context(pinned_views(dma, pieces, write=write))
-    except DmaError as exc:
-        raise GuestMemoryError(f"guest memory of a request: {exc}") from None
-
-
-def _now(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run a ring coroutine that cannot suspend here (every ring is mmap'd, checked first:
-    `Virtqueue.push_many` / `should_interrupt` then only touch views)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return cast(_T, done.value)
-    coro.close()
-    raise DeviceBugError("a ring access waited in the notify handler")
-
-
-def _release(views: list[memoryview]) -> None:
-    for v in views:
-        v.release()
-
-
-def _without_last_byte(segments: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The writable data segments of a request: everything but the final status byte."""
-    if not segments:
-        return []
-    *head, (addr, length) = segments
-    return [*head, (addr, length - 1)] if length > 1 else list(head)
+__all__ = ["INLINE_BYTES", "INLINE_CHAINS", "INLINE_WRITE_BYTES", "SECTOR", "BlkFeature",
+           "ReqStatus", "ReqType", "VirtioBlk"]

@@ -21,16 +21,16 @@ each field merges the written bytes into its value.
 Concurrency: register handlers are synchronous and never wait. A notify sets the queue's
 kick event for its worker task (started through `ctx.start_task` at DRIVER_OK), after
 `serve_inline` may serve a sleeping worker's ring in the handler. Status 0 cancels the
-workers; the status keeps reading non-zero until they are gone and only then is the reset
-applied, because a driver must poll for 0 before it reuses the rings (4.1.4.3.2), so no
-worker can touch memory the driver already took back.
+workers; the status reads non-zero until they are gone (each waits for what it started)
+and only then is the reset applied: a driver polls for 0 before it reuses the rings
+(4.1.4.3.2), so nothing touches memory the driver already took back.
 
 Error handling: a malformed ring (`VirtqueueError`) stops that device's queues and sets
 DEVICE_NEEDS_RESET with a configuration-change interrupt (2.1.2); the guest driver decides
 what to do, the server never crashes.
 
-Not implemented: VIRTIO_PCI_CAP_PCI_CFG (the config-space window onto the BARs, which Linux
-never uses), packed virtqueues, notification data, per-queue reset.
+Not implemented: VIRTIO_PCI_CAP_PCI_CFG (the config-space window onto the BARs; Linux never
+uses it), packed virtqueues, notification data, per-queue reset.
 """
 
 from __future__ import annotations
@@ -264,8 +264,12 @@ class VirtioPciDevice(PciDevice):
             self._parked[queue.index] = False
 
     def serve_inline(self, queue: Virtqueue) -> bool | None:
-        """Hook: serve `queue`'s first requests without waiting (blk: cached reads); True if
-        any, None if none were available. By a notify while the worker sleeps, and the worker."""
+        """Hook: serve `queue`'s first requests now (a notify while the worker sleeps, or the
+        worker; blk: cached reads, started writes); True if any, None if none available."""
+        return False
+
+    async def settle(self, queue: Virtqueue) -> bool:
+        """Hook: wait for what `serve_inline` left running (blk: writes); True if any."""
         return False
 
     async def wait_more(self, queue: Virtqueue) -> None:
@@ -548,9 +552,8 @@ class VirtioPciDevice(PciDevice):
     # ------------------------------------------------------------------ device state
 
     async def quiesce(self) -> None:
-        """Workers finish the batch they hold and return (`quiescing` is checked where a
-        worker would wait or take a new batch). A subclass whose worker waits for more
-        than a kick wakes it after setting `quiescing` (net); blk flushes afterwards."""
+        """Workers finish the batch they hold and return (`quiescing` is checked where one
+        would wait or take a new batch; net wakes its own waits, blk flushes afterwards)."""
         self.quiescing = True
         for kick in self._kicks:
             kick.set()
@@ -587,11 +590,8 @@ class VirtioPciDevice(PciDevice):
         self._virtio_power_on()
         self.on_virtio_reset()
 
-    # ------------------------------------------------------------------ generic request loop
-
     async def serve_requests(self, queue: Virtqueue) -> None:
-        """Pop every available chain, hand the batch to `process_batch`, complete; poll
-        for `poll_window` after activity, then sleep (`worker.serve_requests`)."""
+        """The generic request loop: batches, polling, sleep (`worker.serve_requests`)."""
         await serve_requests(self, queue)
 
     async def process_batch(self, queue: Virtqueue,

@@ -68,6 +68,8 @@ class QueueDevice(Protocol):
 
     def serve_inline(self, queue: Virtqueue) -> bool | None: ...
 
+    async def settle(self, queue: Virtqueue) -> bool: ...
+
     async def process_batch(self, queue: Virtqueue,
                             chains: list[Chain]) -> list[tuple[int, int]]: ...
 
@@ -77,11 +79,26 @@ class QueueDevice(Protocol):
 
 
 async def serve_requests(dev: QueueDevice, queue: Virtqueue) -> None:
-    """Serve `queue` until the device quiesces (cancellation ends it otherwise)."""
+    """Serve `queue` until the device quiesces (cancellation ends it otherwise).
+
+    Whatever `serve_inline` left running (virtio-blk's writes, in threads) is waited for
+    before anything else is popped or completed (ring order, FLUSH after earlier writes),
+    and before the worker ends, shielded: a reset, quiesce or detach waits for the worker,
+    so none of them goes on while such a write still runs or can still be posted."""
+    try:
+        await _serve(dev, queue)
+    finally:
+        with trio.CancelScope(shield=True):
+            await dev.settle(queue)
+
+
+async def _serve(dev: QueueDevice, queue: Virtqueue) -> None:
     retry = MemoryRetry()
     poll = PollWindow(dev.poll_window)
     poll_until = 0.0
     while not dev.quiescing:
+        if await dev.settle(queue):
+            poll_until = trio.current_time() + poll.window
         # page-cache reads first, the way the notify handler serves them (no batch objects)
         served = dev.serve_inline(queue)
         if served:

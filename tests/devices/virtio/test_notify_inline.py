@@ -1,6 +1,7 @@
 """Page-cache reads served in the notify handler while the queue's worker sleeps
 (`VirtioBlk.serve_inline`): completed, with their interrupt, before the register write
-returns; anything else is left to the worker, in ring order; the worker re-arms
+returns; anything else (but writes, which start their thread there:
+test_inline_writes.py) is left to the worker, in ring order; the worker re-arms
 notifications afterwards, so the next request is kicked and served the same way."""
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ async def test_cached_read_completes_inside_the_notify(ctx: FakeContext,
     dev.close()
 
 
-async def test_a_write_and_what_follows_it_are_the_workers(ctx: FakeContext,
-                                                           tmp_path: Path) -> None:
+async def test_what_follows_a_write_waits_for_it(ctx: FakeContext, tmp_path: Path) -> None:
+    """A write's thread starts in the handler too (test_inline_writes.py); it completes
+    later, and a read after it in the same kick is the worker's, after it (ring order)."""
     dev, drv, payload = await device(ctx, tmp_path)
     read = add(drv, ReqType.IN, 0, read_len=SECTOR)
     write = add(drv, ReqType.OUT, 4, second=True, data=b"\x5a" * SECTOR)

@@ -1,0 +1,319 @@
+"""virtio-blk requests served from the notify handler: cached reads done on the spot, writes
+started in a thread there and completed from its hand-back.
+
+Why: a notify used to wake the queue's worker task, and the I/O started ~300 us after the
+notify arrived (the session's path, a scheduler round, the worker's pop and parse), then
+a write took two more thread hops through the worker before its completion. Here, while
+the worker sleeps on its kick (and in the worker before it pops a batch), the chains are
+popped through the mmap'd rings at once:
+
+* a read the host's page cache holds is read with ``preadv(RWF_NOWAIT)`` straight into
+  guest memory, completed and interrupted before the handler returns;
+* a run of writes (``pwritev`` cannot be done without blocking: buffered RWF_NOWAIT writes
+  give EOPNOTSUPP) gets its payload pinned and its thread started right there
+  (`devices.sdk.threads.start_in_thread`); the thread's hand-back, on the trio thread,
+  writes the status bytes, pushes the used entries and raises the interrupt
+  (`InlineBlk._writes_back`), as nvme's `_write_now` does.
+
+The first request that is neither, and everything after it, is given back
+(`Virtqueue.rewind`) for the worker, which is woken as before. The rules that keep this
+safe, each tested in tests/devices/virtio/test_inline_writes.py:
+
+* **Ring order and FLUSH.** Reads are served only before the first write, one group of
+  writes at most is in flight per queue, and the worker waits for it (`settle`) before it
+  pops or completes anything: the used ring is written in ring order, and a FLUSH (or
+  anything else) after a write completes only after that write did.
+* **Reset.** The group remembers the transport's epoch and client; a status 0, NEEDS_RESET
+  or another client in between, and the hand-back writes nothing to guest memory. The
+  worker's exit waits for the thread (shielded), so the reset is applied, quiesce and
+  detach return, and an engine's task cancellation ends, only after it is back.
+* **Guest memory.** The payload is pinned (`DmaPort.pin`): a DMA_UNMAP or a disconnect
+  waits for the pin, which the hand-back lets go; windows whose file could shrink are
+  never mmap'd, so a pin never faults. A ring that is not mapped at hand-back (QEMU
+  remapping RAM) is not written: the worker gives the group back to the ring and redoes
+  it (block writes are idempotent, `state.py`).
+* **Device state.** The heads stay held (popped, not pushed) until the hand-back pushes
+  them, so a state saved meanwhile lists them in flight and a load redoes them; quiesce
+  waits for them.
+* **Bounds.** `INLINE_CHAINS` requests per call, `INLINE_BYTES` read and
+  `INLINE_WRITE_BYTES` written: a handler keeps the trio thread for a bounded copy, and
+  one queue pins a bounded share of guest memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from devices.sdk.interface import DeviceContext, DmaError, DmaPort
+from devices.sdk.storage import BlockBackend
+from devices.sdk.threads import start_in_thread
+
+from .blkreq import OUTHDR, SECTOR, ReqStatus, ReqType, Request, pin, run_now, without_last_byte
+from .guestmem import GuestMemoryError, VirtqueueError, clip, span_view
+from .spec import Status
+from .transport import VirtioPciDevice
+from .virtqueue import RING_HEADER, USED_ELEM_SIZE, Chain, Virtqueue
+
+if TYPE_CHECKING:
+    import outcome
+
+log = logging.getLogger(__name__)
+
+#: most data bytes `InlineBlk.serve_inline` reads per call (in a handler: the rest is the
+#: worker's): ~0.2 ms of memcpy at most, so other clients wait no longer than for a message
+INLINE_BYTES = 1 << 20
+#: and at most this many requests (many small reads cost more per byte)
+INLINE_CHAINS = 32
+#: most payload bytes of the writes one call starts (pinned until their thread is back):
+#: four of Linux's largest requests (max_sectors_kb 1280)
+INLINE_WRITE_BYTES = 5 << 20
+_OK_DRIVER = Status.DRIVER_OK | Status.DEVICE_NEEDS_RESET
+
+
+class _Started:
+    """Writes `InlineBlk._start_writes` started in a thread: what its hand-back and the
+    queue's worker (`InlineBlk.settle`) share."""
+
+    def __init__(self, queue: Virtqueue, start: int, reqs: list[Request],
+                 pins: contextlib.ExitStack, epoch: int, ctx: DeviceContext) -> None:
+        self.queue, self.start, self.reqs, self.pins = queue, start, reqs, pins
+        self.epoch, self.ctx = epoch, ctx
+        self.done = trio.Event()
+        #: the hand-back completed them (else the worker gives them back to the ring)
+        self.posted = False
+        #: the used ring turned out malformed at hand-back: the worker raises it
+        self.error: VirtqueueError | None = None
+
+
+class InlineBlk(VirtioPciDevice):
+    """The notify handler's share of virtio-blk (module docstring); `blk.VirtioBlk` adds
+    the backend, the worker's batches and the rest of the device."""
+
+    backend: BlockBackend
+
+    def __init__(self, num_queues: int, queue_size: int, poll_us: int) -> None:
+        super().__init__(num_queues=num_queues, queue_size=queue_size, poll_us=poll_us)
+        #: per queue: the writes started from a notify and not yet settled by the worker
+        self._started: list[_Started | None] = [None] * num_queues
+
+    @property
+    def writeback(self) -> int:
+        raise NotImplementedError
+
+    def _execute(self, reqs: list[Request], write_through: bool = False) -> OSError | None:
+        raise NotImplementedError
+
+    def _in_range(self, sector: int, nbytes: int) -> bool:
+        return sector >= 0 and sector * SECTOR + nbytes <= self.backend.size
+
+    def serve_inline(self, queue: Virtqueue) -> bool | None:
+        """Serve `queue`'s first requests without waiting: cached reads, then a run of
+        writes started in a thread (module docstring). False when nothing was served
+        (the worker's then), None when the ring was seen empty (a polling worker skips its
+        own look). By a notify while the worker sleeps, and by the worker before it pops."""
+        ctx = self.ctx
+        if (ctx is None or self.status & _OK_DRIVER != Status.DRIVER_OK or self.reset_pending
+                or self._started[queue.index] is not None):
+            return False  # (a reset asked for: nothing more reaches guest memory)
+        dma = ctx.dma
+        try:
+            used = dma.view(queue.used_addr, RING_HEADER + USED_ELEM_SIZE * queue.size + 2,
+                            write=True)
+            rings = queue._mapped_rings(dma)
+        except (DmaError, GuestMemoryError, VirtqueueError):
+            return False
+        if used is None or rings is None:
+            return False
+        if not rings[2]:
+            return None
+        avail, desc, pending = rings
+        done: list[tuple[int, int]] = []
+        writes: list[Request] = []
+        pins = contextlib.ExitStack()
+        read_budget, write_budget = INLINE_BYTES, INLINE_WRITE_BYTES
+        at = first_write = queue.last_avail_idx
+        try:
+            while pending and len(done) + len(writes) < INLINE_CHAINS:
+                at = queue.last_avail_idx
+                chain = queue._take(avail, desc, dma)
+                pending -= 1
+                hdr = self._header(chain, dma)
+                if hdr is None:
+                    queue.rewind(at)
+                    break
+                if hdr[0] == ReqType.IN and not writes and read_budget > 0:
+                    n = self._read_inline(chain, hdr[1], dma)
+                    if n is not None:
+                        done.append((chain.head, n + 1))
+                        read_budget -= n
+                        continue
+                elif hdr[0] == ReqType.OUT and self.backend.threaded:
+                    req = self._pin_write(chain, hdr[1], dma, pins, write_budget)
+                    if req is not None:
+                        if not writes:
+                            first_write = at
+                        writes.append(req)
+                        write_budget -= chain.readable_len - OUTHDR.size
+                        continue
+                queue.rewind(at)
+                break
+        except (DmaError, GuestMemoryError, VirtqueueError, OSError):
+            # the worker meets the same error and answers it (retry, NEEDS_RESET, IOERR)
+            queue.rewind(at)
+        if done:
+            run_now(queue.push_many(dma, done))
+        if writes:
+            self._start_writes(queue, first_write, writes, pins, ctx)
+        else:
+            pins.close()
+        if done:
+            interrupt: bool = run_now(queue.should_interrupt(dma))
+            if interrupt:
+                self.notify_queue(queue)
+        return bool(done or writes)
+
+    @staticmethod
+    def _header(chain: Chain, dma: DmaPort) -> tuple[int, int] | None:
+        """(type, sector) of a request whose header and status byte are mmap'd, else None."""
+        first = chain.readable[0] if chain.readable else (0, 0)
+        if first[1] < OUTHDR.size or not chain.writable:
+            return None
+        hdr = dma.view(first[0], OUTHDR.size)
+        if hdr is None:
+            return None
+        rtype, _, sector = OUTHDR.unpack(hdr)
+        return rtype, sector
+
+    def _read_inline(self, chain: Chain, sector: int, dma: DmaPort) -> int | None:
+        """A cached read of `chain` done, its status byte OK; the data bytes, or None (not
+        cached, or not mmap'd: then nothing was written)."""
+        addr, length = chain.writable[-1]
+        status = dma.view(addr + length - 1, 1, write=True)
+        if status is None:
+            return None
+        req = Request(chain, ReqType.IN, sector)
+        if not self._read_nowait(req) or req.inline_written is None:
+            return None
+        status[0] = ReqStatus.OK
+        return req.inline_written
+
+    @staticmethod
+    def _pin_write(chain: Chain, sector: int, dma: DmaPort, pins: contextlib.ExitStack,
+                   room: int) -> Request | None:
+        """A write whose payload is now pinned in `pins`, or None (too large for what is
+        left of the budget, empty, or not mmap'd: the worker's then)."""
+        if chain.readable_len - OUTHDR.size > room:
+            return None
+        views = pin(pins, dma, clip(chain.readable, OUTHDR.size, None))
+        return None if views is None else Request(chain, ReqType.OUT, sector, data=views)
+
+    def _read_nowait(self, req: Request) -> bool:
+        """Serve a read from the page cache straight into guest memory, without blocking.
+
+        Why: most reads of a busy disk hit the host's page cache, and a hop to a worker
+        thread costs more than the copy. ``preadv(RWF_NOWAIT)`` either completes from the
+        cache or fails with EAGAIN, so the trio thread never waits for the disk; the
+        guest-memory views are used synchronously, before any checkpoint. Anything else
+        (a miss, a short read, a write, a flush) goes to the worker thread.
+        """
+        if req.type != ReqType.IN:
+            return False
+        count = req.chain.writable_len - 1
+        if count <= 0 or count % SECTOR or not self._in_range(req.sector, count):
+            return False
+        pieces = without_last_byte(req.chain.writable)
+        assert self.ctx is not None
+        span = span_view(self.ctx.dma, pieces, write=True)
+        if span is None:
+            return False
+        base, view = span
+        buffers = [view[a - base : a - base + n] for a, n in pieces]
+        if self.backend.readinto_nowait(req.sector * SECTOR, buffers) != count:
+            return False  # partly cached: the thread redoes the whole read
+        req.inline_written = count
+        return True
+
+    # ------------------------------------------------------------------ started writes
+
+    def _start_writes(self, queue: Virtqueue, start: int, reqs: list[Request],
+                      pins: contextlib.ExitStack, ctx: DeviceContext) -> None:
+        """One thread for the run of writes (in ring order, fsync'd after them on a
+        write-through disk, as a batch of the worker's); on failure to start it they are
+        the worker's."""
+        job = _Started(queue, start, reqs, pins, self._epoch, ctx)
+        try:
+            start_in_thread(functools.partial(self._execute, reqs, not self.writeback),
+                            functools.partial(self._writes_back, job))
+        except Exception:
+            log.exception("%s: could not start a write thread; the worker does it", self.name)
+            pins.close()
+            queue.rewind(start)
+            return
+        self._started[queue.index] = job
+
+    def _writes_back(self, job: _Started, result: outcome.Outcome[OSError | None]) -> None:
+        """The thread is back (on the trio thread, outside any task: nothing may raise
+        from here). Complete the writes unless a reset, NEEDS_RESET or another client came
+        meanwhile, then let go of their guest memory and wake the worker's `settle`."""
+        try:
+            failure = result.unwrap()
+            if failure is not None and self.ctx is job.ctx and self.ctx is not None:
+                # EIO from the backing file fails the device (docs/operations.md, "Health")
+                self.ctx.report_failure(f"{self.name}: backing file error: {failure}")
+            job.posted = self._post(job)
+        except VirtqueueError as exc:
+            job.error = exc
+        except Exception:
+            log.exception("%s: a write started from a notify failed; the worker redoes it",
+                          self.name)
+        finally:
+            job.pins.close()
+            job.done.set()
+
+    def _post(self, job: _Started) -> bool:
+        """Status bytes, used entries in ring order, the interrupt if the driver wants it;
+        False (nothing written) when the device moved on or a ring is not mmap'd now."""
+        ctx = self.ctx
+        if (ctx is not job.ctx or ctx is None or job.epoch != self._epoch or self.reset_pending
+                or self.status & _OK_DRIVER != Status.DRIVER_OK):
+            return False
+        dma, q = ctx.dma, job.queue
+        try:
+            rings = (dma.view(q.used_addr, RING_HEADER + USED_ELEM_SIZE * q.size + 2,
+                              write=True),
+                     dma.view(q.avail_addr, RING_HEADER + 2 * q.size + 2))
+            statuses = [dma.view(a + n - 1, 1, write=True)
+                        for a, n in (req.chain.writable[-1] for req in job.reqs)]
+        except DmaError:
+            return False
+        if None in rings or None in statuses:
+            return False
+        for view, req in zip(statuses, job.reqs, strict=True):
+            assert view is not None
+            view[0] = req.status
+        run_now(q.push_many(dma, [(req.chain.head, 1) for req in job.reqs]))
+        if run_now(q.should_interrupt(dma)):
+            self.notify_queue(q)
+        return True
+
+    async def settle(self, queue: Virtqueue) -> bool:
+        """Wait for the writes a notify started on `queue` (shielded: a write cannot be
+        taken back); True if there were any. Completed by the hand-back, or given back to
+        the ring for the worker to redo when it could not (a ring unmapped meanwhile)."""
+        job = self._started[queue.index]
+        if job is None:
+            return False
+        if not job.done.is_set():
+            with trio.CancelScope(shield=True):
+                await job.done.wait()
+        self._started[queue.index] = None
+        if job.error is not None:
+            raise job.error
+        if not job.posted and job.epoch == self._epoch and self.ctx is job.ctx:
+            queue.rewind(job.start)
+        return True
