@@ -1,5 +1,6 @@
-"""In-process cost of one 1 MiB cached virtio-blk read, from the driver's notify to the used
-entry (no QEMU, no socket): what the server spends on the critical path of a guest's read.
+"""In-process cost of one 1 MiB cached virtio-blk read (or write: ``--op write``), from the
+driver's notify to the used entry (no QEMU, no socket): what the server spends on the
+critical path of a guest's request.
 
 Why: the guest benchmark (`virtio_guest.py`) is noisy and slow; this isolates the model's
 path so old and new trees can be compared exactly, by instruction counts under callgrind
@@ -17,7 +18,14 @@ is kicked as soon as the previous one completed (a guest reading back to back).
 
 The request is what Linux sends for a 1 MiB O_DIRECT read: a 16-byte header, 256 page-sized
 data pieces and the status byte, in one indirect table. The image is written first, so
-every read hits the page cache. Uses the device tests' fake context and driver.
+every read hits the page cache. A write has the same shape with the pieces readable; its
+``pwritev`` runs in a thread, so its wall time includes that thread's round trip and the
+harness's own wait (a `trio.sleep(0)` loop): compare trees by same-run wall times, not by
+instruction counts. Uses the device tests' fake context and driver; run this file from the
+top directory of the tree under test (an old worktree included).
+
+    cd /tmp/base && /work/main/.venv/bin/python /work/main/benchmarks/virtio_blk_read.py \
+        --op write --mode parked --requests 300
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ FEATURES = int(Feature.VERSION_1 | Feature.RING_EVENT_IDX | Feature.RING_INDIREC
                | BlkFeature.FLUSH)
 
 
-async def run(mode: str, requests: int, image: Path) -> list[float]:
+async def run(mode: str, requests: int, image: Path, op: str = "read") -> list[float]:
     """Per-request wall seconds from the kick to the used entry."""
     times: list[float] = []
     async with trio.open_nursery() as nursery:
@@ -59,14 +67,19 @@ async def run(mode: str, requests: int, image: Path) -> list[float]:
         dev.attach(ctx)
         drv.setup(FEATURES, size=8)
         ring = drv.rings[0]
-        writable = [(DATA + i * PAGE, PAGE) for i in range(PAGES)] + [(STATUS, 1)]
+        pages = [(DATA + i * PAGE, PAGE) for i in range(PAGES)]
+        if op == "write":
+            readable, writable = [(HDR, 16), *pages], [(STATUS, 1)]
+        else:
+            readable, writable = [(HDR, 16)], [*pages, (STATUS, 1)]
+        rtype = 1 if op == "write" else 0  # OUT / IN
         for i in range(requests):
-            ctx.dma.ram[HDR : HDR + 16] = (0).to_bytes(8, "little") + \
-                (i % 16 * 2048).to_bytes(8, "little")  # IN, sector (1 MiB steps)
+            ctx.dma.ram[HDR : HDR + 16] = rtype.to_bytes(8, "little") + \
+                (i % 16 * 2048).to_bytes(8, "little")  # type, sector (1 MiB steps)
             ring.set_used_event(ring.last_used)
             if mode == "parked":
                 await trio.testing.wait_all_tasks_blocked()
-            ring.add([(HDR, 16)], writable, indirect_at=TABLE)
+            ring.add(readable, writable, indirect_at=TABLE)
             t0 = time.perf_counter()
             drv.kick(0)
             while not ring.take_used():
@@ -82,13 +95,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mode", choices=("parked", "busy"), default="parked")
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--op", choices=("read", "write"), default="read")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="vfu-blkread-") as tmp:
         image = Path(tmp) / "disk.img"
         image.write_bytes(os.urandom(16 << 20))
-        times = trio.run(run, args.mode, args.requests, image)
+        times = trio.run(run, args.mode, args.requests, image, args.op)
     kept = times[len(times) // 10 :]
-    print(f"{args.mode}: {len(times)} x 1 MiB cached reads, kick to used entry: median "
+    what = "cached reads" if args.op == "read" else "writes"
+    print(f"{args.mode}: {len(times)} x 1 MiB {what}, kick to used entry: median "
           f"{statistics.median(kept) * 1e6:.1f} us, min {min(kept) * 1e6:.1f} us")
 
 
