@@ -9,15 +9,19 @@ a checkpoint, so messages can never interleave. A peer that stops reading is sto
 `WRITE_BACKLOG_LIMIT` queued bytes: `flush` then waits, so the reader stops reading too
 (backpressure, docs/security.md).
 
-The writer task starts the first time something has to be queued (`start_in` names the
-nursery): most connections never fill their socket, and a task per connection that only
-ever waited was part of what made a connection cost ten times the C reference's.
+The writer task starts the first time something has to be queued (`start_in` says how to
+spawn it: the session passes the server's `start_soon`, so no connection opens a nursery of
+its own for it): most connections never fill their socket, and a task per connection that
+only ever waited was part of what made a connection cost ten times the C reference's. The
+session `stop`s it when the connection ends. Its three Events are built when first waited
+on, for the same reason.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -51,23 +55,35 @@ class Outbox:
         self.broken = False
         self._queue: deque[tuple[bytes, tuple[Any, ...]]] = deque()
         self.backlog = 0
-        self._wakeup = trio.Event()
-        self._room = trio.Event()
-        self._empty = trio.Event()
-        #: where the writer starts when first needed (`start_in`)
-        self._parent: trio.Nursery | None = None
+        #: the writer's wake-up, "backlog below the limit" and "queue empty" signals; None
+        #: until somebody waits on them (most connections never do)
+        self._wakeup: trio.Event | None = None
+        self._room: trio.Event | None = None
+        self._empty: trio.Event | None = None
+        #: how the writer starts when first needed (`start_in`: ``spawn(self.run)``)
+        self._spawn: Callable[..., object] | None = None
         self._writer = False
+        #: the writer's scope while it runs (`stop` cancels it)
+        self._writer_scope: trio.CancelScope | None = None
+        self._stopped = False
 
-    def start_in(self, parent: trio.Nursery) -> None:
-        """Start the writer in `parent` when something is first queued (now, if it is)."""
-        self._parent = parent
+    def start_in(self, spawn: Callable[..., object]) -> None:
+        """Start the writer with ``spawn(self.run)`` when something is first queued (now,
+        if it is)."""
+        self._spawn = spawn
         if self._queue:
             self._start_writer()
 
     def _start_writer(self) -> None:
-        if not self._writer and self._parent is not None:
+        if not self._writer and self._spawn is not None and not self._stopped:
             self._writer = True
-            self._parent.start_soon(self.run, name=f"{self.name} writer")
+            self._spawn(self.run)
+
+    def stop(self) -> None:
+        """The connection is over: end the writer (or keep it from starting)."""
+        self._stopped = True
+        if self._writer_scope is not None:
+            self._writer_scope.cancel()
 
     @property
     def pending(self) -> bool:
@@ -90,7 +106,8 @@ class Outbox:
         self._queue.append((data, fds))
         self.backlog += len(data)
         if self._writer:
-            self._wakeup.set()
+            if self._wakeup is not None:
+                self._wakeup.set()
         else:
             self._start_writer()
 
@@ -109,8 +126,8 @@ class Outbox:
         if out:
             self.send_batch(out, fds)
         while self.backlog > WRITE_BACKLOG_LIMIT and not self.closing and not self.broken:
-            self._room = trio.Event()
-            await self._room.wait()
+            room = self._room = trio.Event()
+            await room.wait()
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most `timeout`) until everything queued went out or the peer broke."""
@@ -118,18 +135,26 @@ class Outbox:
             return  # the usual case: no timer, no cancel scope
         with trio.move_on_after(timeout):
             while self._queue and not self.broken:
-                await self._empty.wait()
+                empty = self._empty
+                if empty is None or empty.is_set():
+                    empty = self._empty = trio.Event()
+                await empty.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The writer task: sends what `send` could not, in order."""
         task_status.started()
+        if self._stopped:  # the connection ended before the writer first ran
+            return
+        with trio.CancelScope() as self._writer_scope:
+            await self._write()
+
+    async def _write(self) -> None:
         while True:
             while not self._queue:
-                self._empty.set()
-                self._wakeup = trio.Event()
-                await self._wakeup.wait()
-            if self._empty.is_set():  # else `drain` may already wait on this one
-                self._empty = trio.Event()
+                if self._empty is not None:
+                    self._empty.set()
+                wakeup = self._wakeup = trio.Event()
+                await wakeup.wait()
             data, fds = self._queue[0]
             try:
                 await self.stream.send(data, fds)
@@ -138,7 +163,7 @@ class Outbox:
                 return
             self._queue.popleft()
             self.backlog -= len(data)
-            if self.backlog <= WRITE_BACKLOG_LIMIT:
+            if self.backlog <= WRITE_BACKLOG_LIMIT and self._room is not None:
                 self._room.set()
 
     def _broke(self, exc: Exception) -> None:
@@ -146,8 +171,10 @@ class Outbox:
         self.broken = True
         self._queue.clear()
         self.backlog = 0
-        self._room.set()
-        self._empty.set()
+        if self._room is not None:
+            self._room.set()
+        if self._empty is not None:
+            self._empty.set()
 
     def clear(self) -> None:
         """Drop whatever is queued (the connection is gone): frees its memory at once."""

@@ -76,6 +76,7 @@ _REGION_ACCESS = (int(Command.REGION_READ), int(Command.REGION_WRITE))
 _DMA_MAP = int(Command.DMA_MAP)
 #: a reply this big is sent (and backpressure applied) at once instead of being batched
 _BIG_REPLY = 64 << 10
+_INF = float("inf")
 #: how long a closing connection waits for its queued replies to go out
 OUTPUT_DRAIN_TIMEOUT = 1.0
 
@@ -117,7 +118,7 @@ class Session(DeviceContext):
         #: VERSION succeeded at some point (a failed attach may be retried)
         self.attached_once = False
         self._forced = False
-        #: the session nursery's scope once `run` started (VERSION deadline, `force_close`)
+        #: the session's scope once `run` started (VERSION deadline, `force_close`)
         self._scope: trio.CancelScope | None = None
         #: where the message log goes (`set_trace`)
         self.wire = wirelog.wire_log
@@ -174,7 +175,7 @@ class Session(DeviceContext):
         self.regions = Regions(self.host.region_specs(self.device), caps.max_data_xfer_size)
         self.attached = self.attached_once = True
         if self._scope is not None:  # (None: restored by a live upgrade, not running yet)
-            self._scope.deadline = float("inf")
+            self._scope.deadline = _INF
         if model:
             self.model.attach(self)
         if log.isEnabledFor(logging.INFO):  # caps.to_json() is not free
@@ -308,19 +309,24 @@ class Session(DeviceContext):
         # deadline): one that connects and says nothing, or trickles bytes, must not hold a
         # connection slot (and, for an owned group, block its owner) forever.
         timeout = self.host.limits.version_timeout
+        # One cancel scope for the connection's life, carrying the VERSION deadline and
+        # `force_close`; no nursery: the device-task runner and the writer, when a
+        # connection needs them at all, run in the server's (`_run` spawns them there and
+        # stops them before the session ends). A nursery was ~15% of a connect's cost.
+        scope = self._scope = trio.CancelScope(
+            deadline=_INF if self.attached else trio.current_time() + timeout
+        )
         try:
-            # the nursery's own scope carries the VERSION deadline and `force_close`
-            async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
+            with scope:
                 if self._forced:
-                    nursery.cancel_scope.cancel()
-                if not self.attached:  # else restored by a live upgrade, long past VERSION
-                    nursery.cancel_scope.deadline = trio.current_time() + timeout
-                await self._run(nursery)
-            if nursery.cancel_scope.cancelled_caught and not (self._forced or self.attached_once):
+                    scope.cancel()
+                await self._run()
+            if scope.cancelled_caught and not (self._forced or self.attached_once):
                 log.warning("%s: no VERSION within %.1fs; disconnecting", self.name, timeout)
         finally:
             self.closed = True
+            self.tasks.stop()  # (after `detach`, nothing left to stop: unless it raised)
+            self.outbox.stop()
             self.set_tracer(None)
             if self.pause is not None:
                 self.pause.changed.set()
@@ -336,10 +342,11 @@ class Session(DeviceContext):
             self.container = None
             self._irq_table = None
 
-    async def _run(self, nursery: trio.Nursery) -> None:
+    async def _run(self) -> None:
         # the device's task runner and the writer start when first needed (`start_in`)
-        self.tasks.start_in(nursery)
-        self.outbox.start_in(nursery)
+        spawn = self.host.start_soon
+        self.tasks.start_in(spawn)
+        self.outbox.start_in(spawn)
         if self.attached:  # restored by a live upgrade: the model gets its ctx now
             self.model.attach(self)
         try:
@@ -356,8 +363,6 @@ class Session(DeviceContext):
                     await self.detach()
             else:
                 await self.detach()
-            if nursery.child_tasks:  # (a cancel costs ~1% of a connect)
-                nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         """Read, handle everything that arrived, repeat; the one place a broken stream ends

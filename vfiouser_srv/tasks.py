@@ -7,11 +7,14 @@ nursery cannot be restarted after it was cancelled, so `TaskGroup` runs one nurs
 another inside its own task. A device task that raises is logged, never allowed to take the
 connection down (a model bug must not disconnect the guest).
 
-A session gives its group a parent nursery (`start_in`) instead of starting `run` itself:
-most connections never start a device task (a probe, a connect + VERSION, a client that only
-reads registers), and the runner task, its cancel scope and its nursery were a fifth of the
-server's cost of a connection. The runner then starts with the first `start_soon`, which
-queues its task until the nursery is open (the next scheduler batch), in order.
+A session gives its group a way to spawn the runner (`start_in`: the server's `start_soon`)
+instead of starting `run` itself: most connections never start a device task (a probe, a
+connect + VERSION, a client that only reads registers), and the runner task, its cancel
+scope and its nursery were a fifth of the server's cost of a connection; a nursery of the
+session's own only to parent the runner was another sixth. The runner then starts with the
+first `start_soon`, which queues its task until the nursery is open (the next scheduler
+batch), in order. The session `close`s the group before it ends, so the runner never
+outlives its connection.
 
 See docs/architecture.md, "Rules QEMU imposes" (the deadlock rule).
 """
@@ -42,10 +45,10 @@ class TaskGroup:
         self._stopped: trio.Event | None = None
         self._closing = False
         self.running = 0
-        #: where `start_soon` starts the runner on first use (`start_in`); None: the owner
-        #: runs `run` itself
-        self._parent: trio.Nursery | None = None
-        #: the runner was started in `_parent` (it may not have opened its nursery yet)
+        #: how `start_soon` starts the runner on first use (`start_in`, called as
+        #: ``spawn(self.run)``); None: the owner runs `run` itself
+        self._spawn: Callable[..., object] | None = None
+        #: the runner was spawned (it may not have opened its nursery yet)
         self._spawned = False
         #: tasks started before the runner's nursery was open, in order
         self._pending: list[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...], str]] = []
@@ -56,9 +59,10 @@ class TaskGroup:
         (a checkpoint); never started, they return without one."""
         return self._scope is not None
 
-    def start_in(self, parent: trio.Nursery) -> None:
-        """Run lazily in `parent`: the runner starts with the first device task."""
-        self._parent = parent
+    def start_in(self, spawn: Callable[..., object]) -> None:
+        """Run lazily: the first device task starts the runner with ``spawn(self.run)``
+        (a nursery's `start_soon`, the server's)."""
+        self._spawn = spawn
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -89,12 +93,12 @@ class TaskGroup:
         if self._nursery is not None:
             self._nursery.start_soon(self._guard, fn, args, name=name)
             return
-        if self._parent is None or self._closing:
+        if self._spawn is None or self._closing:
             raise RuntimeError(f"{self.owner}: no task group (device not attached)")
         self._pending.append((fn, args, name))
         if not self._spawned:
             self._spawned = True
-            self._parent.start_soon(self.run, name=f"{self.owner} tasks")
+            self._spawn(self.run)
 
     async def _guard(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
         self.running += 1
@@ -122,6 +126,14 @@ class TaskGroup:
             ready = self._ready
             assert ready is not None
             await ready.wait()
+
+    def stop(self) -> None:
+        """`close` without the wait: the connection is gone for good (its end, whatever
+        path it took), so the runner must not outlive it in the server's nursery."""
+        self._closing = True
+        self._pending.clear()
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def close(self) -> None:
         self._closing = True

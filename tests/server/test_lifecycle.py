@@ -14,6 +14,7 @@ import os
 import struct
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -219,6 +220,11 @@ async def test_task_runner_and_writer_start_only_when_needed(tmp_path: Path, eng
             assert not session.outbox._writer
         await wait_detached(dev)
         assert model.task_cancelled == 1
+        # the runner ran in the server's nursery: it ended with its connection
+        await settle()
+        assert server._nursery is not None
+        left = [t.name for t in server._nursery.child_tasks]
+        assert not [n for n in left if "TaskGroup" in n or "Outbox" in n], left
 
 
 @python_engine_only("checks the Python engine's session task group (session_of)")
@@ -372,25 +378,36 @@ async def test_no_leak_from_clients_refused_with_ebusy(
 async def test_connect_version_close_opens_few_cancel_scopes(
     tmp_path: Path, engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A cancel scope is a few percent of a connection's cost: a session that never starts
-    device work and pins no window opens its nursery's scope and at most one read epoch's,
+    """A cancel scope is a few percent of a connection's cost, a nursery twice that: a
+    session that never starts device work and pins no window opens no nursery (its runner
+    and writer would start in the server's), its own scope and at most one read epoch's,
     no shield for `detach` (nothing there can wait) and no epoch before it must wait."""
     entered: list[str] = []
     enter = trio.CancelScope.__enter__
+    open_nursery = trio.open_nursery
+
+    def own_task() -> bool:
+        task = trio.lowlevel.current_task()
+        return task.coro.cr_code.co_name == "_serve_connection"  # the session's own task
 
     def counting_enter(self: trio.CancelScope) -> trio.CancelScope:
-        task = trio.lowlevel.current_task()
-        if task.coro.cr_code.co_name == "_serve_connection":  # the session's own task
+        if own_task():
             entered.append("shield" if self.shield else "scope")
         return enter(self)
+
+    def counting_open_nursery(**kwargs: Any) -> Any:
+        if own_task():
+            entered.append("nursery")
+        return open_nursery(**kwargs)
 
     async with running_server() as server:
         dev, path = add_edu(server, tmp_path, engine=engine)
         monkeypatch.setattr(trio.CancelScope, "__enter__", counting_enter)
+        monkeypatch.setattr(trio, "open_nursery", counting_open_nursery)
         for _ in range(3):
             async with open_client(path) as c:
                 await c.region_read(BAR0, 0, 4)
             await wait_detached(dev)
         monkeypatch.undo()
-    assert "shield" not in entered
-    assert 3 <= len(entered) <= 6, entered  # per connection: the nursery's, one epoch's
+    assert "shield" not in entered and "nursery" not in entered, entered
+    assert 3 <= len(entered) <= 6, entered  # per connection: the session's, one epoch's
