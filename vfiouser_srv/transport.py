@@ -76,13 +76,16 @@ class FdStream:
         recv_size: int = RECV_SIZE,
         max_fds: int = SCM_MAX_FD,
         peer: tuple[int, int, int] | None = None,
+        blocking: bool = False,
     ) -> None:
         #: SO_PEERCRED as the accept loop already read it (one getsockopt per connection)
         self._peer = peer
         # Blocking mode + MSG_DONTWAIT on every call except the hot loop's read (see
         # RECV_FLAGS): O_NONBLOCK belongs to the shared file description, and toggling it
-        # per message cost more than it saved.
-        sock.setblocking(True)
+        # per message cost more than it saved. `blocking`: the caller knows it already is
+        # (accept4 without SOCK_NONBLOCK: the ioctl would be a syscall per connection).
+        if not blocking:
+            sock.setblocking(True)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
         self.sock = sock
         self._fileno = sock.fileno()
@@ -339,7 +342,8 @@ class FdStream:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self.sock)
+            if idlewait.trio_watches(self._fileno):  # (usually not: see there)
+                trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
 
     async def aclose(self) -> None:

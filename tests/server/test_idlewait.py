@@ -9,6 +9,8 @@ served by the hot loop (a silent fallback would only show up as a slower benchma
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import struct
 import sys
@@ -25,6 +27,9 @@ from devices.sdk import Bar, CallbackHandler, PciDevice, PciIdentity
 from protocol import HEADER, Capabilities, Command, HeaderFlags, Version, pack_header
 from vfiouser_srv import access, idlewait
 from vfiouser_srv.idlewait import IdleWaiter
+from vfiouser_srv.server import Server
+from vfiouser_srv.session import Session
+from vfiouser_srv.transport import FdStream
 
 from .conftest import MakeServer, path_of, python_engine_only
 
@@ -456,3 +461,72 @@ async def test_a_second_client_is_served_while_the_first_streams_reads(
     assert len(worst) == 50
     # generous for a loaded CI host; a loop that ignored other clients would take seconds
     assert sorted(worst)[-5] < 0.1, sorted(worst)[-5:]
+
+
+async def test_close_tells_trio_only_when_trio_holds_the_descriptor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`FdStream.close` calls `notify_closing` (an EPOLL_CTL_DEL, failing with ENOENT when
+    trio never armed the descriptor) only while trio keeps a record of it, i.e. while a
+    task waits on it; a waiter is still woken with ClosedResourceError."""
+    notified: list[int] = []
+    real = trio.lowlevel.notify_closing
+
+    def counting(fd: Any) -> None:
+        notified.append(fd if isinstance(fd, int) else fd.fileno())
+        real(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "notify_closing", counting)
+    # never waited on, and waited on once (the wait fired: trio's entry is disarmed)
+    for waited in (False, True):
+        a, b = FdStream.pair()
+        if waited:
+            b.sock.send(b"x")
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(a.sock)
+        assert not idlewait.trio_watches(a.sock.fileno())
+        a.close()
+        b.close()
+    assert notified == []
+    # a task waiting on it: told, and woken
+    a, b = FdStream.pair()
+    fd = a.sock.fileno()
+    async with trio.open_nursery() as nursery:
+        woke: list[BaseException] = []
+
+        async def waiter() -> None:
+            try:
+                await trio.lowlevel.wait_readable(a.sock)
+            except trio.ClosedResourceError as exc:
+                woke.append(exc)
+
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert idlewait.trio_watches(fd)
+        a.close()
+    b.close()
+    assert notified == [fd] and len(woke) == 1
+
+
+def test_outside_trio_trio_watches_everything() -> None:
+    """Outside `trio.run` (or if trio moved its internals) the answer is the safe one."""
+    assert idlewait.trio_watches(0)
+
+
+async def test_accepted_connections_start_in_blocking_mode(server: Server) -> None:
+    """The accept loop skips `setblocking(True)` (an ioctl per connection): Linux gives an
+    accepted socket no O_NONBLOCK, whatever the listener's; the hot loop's blocking read
+    relies on it (with O_NONBLOCK it would never wait, and spin through trio instead)."""
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        await trio.to_thread.run_sync(sock.connect, path_of(server))
+        with trio.fail_after(5):
+            while not server.sessions:
+                await trio.sleep(0.01)
+        (session,) = server.sessions
+        assert isinstance(session, Session)
+        flags = fcntl.fcntl(session.stream.sock.fileno(), fcntl.F_GETFL)
+        assert not flags & os.O_NONBLOCK
+        assert session.stream.sock.gettimeout() is None
+    finally:
+        sock.close()

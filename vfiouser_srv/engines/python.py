@@ -222,7 +222,7 @@ class PythonDevice:
                 peer = self._admit(conn)
                 if peer is None:
                     continue
-                self.host.start_soon(self._serve_connection, conn, peer)
+                self.host.start_soon(self._serve_connection, conn, peer, True)
                 # no checkpoint since the check: the next accept sees this connection counted
                 self._count(+1)
 
@@ -265,12 +265,20 @@ class PythonDevice:
         self._refusals.refused(name, reason, peer, self.host.start_soon)
         return None
 
-    async def _serve_connection(self, conn: socket.socket, peer: tuple[int, int, int]) -> None:
-        """Serve one admitted connection (already counted) until it ends."""
+    async def _serve_connection(
+        self, conn: socket.socket, peer: tuple[int, int, int], accepted: bool = False
+    ) -> None:
+        """Serve one admitted connection (already counted) until it ends; `accepted`: by
+        our accept loop (so in blocking mode)."""
         try:
             # SO_PEERCRED as `_admit` read it; unreadable (-1s) lets the session try again
+            # blocking already: accept4 without SOCK_NONBLOCK (O_NONBLOCK is not inherited
+            # from the listener on Linux), unlike an inherited `--fd` socket
             stream = FdStream(
-                conn, max_fds=self.host.caps.max_msg_fds, peer=peer if peer[0] != -1 else None
+                conn,
+                max_fds=self.host.caps.max_msg_fds,
+                peer=peer if peer[0] != -1 else None,
+                blocking=accepted,
             )
             session = Session(self.host, self.device, stream)
         except BaseException:
