@@ -38,6 +38,7 @@ _REPLY_HEAD = struct.Struct("<HHIIIQII")  # 16-byte header + region access struc
 _READ = int(Command.REGION_READ)
 _WRITE = int(Command.REGION_WRITE)
 _TYPE_REPLY = int(HeaderFlags.TYPE_REPLY)
+_NO_REGION = (0, False, False)
 
 
 class Regions:
@@ -52,10 +53,13 @@ class Regions:
     NONE: ClassVar[Regions]
 
     def __init__(self, specs: dict[int, RegionSpec], max_xfer: int) -> None:
-        self.limits: list[tuple[int, bool, bool]] = [
-            (s.size, s.readable, s.writable) if (s := specs.get(i)) else (0, False, False)
-            for i in range(NUM_PCI_REGIONS)
-        ]
+        # only the regions the device has (a comprehension over all nine, looking each up,
+        # was ~3% of a connect's cost)
+        limits: list[tuple[int, bool, bool]] = [_NO_REGION] * NUM_PCI_REGIONS
+        for i, s in specs.items():
+            if 0 <= i < NUM_PCI_REGIONS:
+                limits[i] = (s.size, s.readable, s.writable)
+        self.limits = limits
         self.max_xfer = max_xfer
         #: reads and writes served, packed (messages << 48 | bytes: `stats`)
         self.rd = 0

@@ -53,7 +53,7 @@ from .container import Container
 from .contract import EngineHost
 from .fds import close_all
 from .irq import IrqTable
-from .migration import Migration
+from .migration import Migration, PerConnection
 from .objects import ClientId, Device, new_connection_id
 from .outbox import Outbox
 from .pause import Pause
@@ -84,56 +84,53 @@ OUTPUT_DRAIN_TIMEOUT = 1.0
 class Session(DeviceContext):
     """A connection to a device; also the `DeviceContext` its model sees."""
 
+    # What a connection starts with, as class attributes: an instance sets its own only when
+    # it changes them (two dozen stores per connection were ~1% of a connect's cost).
+    # `attached_once`: VERSION succeeded at some point (a failed attach may be retried);
+    # `warned_unsealed`: a window of this client was not sealed against shrinking (logged once)
+    attached = attached_once = closed = warned_unsealed = False
+    _close_requested = _forced = _verbose = _no_serial = _counted = False
+    container: Container | None = None
+    _irq_table: IrqTable | None = None
+    #: the device's regions (`access.Regions`), set at VERSION (the shared, empty NONE before)
+    regions: Regions = Regions.NONE
+    #: migration v2 of the device through this connection (`migration`), built on first use
+    migration = PerConnection()
+    _migration: Migration | None = None
+    #: the session's scope once `run` started (VERSION deadline, `force_close`)
+    _scope: trio.CancelScope | None = None
+    #: where the message log goes (`set_trace`)
+    wire: logging.Logger = wirelog.wire_log
+    #: `--trace` / `trace-on format=trace` (`trace.Tracer`), else None; with -v, every
+    #: message takes the general path (`_no_serial`: no serial loop)
+    tracer: Tracer | None = None
+    #: a live upgrade asked this session to stop at a message boundary
+    pause: Pause | None = None
+    #: the read epoch's scope while it waits to read (`_read_loop`): `request_pause` cancels
+    _waiting: trio.CancelScope | None = None
+    #: an unmap the serial loop started that waits for pinned DMA (the read loop awaits it)
+    _deferred: Awaitable[bytes | None] | None = None
+
     def __init__(self, host: EngineHost, device: Device, stream: FdStream) -> None:
         #: the server hosting this engine: capabilities, limits, region specs
         self.host = host
         self.device = device
         self.model: DeviceModel = device.model
         self.stream = stream
-        self.conn_id = new_connection_id()
+        self.conn_id = conn_id = new_connection_id()
         try:
             pid, uid, gid = stream.peercred()
         except OSError:
             pid = uid = gid = -1
-        self.client = ClientId(pid, uid, gid, self.conn_id)
-        self.name = f"{device.name}#{self.conn_id}(pid {pid})"
+        self.client = ClientId(pid, uid, gid, conn_id)
+        self.name = name = f"{device.name}#{conn_id}(pid {pid})"
         self.conn = Connection(
             Role.SERVER, local_caps=host.caps, max_version_size=host.limits.max_version_size
         )
-        self.outbox = Outbox(stream, self.name)
-        self.requests = DmaRequests(self.conn, self.outbox, self.name)
+        self.outbox = Outbox(stream, name)
+        self.requests = DmaRequests(self.conn, self.outbox, name)
         self._dma = SessionDma()
-        self.container: Container | None = None
-        self._irq_table: IrqTable | None = None
-        self.tasks = TaskGroup(f"{device.name}#{self.conn_id}", self.report_failure)
-        #: the device's regions (`access.Regions`), set at VERSION
-        self.regions = Regions.NONE
-        self.attached = False
-        self.closed = False
-        self._close_requested = False
-        #: a DMA window of this client was not sealed against shrinking (logged once)
-        self.warned_unsealed = False
-        #: migration v2 of the device through this connection (`migration`)
-        self.migration = Migration()
-        #: VERSION succeeded at some point (a failed attach may be retried)
-        self.attached_once = False
-        self._forced = False
-        #: the session's scope once `run` started (VERSION deadline, `force_close`)
-        self._scope: trio.CancelScope | None = None
-        #: where the message log goes (`set_trace`)
-        self.wire = wirelog.wire_log
-        self._verbose = False
-        #: `--trace` / `trace-on format=trace` (`trace.Tracer`), else None
-        self.tracer: Tracer | None = None
-        #: -v or a tracer: every message takes the general path (no serial loop)
-        self._no_serial = False
-        self._counted = False
-        #: a live upgrade asked this session to stop at a message boundary
-        self.pause: Pause | None = None
-        #: the read epoch's scope while it waits to read (`_read_loop`): `request_pause` cancels
-        self._waiting: trio.CancelScope | None = None
-        #: an unmap the serial loop started that waits for pinned DMA (the read loop awaits it)
-        self._deferred: Awaitable[bytes | None] | None = None
+        self.tasks = TaskGroup(f"{device.name}#{conn_id}", self.report_failure)
 
     # ------------------------------------------------------------ DeviceContext
 
@@ -167,8 +164,7 @@ class Session(DeviceContext):
         eventfds are filled in first, and the model gets its ctx when the session runs."""
         group = self.device.group
         group.claim(self.client, self.device)
-        self.device.session = self
-        self.device.released = trio.Event()
+        self.device.attached(self)
         self.container = group.container_for(caps.page_size, self.host.caps.max_dma_maps)
         self.container.users += 1
         self._dma.attached_to = self.container
@@ -187,7 +183,10 @@ class Session(DeviceContext):
         if not self.attached:
             return
         self.attached = False
-        self.migration.close(self)  # lets go of the group before the session does
+        if self._migration is not None:
+            self._migration.close(self)  # lets go of the group before the session does
+        elif self.container is not None:
+            self.container.dirty = None  # (what `Migration.close` does besides)
         await self.tasks.close()
         self.requests.fail_all()
         if self.container is not None:
@@ -202,10 +201,8 @@ class Session(DeviceContext):
             self.model.detach()
         except Exception:
             log.exception("%s: model detach failed", self.name)
-        self.device.session = None
         self.device.group.release()
-        if self.device.released is not None:
-            self.device.released.set()
+        self.device.detached()
         log.info("%s: detached", self.name)
         if self.device.events.listeners:
             self.device.events.emit("CLIENT_DETACHED", self._event_data())
@@ -309,10 +306,8 @@ class Session(DeviceContext):
         # deadline): one that connects and says nothing, or trickles bytes, must not hold a
         # connection slot (and, for an owned group, block its owner) forever.
         timeout = self.host.limits.version_timeout
-        # One cancel scope for the connection's life, carrying the VERSION deadline and
-        # `force_close`; no nursery: the device-task runner and the writer, when a
-        # connection needs them at all, run in the server's (`_run` spawns them there and
-        # stops them before the session ends). A nursery was ~15% of a connect's cost.
+        # One scope (VERSION deadline, `force_close`), no nursery (~15% of a connect): the
+        # device-task runner and the writer, if needed, run in the server's until we end.
         scope = self._scope = trio.CancelScope(
             deadline=_INF if self.attached else trio.current_time() + timeout
         )
@@ -344,9 +339,8 @@ class Session(DeviceContext):
 
     async def _run(self) -> None:
         # the device's task runner and the writer start when first needed (`start_in`)
-        spawn = self.host.start_soon
-        self.tasks.start_in(spawn)
-        self.outbox.start_in(spawn)
+        self.tasks.start_in(self.host.start_soon)
+        self.outbox.start_in(self.host.start_soon)
         if self.attached:  # restored by a live upgrade: the model gets its ctx now
             self.model.attach(self)
         try:
@@ -370,8 +364,11 @@ class Session(DeviceContext):
         per wait was a quarter of a message's cost with many connections: benchmarks/
         README.md, "Scale"); `request_pause` cancels it only while it waits for data
         (`FdStream.wait_ready`, which reads nothing: a cancel there loses nothing)."""
-        self.set_trace(self.device.trace)
-        self.set_tracer(self.device.tracer)
+        dev = self.device
+        if dev.trace is not None or wirelog.enabled():  # (else the defaults stand)
+            self.set_trace(dev.trace)
+        if dev.tracer is not None:
+            self.set_tracer(dev.tracer)
         out: list[bytes] = []
         # The first epoch opens no scope until it must wait (None; later ones start with the
         # wait): a connect + VERSION + close often never waits, and a scope is ~4% of that.

@@ -227,6 +227,31 @@ async def test_task_runner_and_writer_start_only_when_needed(tmp_path: Path, eng
         assert not [n for n in left if "TaskGroup" in n or "Outbox" in n], left
 
 
+@python_engine_only("checks the Python engine's session (session_of)")
+async def test_a_plain_connection_builds_no_migration_nor_release_event(
+    tmp_path: Path, engine: str
+) -> None:
+    """A connection that never migrates builds no `Migration`, and `Device.released` is
+    built only for whoever waits on it (each was ~1% of a connect); once asked for, it is
+    set at detach, and it reads as set while no client is attached."""
+    async with running_server() as server:
+        dev, path = add_edu(server, tmp_path, engine=engine)
+        async with open_client(path) as c:
+            await c.region_read(BAR0, 0, 4)
+            session = session_of(dev)
+            assert session._migration is None and dev._released is None
+            released = dev.released  # somebody waits: built now, not set while attached
+            assert not released.is_set()
+        with trio.fail_after(5):
+            await released.wait()
+        await settle()
+        async with open_client(path) as c:
+            await c.region_read(BAR0, 0, 4)
+            assert dev._released is None  # a new session: a new Event when asked
+        await wait_detached(dev)
+        assert dev.released.is_set()
+
+
 @python_engine_only("checks the Python engine's session task group (session_of)")
 async def test_edu_dma_task_cancelled_by_disconnect_leaves_device_usable(
     tmp_path: Path,
