@@ -179,7 +179,7 @@ class InlineBlk(VirtioPciDevice):
 
     @staticmethod
     def _header(chain: Chain, dma: DmaPort) -> tuple[int, int] | None:
-        """(type, sector) of a request whose header and status byte are mmap'd, else None."""
+        """(type, sector) of a request whose header is mmap'd and in one piece, else None."""
         first = chain.readable[0] if chain.readable else (0, 0)
         if first[1] < OUTHDR.size or not chain.writable:
             return None
