@@ -13,9 +13,10 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 import trio
 
-from devices.sdk import IrqIndex
+from devices.sdk import DmaError, IrqIndex
 from devices.sdk.bits import BytesLike
 from devices.virtio import transport as t
 from devices.virtio.blk import (
@@ -280,4 +281,43 @@ async def test_one_notify_starts_a_bounded_share_of_writes(nursery: trio.Nursery
     assert started is not None and len(started.reqs) == INLINE_CHAINS
     gate.open()
     assert [h for h, _ in await drv.wait_used(0, INLINE_CHAINS + 8)] == heads
+    dev.close()
+
+
+async def test_a_ring_unmapped_at_hand_back_gives_the_write_back(
+        nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU remaps guest RAM (DMA_UNMAP then DMA_MAP) while the thread runs: the hand-back
+    finds the used ring unmapped, writes nothing, and the worker redoes the write (block
+    writes are idempotent) and completes it once."""
+    dev, drv, ctx, img = await device(nursery, tmp_path)
+    gate = Gate(dev)
+    drv.ram[PAYLOAD : PAYLOAD + SECTOR] = b"\x77" * SECTOR
+    head = add(drv, 0, ReqType.OUT, 3, SECTOR)
+    drv.kick(0)
+    assert gate.started.wait(5)
+    job = dev._started[0]
+    assert job is not None
+    used = drv.rings[0].used
+    view = ctx.dma.view
+    unmapped = True
+
+    def gapped(address: int, size: int, *, write: bool = False) -> memoryview | None:
+        if unmapped and address == used:
+            raise DmaError(errno.EFAULT, "remapping")
+        return view(address, size, write=write)
+
+    monkeypatch.setattr(ctx.dma, "view", gapped)
+    gate.open()
+    with trio.fail_after(5):
+        await job.done.wait()
+    assert not job.posted
+    assert drv.ram[STATUSES] == 0xFF
+    unmapped = False
+    assert await drv.wait_used(0) == [(head, 1)]
+    await trio.sleep(0.02)
+    assert drv.rings[0].take_used() == []  # once
+    assert gate.calls == ["write", "write"]
+    assert drv.ram[STATUSES] == ReqStatus.OK
+    assert img.read_bytes()[3 * SECTOR : 4 * SECTOR] == b"\x77" * SECTOR
+    assert ctx.dma.pins == 0
     dev.close()
