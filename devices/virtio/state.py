@@ -6,7 +6,8 @@ transport under the module size limit). `prepare_transport` reads and checks eve
 the returned step only assigns (docs/device-state.md).
 
 In-flight chains: after a quiesce no worker holds a chain. If the engine cancelled a worker
-mid-batch, the heads it had popped (never pushed) are in the state; a load gives them back
+mid-batch, or a write started from a notify (`blkinline`) has not been handed back yet, the
+heads popped and not pushed are in the state; a load gives them back
 to the ring by rewinding the queue to the oldest of them, so the device pops them again.
 Re-doing them is what a device reset would cost the guest too, minus the reset: block
 reads and writes are idempotent, and a resent frame is what a lossy network allows.

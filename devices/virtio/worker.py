@@ -99,7 +99,7 @@ async def _serve(dev: QueueDevice, queue: Virtqueue) -> None:
     while not dev.quiescing:
         if await dev.settle(queue):
             poll_until = trio.current_time() + poll.window
-        # page-cache reads first, the way the notify handler serves them (no batch objects)
+        # cached reads served, writes started, the notify handler's way (no batch objects)
         served = dev.serve_inline(queue)
         if served:
             poll_until = trio.current_time() + poll.window
