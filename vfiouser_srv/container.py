@@ -41,7 +41,6 @@ import mmap
 import os
 import stat
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -67,39 +66,99 @@ _UNKNOWN = ~_KNOWN
 #: seals that make a mapping of the file safe: it can never get shorter
 _SEAL_SHRINK = int(getattr(fcntl, "F_SEAL_SHRINK", 0x0002))
 _F_GET_SEALS = int(getattr(fcntl, "F_GET_SEALS", 1034))
+#: the smallest DMA_MAP flags value with a bit no flag has (valid flags: 1 to 3)
+_NEXT_FLAG = _KNOWN + 1
+_MAP_SHARED = mmap.MAP_SHARED
+_mmap = mmap.mmap
+_fcntl = fcntl.fcntl
+_bisect_right = bisect.bisect_right
+_bisect_left = bisect.bisect_left
+_ACCESS_DEFAULT = mmap.ACCESS_DEFAULT
+_PROT = (mmap.PROT_READ, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def cannot_shrink(fd: int) -> bool:
-    """The file behind `fd` carries F_SEAL_SHRINK (seals are never removed once set)."""
-    try:
-        return bool(fcntl.fcntl(fd, _F_GET_SEALS) & _SEAL_SHRINK)
-    except OSError:  # EINVAL: a file that supports no seals
-        return False
+def _mmap_sealed(fileno: int, offset: int, size: int, writable: bool) -> mmap.mmap:
+    """mmap a window of a file that can never shrink (`Container.map_window` checked).
+
+    Only shmem and hugetlbfs files (regular files by construction) carry seals, so a
+    sealed file needs no fstat of ours: CPython's mmap refuses a window past its end
+    itself (it fstats a regular file), and the map QEMU makes costs one syscall fewer.
+    The seals are asked of every descriptor: each DMA_MAP brings a new one, and an answer
+    kept for another descriptor (even one with the same number) proves nothing.
+    """
+    try:  # positional: keyword parsing was a measurable part of a map
+        return _mmap(fileno, size, _MAP_SHARED, _PROT[writable], _ACCESS_DEFAULT, offset)
+    except (ValueError, OverflowError) as exc:  # past the end of the file
+        raise RemoteProtocolError(
+            f"DMA_MAP: the file cannot back {offset:#x}+{size:#x} ({exc})"
+        ) from None
+    except OSError as exc:
+        raise RemoteProtocolError(
+            f"DMA_MAP: mmap failed: {exc}", errno=exc.errno or errno.EINVAL
+        ) from None
 
 
-@dataclass(eq=False)
+def _check_unsealed(fileno: int, offset: int, size: int) -> None:
+    """A file that may shrink is served with pread/pwrite, never mapped; it must still be
+    guest memory: only regular files back it (memfd, tmpfs, hugetlbfs, a plain file), a
+    character device's mapping has semantics of its own and cannot be read safely."""
+    st = os.fstat(fileno)
+    if not stat.S_ISREG(st.st_mode):
+        raise RemoteProtocolError("DMA_MAP: descriptor is not a regular file (guest memory)")
+    if offset + size > st.st_size:
+        raise RemoteProtocolError(
+            f"DMA_MAP: file of {st.st_size:#x} bytes cannot back {offset:#x}+{size:#x}"
+        )
+
 class DmaWindow:
-    address: int
-    size: int
-    readable: bool
-    writable: bool
-    #: file offset of `address` in the client's fd (0 in message mode)
-    offset: int = 0
-    mapping: mmap.mmap | None = None
-    view: memoryview | None = None
-    #: the client's descriptor of a file that may shrink: accessed with pread/pwrite only
-    file: OwnedFd | None = None
-    #: the client's descriptor of an mmap'd window: unused for access, kept so that a live
-    #: upgrade can hand the window to the next process (`takeover_state`)
-    fd: OwnedFd | None = None
-    #: who mapped it: message-mode DMA goes back to this session
-    owner: Any = None
-    pins: int = 0
-    unpinned: trio.Event = field(default_factory=trio.Event)
+    """One DMA_MAP's window (the module docstring says what each way of reaching it means).
 
-    @property
-    def end(self) -> int:
-        return self.address + self.size
+    A plain slotted class with `end` stored, not a dataclass: a guest's IOMMU maps and
+    unmaps windows back to back, and building one (13 fields, a trio.Event each) was a
+    tenth of what a map cost the server; the Event is made only when an unmap must wait
+    for pins (`Container.drain`)."""
+
+    __slots__ = (
+        "address", "end", "fd", "file", "mapping", "offset", "owner", "pins", "readable", "size",
+        "unpinned", "view", "writable",
+    )
+
+    def __init__(
+        self,
+        address: int,
+        size: int,
+        readable: bool,
+        writable: bool,
+        offset: int = 0,
+        mapping: mmap.mmap | None = None,
+        view: memoryview | None = None,
+        file: OwnedFd | None = None,
+        fd: OwnedFd | None = None,
+        owner: Any = None,
+    ) -> None:
+        self.address = address
+        self.size = size
+        self.end = address + size
+        self.readable = readable
+        self.writable = writable
+        #: file offset of `address` in the client's fd (0 in message mode)
+        self.offset = offset
+        self.mapping = mapping
+        self.view = view
+        #: the client's descriptor of a file that may shrink: accessed with pread/pwrite only
+        self.file = file
+        #: the client's descriptor of an mmap'd window: unused for access, kept so that a
+        #: live upgrade can hand the window to the next process (`takeover_state`)
+        self.fd = fd
+        #: who mapped it: message-mode DMA goes back to this session
+        self.owner = owner
+        #: accesses that span awaits (`Container.pin`)
+        self.pins = 0
+        #: set when `pins` drops to 0, for an unmap waiting on it (made by `Container.drain`)
+        self.unpinned: trio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"DmaWindow({self.address:#x}+{self.size:#x} {self.mode})"
 
     @property
     def mmapped(self) -> bool:
@@ -149,13 +208,17 @@ class DmaWindow:
                 raise DmaError(exc.errno or errno.EIO, f"DMA write at {where:#x}: {exc}") from None
 
     def release(self) -> None:
-        """Unmap. A device that kept a view past the unmap delays munmap until it drops it."""
-        for kept in (self.file, self.fd):
-            if kept is not None:
-                kept.close()
-        self.file = self.fd = None
+        """Unmap. A device that kept a view past the unmap delays munmap until it drops it.
+        A message-mode window holds nothing (the common early return)."""
+        file, fd, mapping = self.file, self.fd, self.mapping
+        if file is None and fd is None and mapping is None:
+            return
+        self.file = self.fd = self.mapping = None
+        if file is not None:
+            file.close()
+        if fd is not None:
+            fd.close()
         view, self.view = self.view, None
-        mapping, self.mapping = self.mapping, None
         if view is not None:
             view.release()
         if mapping is not None:
@@ -214,6 +277,7 @@ class Container:
 
     def __init__(self, *, page_size: int = 4096, max_maps: int = 65535) -> None:
         self.page_size = page_size
+        self._mask = page_size - 1
         self.max_maps = max_maps
         self._starts: list[int] = []
         self._windows: list[DmaWindow] = []
@@ -238,63 +302,80 @@ class Container:
     def map_window(
         self, flags: int, offset: int, address: int, size: int, fd: OwnedFd | None, owner: Any
     ) -> DmaWindow:
-        """`map` from the body's values (`DmaMap.fields`, the server's DMA_MAP path)."""
-        if fd is None:  # message mode: nothing to close whatever happens
-            return self._map(flags, offset, address, size, None, owner)
-        window: DmaWindow | None = None
-        try:
-            window = self._map(flags, offset, address, size, fd, owner)
-            return window
-        finally:
-            if window is None or fd not in (window.file, window.fd):
-                fd.close()
+        """`map` from the body's values (`DmaMap.fields`, the server's DMA_MAP path).
 
-    def _map(
-        self, flags: int, offset: int, address: int, size: int, fd: OwnedFd | None, owner: Any
-    ) -> DmaWindow:
-        if flags & _UNKNOWN:
-            raise RemoteProtocolError(f"DMA_MAP: unknown flags {flags:#x}")
-        if not flags & _KNOWN:
-            raise RemoteProtocolError("DMA_MAP: neither read nor write")
-        if size == 0:
-            raise RemoteProtocolError("DMA_MAP: size 0")
-        if address + size > _ADDRESS_LIMIT:
-            raise RemoteProtocolError("DMA_MAP: address range wraps")
-        mask = self.page_size - 1
-        if address & mask or size & mask or (fd is not None and offset & mask):
-            raise RemoteProtocolError(
-                f"DMA_MAP: {address:#x}+{size:#x} (offset {offset:#x}) "
-                f"not aligned to {self.page_size:#x}"
-            )
-        # `_overlapping`, inlined: this runs for every map a guest's IOMMU makes
-        starts, windows = self._starts, self._windows
-        i = bisect.bisect_right(starts, address)
-        if (i > 0 and windows[i - 1].end > address) or (
-            i < len(windows) and starts[i] < address + size
-        ):
-            raise RemoteProtocolError(
-                f"DMA_MAP: {address:#x}+{size:#x} overlaps a window", errno=errno.EEXIST
-            )
-        if len(windows) >= self.max_maps:
-            raise RemoteProtocolError(
-                f"DMA_MAP: already {len(windows)} windows", errno=errno.ENOSPC
-            )
-        writable = bool(flags & _WRITE)
-        window = DmaWindow(address, size, bool(flags & _READ), writable, offset, owner=owner)
-        if fd is not None:
-            mapping = self._map_sealed(fd, offset, size, writable)
-            if mapping is not None:
-                window.mapping = mapping
-                window.view = memoryview(mapping)
-                window.fd = fd
+        One frame for the whole map (the sealed file's mmap included), checks first and in
+        one test (`_refuse` finds the reason of a refusal), positional calls only: this is
+        what every map a guest's IOMMU makes runs, and each frame, keyword call and module
+        attribute lookup was a measurable part of it (benchmarks/README.md)."""
+        try:
+            end = address + size
+            mask = self._mask
+            if (
+                not 0 < flags < _NEXT_FLAG
+                or not size
+                or end > _ADDRESS_LIMIT
+                or (address | size) & mask
+                or (fd is not None and offset & mask)
+            ):
+                raise self._refuse(flags, offset, address, size)
+            # `_overlapping`, inlined
+            starts, windows = self._starts, self._windows
+            i = _bisect_right(starts, address)
+            if (i and windows[i - 1].end > address) or (i < len(starts) and starts[i] < end):
+                raise RemoteProtocolError(
+                    f"DMA_MAP: {address:#x}+{size:#x} overlaps a window", errno=errno.EEXIST
+                )
+            if len(starts) >= self.max_maps:
+                raise RemoteProtocolError(
+                    f"DMA_MAP: already {len(windows)} windows", errno=errno.ENOSPC
+                )
+            readable, writable = flags & _READ != 0, flags & _WRITE != 0
+            if fd is None:
+                window = DmaWindow(
+                    address, size, readable, writable, 0, None, None, None, None, owner
+                )
             else:
-                window.file = fd
-        else:
-            window.offset = 0
-        # `_overlapping` said no above, and nothing ran since: insert at the same place
+                # (`fd.fd`, not `fileno()`: a descriptor that just arrived is open)
+                fileno = fd.fd
+                try:
+                    sealed = _fcntl(fileno, _F_GET_SEALS) & _SEAL_SHRINK
+                except OSError:  # EINVAL: a file that supports no seals
+                    sealed = 0
+                if sealed:  # `_map_sealed` says why no fstat of ours
+                    mapping = _mmap_sealed(fileno, offset, size, writable)
+                    window = DmaWindow(
+                        address, size, readable, writable, offset, mapping, memoryview(mapping),
+                        None, fd, owner,
+                    )
+                else:
+                    _check_unsealed(fileno, offset, size)
+                    window = DmaWindow(
+                        address, size, readable, writable, offset, None, None, fd, None, owner
+                    )
+        except BaseException:
+            if fd is not None:  # consumed: a refused map closes it
+                fd.close()
+            raise
+        # the overlap test said no above, and nothing ran since: insert at the same place
         starts.insert(i, address)
         windows.insert(i, window)
         return window
+
+    def _refuse(self, flags: int, offset: int, address: int, size: int) -> RemoteProtocolError:
+        """Why `map_window`'s first test refused a map."""
+        if flags & _UNKNOWN:
+            return RemoteProtocolError(f"DMA_MAP: unknown flags {flags:#x}")
+        if not flags & _KNOWN:
+            return RemoteProtocolError("DMA_MAP: neither read nor write")
+        if size == 0:
+            return RemoteProtocolError("DMA_MAP: size 0")
+        if address + size > _ADDRESS_LIMIT:
+            return RemoteProtocolError("DMA_MAP: address range wraps")
+        return RemoteProtocolError(
+            f"DMA_MAP: {address:#x}+{size:#x} (offset {offset:#x}) "
+            f"not aligned to {self.page_size:#x}"
+        )
 
     def add(self, window: DmaWindow) -> DmaWindow:
         """Insert a window that is already validated and reachable (its `view`, `file` or
@@ -311,39 +392,6 @@ class Container:
         self._windows.insert(i, window)
         return window
 
-    @staticmethod
-    def _map_sealed(fd: OwnedFd, offset: int, size: int, writable: bool) -> mmap.mmap | None:
-        """mmap the window's file if it can never shrink; None: serve it with pread/pwrite.
-
-        Only regular files back guest memory (memfd, tmpfs, hugetlbfs, a plain file): a
-        character device's mapping has semantics of its own and cannot be read safely.
-        The seal check comes first because only shmem and hugetlbfs files (regular files
-        by construction) can carry seals: a sealed file needs no fstat of ours, and
-        CPython's mmap refuses a window past its end itself (it fstats a regular file),
-        so the map QEMU makes costs one syscall fewer. Any other file is checked here.
-        """
-        fileno = fd.fileno()
-        if cannot_shrink(fileno):
-            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            try:
-                return mmap.mmap(fileno, size, mmap.MAP_SHARED, prot, offset=offset)
-            except (ValueError, OverflowError) as exc:  # past the end of the file
-                raise RemoteProtocolError(
-                    f"DMA_MAP: the file cannot back {offset:#x}+{size:#x} ({exc})"
-                ) from None
-            except OSError as exc:
-                raise RemoteProtocolError(
-                    f"DMA_MAP: mmap failed: {exc}", errno=exc.errno or errno.EINVAL
-                ) from None
-        st = os.fstat(fileno)
-        if not stat.S_ISREG(st.st_mode):
-            raise RemoteProtocolError("DMA_MAP: descriptor is not a regular file (guest memory)")
-        if offset + size > st.st_size:
-            raise RemoteProtocolError(
-                f"DMA_MAP: file of {st.st_size:#x} bytes cannot back {offset:#x}+{size:#x}"
-            )
-        return None
-
     def _overlapping(self, address: int, size: int) -> bool:
         i = bisect.bisect_right(self._starts, address)
         if i > 0 and self._windows[i - 1].end > address:
@@ -352,13 +400,18 @@ class Container:
 
     def take(self, address: int, size: int) -> DmaWindow:
         """Remove the window that exactly matches (ENOENT otherwise) and return it."""
-        i = bisect.bisect_left(self._starts, address)
-        if i == len(self._starts) or self._starts[i] != address or self._windows[i].size != size:
-            raise RemoteProtocolError(
-                f"DMA_UNMAP: no window {address:#x}+{size:#x}", errno=errno.ENOENT
-            )
-        del self._starts[i]
-        return self._windows.pop(i)
+        starts = self._starts
+        i = _bisect_left(starts, address)
+        if i < len(starts) and starts[i] == address:
+            windows = self._windows
+            w = windows[i]
+            if w.size == size:
+                del starts[i]
+                del windows[i]
+                return w
+        raise RemoteProtocolError(
+            f"DMA_UNMAP: no window {address:#x}+{size:#x}", errno=errno.ENOENT
+        )
 
     def take_all(self, owner: Any = None) -> list[DmaWindow]:
         """Remove every window (of `owner` only, when given) and return them."""
@@ -376,7 +429,10 @@ class Container:
         with trio.move_on_after(timeout):
             for w in windows:
                 if w.pins:
-                    await w.unpinned.wait()
+                    event = w.unpinned
+                    if event is None:
+                        event = w.unpinned = trio.Event()
+                    await event.wait()
             return True
         return False
 
@@ -471,6 +527,6 @@ class Container:
             yield
         finally:
             window.pins -= 1
-            if window.pins == 0:
-                window.unpinned.set()
-                window.unpinned = trio.Event()
+            if window.pins == 0 and (event := window.unpinned) is not None:
+                window.unpinned = None
+                event.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
@@ -112,8 +113,11 @@ _DMA_MAP_REPLY = DmaMapReply()
 _READ = int(Command.REGION_READ)
 _WRITE = int(Command.REGION_WRITE)
 _DMA_MAP = int(Command.DMA_MAP)
-_UNMAP_HEAD = DmaUnmap.HEAD
 _UNMAP_SIZE = DmaUnmap.SIZE
+#: a DMA_UNMAP reply, header and echoed entry, in one pack (both formats are "<": no padding)
+_UNMAP_REPLY = struct.Struct(_HEADER.format + DmaUnmap.HEAD.format.lstrip("<"))
+_map_fields = DmaMap.fields
+_unmap_fields = DmaUnmap.fields
 
 
 def _frame(session: HandlerContext, req: Request, body: Body | None) -> Framed:
@@ -200,31 +204,37 @@ def serve_plain(
     those frozen dataclasses was more than half of what a map cost beyond any message.
     A payload the codec refuses goes to the full path, so the errno is always its own.
     `fds`: the descriptor a DMA_MAP came with alone in its read (the serial loop's)."""
+    if command == _DMA_MAP:
+        try:
+            flags_, offset, address, size, fd, _argsz = _map_fields(payload, fds)
+        except RemoteProtocolError:
+            close_all(fds)  # refused with or without them: the same EINVAL
+            return session.full_path(msg_id, command, flags, payload)
+        session.device.stats.messages[command] += 1
+        try:
+            map_window(session, flags_, offset, address, size, fd)
+        except Exception as exc:
+            close_all(fds)
+            return fail(session, msg_id, command, flags != 0, exc)
+        return None if flags else _HEADER.pack(msg_id, command, 16, _TYPE_REPLY, 0)
     try:
-        args = PLAIN_BODIES[command].fields(payload, fds)
+        flags_, address, size, argsz, _bitmap = _unmap_fields(payload, fds)
     except RemoteProtocolError:
-        close_all(fds)  # refused with or without them: the same EINVAL
+        close_all(fds)
         return session.full_path(msg_id, command, flags, payload)
     session.device.stats.messages[command] += 1
-    no_reply = flags != 0
     try:
-        if command == _DMA_MAP:
-            flags_, offset, address, size, fd, _argsz = args
-            map_window(session, flags_, offset, address, size, fd)
-            return None if no_reply else _HEADER.pack(msg_id, command, 16, _TYPE_REPLY, 0)
-        flags_, address, size, argsz, _bitmap = args
         waiting = unmap_windows(session, flags_, address, size)
     except Exception as exc:
         close_all(fds)
-        return fail(session, msg_id, command, no_reply, exc)
+        return fail(session, msg_id, command, flags != 0, exc)
     # the reply echoes the request's entry (`DmaUnmapReply` without a bitmap, encoded)
-    reply = None if no_reply else (
-        _HEADER.pack(msg_id, command, 16 + _UNMAP_SIZE, _TYPE_REPLY, 0)
-        + _UNMAP_HEAD.pack(argsz, flags_, address, size)
+    reply = None if flags else _UNMAP_REPLY.pack(
+        msg_id, command, 16 + _UNMAP_SIZE, _TYPE_REPLY, 0, argsz, flags_, address, size
     )
     if waiting is None:
         return reply
-    return _finish_plain(session, msg_id, command, no_reply, waiting, reply)
+    return _finish_plain(session, msg_id, command, flags != 0, waiting, reply)
 
 
 async def _finish_plain(
@@ -322,8 +332,6 @@ def map_window(
             w.address,
             w.size,
         )
-    elif log.isEnabledFor(logging.DEBUG):
-        log.debug("%s: mapped %#x+%#x %s", session.name, w.address, w.size, w.mode)
 
 
 async def _release_pinned(session: HandlerContext, windows: list[DmaWindow]) -> None:
@@ -354,19 +362,18 @@ def unmap_windows(
     container at once; None when they are released too, else what releases them once the
     device's pins let go (the spec: every reference, in-flight DMA included, is released
     before the reply)."""
-    if flags & ~_UNMAP_ALL:
-        raise RemoteProtocolError(f"DMA_UNMAP: flags {flags:#x} not supported")
-    unmap_all = bool(flags & _UNMAP_ALL)
-    if unmap_all and (address or size):
-        raise RemoteProtocolError("DMA_UNMAP: unmap-all needs address = size = 0")
     container = session.container
     assert container is not None
-    if not unmap_all:
+    if not flags:
         w = container.take(address, size)
         if w.pins:
             return _release_pinned(session, [w])
         w.release()
         return None
+    if flags & ~_UNMAP_ALL:
+        raise RemoteProtocolError(f"DMA_UNMAP: flags {flags:#x} not supported")
+    if address or size:
+        raise RemoteProtocolError("DMA_UNMAP: unmap-all needs address = size = 0")
     windows = container.take_all()
     if any(w.pins for w in windows):
         return _release_pinned(session, windows)

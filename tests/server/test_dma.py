@@ -277,6 +277,23 @@ async def test_unmap_waits_for_a_pinned_window(make_server: MakeServer) -> None:
         assert int.from_bytes(status, "little") == models.DONE
 
 
+@python_engine_only("checks the Python engine's window table (container_of)")
+async def test_a_window_builds_no_event_until_an_unmap_waits(make_server: MakeServer) -> None:
+    """A guest's IOMMU maps and unmaps windows back to back: a window is a slotted record
+    with no trio.Event until an unmap has to wait for its pins (`Container.drain`), which
+    the two tests around this one check still happens."""
+    srv, _model = await scratch(make_server)
+    async with open_client(srv, "s") as c:
+        await c.memory.add_ram(RAM, PAGE, shared=True)
+        await c.memory.add_ram(RAM + 0x10000, PAGE, shared=False)
+        container = container_of(srv, "s")
+        assert container is not None
+        windows = list(container)
+        assert [w.mode for w in windows] == ["mmap", "message"]
+        assert [w.unpinned for w in windows] == [None, None]
+        assert not any(hasattr(w, "__dict__") for w in windows)
+
+
 async def test_unmap_all_waits_for_a_pinned_window(make_server: MakeServer) -> None:
     srv, model = await scratch(make_server)
     async with open_client(srv, "s") as c:
