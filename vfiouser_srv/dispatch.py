@@ -365,11 +365,8 @@ def unmap_windows(
     container = session.container
     assert container is not None
     if not flags:
-        w = container.take(address, size)
-        if w.pins:
-            return _release_pinned(session, [w])
-        w.release()
-        return None
+        pinned = container.unmap(address, size)
+        return None if pinned is None else _release_pinned(session, [pinned])
     if flags & ~_UNMAP_ALL:
         raise RemoteProtocolError(f"DMA_UNMAP: flags {flags:#x} not supported")
     if address or size:
