@@ -145,6 +145,9 @@ class WorkerCore:
         self._inflight_changed = trio.Event()
         self._cq_space: dict[int, trio.Event] = {}
         self.carried: dict[int, Carried] = {}
+        #: tokens of `carried` writes whose backend call is still in its thread
+        #: (`io_commands._write_now`): not run again by `_rerun_carried` meanwhile
+        self.writing: set[int] = set()
         #: `carried` holds commands of tasks that are gone (set at worker start and load)
         self.rerun_carried = False
         self.next_token = 0
@@ -314,6 +317,13 @@ class WorkerCore:
     async def _flush_all(self) -> None:
         for ns in self.namespaces.values():
             await self._backend(ns, ns.backend.flush)
+
+    def _inflight_done(self, scope: trio.CancelScope) -> None:
+        """`scope`'s command is finished (its task ended, or a write's hand-back posted
+        it): whoever waits for in-flight commands looks again."""
+        del self._inflight[scope]
+        changed, self._inflight_changed = self._inflight_changed, trio.Event()
+        changed.set()
 
     async def _wait_inflight(self, which: Callable[[int], bool]) -> None:
         while any(which(qid) for qid in self._inflight.values()):

@@ -18,9 +18,13 @@ Writes from a doorbell served in the register handler start their thread right t
 (`_write_now`) and post their completion from the thread's hand-back on the trio thread
 (`_write_done`): measured in the guest, a 512 KiB write spent ~3x QEMU's device time between
 doorbell and interrupt, much of it trio rounds (task start, the thread limiter's checkpoint,
-the hand-back waking a task that then posts). The task still owns the command (reset
-cancels it and waits for it; it reports errors, flushes for FUA and posts a completion
-the hand-back could not) but is no longer between the guest and its interrupt.
+the hand-back waking a task that then posts). Such a write has no task at all unless its
+hand-back needs one: it is in `_inflight` (reset cancels it and waits for the hand-back;
+queue deletion, shutdown and quiesce wait for it) and in `writing` (a restarted worker
+does not run it again meanwhile); only an error to report, a flush owed first (FUA, write
+cache off) or a full CQ starts its task, from the hand-back. Why: a task per write was a
+spawn, a first step and a wake-up on the trio thread per I/O, competing for the host's
+two CPUs with the write's own thread while the guest waits.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from devices.sdk.interface import DmaError, pinned_views
 from devices.sdk.storage import consume, read_cached
 
 from .command import BROADCAST_NSID, Command, CommandError, Namespace, Outcome
-from .core import WorkerCore
+from .core import Carried, WorkerCore
 from .prp import PrpError, Segments, walk_prps
 from .queue import DoorbellError, SubmissionQueue
 from .spec import DSM_ATTR_DEALLOCATE, DSM_RANGE_SIZE, SQE, FeatureId, IoOpcode, Status
@@ -78,9 +82,12 @@ class _Started:
     """A write whose thread `_write_now` started from the register handler: what the
     hand-back (`_write_done`) and the command's task share."""
 
-    def __init__(self, sq: SubmissionQueue, cmd: Command, token: int, length: int,
-                 pins: contextlib.ExitStack) -> None:
+    def __init__(self, sq: SubmissionQueue, cmd: Command, token: int, item: Carried,
+                 length: int, pins: contextlib.ExitStack) -> None:
         self.sq, self.cmd, self.token, self.length, self.pins = sq, cmd, token, length, pins
+        #: its `carried` entry: the hand-back acts only while this is still it (a device
+        #: reset that does not wait, `power_on`, starts tokens again)
+        self.item = item
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         #: what the backend call raised (the task reports it)
@@ -93,14 +100,13 @@ class IoCommands(WorkerCore):
     """The I/O queues' commands, on the worker's state."""
 
     def _start_io(self, sq: SubmissionQueue, cmd: Command, token: int,
-                  segs: Segments | None = None, started: _Started | None = None) -> None:
+                  segs: Segments | None = None) -> None:
         """Run one I/O command in its own task; `token` is its `carried` entry, `segs` its
-        data segments when `_io_now` already walked its PRPs, `started` its write when
-        `_write_now` already started it."""
+        data segments when `_io_now` already walked its PRPs."""
         assert self._nursery is not None
-        scope = started.scope if started is not None else trio.CancelScope()
+        scope = trio.CancelScope()
         self._inflight[scope] = sq.qid
-        self._nursery.start_soon(self._io_task, sq, cmd, scope, token, segs, started)
+        self._nursery.start_soon(self._io_task, sq, cmd, scope, token, segs)
 
     # ------------------------------------------------------------------ without a task
 
@@ -226,16 +232,20 @@ class IoCommands(WorkerCore):
             pins.close()
             self._threads.release()
             return False
-        job = _Started(sq, cmd, token, length, pins)
+        job = _Started(sq, cmd, token, self.carried[token], length, pins)
         threads.start_in_thread(functools.partial(ns.backend.write, offset, views),
                                 functools.partial(self._write_done, job))
-        self._start_io(sq, cmd, token, segs, job)
+        # in flight (reset, queue deletion, shutdown and quiesce wait for it), with no task
+        # until the hand-back needs one
+        self._inflight[job.scope] = sq.qid
+        self.writing.add(token)
         return True
 
     def _write_done(self, job: _Started, result: outcome.Outcome[None]) -> None:
         """The thread of a `_write_now` write is back (on the trio thread): let go of its
-        guest memory and thread, and post its completion unless the task must (an error,
-        FUA or the write cache off: a flush first; a reset cancelled it; no room)."""
+        guest memory and thread, and post its completion; only when that is not all (an
+        error to report, FUA or the write cache off: a flush first; no room in the CQ)
+        does the write get a task, started here. A reset cancelled it: no completion."""
         try:
             result.unwrap()
         except Exception as exc:  # handed to the task, which reports it
@@ -244,17 +254,30 @@ class IoCommands(WorkerCore):
             log.exception("nvme: a write's thread raised")
         job.pins.close()
         self._threads.release()
-        fua = bool(job.cmd.cdw12 & FUA) or not self.features[FeatureId.VOLATILE_WRITE_CACHE]
         item = self.carried.get(job.token)
-        if (not job.scope.cancel_called and not fua and item is not None
-                and job.error is None):
-            self.smart.write_commands += 1
-            self.smart.bytes_written += job.length
-            item.outcome = (Status.SUCCESS, 0)
-            if self.complete_now(job.sq, job.cmd.cid, Status.SUCCESS, 0, item):
-                del self.carried[job.token]
-                job.posted = True
+        current = item is not None and item is job.item
+        if current:  # (not: the controller was reset under it without waiting, `power_on`)
+            self.writing.discard(job.token)
+            fua = (bool(job.cmd.cdw12 & FUA)
+                   or not self.features[FeatureId.VOLATILE_WRITE_CACHE])
+            if job.scope.cancel_called:
+                del self.carried[job.token]  # reset: aborted without a completion
+            elif not fua and job.error is None:
+                self.smart.write_commands += 1
+                self.smart.bytes_written += job.length
+                job.item.outcome = (Status.SUCCESS, 0)
+                if self.complete_now(job.sq, job.cmd.cid, Status.SUCCESS, 0, job.item):
+                    del self.carried[job.token]
+                    job.posted = True
         job.done.set()
+        if (current and not job.posted and not job.scope.cancel_called
+                and self._nursery is not None):
+            self._nursery.start_soon(self._io_task, job.sq, job.cmd, job.scope, job.token,
+                                     None, job)
+        elif job.scope in self._inflight:
+            # done; or no worker: the command stays carried, and the worker's next start
+            # posts its outcome or runs it again
+            self._inflight_done(job.scope)
 
     async def _list_now(self, address: int, size: int) -> bytes:
         """A PRP list from mmap'd memory, for `_run_now` (never suspends)."""
@@ -312,9 +335,7 @@ class IoCommands(WorkerCore):
         finally:
             if scope.cancel_called:
                 self.carried.pop(token, None)
-            del self._inflight[scope]
-            changed, self._inflight_changed = self._inflight_changed, trio.Event()
-            changed.set()
+            self._inflight_done(scope)
 
     async def _started_outcome(self, started: _Started) -> Outcome:
         """What a `_write_now` write's task reports when `_write_done` did not post it:

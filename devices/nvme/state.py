@@ -166,6 +166,7 @@ def prepare_worker(w: WorkerCore, rec: Record, *, vectors: int, mps_max: int) ->
         for name, value in counters.items():
             setattr(w.smart, name, value)
         w.carried = carried
+        w.writing = set()  # loaded commands are all to run again (none is in a thread here)
         w.next_token = max(carried, default=0)
         w.rerun_carried = True
         w.quiescing = False

@@ -84,6 +84,8 @@ class Worker(AdminCommands, IoCommands):
         with a state): post the completion if they had executed, else execute them again
         (reads, writes, flushes and deallocations are idempotent)."""
         for token, item in sorted(self.carried.items()):
+            if token in self.writing:
+                continue  # its thread is still out: its hand-back posts it or starts its task
             sq = self.sqs.get(item.sqid)
             if sq is None:
                 del self.carried[token]
