@@ -119,6 +119,15 @@ class PerConnection:
     def __set__(self, owner: Any, value: Migration) -> None:
         owner._migration = value
 
+    @staticmethod
+    def close(owner: Any) -> None:
+        """`Migration.close` for a detaching connection, whether or not it built one."""
+        m: Migration | None = owner._migration
+        if m is not None:
+            m.close(owner)
+        elif owner.container is not None:
+            owner.container.dirty = None  # (what `Migration.close` does besides)
+
 
 def einval(message: str) -> RemoteProtocolError:
     return RemoteProtocolError(message, errno=errno.EINVAL)
