@@ -13,11 +13,25 @@ each command is written to the SQ, its doorbell rung straight into the worker
 Run it from a tree's root to measure that tree (`cd /tmp/old-tree && .../python
 /work/main/benchmarks/nvme_doorbell.py`): old and new right after each other, since the
 host's load moves these numbers more than most changes do.
+
+Instructions instead of time (deterministic, what a change saves however loaded the host):
+`--scatter` spreads a transfer's pages over every other page (a guest's usual PRP list,
+no merged segments), and `--inline` runs cached reads back to back inside one
+`functools.reduce` call without awaiting (each must complete inside its doorbell), so
+callgrind counts just the doorbells:
+
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --collect-atstart=no \
+        --toggle-collect=functools_reduce .venv/bin/python benchmarks/nvme_doorbell.py \
+        --inline --scatter --count 200 read4k      # Ir / 200 = per doorbell, harness included
+
+Writes wait for their thread, so count the whole process at two `--count`s and divide the
+difference (`--count 100` and `400`: (Ir(400) - Ir(100)) / 300, PYTHONHASHSEED=0).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import struct
 import sys
@@ -32,7 +46,7 @@ sys.path.insert(0, os.getcwd())  # the tree we are run from, not this file's
 KINDS = {"read4k": 1, "write4k": 1, "read512k": 128, "write512k": 128}
 
 
-async def measure(kind: str, count: int) -> str:
+async def measure(kind: str, count: int, scatter: bool = False, inline: bool = False) -> str:
     from devices.nvme import Nvme
     from devices.nvme.spec import SQE, IoOpcode
     from tests.devices.nvme.test_over_socket import DATA, IOCQ, IOSQ, LISTS, PAGE, served
@@ -44,10 +58,11 @@ async def measure(kind: str, count: int) -> str:
         async with (trio.open_nursery() as nursery,
                     served(nursery, Path(tmp), True, model) as (_srv, d, m)):
                 mem, w = d.c.memory, m.worker
-                entries = [DATA + i * PAGE for i in range(1, pages)]
+                step = 2 if scatter else 1
+                entries = [DATA + i * step * PAGE for i in range(1, pages)]
                 if entries:
                     mem.write(LISTS, struct.pack(f"<{len(entries)}Q", *entries))
-                prp2 = LISTS if pages > 2 else 0
+                prp2 = LISTS if pages > 2 else entries[0] if entries else 0
                 # the range is in the page cache before we time reads
                 await d.cmd(1, IoOpcode.WRITE, nsid=1, prp1=DATA, prp2=prp2,
                             cdw=(0, 0, pages * 8 - 1))
@@ -55,6 +70,28 @@ async def measure(kind: str, count: int) -> str:
                 w._notify = lambda cq: box[0].set()  # type: ignore[method-assign]
                 tail, head, phase = d.tails[1], d.heads[1], d.phase[1]
                 lat: list[int] = []
+                if inline:
+                    if op != IoOpcode.READ:
+                        raise SystemExit("--inline: reads only (a write waits for its thread)")
+                    ring = {"tail": tail, "head": head}
+
+                    def doorbell(acc: int, i: int) -> int:
+                        t = ring["tail"]
+                        mem.write(IOSQ + t * 64, SQE.pack(op, 0, i & 0xFFFF, 1, 0, DATA, prp2,
+                                                          0, 0, pages * 8 - 1, 0, 0, 0))
+                        ring["tail"] = (t + 1) % 64
+                        t0 = time.perf_counter_ns()
+                        w.sq_doorbell(1, ring["tail"])
+                        lat.append(time.perf_counter_ns() - t0)
+                        if not box[0].is_set():
+                            raise SystemExit(f"{kind}: command {i} not served in its doorbell")
+                        box[0] = trio.Event()
+                        ring["head"] = (ring["head"] + 1) % 64
+                        w.cq_doorbell(1, ring["head"])
+                        return acc
+
+                    functools.reduce(doorbell, range(count), 0)
+                    count = 0  # the loop below has nothing left to do
                 for i in range(count):
                     mem.write(IOSQ + tail * 64, SQE.pack(op, 0, i & 0xFFFF, 1, 0, DATA, prp2,
                                                          0, 0, pages * 8 - 1, 0, 0, 0))
@@ -73,6 +110,7 @@ async def measure(kind: str, count: int) -> str:
                     w.cq_doorbell(1, head)
                 nursery.cancel_scope.cancel()
     lat.sort()
+    count = len(lat)
     return (f"{kind:9} n={count} median {lat[count // 2] / 1e3:7.1f} µs  p10 "
             f"{lat[count // 10] / 1e3:7.1f}  p90 {lat[9 * count // 10] / 1e3:7.1f}")
 
@@ -80,6 +118,9 @@ async def measure(kind: str, count: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=2000)
+    p.add_argument("--scatter", action="store_true", help="every other page (no merging)")
+    p.add_argument("--inline", action="store_true",
+                   help="cached reads back to back inside one call, no awaiting (callgrind)")
     p.add_argument("kinds", nargs="*", help=f"any of {', '.join(KINDS)} (default: all)")
     args = p.parse_args()
     bad = set(args.kinds) - set(KINDS)
@@ -87,7 +128,7 @@ def main() -> None:
         p.error(f"unknown kind(s) {', '.join(sorted(bad))}")
     print(f"tree {os.getcwd()}")
     for kind in args.kinds or KINDS:
-        print(trio.run(measure, kind, args.count))
+        print(trio.run(measure, kind, args.count, args.scatter, args.inline))
 
 
 if __name__ == "__main__":
