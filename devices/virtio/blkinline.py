@@ -153,12 +153,13 @@ class InlineBlk(VirtioPciDevice):
                         read_budget -= n
                         continue
                 elif hdr[0] == ReqType.OUT and self.backend.threaded:
-                    req = self._pin_write(chain, hdr[1], dma, pins, write_budget)
+                    size = chain.readable_len - OUTHDR.size  # one pass over ~257 pieces
+                    req = self._pin_write(chain, hdr[1], dma, pins, size <= write_budget)
                     if req is not None:
                         if not writes:
                             first_write = at
                         writes.append(req)
-                        write_budget -= chain.readable_len - OUTHDR.size
+                        write_budget -= size
                         continue
                 queue.rewind(at)
                 break
@@ -204,10 +205,10 @@ class InlineBlk(VirtioPciDevice):
 
     @staticmethod
     def _pin_write(chain: Chain, sector: int, dma: DmaPort, pins: contextlib.ExitStack,
-                   room: int) -> Request | None:
-        """A write whose payload is now pinned in `pins`, or None (too large for what is
-        left of the budget, empty, or not mmap'd: the worker's then)."""
-        if chain.readable_len - OUTHDR.size > room:
+                   fits: bool) -> Request | None:
+        """A write whose payload is now pinned in `pins`, or None (it does not fit what is
+        left of the budget, is empty, or is not mmap'd: the worker's then)."""
+        if not fits:
             return None
         views = pin(pins, dma, clip(chain.readable, OUTHDR.size, None))
         return None if views is None else Request(chain, ReqType.OUT, sector, data=views)

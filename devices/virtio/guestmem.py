@@ -88,8 +88,13 @@ def bounds(pieces: list[tuple[int, int]]) -> tuple[int, int]:
 
     Why this way: it runs per request over ~200-256 pieces, before the data moves; two
     C-level passes over the columns take about half the time of `min(pieces)` plus
-    `max(map(sum, pieces))` (one tuple comparison and one `sum` call per piece)."""
+    `max(map(sum, pieces))` (one tuple comparison and one `sum` call per piece). Pieces
+    of one length (a request's pages) skip the per-piece sums, which made an int each:
+    the highest address plus that length is the end."""
     addrs, lengths = zip(*pieces, strict=True)
+    first = lengths[0]
+    if lengths.count(first) == len(lengths):
+        return min(addrs), max(addrs) + first
     return min(addrs), max(map(operator.add, addrs, lengths))
 
 
