@@ -51,7 +51,6 @@ from . import access, dispatch, wirelog
 from .access import Regions
 from .container import Container
 from .contract import EngineHost
-from .deadlines import VersionDeadlines
 from .fds import close_all
 from .irq import IrqTable
 from .migration import Migration, PerConnection
@@ -77,6 +76,7 @@ _REGION_ACCESS = (int(Command.REGION_READ), int(Command.REGION_WRITE))
 _DMA_MAP = int(Command.DMA_MAP)
 #: a reply this big is sent (and backpressure applied) at once instead of being batched
 _BIG_REPLY = 64 << 10
+_INF = float("inf")
 #: how long a closing connection waits for its queued replies to go out
 OUTPUT_DRAIN_TIMEOUT = 1.0
 
@@ -99,8 +99,6 @@ class Session(DeviceContext):
     _migration: Migration | None = None
     #: the session's scope once `run` started (VERSION deadline, `force_close`)
     _scope: trio.CancelScope | None = None
-    #: where the engine that accepted us keeps our VERSION deadline (`deadlines`)
-    version_deadlines: VersionDeadlines | None = None
     #: where the message log goes (`set_trace`)
     wire: logging.Logger = wirelog.wire_log
     #: `--trace` / `trace-on format=trace` (`trace.Tracer`), else None; with -v, every
@@ -172,8 +170,8 @@ class Session(DeviceContext):
         self._dma.attached_to = self.container
         self.regions = Regions(self.host.region_specs(self.device), caps.max_data_xfer_size)
         self.attached = self.attached_once = True
-        if self.version_deadlines is not None:  # no VERSION deadline any more
-            self.version_deadlines.discard(self)
+        if self._scope is not None:  # (None: restored by a live upgrade, not running yet)
+            self._scope.deadline = _INF
         if model:
             self.model.attach(self)
         if log.isEnabledFor(logging.INFO):  # caps.to_json() is not free
@@ -301,15 +299,22 @@ class Session(DeviceContext):
     # ------------------------------------------------------------ the connection's life
 
     async def run(self) -> None:
-        # One scope (`force_close`), no nursery (~15% of a connect): the device-task runner
-        # and the writer, if needed, run in the server's until we end. The VERSION deadline
-        # is kept by the engine that accepted us (`version_deadlines`: `deadlines`).
-        scope = self._scope = trio.CancelScope()
+        # A client has `limits.version_timeout` to complete VERSION (`attach` lifts the
+        # deadline): one that connects and says nothing, or trickles bytes, must not hold a
+        # connection slot (and, for an owned group, block its owner) forever.
+        timeout = self.host.limits.version_timeout
+        # One scope (VERSION deadline, `force_close`), no nursery (~15% of a connect): the
+        # device-task runner and the writer, if needed, run in the server's until we end.
+        scope = self._scope = trio.CancelScope(
+            deadline=_INF if self.attached else trio.current_time() + timeout
+        )
         try:
             with scope:
                 if self._forced:
                     scope.cancel()
                 await self._run()
+            if scope.cancelled_caught and not (self._forced or self.attached_once):
+                log.warning("%s: no VERSION within %.1fs; disconnecting", self.name, timeout)
         finally:
             self.closed = True
             self.tasks.stop()  # (after `detach`, nothing left to stop: unless it raised)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
 
 from devices.sdk.interface import DmaError
 from protocol import (
@@ -36,7 +35,6 @@ from protocol import (
     pack_header,
 )
 from vfiouser_srv.client import VfioUserError, open_client
-from vfiouser_srv.deadlines import VersionDeadlines
 from vfiouser_srv.fds import OwnedFd
 from vfiouser_srv.limits import Limits
 from vfiouser_srv.server import Server
@@ -133,62 +131,6 @@ async def test_version_must_come_within_the_deadline(tmp_path: Path) -> None:
             await trio.sleep(0.4)
             assert (await c.device_get_info()).num_regions > 0
         nursery.cancel_scope.cancel()
-
-
-async def test_version_deadlines_are_kept_by_one_task_not_on_each_session(
-    tmp_path: Path,
-) -> None:
-    """A connection's VERSION deadline costs no trio deadline of its own (two updates per
-    connection were ~3% of a connect): the engine's `VersionDeadlines` holds it, a session
-    that completes VERSION leaves it, and one task ends the late ones."""
-    server = Server(limits=Limits(version_timeout=0.3))
-    dev, path = add_edu(server, tmp_path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        silent = await _raw(path)
-        await settle()
-        (session,) = server.sessions
-        assert isinstance(session, Session) and session._scope is not None
-        assert session._scope.deadline == float("inf")
-        deadlines = session.version_deadlines
-        assert deadlines is not None and len(deadlines) == 1
-        async with open_client(path) as c:  # completes VERSION: leaves no deadline behind
-            await c.device_get_info()
-            assert dev.session is not None and len(deadlines) == 1  # the silent one's
-        assert await _eof(silent)
-        await settle()
-        assert len(deadlines) == 0
-        nursery.cancel_scope.cancel()
-
-
-async def test_version_deadlines_come_due_in_order_and_end_their_task() -> None:
-    closed: list[str] = []
-
-    class Conn:
-        def __init__(self, name: str) -> None:
-            self.name = name
-
-        def force_close(self) -> None:
-            closed.append(self.name)
-
-    async with trio.open_nursery() as nursery:
-        deadlines = VersionDeadlines(nursery.start_soon, 0.05)
-        a, b, c = Conn("a"), Conn("b"), Conn("c")
-        for conn in (a, b, c):
-            deadlines.add(conn)
-        deadlines.discard(b)  # completed VERSION
-        with trio.fail_after(5):
-            while len(closed) < 2:
-                await trio.sleep(0.01)
-        assert closed == ["a", "c"] and len(deadlines) == 0
-        with trio.fail_after(5):  # nothing pending for a timeout: the task is gone
-            while nursery.child_tasks:
-                await trio.sleep(0.01)
-        deadlines.add(Conn("d"))  # and starts again when needed
-        with trio.fail_after(5):
-            while len(closed) < 3:
-                await trio.sleep(0.01)
-        assert closed == ["a", "c", "d"]
 
 
 async def test_a_version_bigger_than_the_limit_is_refused_before_it_is_read(

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import trio
 
 from ..contract import Endpoint, EngineDevice, EngineHost
-from ..deadlines import VersionDeadlines
 from ..objects import Device
 from ..session import Session
 from ..sockets import adopt_fd, is_listening, listen_path, peer_groups, peercred
@@ -125,8 +124,6 @@ class PythonDevice:
         self.endpoint = endpoint
         self._accepting = trio.CancelScope()
         self._refusals = RefusalLog()
-        #: VERSION deadlines of this device's connections (one task for all of them)
-        self._deadlines = VersionDeadlines(host.start_soon, host.limits.version_timeout)
         self._closed = False
         #: a live upgrade holds new connections in the listen backlog until this is set
         self._held: trio.Event | None = None
@@ -288,20 +285,14 @@ class PythonDevice:
             self._count(-1)
             raise
         log.info("%s: connected", session.name)
-        session.version_deadlines = self._deadlines
         await self._run_session(session)
 
     async def _run_session(self, session: Session) -> None:
         """Run a counted session until it ends."""
         self.host.sessions.add(session)
-        deadlines = session.version_deadlines
         try:
-            if deadlines is not None and not session.attached:
-                deadlines.add(session)  # a client has `version_timeout` to complete VERSION
             await session.run()
         finally:
-            if deadlines is not None:
-                deadlines.discard(session)
             self.host.sessions.discard(session)
             self._count(-1)
 
