@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from devices.sdk.interface import DeviceContext, DmaError, DmaPort
-from devices.sdk.storage import BlockBackend
+from devices.sdk.storage import SPAN_LIMIT, BlockBackend
 from devices.sdk.threads import start_in_thread
 
 from .blkreq import OUTHDR, SECTOR, ReqStatus, ReqType, Request, pin, run_now, without_last_byte
@@ -229,7 +229,9 @@ class InlineBlk(VirtioPciDevice):
             return False
         pieces = without_last_byte(req.chain.writable)
         assert self.ctx is not None
-        span = span_view(self.ctx.dma, pieces, write=True)
+        # bounded by SPAN_LIMIT: a write view marks its whole span dirty while the client
+        # logs dirty pages (storage.read_cached's rule; a 1 GiB span before)
+        span = span_view(self.ctx.dma, pieces, write=True, limit=SPAN_LIMIT)
         if span is None:
             return False
         base, view = span

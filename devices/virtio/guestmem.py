@@ -102,8 +102,8 @@ def bounds(pieces: list[tuple[int, int]]) -> tuple[int, int]:
 MAX_SPAN = 1 << 30
 
 
-def span_view(dma: DmaPort, pieces: list[tuple[int, int]],
-              write: bool = False) -> tuple[int, memoryview] | None:
+def span_view(dma: DmaPort, pieces: list[tuple[int, int]], write: bool = False,
+              limit: int = MAX_SPAN) -> tuple[int, memoryview] | None:
     """One mmap'd view covering every piece, as (base address, view), or None.
 
     Why: a 1 MiB request is ~256 page-sized pieces, and asking the DMA port for each was
@@ -114,7 +114,7 @@ def span_view(dma: DmaPort, pieces: list[tuple[int, int]],
     if not pieces:
         return None
     lo, hi = bounds(pieces)
-    if hi - lo > MAX_SPAN:
+    if hi - lo > limit:
         return None
     try:
         view = dma.view(lo, hi - lo, write=write)

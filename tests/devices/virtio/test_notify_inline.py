@@ -198,3 +198,38 @@ async def test_a_polling_worker_looks_at_an_empty_ring_once_per_probe(
     await trio.sleep(0.01)  # probes of the empty ring
     assert pops == []
     dev.close()
+
+
+async def test_cached_read_wider_than_span_limit_goes_to_the_worker(tmp_path: Path) -> None:
+    """Pieces further apart than SPAN_LIMIT: the handler takes no write view wider than
+    the limit (it marks its whole span dirty while the client logs); the worker serves
+    the read instead, piece by piece."""
+    from devices.sdk.storage import SPAN_LIMIT
+
+    far = DATA + SPAN_LIMIT + 0x1000
+    async with trio.open_nursery() as nursery:
+        ctx = FakeContext(nursery, ram_size=far + 0x10000)
+        dev, drv, payload = await device(ctx, tmp_path)
+        widths: list[int] = []
+        plain_view = ctx.dma.view
+
+        def view(address: int, size: int, *, write: bool = False) -> memoryview | None:
+            if write:
+                widths.append(size)
+            return plain_view(address, size, write=write)
+
+        ctx.dma.view = view  # type: ignore[method-assign]
+        struct.pack_into("<IIQ", drv.ram, HDR, ReqType.IN, 0, 0)
+        drv.ram[STATUS_BYTE] = 0xFF
+        head = drv.rings[0].add([(HDR, 16)], [(DATA, SECTOR), (far, SECTOR), (STATUS_BYTE, 1)])
+        drv.kick(0)
+        with trio.fail_after(5):
+            while not (used := drv.rings[0].take_used()):
+                await trio.sleep(0.001)
+        assert used == [(head, 2 * SECTOR + 1)]
+        assert drv.ram[STATUS_BYTE] == ReqStatus.OK
+        assert bytes(drv.ram[DATA : DATA + SECTOR]) == payload[:SECTOR]
+        assert bytes(drv.ram[far : far + SECTOR]) == payload[SECTOR : 2 * SECTOR]
+        assert max(widths) <= SPAN_LIMIT
+        dev.close()
+        nursery.cancel_scope.cancel()
