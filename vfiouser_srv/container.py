@@ -417,22 +417,12 @@ class Container:
         """DMA_UNMAP of one window: `take` it (ENOENT) and `release` it, in one frame; a
         pinned window is returned instead, for the caller to release once the device lets
         go. A message-mode window holds nothing to release."""
-        starts = self._starts
-        i = _bisect_left(starts, address)
-        if i < len(starts) and starts[i] == address:
-            windows = self._windows
-            w = windows[i]
-            if w.size == size:
-                del starts[i]
-                del windows[i]
-                if w.pins:
-                    return w
-                if w.mapping is not None or w.file is not None or w.fd is not None:
-                    w.release()
-                return None
-        raise RemoteProtocolError(
-            f"DMA_UNMAP: no window {address:#x}+{size:#x}", errno=errno.ENOENT
-        )
+        w = self.take(address, size)
+        if w.pins:
+            return w
+        if w.mapping is not None or w.file is not None or w.fd is not None:
+            w.release()
+        return None
 
     def take_all(self, owner: Any = None) -> list[DmaWindow]:
         """Remove every window (of `owner` only, when given) and return them."""

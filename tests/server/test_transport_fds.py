@@ -5,8 +5,10 @@ every descriptor that did arrive."""
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,9 +16,18 @@ from vfiouser_srv.fds import open_fd_count
 from vfiouser_srv.transport import FdStream, TransportError
 
 
-def _stream(max_fds: int) -> tuple[FdStream, socket.socket]:
+@contextlib.contextmanager
+def _stream(max_fds: int, count: int) -> Iterator[tuple[FdStream, socket.socket, list[int]]]:
+    """Our stream (room for `max_fds`), the peer's socket, `count` memfds; all closed after."""
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return FdStream(ours, max_fds=max_fds), peer
+    files = [os.memfd_create(f"t{i}") for i in range(count)]
+    try:
+        yield FdStream(ours, max_fds=max_fds), peer, files
+    finally:
+        for f in files:
+            os.close(f)
+        ours.close()
+        peer.close()
 
 
 def _send(peer: socket.socket, fds: list[int]) -> None:
@@ -35,9 +46,7 @@ async def _received(stream: FdStream) -> tuple[bytes, list[int]]:
 
 @pytest.mark.parametrize("count", [0, 1, 3])
 async def test_each_descriptor_arrives_owned_once(count: int) -> None:
-    stream, peer = _stream(max_fds=8)
-    files = [os.memfd_create(f"t{i}") for i in range(count)]
-    try:
+    with _stream(8, count) as (stream, peer, files):
         before = open_fd_count()
         _send(peer, files)
         data, inodes = await _received(stream)
@@ -45,27 +54,15 @@ async def test_each_descriptor_arrives_owned_once(count: int) -> None:
         # the same files, in order, and nothing left open afterwards
         assert inodes == [os.fstat(f).st_ino for f in files]
         assert open_fd_count() == before
-    finally:
-        for f in files:
-            os.close(f)
-        stream.sock.close()
-        peer.close()
 
 
 @pytest.mark.parametrize("count", [3, 5])
 async def test_truncated_control_data_closes_what_arrived(count: int) -> None:
     # room for two descriptors (CMSG_SPACE rounds one up to 8 bytes): the kernel passes
     # those and sets MSG_CTRUNC
-    stream, peer = _stream(max_fds=1)
-    files = [os.memfd_create(f"t{i}") for i in range(count)]
-    try:
+    with _stream(1, count) as (stream, peer, files):
         before = open_fd_count()
         _send(peer, files)
         with pytest.raises(TransportError, match="MSG_CTRUNC"):
             await stream.receive_view()
         assert open_fd_count() == before
-    finally:
-        for f in files:
-            os.close(f)
-        stream.sock.close()
-        peer.close()

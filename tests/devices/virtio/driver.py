@@ -8,6 +8,7 @@ from devices.sdk import Command
 from devices.sdk.caps import CapId, MsixCap
 from devices.virtio import transport as t
 from devices.virtio.transport import Status, VirtioPciDevice
+from devices.virtio.virtqueue import Chain, Virtqueue
 
 from ..helpers import cfg_read, cfg_write, walk_caps
 from .ring import DriverRing
@@ -114,3 +115,17 @@ class Driver:
             while self.status():
                 await trio.sleep(0.001)
         self.rings.clear()
+
+
+def count_batches(dev: VirtioPciDevice) -> list[int]:
+    """Record the size of every batch the worker's `process_batch` gets (an empty list
+    afterwards: everything was served the handler's synchronous way)."""
+    batches: list[int] = []
+    process_batch = dev.process_batch
+
+    async def counted(queue: Virtqueue, chains: list[Chain]) -> list[tuple[int, int]]:
+        batches.append(len(chains))
+        return await process_batch(queue, chains)
+
+    dev.process_batch = counted  # type: ignore[method-assign]
+    return batches

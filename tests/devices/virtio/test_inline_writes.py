@@ -28,10 +28,9 @@ from devices.virtio.blk import (
     ReqType,
     VirtioBlk,
 )
-from devices.virtio.virtqueue import Chain, Virtqueue
 
 from ..fakes import FakeContext
-from .driver import Driver
+from .driver import Driver, count_batches
 from .test_blk import BASIC, attach
 
 HDRS, STATUSES, PAYLOAD = 0x100000, 0x110000, 0x200000
@@ -96,14 +95,7 @@ async def device(nursery: trio.Nursery, tmp_path: Path, features: int = BASIC,
 async def test_a_write_completes_from_its_threads_hand_back(nursery: trio.Nursery,
                                                             tmp_path: Path) -> None:
     dev, drv, ctx, img = await device(nursery, tmp_path)
-    batches: list[int] = []
-    process_batch = dev.process_batch
-
-    async def counted(queue: Virtqueue, chains: list[Chain]) -> list[tuple[int, int]]:
-        batches.append(len(chains))
-        return await process_batch(queue, chains)
-
-    dev.process_batch = counted  # type: ignore[method-assign]
+    batches = count_batches(dev)
     gate = Gate(dev)
     payload = os.urandom(64 * SECTOR)
     drv.ram[PAYLOAD : PAYLOAD + len(payload)] = payload

@@ -16,10 +16,10 @@ from devices.sdk import IrqIndex
 from devices.sdk.interface import DmaPort
 from devices.virtio.blk import INLINE_CHAINS, SECTOR, ReqStatus, ReqType, VirtioBlk
 from devices.virtio.transport import MAX_POLL_US
-from devices.virtio.virtqueue import Chain, Virtqueue
+from devices.virtio.virtqueue import Chain
 
 from ..fakes import FakeContext
-from .driver import Driver
+from .driver import Driver, count_batches
 from .test_blk import BASIC, DATA, HDR, STATUS_BYTE, attach
 
 HDR2, DATA2, STATUS2 = HDR + 0x100, DATA + 0x4000, STATUS_BYTE + 0x10
@@ -131,14 +131,7 @@ async def test_worker_polls_after_requests_served_inline(ctx: FakeContext) -> No
     cached read the same synchronous way as the handler (no `process_batch`)."""
     dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)
     dev.poll_window = 5.0  # a limit no stall of a loaded host outlasts
-    batches: list[int] = []
-    process_batch = dev.process_batch
-
-    async def counted(queue: Virtqueue, chains: list[Chain]) -> list[tuple[int, int]]:
-        batches.append(len(chains))
-        return await process_batch(queue, chains)
-
-    dev.process_batch = counted  # type: ignore[method-assign]
+    batches = count_batches(dev)
     drv = attach(dev, ctx)
     drv.setup(BASIC)
     for _ in range(16):  # kicks soon after each sleep: the window doubles to ~0.3 s
