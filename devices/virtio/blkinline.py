@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from devices.sdk.interface import DeviceContext, DmaError, DmaPort
-from devices.sdk.storage import SPAN_LIMIT, BlockBackend
+from devices.sdk.storage import SPAN_LIMIT, BlockBackend, read_cached
 from devices.sdk.threads import start_in_thread
 
 from .blkreq import OUTHDR, SECTOR, ReqStatus, ReqType, Request, pin, run_now, without_last_byte
@@ -230,10 +230,18 @@ class InlineBlk(VirtioPciDevice):
         pieces = without_last_byte(req.chain.writable)
         assert self.ctx is not None
         # bounded by SPAN_LIMIT: a write view marks its whole span dirty while the client
-        # logs dirty pages (storage.read_cached's rule; a 1 GiB span before)
-        span = span_view(self.ctx.dma, pieces, write=True, limit=SPAN_LIMIT)
+        # logs dirty pages (storage.read_cached's rule; a 1 GiB span before). A guest's
+        # pages are usually scattered wider than that: those reads go through
+        # `read_cached` (the engine's pin_ranges, one slice per piece). Giving them to the
+        # worker instead doubled the server's CPU per guest read and cost a third of the
+        # read throughput (benchmarks/README.md, "Fifth pass").
+        dma = self.ctx.dma
+        span = span_view(dma, pieces, write=True, limit=SPAN_LIMIT)
         if span is None:
-            return False
+            if not read_cached(self.backend, dma, req.sector * SECTOR, pieces, count):
+                return False
+            req.inline_written = count
+            return True
         base, view = span
         buffers = [view[a - base : a - base + n] for a, n in pieces]
         if self.backend.readinto_nowait(req.sector * SECTOR, buffers) != count:

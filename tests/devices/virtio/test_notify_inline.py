@@ -193,10 +193,10 @@ async def test_a_polling_worker_looks_at_an_empty_ring_once_per_probe(
     dev.close()
 
 
-async def test_cached_read_wider_than_span_limit_goes_to_the_worker(tmp_path: Path) -> None:
-    """Pieces further apart than SPAN_LIMIT: the handler takes no write view wider than
-    the limit (it marks its whole span dirty while the client logs); the worker serves
-    the read instead, piece by piece."""
+async def test_cached_read_wider_than_span_limit_is_read_piece_by_piece(tmp_path: Path) -> None:
+    """Pieces further apart than SPAN_LIMIT: no write view wider than the limit is taken
+    (it marks its whole span dirty while the client logs); the handler still serves the
+    read, through `storage.read_cached` (a view per piece), not the worker."""
     from devices.sdk.storage import SPAN_LIMIT
 
     far = DATA + SPAN_LIMIT + 0x1000
@@ -212,6 +212,7 @@ async def test_cached_read_wider_than_span_limit_goes_to_the_worker(tmp_path: Pa
             return plain_view(address, size, write=write)
 
         ctx.dma.view = view  # type: ignore[method-assign]
+        batches = count_batches(dev)
         struct.pack_into("<IIQ", drv.ram, HDR, ReqType.IN, 0, 0)
         drv.ram[STATUS_BYTE] = 0xFF
         head = drv.rings[0].add([(HDR, 16)], [(DATA, SECTOR), (far, SECTOR), (STATUS_BYTE, 1)])
@@ -224,5 +225,6 @@ async def test_cached_read_wider_than_span_limit_goes_to_the_worker(tmp_path: Pa
         assert bytes(drv.ram[DATA : DATA + SECTOR]) == payload[:SECTOR]
         assert bytes(drv.ram[far : far + SECTOR]) == payload[SECTOR : 2 * SECTOR]
         assert max(widths) <= SPAN_LIMIT
+        assert batches == []  # the synchronous way, not a worker's batch
         dev.close()
         nursery.cancel_scope.cancel()
