@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import errno
 import mmap
+import operator
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -275,8 +276,62 @@ def consume(bufs: list[memoryview], n: int) -> list[memoryview]:
     return rest
 
 
+def bounds(pieces: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The guest range [lo, hi) that `pieces` (non-empty) lie in.
+
+    Why this way: it runs per request over ~200-256 pieces, before the data moves; two
+    C-level passes over the columns take about half the time of `min(pieces)` plus
+    `max(map(sum, pieces))` (one tuple comparison and one `sum` call per piece). Pieces
+    of one length (a request's pages) skip the per-piece sums, which made an int each:
+    the highest address plus that length is the end."""
+    addrs, lengths = zip(*pieces, strict=True)
+    first = lengths[0]
+    if lengths.count(first) == len(lengths):
+        return min(addrs), max(addrs) + first
+    return min(addrs), max(map(operator.add, addrs, lengths))
+
+
+#: largest guest range `span_view` asks for in one piece by default
+MAX_SPAN = 1 << 30
+
+
+def span_view(dma: DmaPort, pieces: Sequence[tuple[int, int]], write: bool = False,
+              limit: int = MAX_SPAN) -> tuple[int, memoryview] | None:
+    """One mmap'd view covering every piece, as (base address, view), or None when the
+    pieces' span is wider than `limit`, crosses a hole or a window edge, or is not mmap'd.
+
+    Why: a 1 MiB request is ~256 page-sized pieces, and asking the DMA port for each was
+    the server's main cost. Guest RAM is normally one window, so one view of the pieces'
+    bounding range serves them all; when it does not, the caller falls back to one view
+    (or pin) per piece, so memory between the pieces never fails a request.
+    """
+    if not pieces:
+        return None
+    lo, hi = bounds(pieces)
+    if hi - lo > limit:
+        return None
+    try:
+        view = dma.view(lo, hi - lo, write=write)
+    except DmaError:
+        return None
+    return (lo, view) if view is not None else None
+
+
+def span_slices(dma: DmaPort, pieces: Sequence[tuple[int, int]], write: bool = False,
+                limit: int = MAX_SPAN) -> list[memoryview] | None:
+    """`span_view` cut into one slice per piece (C-level slices of one view: cheaper than
+    a view per piece), or None as `span_view`. The slices are views: valid until the
+    caller's next checkpoint."""
+    span = span_view(dma, pieces, write, limit)
+    if span is None:
+        return None
+    base, view = span
+    return [view[a - base : a - base + n] for a, n in pieces]
+
+
 def read_cached(backend: BlockBackend, dma: DmaPort, offset: int,
-                ranges: Sequence[tuple[int, int]], length: int) -> bool:
+                ranges: Sequence[tuple[int, int]], length: int, *,
+                span_first: bool = False) -> bool:
     """Read `length` bytes at `offset` from the page cache straight into the guest memory
     `ranges` ((address, size) pieces adding up to `length`), without blocking: True when
     all of it was served, False when the caller must take its usual path (a page-cache
@@ -291,34 +346,21 @@ def read_cached(backend: BlockBackend, dma: DmaPort, offset: int,
     the rest of the doorbell); many pieces go to the engine's `pin_ranges` when it has one
     (one lookup per window, a C-level slice per piece: cheaper than any Python loop here),
     else one view of their whole span when that is one mmap'd stretch within
-    `SPAN_LIMIT`, else `pinned_views` piece by piece. Anything left partly written is
-    overwritten by the caller's usual path."""
+    `SPAN_LIMIT`, else `pinned_views` piece by piece. `span_first` tries the span view
+    before `pin_ranges` (virtio-blk's notify handler: its pages usually lie in one
+    stretch, and the span measured cheaper there). Either way the span's bounds are
+    computed at most once. Anything left partly written is overwritten by the caller's
+    usual path."""
     try:
         if len(ranges) == 1:
             address, size = ranges[0]
             view = dma.view(address, size, write=True)
             return view is not None and backend.readinto_nowait(offset, [view]) == length
-        if not hasattr(dma, "pin_ranges"):
-            span = _span_views(dma, ranges)
+        if span_first or not hasattr(dma, "pin_ranges"):
+            span = span_slices(dma, ranges, write=True, limit=SPAN_LIMIT)
             if span is not None:
                 return backend.readinto_nowait(offset, span) == length
         with pinned_views(dma, ranges, write=True) as pinned:
             return pinned is not None and backend.readinto_nowait(offset, pinned) == length
     except (DmaError, OSError):
         return False
-
-
-def _span_views(dma: DmaPort, ranges: Sequence[tuple[int, int]]) -> list[memoryview] | None:
-    """A slice per piece of one writable view of the pieces' span, or None when the span
-    is wider than `SPAN_LIMIT`, crosses a hole or a window edge, or is not mmap'd."""
-    lo = min(ranges)[0]
-    hi = max(a + n for a, n in ranges)
-    if hi - lo > SPAN_LIMIT:
-        return None
-    try:
-        span = dma.view(lo, hi - lo, write=True)
-    except DmaError:
-        return None
-    if span is None:
-        return None
-    return [span[a - lo : a - lo + n] for a, n in ranges]

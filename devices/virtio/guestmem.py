@@ -15,6 +15,13 @@ import trio
 
 from devices.sdk.interface import DmaError, DmaPort
 
+# the span helpers live in the SDK (storage.read_cached uses them too); re-exported so
+# the ring and device modules keep importing them from here
+from devices.sdk.storage import MAX_SPAN as MAX_SPAN
+from devices.sdk.storage import bounds as bounds
+from devices.sdk.storage import span_slices as span_slices
+from devices.sdk.storage import span_view as span_view
+
 _length = operator.itemgetter(1)
 
 
@@ -83,46 +90,6 @@ async def write_guest(dma: DmaPort, address: int, data: bytes | bytearray | memo
         raise GuestMemoryError(f"guest memory 0x{address:x}+{len(data)}: {exc}") from None
 
 
-def bounds(pieces: list[tuple[int, int]]) -> tuple[int, int]:
-    """The guest range [lo, hi) that `pieces` (non-empty) lie in.
-
-    Why this way: it runs per request over ~200-256 pieces, before the data moves; two
-    C-level passes over the columns take about half the time of `min(pieces)` plus
-    `max(map(sum, pieces))` (one tuple comparison and one `sum` call per piece). Pieces
-    of one length (a request's pages) skip the per-piece sums, which made an int each:
-    the highest address plus that length is the end."""
-    addrs, lengths = zip(*pieces, strict=True)
-    first = lengths[0]
-    if lengths.count(first) == len(lengths):
-        return min(addrs), max(addrs) + first
-    return min(addrs), max(map(operator.add, addrs, lengths))
-
-
-#: largest guest range `span_view` asks for in one piece
-MAX_SPAN = 1 << 30
-
-
-def span_view(dma: DmaPort, pieces: list[tuple[int, int]], write: bool = False,
-              limit: int = MAX_SPAN) -> tuple[int, memoryview] | None:
-    """One mmap'd view covering every piece, as (base address, view), or None.
-
-    Why: a 1 MiB request is ~256 page-sized pieces, and asking the DMA port for each was
-    the server's main cost. Guest RAM is normally one window, so one view of the pieces'
-    bounding range serves them all; if the range crosses a hole or a window edge, the
-    caller falls back to one view per piece.
-    """
-    if not pieces:
-        return None
-    lo, hi = bounds(pieces)
-    if hi - lo > limit:
-        return None
-    try:
-        view = dma.view(lo, hi - lo, write=write)
-    except DmaError:
-        return None
-    return (lo, view) if view is not None else None
-
-
 def piece_views(dma: DmaPort, pieces: list[tuple[int, int]],
                 write: bool = False) -> list[memoryview] | None:
     """A zero-copy view per piece (valid until the next checkpoint), or None when the
@@ -137,11 +104,7 @@ def piece_views(dma: DmaPort, pieces: list[tuple[int, int]],
         except DmaError as exc:
             raise GuestMemoryError(f"guest memory 0x{addr:x}+{length}: {exc}") from None
         return [view] if view is not None else None
-    span = span_view(dma, pieces, write=write)
-    if span is None:
-        return None
-    base, view = span
-    return [view[a - base : a - base + n] for a, n in pieces]
+    return span_slices(dma, pieces, write=write)
 
 
 def clip(segments: list[tuple[int, int]], skip: int,
