@@ -50,11 +50,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from devices.sdk.interface import DeviceContext, DmaError, DmaPort
-from devices.sdk.storage import SPAN_LIMIT, BlockBackend, read_cached
+from devices.sdk.storage import BlockBackend, read_cached
 from devices.sdk.threads import start_in_thread
 
 from .blkreq import OUTHDR, SECTOR, ReqStatus, ReqType, Request, pin, run_now, without_last_byte
-from .guestmem import GuestMemoryError, VirtqueueError, clip, span_view
+from .guestmem import GuestMemoryError, VirtqueueError, clip
 from .spec import Status
 from .transport import VirtioPciDevice
 from .virtqueue import RING_HEADER, USED_ELEM_SIZE, Chain, Virtqueue
@@ -229,23 +229,16 @@ class InlineBlk(VirtioPciDevice):
             return False
         pieces = without_last_byte(req.chain.writable)
         assert self.ctx is not None
-        # bounded by SPAN_LIMIT: a write view marks its whole span dirty while the client
-        # logs dirty pages (storage.read_cached's rule; a 1 GiB span before). A guest's
-        # pages are usually scattered wider than that: those reads go through
-        # `read_cached` (the engine's pin_ranges, one slice per piece). Giving them to the
-        # worker instead doubled the server's CPU per guest read and cost a third of the
-        # read throughput (benchmarks/README.md, "Fifth pass").
-        dma = self.ctx.dma
-        span = span_view(dma, pieces, write=True, limit=SPAN_LIMIT)
-        if span is None:
-            if not read_cached(self.backend, dma, req.sector * SECTOR, pieces, count):
-                return False
-            req.inline_written = count
-            return True
-        base, view = span
-        buffers = [view[a - base : a - base + n] for a, n in pieces]
-        if self.backend.readinto_nowait(req.sector * SECTOR, buffers) != count:
-            return False  # partly cached: the thread redoes the whole read
+        # `read_cached(span_first=True)`: one write view of the pieces' span within
+        # SPAN_LIMIT (a write view marks its whole span dirty while the client logs dirty
+        # pages), sliced per piece; pieces further apart (a guest's pages usually are) go
+        # through the engine's pin_ranges or a pin per piece, still here: giving them to
+        # the worker instead doubled the server's CPU per guest read and cost a third of
+        # the read throughput (benchmarks/README.md, "Fifth pass"). A partly cached read
+        # answers False: the thread redoes the whole read.
+        if not read_cached(self.backend, self.ctx.dma, req.sector * SECTOR, pieces, count,
+                           span_first=True):
+            return False
         req.inline_written = count
         return True
 
