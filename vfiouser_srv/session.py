@@ -97,8 +97,13 @@ class Session(DeviceContext):
     #: migration v2 of the device through this connection (`migration`), built on first use
     migration = PerConnection()
     _migration: Migration | None = None
-    #: the session's scope once `run` started (VERSION deadline, `force_close`)
+    #: the session's scope once `run` started (`force_close`)
     _scope: trio.CancelScope | None = None
+    #: trio time by which VERSION must be complete, fixed when the session first waits
+    #: for the client before VERSION (`_version_deadline`); None until then
+    _version_by: float | None = None
+    #: the read epoch's scope while it carries the VERSION deadline (`attach` lifts it)
+    _epoch: trio.CancelScope | None = None
     #: where the message log goes (`set_trace`)
     wire: logging.Logger = wirelog.wire_log
     #: `--trace` / `trace-on format=trace` (`trace.Tracer`), else None; with -v, every
@@ -170,8 +175,9 @@ class Session(DeviceContext):
         self._dma.attached_to = self.container
         self.regions = Regions(self.host.region_specs(self.device), caps.max_data_xfer_size)
         self.attached = self.attached_once = True
-        if self._scope is not None:  # (None: restored by a live upgrade, not running yet)
-            self._scope.deadline = _INF
+        if self._epoch is not None:  # VERSION came while we waited: no deadline any more
+            self._epoch.deadline = _INF
+            self._epoch = None
         if model:
             self.model.attach(self)
         if log.isEnabledFor(logging.INFO):  # caps.to_json() is not free
@@ -299,22 +305,15 @@ class Session(DeviceContext):
     # ------------------------------------------------------------ the connection's life
 
     async def run(self) -> None:
-        # A client has `limits.version_timeout` to complete VERSION (`attach` lifts the
-        # deadline): one that connects and says nothing, or trickles bytes, must not hold a
-        # connection slot (and, for an owned group, block its owner) forever.
-        timeout = self.host.limits.version_timeout
-        # One scope (VERSION deadline, `force_close`), no nursery (~15% of a connect): the
-        # device-task runner and the writer, if needed, run in the server's until we end.
-        scope = self._scope = trio.CancelScope(
-            deadline=_INF if self.attached else trio.current_time() + timeout
-        )
+        # One scope (`force_close`), no nursery (~15% of a connect): the device-task runner
+        # and the writer, if needed, run in the server's until we end. The VERSION deadline
+        # is not on it: see `_version_deadline`.
+        scope = self._scope = trio.CancelScope()
         try:
             with scope:
                 if self._forced:
                     scope.cancel()
                 await self._run()
-            if scope.cancelled_caught and not (self._forced or self.attached_once):
-                log.warning("%s: no VERSION within %.1fs; disconnecting", self.name, timeout)
         finally:
             self.closed = True
             self.tasks.stop()  # (after `detach`, nothing left to stop: unless it raised)
@@ -355,6 +354,29 @@ class Session(DeviceContext):
             else:
                 await self.detach()
 
+    def _version_deadline(self) -> float:
+        """When a session that has not completed VERSION must stop waiting for it.
+
+        A client has `limits.version_timeout` to complete VERSION: one that connects and
+        says nothing, or trickles bytes, must not hold a connection slot (and, for an owned
+        group, block its owner) forever. Before VERSION a session waits for its client only
+        in a read epoch or a pause (`_read_loop`), so the deadline goes on those scopes,
+        fixed at the first wait: up to then the session ran without yielding, on bytes
+        already received. A connect + VERSION that never waits sets no trio deadline at
+        all (setting one and lifting it at VERSION was two deadline updates, ~6% of a
+        connect: benchmarks/README.md)."""
+        by = self._version_by
+        if by is None:
+            by = self._version_by = trio.current_time() + self.host.limits.version_timeout
+        return by
+
+    def _no_version(self) -> None:
+        log.warning(
+            "%s: no VERSION within %.1fs; disconnecting",
+            self.name,
+            self.host.limits.version_timeout,
+        )
+
     async def _read_loop(self) -> None:
         """Read, handle everything that arrived, repeat; the one place a broken stream ends
         the connection. It reads in *epochs*, one cancel scope from pause to pause (a scope
@@ -374,15 +396,30 @@ class Session(DeviceContext):
             while not self.closing:
                 pause = self.pause
                 if pause is not None and self.conn._decoder.idle:  # a message boundary
-                    if await self._park(pause):
+                    if self.attached:
+                        if await self._park(pause):
+                            return
+                        continue
+                    with trio.move_on_at(self._version_deadline()) as late:
+                        if await self._park(pause):
+                            return
+                    if late.cancelled_caught:
+                        self._no_version()
                         return
                     continue
                 if wait is False:
                     wait = await self._read_epoch(None, out)
                 else:
-                    with trio.CancelScope() as epoch:
+                    deadline = _INF if self.attached else self._version_deadline()
+                    with trio.CancelScope(deadline=deadline) as epoch:
+                        if deadline != _INF:
+                            self._epoch = epoch
                         wait = await self._read_epoch(epoch, out, wait=wait is None)
-                    self._waiting = None
+                    self._waiting = self._epoch = None
+                    # cancelled: by `request_pause` (read on) or by the VERSION deadline
+                    if epoch.cancelled_caught and not self.attached and self.pause is None:
+                        self._no_version()
+                        return
                 if wait:
                     log.info("%s: client closed the connection", self.name)
                     return
