@@ -358,18 +358,30 @@ class ThreadClient:
         self.sock.close()
 
 
+#: reads before `test_serial_peer_is_served_by_the_hot_loop` counts (one checkpoint's worth)
+_WARM_UP = 64
+
+
 async def test_serial_peer_is_served_by_the_hot_loop(
     make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """200 serial reads from another thread: (nearly) all answered inside `_serve_serial`, and
     a write that starts a device task lets that task run while the peer sends nothing
-    (if the loop kept blocking in poll() with the task runnable, `kicked` never fires)."""
+    (if the loop kept blocking in poll() with the task runnable, `kicked` never fires).
+
+    Counted after `_WARM_UP` reads: a task made runnable when the connection starts (the
+    server's, or one the session spawns) keeps trio busy until the session's first
+    checkpoint, and while the peer's next request is there before each read (a loaded
+    machine) that checkpoint is the one owed every 64 reads, so up to 63 reads went the
+    general path by design and the count failed now and then under load."""
     callers: dict[str, int] = {}
     real = access.serve
+    warm = threading.Event()
 
     def recording(*args: Any) -> bytes | None:
-        name = sys._getframe(1).f_code.co_name
-        callers[name] = callers.get(name, 0) + 1
+        if warm.is_set():
+            name = sys._getframe(1).f_code.co_name
+            callers[name] = callers.get(name, 0) + 1
         return real(*args)
 
     monkeypatch.setattr(access, "serve", recording)
@@ -380,6 +392,9 @@ async def test_serial_peer_is_served_by_the_hot_loop(
     def peer() -> None:
         client = ThreadClient(path_of(srv, "kicker"))
         try:
+            for _ in range(_WARM_UP):
+                client.read32(0)
+            warm.set()
             results["reads"] = [client.read32(0) for _ in range(200)]
             client.write32(0, 1)
             results["kicked"] = model.kicked.wait(5)
