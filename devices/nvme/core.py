@@ -24,6 +24,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -49,6 +50,18 @@ _RETRYABLE = frozenset({Status.SUCCESS, Status.ABORTED_BY_REQUEST, Status.ABORTE
 IO_THREADS = 8
 
 
+
+
+class Cancellable(Protocol):
+    """What a reset needs of a command in flight (`_inflight`): a task's `trio.CancelScope`,
+    or a write whose thread the register handler started (`io_commands._Started`), which
+    has no task to cancel and so no scope (building one per write cost more than the rest
+    of its hand-back)."""
+
+    def cancel(self) -> None: ...
+
+    @property
+    def cancel_called(self) -> bool: ...
 
 
 @dataclass
@@ -141,8 +154,10 @@ class WorkerCore:
         self.queues_granted = self.max_queues
         self.aers: list[int] = []
         self.dbbuf: tuple[int, int] | None = None
-        self._inflight: dict[trio.CancelScope, int] = {}
-        self._inflight_changed = trio.Event()
+        self._inflight: dict[Cancellable, int] = {}
+        #: set when an `_inflight` entry goes; made only by a waiter (`_wait_inflight`),
+        #: so a command's end costs no new Event while nobody waits (nearly always)
+        self._inflight_changed: trio.Event | None = None
         self._cq_space: dict[int, trio.Event] = {}
         self.carried: dict[int, Carried] = {}
         #: tokens of `carried` writes whose backend call is still in its thread
@@ -318,15 +333,19 @@ class WorkerCore:
         for ns in self.namespaces.values():
             await self._backend(ns, ns.backend.flush)
 
-    def _inflight_done(self, scope: trio.CancelScope) -> None:
+    def _inflight_done(self, scope: Cancellable) -> None:
         """`scope`'s command is finished (its task ended, or a write's hand-back posted
         it): whoever waits for in-flight commands looks again."""
         del self._inflight[scope]
-        changed, self._inflight_changed = self._inflight_changed, trio.Event()
-        changed.set()
+        changed = self._inflight_changed
+        if changed is not None:
+            self._inflight_changed = None
+            changed.set()
 
     async def _wait_inflight(self, which: Callable[[int], bool]) -> None:
         while any(which(qid) for qid in self._inflight.values()):
+            if self._inflight_changed is None:
+                self._inflight_changed = trio.Event()
             await self._inflight_changed.wait()
 
     async def _refresh_sq_tail(self, sq: SubmissionQueue) -> None:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, cast
 import trio
 
 from devices.sdk import threads
-from devices.sdk.interface import DmaError, pinned_views
+from devices.sdk.interface import DmaError, DmaPort, pinned_views
 from devices.sdk.storage import consume, read_cached
 
 from .command import BROADCAST_NSID, Command, CommandError, Namespace, Outcome
@@ -78,22 +78,38 @@ def _run_now(coro: Coroutine[object, object, Segments]) -> Segments:
     raise _NotNow
 
 
+def _pin_ranges(dma: DmaPort, segs: Segments
+                ) -> contextlib.AbstractContextManager[list[memoryview] | None]:
+    """`pinned_views(dma, segs)` without its generator around the engine's own
+    `pin_ranges` when the engine has one (a context manager less per write)."""
+    pin_ranges = getattr(dma, "pin_ranges", None)
+    if pin_ranges is not None:
+        return cast("contextlib.AbstractContextManager[list[memoryview] | None]",
+                    pin_ranges(segs, write=False))
+    return pinned_views(dma, segs)
+
+
 class _Started:
     """A write whose thread `_write_now` started from the register handler: what the
-    hand-back (`_write_done`) and the command's task share."""
+    hand-back (`_write_done`) and, when it needs one, the command's task share. It is its
+    own `_inflight` entry (`core.Cancellable`) while it has no task: a reset's `cancel`
+    only marks it, and the hand-back then posts nothing."""
+
+    __slots__ = ("cancel_called", "cmd", "error", "item", "length", "pins", "sq", "token")
 
     def __init__(self, sq: SubmissionQueue, cmd: Command, token: int, item: Carried,
-                 length: int, pins: contextlib.ExitStack) -> None:
+                 length: int,
+                 pins: contextlib.AbstractContextManager[list[memoryview] | None]) -> None:
         self.sq, self.cmd, self.token, self.length, self.pins = sq, cmd, token, length, pins
         #: its `carried` entry: the hand-back acts only while this is still it (a device
         #: reset that does not wait, `power_on`, starts tokens again)
         self.item = item
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
         #: what the backend call raised (the task reports it)
         self.error: Exception | None = None
-        #: the completion is posted (the task has only its bookkeeping left)
-        self.posted = False
+        self.cancel_called = False
+
+    def cancel(self) -> None:
+        self.cancel_called = True
 
 
 class IoCommands(WorkerCore):
@@ -223,13 +239,17 @@ class IoCommands(WorkerCore):
             self._threads.acquire_nowait()
         except trio.WouldBlock:
             return False
-        pins = contextlib.ExitStack()
+        # the pin's context manager itself, left at `__exit__` by the hand-back: an
+        # ExitStack around it cost a context manager more per write
+        pins = _pin_ranges(self.dma, segs)
         try:
-            views = pins.enter_context(pinned_views(self.dma, segs))
+            views = pins.__enter__()
         except DmaError:
-            views = None
+            views = None  # (a generator that raised is closed: nothing to exit)
+        else:
+            if views is None:
+                pins.__exit__(None, None, None)
         if views is None:
-            pins.close()
             self._threads.release()
             return False
         job = _Started(sq, cmd, token, self.carried[token], length, pins)
@@ -237,7 +257,7 @@ class IoCommands(WorkerCore):
                                 functools.partial(self._write_done, job))
         # in flight (reset, queue deletion, shutdown and quiesce wait for it), with no task
         # until the hand-back needs one
-        self._inflight[job.scope] = sq.qid
+        self._inflight[job] = sq.qid
         self.writing.add(token)
         return True
 
@@ -252,32 +272,34 @@ class IoCommands(WorkerCore):
             job.error = exc
         except BaseException:  # not an I/O error of the command: logged, the write stands as before
             log.exception("nvme: a write's thread raised")
-        job.pins.close()
+        job.pins.__exit__(None, None, None)
         self._threads.release()
         item = self.carried.get(job.token)
-        current = item is not None and item is job.item
-        if current:  # (not: the controller was reset under it without waiting, `power_on`)
+        posted = False
+        if item is not None and item is job.item:
+            # (not: the controller was reset under it without waiting, `power_on`)
             self.writing.discard(job.token)
-            fua = (bool(job.cmd.cdw12 & FUA)
-                   or not self.features[FeatureId.VOLATILE_WRITE_CACHE])
-            if job.scope.cancel_called:
+            if job.cancel_called:
                 del self.carried[job.token]  # reset: aborted without a completion
-            elif not fua and job.error is None:
+            elif (job.error is None and not job.cmd.cdw12 & FUA
+                  and self.features[FeatureId.VOLATILE_WRITE_CACHE]):
                 self.smart.write_commands += 1
                 self.smart.bytes_written += job.length
-                job.item.outcome = (Status.SUCCESS, 0)
-                if self.complete_now(job.sq, job.cmd.cid, Status.SUCCESS, 0, job.item):
+                item.outcome = (Status.SUCCESS, 0)
+                posted = self.complete_now(job.sq, job.cmd.cid, Status.SUCCESS, 0, item)
+                if posted:
                     del self.carried[job.token]
-                    job.posted = True
-        job.done.set()
-        if (current and not job.posted and not job.scope.cancel_called
-                and self._nursery is not None):
-            self._nursery.start_soon(self._io_task, job.sq, job.cmd, job.scope, job.token,
-                                     None, job)
-        elif job.scope in self._inflight:
+            if not posted and not job.cancel_called and self._nursery is not None:
+                # the task takes its place in `_inflight` (a reset cancels the task's scope)
+                scope = trio.CancelScope()
+                self._inflight[scope] = self._inflight.pop(job, job.sq.qid)
+                self._nursery.start_soon(self._io_task, job.sq, job.cmd, scope, job.token,
+                                         None, job)
+                return
+        if job in self._inflight:
             # done; or no worker: the command stays carried, and the worker's next start
             # posts its outcome or runs it again
-            self._inflight_done(job.scope)
+            self._inflight_done(job)
 
     async def _list_now(self, address: int, size: int) -> bytes:
         """A PRP list from mmap'd memory, for `_run_now` (never suspends)."""
@@ -304,10 +326,9 @@ class IoCommands(WorkerCore):
             with scope:
                 try:
                     if started is not None:
-                        with trio.CancelScope(shield=True):  # a write cannot be taken back
-                            await started.done.wait()
-                        if started.posted or scope.cancel_called:
-                            return  # posted; or reset: aborted without a completion
+                        # (started by the hand-back: the write is back, not posted)
+                        if scope.cancel_called:
+                            return  # reset: aborted without a completion
                         status, result = await self._started_outcome(started)
                     elif item is not None and item.outcome is not None:
                         status, result = item.outcome  # executed before; post it only
