@@ -122,15 +122,19 @@ class InlineBlk(VirtioPciDevice):
             return False  # (a reset asked for: nothing more reaches guest memory)
         dma = ctx.dma
         try:
+            rings = queue._mapped_rings(dma)
+            if rings is None:
+                return False
+            if not rings[2]:
+                # an empty ring (a polling worker's probe, the worker after a served
+                # notify): two ring views, not three
+                return None
             used = dma.view(queue.used_addr, RING_HEADER + USED_ELEM_SIZE * queue.size + 2,
                             write=True)
-            rings = queue._mapped_rings(dma)
         except (DmaError, GuestMemoryError, VirtqueueError):
             return False
-        if used is None or rings is None:
+        if used is None:
             return False
-        if not rings[2]:
-            return None
         avail, desc, pending = rings
         done: list[tuple[int, int]] = []
         writes: list[Request] = []

@@ -85,13 +85,20 @@ class Chain:
     head: int
     readable: list[tuple[int, int]] = field(default_factory=list)
     writable: list[tuple[int, int]] = field(default_factory=list)
+    #: (readable, writable) byte counts, when the walk knew them (`_walk_linear`): a
+    #: request asks for them up to three times, each a pass over ~256 pieces otherwise
+    lengths: tuple[int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def readable_len(self) -> int:
+        if self.lengths is not None:
+            return self.lengths[0]
         return sum(map(_length, self.readable))  # C-level: chains have ~256 pieces
 
     @property
     def writable_len(self) -> int:
+        if self.lengths is not None:
+            return self.lengths[1]
         return sum(map(_length, self.writable))
 
 
@@ -131,11 +138,18 @@ def _walk_linear(head: int, table: bytes | memoryview) -> Chain | None:
     if flags != expect_flags or fields[3:-4:4] != expect_next:
         return None
     addrs, lengths = fields[0::4], fields[1::4]
-    if sum(lengths) > MAX_CHAIN_BYTES:
+    total = sum(lengths)
+    if total > MAX_CHAIN_BYTES:
         return None
+    # one sum over the shorter side (a read's header, a write's status byte)
+    if readable_count <= n // 2:
+        readable_len = sum(lengths[:readable_count])
+    else:
+        readable_len = total - sum(lengths[readable_count:])
     # equal lengths by construction, so no zip(strict=True), which doubles its cost
     return Chain(head, list(zip(addrs[:readable_count], lengths[:readable_count])),  # noqa: B905
-                 list(zip(addrs[readable_count:], lengths[readable_count:])))  # noqa: B905
+                 list(zip(addrs[readable_count:], lengths[readable_count:])),  # noqa: B905
+                 (readable_len, total - readable_len))
 
 
 class Virtqueue:

@@ -1,0 +1,83 @@
+"""Per-request work trimmed from virtio-blk's notify path (devices/virtio/README.md,
+"Per-request instructions"): each test pins down one thing the path no longer does, and
+checks that what it does instead gives the same answer."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import trio
+
+from devices.virtio.blk import ReqType, VirtioBlk
+from devices.virtio.transport import MAX_POLL_US
+from devices.virtio.virtqueue import (
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    _walk_linear,
+)
+
+from ..fakes import FakeContext
+from .test_blk import BASIC, attach
+from .test_notify_inline import add, parked
+
+
+def _table(readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> bytes:
+    """An in-order indirect table as Linux builds it."""
+    entries = [(a, n, DESC_F_NEXT) for a, n in readable] + \
+        [(a, n, DESC_F_NEXT | DESC_F_WRITE) for a, n in writable]
+    out = b""
+    for i, (a, n, f) in enumerate(entries):
+        last = i == len(entries) - 1
+        out += struct.pack("<QIHH", a, n, f & ~DESC_F_NEXT if last else f,
+                           0 if last else i + 1)
+    return out
+
+
+def test_linear_walk_knows_both_lengths() -> None:
+    """`_walk_linear` hands its byte counts to the chain (no pass over ~256 pieces per
+    `readable_len` / `writable_len`), and they are the sums of the pieces, for a read
+    (header, many writable pages), a write (many readable pages, status) and the
+    shapes in between."""
+    rng = random.Random(7)
+    for readable_count, writable_count in ((1, 257), (257, 1), (1, 1), (3, 2), (2, 3),
+                                           (5, 0), (0, 4)):
+        readable = [(rng.randrange(1 << 40), rng.randrange(1, 8192))
+                    for _ in range(readable_count)]
+        writable = [(rng.randrange(1 << 40), rng.randrange(1, 8192))
+                    for _ in range(writable_count)]
+        chain = _walk_linear(3, _table(readable, writable))
+        assert chain is not None
+        assert chain.readable == readable and chain.writable == writable
+        assert chain.lengths == (sum(n for _, n in readable), sum(n for _, n in writable))
+        assert chain.readable_len == chain.lengths[0]
+        assert chain.writable_len == chain.lengths[1]
+
+
+async def test_an_empty_probe_takes_no_used_ring_view(ctx: FakeContext) -> None:
+    """A polling worker's probe of an empty ring (and the worker's look after a notify the
+    handler served) views the avail ring and the descriptor table, not the used ring as
+    well: it answers None before it needs that."""
+    dev = VirtioBlk(size=1 << 20, poll_us=MAX_POLL_US)
+    drv = attach(dev, ctx)
+    drv.setup(BASIC)
+    await parked(dev)
+    head = add(drv, ReqType.IN, 0, read_len=512)
+    drv.kick(0)
+    assert drv.rings[0].take_used() == [(head, 513)]
+    queue = dev.queues[0]
+    seen: list[int] = []
+    plain_view = ctx.dma.view
+
+    def view(address: int, size: int, *, write: bool = False) -> memoryview | None:
+        seen.append(address)
+        return plain_view(address, size, write=write)
+
+    ctx.dma.view = view  # type: ignore[method-assign]
+    assert dev.serve_inline(queue) is None
+    ctx.dma.view = plain_view  # type: ignore[method-assign]
+    assert queue.used_addr not in seen
+    assert sorted(seen) == sorted([queue.avail_addr, queue.desc_addr])
+    with trio.fail_after(5):
+        await parked(dev)
+    dev.close()
