@@ -12,6 +12,8 @@ from .spec import SQE, SQE_PSDT_SHIFT, Status
 
 BROADCAST_NSID = 0xFFFF_FFFF
 
+_tuple_new = tuple.__new__
+
 
 @dataclass
 class Namespace:
@@ -45,7 +47,9 @@ class Command(NamedTuple):
 
     @classmethod
     def decode(cls, buf: bytes | memoryview, offset: int = 0) -> Command:
-        return cls(*SQE.unpack_from(buf, offset))
+        # tuple.__new__ straight from the unpacked fields: the NamedTuple's own __new__ is
+        # a Python call with 13 arguments, once per fetched command
+        return _tuple_new(cls, SQE.unpack_from(buf, offset))
 
     @property
     def psdt(self) -> int:

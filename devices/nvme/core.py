@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,6 +41,9 @@ from .queue import CompletionQueue, DoorbellError, SubmissionQueue
 from .spec import CQE, DNR, FeatureId, Status
 
 log = logging.getLogger(__name__)
+
+#: a CQE's first three dwords (`spec.CQE` without the last, stored on its own)
+_CQE_HEAD = struct.Struct("<IIHH")
 
 #: statuses a retry might fix (everything else completes with Do Not Retry)
 _RETRYABLE = frozenset({Status.SUCCESS, Status.ABORTED_BY_REQUEST, Status.ABORTED_SQ_DELETION,
@@ -301,10 +305,15 @@ class WorkerCore:
                 if cq.outstanding:
                     pending = True
                     break
-        if pending and not self.dev.intmask & 1:
-            self.dev.raise_irq(0)
-        else:
-            self.dev.lower_irq()
+        level = pending and not self.dev.intmask & 1
+        # raising a raised line or lowering a low one changes nothing (pci drives the line
+        # again itself on every config write and attach), and each cost a config-space
+        # update and two enum.Flag operations per completion and CQ doorbell
+        if level != self.dev.intx_asserted():
+            if level:
+                self.dev.raise_irq(0)
+            else:
+                self.dev.lower_irq()
 
     def _peek_cq_head(self, cq: CompletionQueue) -> None:
         """Sync read of a shadow CQ head (mmap mode only), for the INTx level."""
@@ -389,12 +398,11 @@ class WorkerCore:
             addr, phase = cq.reserve()
             if item is not None:
                 item.slot = (addr, phase)
-        entry = self._cqe(sq, cid, status, result, phase)
         view = self.dma.view(addr, CQE.size, write=True)
         if view is not None:
-            self._store_cqe(view, entry)
+            self._store_cqe(view, sq, cid, status, result, phase)
         else:
-            await self.dma.write(addr, entry)
+            await self.dma.write(addr, self._cqe(sq, cid, status, result, phase))
         self._notify(cq)
 
     def complete_now(self, sq: SubmissionQueue, cid: int, status: int, result: int,
@@ -425,7 +433,7 @@ class WorkerCore:
             slot = cq.reserve()
             if item is not None:
                 item.slot = slot
-        self._store_cqe(view, self._cqe(sq, cid, status, result, slot[1]))
+        self._store_cqe(view, sq, cid, status, result, slot[1])
         self._notify(cq)
         return True
 
@@ -436,12 +444,16 @@ class WorkerCore:
         return CQE.pack(result & 0xFFFF_FFFF, 0, sq.head, sq.qid, cid, (status << 1) | phase)
 
     @staticmethod
-    def _store_cqe(view: memoryview, entry: bytes) -> None:
-        # The driver polls the phase bit (last dword) and then reads the rest: the first 12
-        # bytes go first, the last dword (command id, status, phase) in one store after
-        # them, so a new phase is never visible before its entry.
-        view[:12] = entry[:12]
-        view[12:16].cast("I")[0] = int.from_bytes(entry[12:16], "little")
+    def _store_cqe(view: memoryview, sq: SubmissionQueue, cid: int, status: int,
+                   result: int, phase: int) -> None:
+        """`_cqe` stored straight into guest memory. The driver polls the phase bit (last
+        dword) and then reads the rest: the first 12 bytes go first, the last dword
+        (command id, status, phase) in one store after them, so a new phase is never
+        visible before its entry."""
+        if status not in _RETRYABLE:
+            status |= DNR
+        _CQE_HEAD.pack_into(view, 0, result & 0xFFFF_FFFF, 0, sq.head, sq.qid)
+        view.cast("I")[3] = cid | ((status << 1) | phase) << 16
 
     def _notify(self, cq: CompletionQueue) -> None:
         """The interrupt for a new entry in `cq`; while `_irq_batch` collects (a doorbell

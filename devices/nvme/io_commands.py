@@ -44,7 +44,7 @@ from devices.sdk.storage import consume, read_cached
 
 from .command import BROADCAST_NSID, Command, CommandError, Namespace, Outcome
 from .core import Carried, WorkerCore
-from .prp import PrpError, Segments, walk_prps
+from .prp import PrpError, Segments, prp_head, walk_list
 from .queue import DoorbellError, SubmissionQueue
 from .spec import DSM_ATTR_DEALLOCATE, DSM_RANGE_SIZE, SQE, FeatureId, IoOpcode, Status
 
@@ -153,7 +153,7 @@ class IoCommands(WorkerCore):
                     return True
                 if budget <= 0:
                     return False
-                addr, count = next(sq.runs(budget))
+                addr, count = sq.first_run(budget)
                 view = self.dma.view(addr, count * SQE.size)
                 if view is None:
                     return False
@@ -209,8 +209,9 @@ class IoCommands(WorkerCore):
                 ns, offset, length = self._rw_range(cmd)
                 if cmd.psdt:
                     raise CommandError(Status.INVALID_FIELD, "SGLs are not supported")
-                segs = _run_now(walk_prps(cmd.prp1, cmd.prp2, length, self.page_size,
-                                          self._list_now))
+                segs, left = prp_head(cmd.prp1, cmd.prp2, length, self.page_size)
+                if left:
+                    _run_now(walk_list(segs, cmd.prp2, left, self.page_size, self._list_now))
             except (CommandError, PrpError) as exc:
                 self._finish_now(sq, cmd, token, exc.status)
                 return 0

@@ -83,27 +83,31 @@ def _add_pages(segs: Segments, pages: Sequence[int], left: int, page_size: int) 
     return left - covered
 
 
-async def walk_prps(
-    prp1: int, prp2: int, length: int, page_size: int, read_list: ListReader
-) -> Segments:
-    """The segments that a transfer of `length` bytes described by PRP1/PRP2 covers."""
+def prp_head(prp1: int, prp2: int, length: int, page_size: int) -> tuple[Segments, int]:
+    """The segments PRP1 (and PRP2 as a data page) cover, and the bytes left for a PRP
+    list at PRP2 (0: none). Apart from `walk_list` so a transfer of one or two pages (a
+    4 KiB I/O) is walked without a coroutine in the doorbell handler."""
     segs: Segments = []
     if length <= 0:
-        return segs
+        return segs, 0
     mask = page_size - 1
     if prp1 & 0x3:
         raise PrpError(Status.INVALID_PRP_OFFSET, f"PRP1 {prp1:#x} is not dword aligned")
     first = min(length, page_size - (prp1 & mask))
-    _append(segs, prp1, first)
+    segs.append((prp1, first))
     left = length - first
-    if left == 0:
-        return segs
-    if left <= page_size:
+    if 0 < left <= page_size:
         if prp2 & mask:
             raise PrpError(Status.INVALID_PRP_OFFSET, f"PRP2 {prp2:#x} has a page offset")
         _append(segs, prp2, left)
-        return segs
-    list_addr = prp2
+        return segs, 0
+    return segs, left
+
+
+async def walk_list(segs: Segments, list_addr: int, left: int, page_size: int,
+                    read_list: ListReader) -> Segments:
+    """`segs` (from `prp_head`) extended by the PRP list at `list_addr` for `left` bytes."""
+    mask = page_size - 1
     if list_addr & (ENTRY - 1):
         raise PrpError(Status.INVALID_PRP_OFFSET, f"PRP list {list_addr:#x} not qword aligned")
     while left:
@@ -122,4 +126,14 @@ async def walk_prps(
             if list_addr & mask:
                 raise PrpError(Status.INVALID_PRP_OFFSET,
                                f"chained PRP list {list_addr:#x} is not page aligned")
+    return segs
+
+
+async def walk_prps(
+    prp1: int, prp2: int, length: int, page_size: int, read_list: ListReader
+) -> Segments:
+    """The segments that a transfer of `length` bytes described by PRP1/PRP2 covers."""
+    segs, left = prp_head(prp1, prp2, length, page_size)
+    if left:
+        await walk_list(segs, prp2, left, page_size, read_list)
     return segs

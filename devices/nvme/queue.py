@@ -69,6 +69,11 @@ class SubmissionQueue:
             left -= n
             pos = (pos + n) % self.size
 
+    def first_run(self, limit: int) -> tuple[int, int]:
+        """The first of `runs(limit)` ((address, 0) when nothing is pending), without a
+        generator: the doorbell handler takes one run at a time."""
+        return self.base + self.head * SQE_SIZE, min(limit, self.pending, self.size - self.head)
+
     def advance(self, n: int) -> None:
         if not 0 <= n <= self.pending:
             raise ValueError(f"SQ {self.qid}: cannot consume {n} of {self.pending}")
