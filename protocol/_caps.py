@@ -136,7 +136,22 @@ def negotiate(client: Capabilities, server: Capabilities) -> Capabilities:
         raise RemoteProtocolError(
             f"no common page size: client {client.pgsizes:#x}, server {server.pgsizes:#x}"
         )
-    return _agreed(server, common & -common, client.write_multiple, client.migration is not None)
+    key = (id(server), common & -common, client.write_multiple, client.migration is not None)
+    hit = _AGREED_BY_ID.get(key)
+    if hit is not None and hit[0] is server:
+        return hit[1]
+    agreed = _agreed(server, *key[1:])
+    if len(_AGREED_BY_ID) >= _BY_ID_MAX:
+        _AGREED_BY_ID.clear()
+    _AGREED_BY_ID[key] = (server, agreed)
+    return agreed
+
+
+#: `negotiate`'s answers by the server object's identity: `_agreed`'s lru_cache hashes the
+#: frozen `server` (a generated `__hash__` per dataclass, nested ones included: three
+#: Python calls per connect). The entry holds `server`, so its id is not reused meanwhile.
+_AGREED_BY_ID: dict[tuple[int, int, bool, bool], tuple[Capabilities, Capabilities]] = {}
+_BY_ID_MAX = 16
 
 
 @lru_cache(maxsize=16)

@@ -29,10 +29,28 @@ _UNMAP_DIRTY_BITMAP = int(DmaUnmapFlags.GET_DIRTY_BITMAP)
 # --------------------------------------------------------------------------- VERSION (1)
 
 
-@functools.lru_cache(maxsize=16)
 def _caps_json(caps: Capabilities) -> bytes:
     """VERSION's NUL-terminated JSON for `caps`. A server answers every connection with
-    the same few capability sets; encoding the JSON each time was a tenth of a connect."""
+    the same few capability sets (the very objects `negotiate` keeps), so they are looked
+    up by identity first: hashing the frozen dataclass was a Python call per connect. The
+    entry holds `caps`, so its id is not reused meanwhile."""
+    hit = _CAPS_JSON_BY_ID.get(id(caps))
+    if hit is not None and hit[0] is caps:
+        return hit[1]
+    data = _caps_json_equal(caps)
+    if len(_CAPS_JSON_BY_ID) >= 16:
+        _CAPS_JSON_BY_ID.clear()
+    _CAPS_JSON_BY_ID[id(caps)] = (caps, data)
+    return data
+
+
+_CAPS_JSON_BY_ID: dict[int, tuple[Capabilities, bytes]] = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _caps_json_equal(caps: Capabilities) -> bytes:
+    """`_caps_json` for equal capability sets that are other objects; encoding the JSON each
+    time was a tenth of a connect."""
     text = json.dumps({"capabilities": caps.to_json()}, separators=(",", ":"))
     return text.encode() + b"\0"
 

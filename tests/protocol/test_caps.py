@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -180,3 +181,30 @@ def test_negotiate_keeps_the_answer_for_a_repeated_client() -> None:
     assert negotiate(Capabilities(pgsizes=4096), SERVER) is negotiate(
         Capabilities(pgsizes=4096), SERVER
     )
+
+
+def test_negotiate_and_the_version_json_do_not_hash_the_server_caps_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every connection of a server negotiates with the same server object: its answer and
+    the reply's JSON are found by identity, without hashing the frozen dataclass (a Python
+    call per connect); an equal but distinct object still gets an equal answer."""
+    from protocol import Version
+
+    server = replace(SERVER, max_dma_maps=SERVER.max_dma_maps + 1)
+    first = negotiate(Capabilities(), server)
+    Version(0, 0, first).encode()
+    hashed: list[object] = []
+    real = Capabilities.__hash__
+
+    def counting(self: Capabilities) -> int:
+        hashed.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Capabilities, "__hash__", counting)
+    again = negotiate(Capabilities(), server)
+    assert again is first
+    assert Version(0, 0, again).encode() == Version(0, 0, first).encode()
+    assert hashed == []
+    twin = replace(server)
+    assert negotiate(Capabilities(), twin) == first
