@@ -457,14 +457,24 @@ class WorkerCore:
 
     def _notify(self, cq: CompletionQueue) -> None:
         """The interrupt for a new entry in `cq`; while `_irq_batch` collects (a doorbell
-        served in the register handler), one per vector at the end of the batch."""
+        served in the register handler), one per vector at the end of the batch
+        (`_raise_batch`), which also decides MSI-X/MSI or INTx there, once per batch."""
         if not cq.interrupts:
             return
+        if self._irq_batch is not None:
+            self._irq_batch.add(cq.vector)
+        elif self.dev.msix_enabled() or self.dev.msi_enabled():
+            self.dev.raise_irq(cq.vector)
+        else:
+            self.update_intx()
+
+    def _raise_batch(self, vectors: set[int]) -> None:
+        """The end of a `_irq_batch`: what `_notify` would have raised for each entry."""
+        if not vectors:
+            return
         if self.dev.msix_enabled() or self.dev.msi_enabled():
-            if self._irq_batch is not None:
-                self._irq_batch.add(cq.vector)
-            else:
-                self.dev.raise_irq(cq.vector)
+            for vector in sorted(vectors):
+                self.dev.raise_irq(vector)
         else:
             self.update_intx()
 

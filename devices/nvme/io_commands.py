@@ -168,8 +168,7 @@ class IoCommands(WorkerCore):
             return False
         finally:
             self._irq_batch = None
-            for vector in sorted(batch):
-                self.dev.raise_irq(vector)
+            self._raise_batch(batch)
 
     def _publish_event_idx(self, sq: SubmissionQueue) -> bool:
         """Tell the host (event index) we have seen `sq` up to its tail, so its next

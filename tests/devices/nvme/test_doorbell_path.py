@@ -14,10 +14,10 @@ from devices.nvme import Nvme
 from devices.nvme.core import WorkerCore
 from devices.nvme.prp import prp_head, walk_list, walk_prps
 from devices.nvme.queue import SubmissionQueue
-from devices.nvme.spec import CQE, DNR, IoOpcode, Status
+from devices.nvme.spec import CQE, DNR, AdminOpcode, IoOpcode, Status
 
 from ..fakes import FakeContext
-from .host import DATA, Host
+from .host import DATA, DBS, EIS, Host
 from .test_io import rw
 
 PAGE = 4096
@@ -94,3 +94,31 @@ async def test_intx_is_raised_by_a_read_served_in_the_doorbell(dev: Nvme,
     cqe = await h.wait(1)
     assert cqe.cid == cid and cqe.code == 0
     assert not dev.intx_asserted()
+
+
+async def test_a_submission_racing_the_event_index_is_fetched_by_that_doorbell(
+        dev: Nvme, nvme_ctx: FakeContext) -> None:
+    """Shadow doorbells: a host that adds a command after we read the shadow tail and
+    before it sees the event index we publish does not ring for it; the handler reads the
+    shadow tail once more after publishing and serves it within the same doorbell."""
+    h = Host(dev, nvme_ctx)
+    h.enable_pci()
+    await h.enable()
+    await h.create_io_queues()
+    assert (await h.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=DBS, prp2=EIS)).code == 0
+    h.queues[1].shadow = True
+    dev.worker.namespaces[1].backend.write(0, [bytes(2 * PAGE)])
+    await trio.testing.wait_all_tasks_blocked()
+    late: list[int] = []
+    published_now = dev.worker.poller.published_now
+
+    def racing(sq: SubmissionQueue) -> None:
+        published_now(sq)
+        if not late:  # the host submits again, sees the old event index: no MMIO
+            late.append(h.submit(1, h.sqe(IoOpcode.READ, nsid=1, prp1=DATA + PAGE,
+                                          cdw=rw(8, 1)), ring=False))
+
+    dev.worker.poller.published_now = racing  # type: ignore[method-assign]
+    first = h.submit(1, h.sqe(IoOpcode.READ, nsid=1, prp1=DATA, cdw=rw(0, 1)))
+    assert late and dev.worker.sqs[1].pending == 0  # nothing awaited: both fetched
+    assert sorted([(await h.wait(1)).cid, (await h.wait(1)).cid]) == sorted([first, *late])
