@@ -249,7 +249,8 @@ class WorkerCore:
         waiting; False when the worker must take over."""
         raise NotImplementedError
 
-    def _publish_event_idx(self, sq: SubmissionQueue) -> bool:
+    def _publish_event_idx(self, sq: SubmissionQueue,
+                           tail_view: memoryview | None = None) -> bool:
         raise NotImplementedError  # `io_commands.IoCommands`
 
     def _shadow_tail_now(self, sq: SubmissionQueue) -> bool:
