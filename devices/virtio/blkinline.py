@@ -58,6 +58,7 @@ from .guestmem import GuestMemoryError, VirtqueueError, clip
 from .spec import Status
 from .transport import VirtioPciDevice
 from .virtqueue import RING_HEADER, USED_ELEM_SIZE, Chain, Virtqueue
+from .worker import rearm_after_inline
 
 if TYPE_CHECKING:
     import outcome
@@ -110,6 +111,17 @@ class InlineBlk(VirtioPciDevice):
 
     def _in_range(self, sector: int, nbytes: int) -> bool:
         return sector >= 0 and sector * SECTOR + nbytes <= self.backend.size
+
+    def serve_notify(self, queue: Virtqueue) -> bool:
+        """A notify while the worker sleeps: `serve_inline`, and True when the worker may
+        sleep on (`worker.rearm_after_inline`: nothing left for it to do)."""
+        if not self.serve_inline(queue) or self.ctx is None:
+            return False
+        try:
+            return rearm_after_inline(self.polls[queue.index], queue, self.ctx.dma,
+                                      self._started[queue.index] is not None)
+        except VirtqueueError:
+            return False  # the worker meets it again and sets NEEDS_RESET
 
     def serve_inline(self, queue: Virtqueue) -> bool | None:
         """Serve `queue`'s first requests without waiting: cached reads, then a run of

@@ -100,7 +100,7 @@ from .spec import (
 )
 from .state import prepare_transport, save_transport
 from .virtqueue import Chain, Virtqueue
-from .worker import serve_requests
+from .worker import PollWindow, serve_requests
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,6 @@ log = logging.getLogger(__name__)
 #: last request before it re-enables notifications and sleeps (`serve_requests`)
 DEFAULT_POLL_US = 200
 MAX_POLL_US = 100_000
-
-_Getter = Callable[[], int]
-_Setter = Callable[[int], None]
 
 
 class VirtioPciDevice(PciDevice):
@@ -143,6 +140,7 @@ class VirtioPciDevice(PciDevice):
         self.queues = [Virtqueue(i, queue_size) for i in range(num_queues)]
         self._kicks = [trio.Event() for _ in self.queues]
         self._parked = [False] * num_queues
+        self.polls: list[PollWindow | None] = [None] * num_queues
         vectors = num_queues + 1
         self.msix_cap = MsixCap(vectors, table_bar=MSIX_BAR, table_offset=0,
                                 pba_bar=MSIX_BAR, pba_offset=MSIX_PBA_OFFSET)
@@ -171,7 +169,7 @@ class VirtioPciDevice(PciDevice):
             caps=caps,
             identity=identity,
         )
-        self._fields: list[tuple[int, int, _Getter, _Setter | None]] = [
+        self._fields: list[tuple[int, int, Callable[[], int], Callable[[int], None] | None]] = [
             (DEVICE_FEATURE_SELECT, 4, lambda: self.device_feature_select,
              self._set_dfselect),
             (DEVICE_FEATURE, 4, self._device_feature_word, None),
@@ -264,8 +262,11 @@ class VirtioPciDevice(PciDevice):
             self._parked[queue.index] = False
 
     def serve_inline(self, queue: Virtqueue) -> bool | None:
-        """Hook: serve `queue`'s first requests now (a notify while the worker sleeps, or the
-        worker; blk: cached reads, started writes); True if any, None if none available."""
+        """Hook (blk): serve `queue`'s first requests now, by a notify while the worker sleeps
+        (`serve_notify`) or by the worker; True if any, None if none available."""
+        return False
+
+    def serve_notify(self, queue: Virtqueue) -> bool:  # hook (blk): served, re-armed
         return False
 
     async def settle(self, queue: Virtqueue) -> bool:
@@ -344,12 +345,11 @@ class VirtioPciDevice(PciDevice):
 
     def _bar_write(self, offset: int, data: bytes) -> None:
         if offset >= NOTIFY_OFFSET:
-            rel = offset - NOTIFY_OFFSET
-            index = rel // NOTIFY_MULTIPLIER
-            if rel % NOTIFY_MULTIPLIER == 0 and index < len(self.queues):
-                if self._parked[index] and not self.quiescing:
-                    self.serve_inline(self.queues[index])
-                self._kicks[index].set()
+            index, rem = divmod(offset - NOTIFY_OFFSET, NOTIFY_MULTIPLIER)
+            if (rem == 0 and index < len(self.queues)
+                    and not (self._parked[index] and not self.quiescing
+                             and self.serve_notify(self.queues[index]))):
+                self._kicks[index].set()  # (served and re-armed: the worker sleeps on)
             return
         if offset < COMMON_OFFSET + REGION_SIZE:
             self._common_write(offset, data)

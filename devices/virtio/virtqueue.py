@@ -506,6 +506,30 @@ class Virtqueue:
         await self._publish_avail_event(dma, self.last_avail_idx)
         return await self.has_work(dma)
 
+    def enable_notify_mapped(self, dma: DmaPort) -> bool | None:
+        """`enable_notify` without awaiting, through views of the mmap'd rings; None (and
+        nothing written) when a ring is not mmap'd. For the notify handler, which re-arms
+        for a sleeping worker (`worker.rearm_after_inline`)."""
+        try:
+            used = dma.view(self.used_addr, RING_HEADER + USED_ELEM_SIZE * self.size + 2,
+                            write=True)
+            avail = dma.view(self.avail_addr, RING_HEADER)
+        except DmaError:
+            return None
+        if used is None or avail is None:
+            return None
+        if self.event_idx:
+            store_u16(used, RING_HEADER + USED_ELEM_SIZE * self.size, self.last_avail_idx)
+        else:
+            store_u16(used, 0, 0)
+        avail_idx: int = _U16.unpack_from(avail, 2)[0]
+        self._known_avail = avail_idx
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
+                                 f"> size {self.size}")
+        return pending != 0
+
     async def enable_notify_for_more(self, dma: DmaPort) -> bool:
         """Ask for a kick when the driver adds *more* buffers than it has now.
 

@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import random
 import struct
+from pathlib import Path
 
 import trio
 
-from devices.virtio.blk import ReqType, VirtioBlk
+from devices.virtio.blk import SECTOR, ReqType, VirtioBlk
 from devices.virtio.transport import MAX_POLL_US
 from devices.virtio.virtqueue import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     _walk_linear,
 )
+from devices.virtio.worker import PollWindow
 
 from ..fakes import FakeContext
-from .test_blk import BASIC, attach
-from .test_notify_inline import add, parked
+from .test_blk import BASIC, DATA, attach
+from .test_notify_inline import add, device, parked
 
 
 def _table(readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> bytes:
@@ -80,4 +82,46 @@ async def test_an_empty_probe_takes_no_used_ring_view(ctx: FakeContext) -> None:
     assert sorted(seen) == sorted([queue.avail_addr, queue.desc_addr])
     with trio.fail_after(5):
         await parked(dev)
+    dev.close()
+
+
+async def test_a_served_notify_leaves_an_unpolled_worker_asleep(ctx: FakeContext,
+                                                                tmp_path: Path) -> None:
+    """A notify whose reads the handler served, on a queue that does not poll: the handler
+    re-arms notifications itself (avail_event moves past the request) and the worker is
+    not woken, since it would only have re-armed and slept again; the next request is
+    kicked and served the same way. Writes (left running in a thread) still wake it."""
+    dev, drv, payload = await device(ctx, tmp_path)
+    ring, queue = drv.rings[0], dev.queues[0]
+    for sector in range(3):
+        kick = dev._kicks[0]
+        head = add(drv, ReqType.IN, sector, read_len=SECTOR)
+        drv.kick(0)
+        assert ring.take_used() == [(head, SECTOR + 1)]
+        assert ctx.dma.ram[DATA : DATA + SECTOR] == \
+            payload[sector * SECTOR : (sector + 1) * SECTOR]
+        assert not kick.is_set() and dev._kicks[0] is kick
+        assert ring.avail_event() == queue.last_avail_idx  # re-armed
+        assert dev._parked[0]
+    kick = dev._kicks[0]
+    head = add(drv, ReqType.OUT, 0, data=payload[:SECTOR])
+    drv.kick(0)
+    assert kick.is_set()  # the worker settles the write
+    assert await drv.wait_used(0) == [(head, 1)]
+    await parked(dev)
+    dev.close()
+
+
+async def test_a_quick_kick_still_wakes_a_polling_worker(ctx: FakeContext,
+                                                         tmp_path: Path) -> None:
+    """A kick soon after the worker slept would open its poll window: the handler serves
+    the read but wakes the worker, which then polls."""
+    dev, drv, _ = await device(ctx, tmp_path)
+    dev.polls[0] = poll = PollWindow(10.0)  # every kick comes "soon"
+    poll.since = trio.current_time()
+    kick = dev._kicks[0]
+    head = add(drv, ReqType.IN, 0, read_len=SECTOR)
+    drv.kick(0)
+    assert drv.rings[0].take_used() == [(head, SECTOR + 1)]
+    assert kick.is_set()
     dev.close()
