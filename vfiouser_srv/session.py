@@ -97,7 +97,8 @@ class Session(DeviceContext):
     #: migration v2 of the device through this connection (`migration`), built on first use
     migration = PerConnection()
     _migration: Migration | None = None
-    #: the session's scope once `run` started (`force_close`)
+    #: the scope the session waits in now (a read epoch, a pause), for `force_close`; the
+    #: session has none of its own
     _scope: trio.CancelScope | None = None
     #: trio time by which VERSION must be complete, fixed when the session first waits
     #: for the client before VERSION (`_version_deadline`); None until then
@@ -277,9 +278,18 @@ class Session(DeviceContext):
             self.irq_table.trigger(IrqIndex.REQ, 0)
 
     def force_close(self) -> None:
-        """Disconnect now (hot-remove deadline); detaching still runs in full."""
-        self._forced = True
-        if self._scope is not None:  # else `run` cancels at once
+        """Disconnect now (hot-remove deadline); detaching still runs in full.
+
+        The session has no cancel scope of its own (one was ~8% of a connect + VERSION +
+        close): every loop ends at its next check (`closing`), the outbox stops waiting
+        for room and sends nothing more (`Outbox.abandon`), and the scope the session
+        waits in, if any (a read epoch, a pause), is cancelled. The first epoch has no
+        scope; the only waits it can be in besides the outbox's are handlers that drain
+        pinned DMA, reset or quiesce the device, each bounded by its own timeout (and
+        `detach` waits for the same drains)."""
+        self._forced = self._close_requested = True
+        self.outbox.abandon()
+        if self._scope is not None:
             self._scope.cancel()
 
     @property
@@ -305,15 +315,11 @@ class Session(DeviceContext):
     # ------------------------------------------------------------ the connection's life
 
     async def run(self) -> None:
-        # One scope (`force_close`), no nursery (~15% of a connect): the device-task runner
-        # and the writer, if needed, run in the server's until we end. The VERSION deadline
-        # is not on it: see `_version_deadline`.
-        scope = self._scope = trio.CancelScope()
+        # No nursery (~15% of a connect) and no scope of our own (`force_close`): the
+        # device-task runner and the writer, if needed, run in the server's until we end;
+        # the VERSION deadline is on the scopes we wait in (`_version_deadline`).
         try:
-            with scope:
-                if self._forced:
-                    scope.cancel()
-                await self._run()
+            await self._run()
         finally:
             self.closed = True
             self.tasks.stop()  # (after `detach`, nothing left to stop: unless it raised)
@@ -396,14 +402,15 @@ class Session(DeviceContext):
             while not self.closing:
                 pause = self.pause
                 if pause is not None and self.conn._decoder.idle:  # a message boundary
-                    if self.attached:
-                        if await self._park(pause):
-                            return
-                        continue
-                    with trio.move_on_at(self._version_deadline()) as late:
-                        if await self._park(pause):
-                            return
-                    if late.cancelled_caught:
+                    handed = False
+                    deadline = _INF if self.attached else self._version_deadline()
+                    with trio.CancelScope(deadline=deadline) as held:
+                        self._scope = held
+                        handed = await self._park(pause)
+                    self._scope = None
+                    if handed:
+                        return
+                    if held.cancelled_caught and not self._forced:  # the VERSION deadline
                         self._no_version()
                         return
                     continue
@@ -412,12 +419,18 @@ class Session(DeviceContext):
                 else:
                     deadline = _INF if self.attached else self._version_deadline()
                     with trio.CancelScope(deadline=deadline) as epoch:
+                        self._scope = epoch
                         if deadline != _INF:
                             self._epoch = epoch
                         wait = await self._read_epoch(epoch, out, wait=wait is None)
-                    self._waiting = self._epoch = None
-                    # cancelled: by `request_pause` (read on) or by the VERSION deadline
-                    if epoch.cancelled_caught and not self.attached and self.pause is None:
+                    self._waiting = self._epoch = self._scope = None
+                    # cancelled: by `request_pause` (read on), `force_close` (`closing`
+                    # ends the loop) or the VERSION deadline
+                    if (
+                        epoch.cancelled_caught
+                        and not (self.attached or self._forced)
+                        and self.pause is None
+                    ):
                         self._no_version()
                         return
                 if wait:

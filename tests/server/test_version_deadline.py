@@ -9,12 +9,15 @@ from pathlib import Path
 
 import trio
 
+from devices.sdk import Bar, CallbackHandler, PciDevice, PciIdentity
 from protocol import HEADER, Capabilities, Command, Connection, Role, Version, pack_header
 from vfiouser_srv.limits import Limits
+from vfiouser_srv.outbox import WRITE_BACKLOG_LIMIT
 from vfiouser_srv.server import Server
 from vfiouser_srv.session import Session
 
 from ._support import add_edu, settle
+from .conftest import MakeServer, path_of
 
 _INF = float("inf")
 
@@ -50,9 +53,10 @@ async def test_the_session_scope_has_no_deadline_and_a_waiting_epoch_does(
         silent = await trio.open_unix_socket(path)
         await settle()  # the session now waits for VERSION
         (session,) = server.sessions
-        assert isinstance(session, Session) and session._scope is not None
-        assert session._scope.deadline == _INF
+        assert isinstance(session, Session)
+        # the session has no scope of its own: the one it waits in is the epoch's
         assert session._epoch is not None and session._epoch.deadline < _INF
+        assert session._scope is session._epoch
         with trio.fail_after(5):  # and the silent client is still cut off
             assert await silent.receive_some(16) == b""
         await silent.aclose()
@@ -81,3 +85,43 @@ async def test_version_after_a_wait_lifts_the_epoch_deadline(tmp_path: Path) -> 
         assert (msg_id, error) == (2, 0)
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+class BigBar(PciDevice):
+    """BAR0 of 1 MiB that reads as zeros: big replies from small requests."""
+
+    name = "bigbar"
+    identity = PciIdentity(vendor_id=0x1234, device_id=0xB16B)
+
+    def __init__(self) -> None:
+        super().__init__(bars=[Bar(0, 1 << 20, backing=CallbackHandler(self._read, self._write))])
+
+    def _read(self, offset: int, count: int) -> bytes:
+        return bytes(count)
+
+    def _write(self, offset: int, data: bytes) -> None:
+        pass
+
+
+async def test_force_close_wakes_a_session_waiting_for_room_before_its_first_wait(
+    make_server: MakeServer,
+) -> None:
+    """The session has no cancel scope of its own, and its first epoch none either: a peer
+    that asks for big reads in its first bytes and never reads the replies leaves the
+    session waiting for room in the outbox there. `force_close` (the hot-remove deadline)
+    must still end it, through `Outbox.abandon`."""
+    srv = await make_server({"big": BigBar()})
+    sock = await trio.open_unix_socket(path_of(srv, "big"))
+    count = 64 << 10
+    read = pack_header(0, Command.REGION_READ, 32, 0) + struct.pack("<QII", 0, 0, count)
+    n = 2 * WRITE_BACKLOG_LIMIT // count
+    await sock.send_all(_version_bytes() + read * n)  # one write: the first read sees all
+    await settle()
+    (session,) = srv.sessions
+    assert isinstance(session, Session)
+    assert session._scope is None and session.outbox.backlog > WRITE_BACKLOG_LIMIT
+    session.force_close()
+    with trio.fail_after(5):
+        while srv.sessions:
+            await trio.sleep(0.01)
+    await sock.aclose()
