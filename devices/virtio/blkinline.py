@@ -118,8 +118,9 @@ class InlineBlk(VirtioPciDevice):
         if not self.serve_inline(queue) or self.ctx is None:
             return False
         try:
-            return rearm_after_inline(self.polls[queue.index], queue, self.ctx.dma,
-                                      self._started[queue.index] is not None)
+            # writes left in a thread need no worker: their hand-back completes them and,
+            # when it cannot, wakes the worker to settle them (`_writes_back`)
+            return rearm_after_inline(self.polls[queue.index], queue, self.ctx.dma)
         except VirtqueueError:
             return False  # the worker meets it again and sets NEEDS_RESET
 
@@ -294,6 +295,11 @@ class InlineBlk(VirtioPciDevice):
         finally:
             job.pins.close()
             job.done.set()
+            index = job.queue.index
+            if job.posted and self._started[index] is job:
+                self._started[index] = None  # done: a sleeping worker has nothing to settle
+            elif not job.posted:
+                self._kicks[index].set()  # the worker gives them back, or raises the error
 
     def _post(self, job: _Started) -> bool:
         """Status bytes, used entries in ring order, the interrupt if the driver wants it;
@@ -331,7 +337,8 @@ class InlineBlk(VirtioPciDevice):
         if not job.done.is_set():
             with trio.CancelScope(shield=True):
                 await job.done.wait()
-        self._started[queue.index] = None
+        if self._started[queue.index] is job:  # (posted: the hand-back may have cleared it)
+            self._started[queue.index] = None
         if job.error is not None:
             raise job.error
         if not job.posted and job.epoch == self._epoch and self.ctx is job.ctx:

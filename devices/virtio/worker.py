@@ -59,21 +59,22 @@ class PollWindow:
                 self.window = 0.0
 
 
-def rearm_after_inline(poll: PollWindow | None, queue: Virtqueue, dma: DmaPort,
-                       busy: bool) -> bool:
+def rearm_after_inline(poll: PollWindow | None, queue: Virtqueue, dma: DmaPort) -> bool:
     """After the notify handler served a sleeping worker's ring (`serve_inline`): True
     when it also re-armed notifications, so the worker may sleep on.
 
     Why: woken, the worker would only find the ring empty, keep its window at 0 and
-    re-arm (~110k instructions per 1 MiB read in `benchmarks/virtio_blk_read.py`), off
-    the critical path but on CPUs the guest shares. Only when that is all it would do:
-    nothing is left running for it to wait for (`busy`: blk's writes in a thread), its
-    window is 0 and this kick would not open one (it came later than the poll limit),
-    the rings are mmap'd and nothing arrived meanwhile; otherwise the kick wakes it.
+    re-arm (~90-110k instructions per 1 MiB read in `benchmarks/virtio_blk_read.py`;
+    a write woke it twice: to wait for the thread, then to re-arm), off the critical path
+    but on CPUs the guest shares. Only when that is all it would do: its window is 0 and
+    this kick would not open one (it came later than the poll limit), the rings are
+    mmap'd and nothing arrived meanwhile; otherwise the kick wakes it. (Writes the
+    handler left in a thread need no worker: their hand-back completes them, or wakes it
+    when it cannot.)
     The kick's time becomes the sleep's start, as if the worker had gone back to sleep.
     Raises `VirtqueueError` for a malformed avail index (the caller wakes the worker,
     which meets it and resets the device)."""
-    if poll is None or busy or poll.window:
+    if poll is None or poll.window:
         return False
     now = trio.current_time()
     if poll.limit and now - poll.since <= poll.limit:

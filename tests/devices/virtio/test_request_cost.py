@@ -90,7 +90,8 @@ async def test_a_served_notify_leaves_an_unpolled_worker_asleep(ctx: FakeContext
     """A notify whose reads the handler served, on a queue that does not poll: the handler
     re-arms notifications itself (avail_event moves past the request) and the worker is
     not woken, since it would only have re-armed and slept again; the next request is
-    kicked and served the same way. Writes (left running in a thread) still wake it."""
+    kicked and served the same way. A write, started in a thread, needs no worker either:
+    its hand-back completes it and lets go of it, so the next notify is served too."""
     dev, drv, payload = await device(ctx, tmp_path)
     ring, queue = drv.rings[0], dev.queues[0]
     for sector in range(3):
@@ -104,11 +105,18 @@ async def test_a_served_notify_leaves_an_unpolled_worker_asleep(ctx: FakeContext
         assert ring.avail_event() == queue.last_avail_idx  # re-armed
         assert dev._parked[0]
     kick = dev._kicks[0]
-    head = add(drv, ReqType.OUT, 0, data=payload[:SECTOR])
+    head = add(drv, ReqType.OUT, 0, data=payload[SECTOR : 2 * SECTOR])
     drv.kick(0)
-    assert kick.is_set()  # the worker settles the write
+    assert dev._started[0] is not None
     assert await drv.wait_used(0) == [(head, 1)]
-    await parked(dev)
+    assert dev._started[0] is None  # the hand-back let go of it
+    assert not kick.is_set() and dev._kicks[0] is kick
+    assert ring.avail_event() == queue.last_avail_idx
+    head = add(drv, ReqType.IN, 0, read_len=SECTOR)
+    drv.kick(0)
+    assert ring.take_used() == [(head, SECTOR + 1)]  # served in the handler
+    assert ctx.dma.ram[DATA : DATA + SECTOR] == payload[SECTOR : 2 * SECTOR]
+    assert not kick.is_set() and dev._parked[0]
     dev.close()
 
 
