@@ -120,7 +120,8 @@ class CompletionQueue:
 
     @property
     def full(self) -> bool:
-        return self.free == 0
+        # (free == 0 without the two properties: asked at least twice per completion)
+        return (self.tail + 1) % self.size == self.head
 
     def reserve(self) -> tuple[int, int]:
         """Claim the slot at tail: (guest address, phase tag to write). Raises when full."""
