@@ -482,7 +482,23 @@ class Container:
 
     def view(self, address: int, size: int, *, write: bool = False) -> memoryview | None:
         """Zero-copy view of [address, address+size) when it lies in one mmap'd window;
-        None when it spans windows or its window is not mmap'd (`file`, message mode)."""
+        None when it spans windows or its window is not mmap'd (`file`, message mode).
+
+        A range inside one window (nearly every call: a ring entry, a doorbell buffer, a
+        request's data) is answered in this frame, without `spans`' generator and the
+        list of its pieces; a device asks for several views per I/O (nvme: SQ entry, CQ
+        entry, shadow tail, event index). Anything else takes `spans` and its rules."""
+        i = _bisect_right(self._starts, address) - 1
+        if i >= 0 and size > 0 and address + size <= (w := self._windows[i]).end:
+            if not (w.writable if write else w.readable):
+                what = "writable" if write else "readable"
+                raise DmaError(errno.EPERM, f"DMA window at {w.address:#x} is not {what}")
+            if (mapped := w.view) is None:
+                return None
+            if write and self.dirty is not None:
+                self.dirty.mark(address, size)
+            off = address - w.address
+            return mapped[off : off + size]
         pieces = list(self.spans(address, size, write))
         if len(pieces) != 1:
             return None if pieces else memoryview(b"")
