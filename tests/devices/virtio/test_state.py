@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import trio
 
 from devices.sdk import StateError
+from devices.sdk.bits import BytesLike
 from devices.sdk.state import Value
 from devices.virtio import transport as t
 from devices.virtio.blk import SECTOR, ReqStatus, ReqType, VirtioBlk
@@ -91,10 +94,22 @@ async def test_blk_quiesce_finishes_the_batch_and_flushes(tmp_path: Path) -> Non
     async with trio.open_nursery() as engine:
         src, drv, _ = await blk_source(img, engine, 0)
         src.wce = 1  # write-back: only a flush makes the data stable
+        # The thread waits until the test saw the batch held: otherwise it could finish
+        # and complete both before the test looked, which then waited forever.
+        release = threading.Event()
+        write = src.backend.write
+
+        def gated(offset: int, bufs: Sequence[BytesLike]) -> None:
+            release.wait(5)
+            write(offset, bufs)
+
+        src.backend.write = gated  # type: ignore[method-assign]
         # Two requests (the helper shares one header, so both write sector 1).
         heads = [request(drv, 0, ReqType.OUT, 1, data=b"\x77" * SECTOR) for _ in range(2)]
-        while src.queues[0].in_flight < 2:  # popped: the batch is in a worker thread
-            await trio.sleep(0)
+        with trio.fail_after(5):
+            while src.queues[0].in_flight < 2:  # popped: the batch is in a worker thread
+                await trio.sleep(0)
+        release.set()
         await src.quiesce()
         assert src._live_workers == 0
         assert [h for h, _ in drv.rings[0].take_used()] == heads
