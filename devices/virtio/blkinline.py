@@ -89,6 +89,8 @@ class _Started:
         self.posted = False
         #: the used ring turned out malformed at hand-back: the worker raises it
         self.error: VirtqueueError | None = None
+        #: the notify left the worker asleep: the hand-back re-arms notifications for it
+        self.rearm = False
 
 
 class InlineBlk(VirtioPciDevice):
@@ -117,12 +119,18 @@ class InlineBlk(VirtioPciDevice):
         sleep on (`worker.rearm_after_inline`: nothing left for it to do)."""
         if not self.serve_inline(queue) or self.ctx is None:
             return False
+        job = self._started[queue.index]
         try:
-            # writes left in a thread need no worker: their hand-back completes them and,
-            # when it cannot, wakes the worker to settle them (`_writes_back`)
-            return rearm_after_inline(self.polls[queue.index], queue, self.ctx.dma)
+            # writes left in a thread need no worker: their hand-back completes them and
+            # re-arms, or wakes the worker when it cannot (`_writes_back`)
+            if not rearm_after_inline(self.polls[queue.index], queue, self.ctx.dma,
+                                      later=job is not None):
+                return False
         except VirtqueueError:
             return False  # the worker meets it again and sets NEEDS_RESET
+        if job is not None:
+            job.rearm = True
+        return True
 
     def serve_inline(self, queue: Virtqueue) -> bool | None:
         """Serve `queue`'s first requests without waiting: cached reads, then a run of
@@ -298,8 +306,19 @@ class InlineBlk(VirtioPciDevice):
             index = job.queue.index
             if job.posted and self._started[index] is job:
                 self._started[index] = None  # done: a sleeping worker has nothing to settle
+                if job.rearm and self._parked[index] and not self._rearm(job):
+                    self._kicks[index].set()
             elif not job.posted:
                 self._kicks[index].set()  # the worker gives them back, or raises the error
+
+    def _rearm(self, job: _Started) -> bool:
+        """Notifications re-armed for the sleeping worker after its writes were posted;
+        False when it must wake (more requests arrived, a ring is not mmap'd, the avail
+        index is malformed: it meets that again and resets the device)."""
+        try:
+            return job.queue.enable_notify_mapped(job.ctx.dma) is False
+        except VirtqueueError:
+            return False
 
     def _post(self, job: _Started) -> bool:
         """Status bytes, used entries in ring order, the interrupt if the driver wants it;

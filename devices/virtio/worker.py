@@ -59,7 +59,8 @@ class PollWindow:
                 self.window = 0.0
 
 
-def rearm_after_inline(poll: PollWindow | None, queue: Virtqueue, dma: DmaPort) -> bool:
+def rearm_after_inline(poll: PollWindow | None, queue: Virtqueue, dma: DmaPort, *,
+                       later: bool = False) -> bool:
     """After the notify handler served a sleeping worker's ring (`serve_inline`): True
     when it also re-armed notifications, so the worker may sleep on.
 
@@ -70,7 +71,8 @@ def rearm_after_inline(poll: PollWindow | None, queue: Virtqueue, dma: DmaPort) 
     this kick would not open one (it came later than the poll limit), the rings are
     mmap'd and nothing arrived meanwhile; otherwise the kick wakes it. (Writes the
     handler left in a thread need no worker: their hand-back completes them, or wakes it
-    when it cannot.)
+    when it cannot; `later`: that hand-back re-arms, so the handler returns sooner and
+    the thread, which needs the GIL before its `pwritev`, starts sooner.)
     The kick's time becomes the sleep's start, as if the worker had gone back to sleep.
     Raises `VirtqueueError` for a malformed avail index (the caller wakes the worker,
     which meets it and resets the device)."""
@@ -79,7 +81,7 @@ def rearm_after_inline(poll: PollWindow | None, queue: Virtqueue, dma: DmaPort) 
     now = trio.current_time()
     if poll.limit and now - poll.since <= poll.limit:
         return False  # the window would open: the worker polls
-    if queue.enable_notify_mapped(dma) is not False:
+    if not later and queue.enable_notify_mapped(dma) is not False:
         return False
     poll.since = now
     return True
