@@ -359,6 +359,13 @@ class Virtqueue:
         """
         if head >= self.size:
             raise VirtqueueError(f"queue {self.index}: head {head} >= size {self.size}")
+        addr, length, flags, _ = _DESC.unpack_from(desc, DESC_SIZE * head)
+        if not flags & (DESC_F_NEXT | DESC_F_INDIRECT):
+            # One direct descriptor (a receive buffer: 16-40 of them per 64 KiB frame):
+            # nothing to follow or check (a u32 length is within MAX_CHAIN_BYTES).
+            if flags & DESC_F_WRITE:
+                return Chain(head, [], [(addr, length)], (0, length))
+            return Chain(head, [(addr, length)], [], (length, 0))
         chain = Chain(head)
         table = desc
         table_len, index = self.size, head

@@ -22,6 +22,7 @@ from devices.virtio.worker import PollWindow
 from ..fakes import FakeContext
 from .test_blk import BASIC, DATA, attach
 from .test_notify_inline import add, device, parked
+from .test_virtqueue import make
 
 
 def _table(readable: list[tuple[int, int]], writable: list[tuple[int, int]]) -> bytes:
@@ -157,3 +158,19 @@ async def test_a_request_added_during_a_started_write_is_served(ctx: FakeContext
     await parked(dev)
     assert ring.avail_event() == queue.last_avail_idx
     dev.close()
+
+
+def test_a_one_descriptor_chain_is_taken_without_the_walk_loop() -> None:
+    """A receive buffer (one direct descriptor) comes back with its byte counts known,
+    from the walk's shortcut; chains of several descriptors still take the full walk."""
+    dma, ring, queue = make(size=8)
+    heads = [ring.add([], [(0x8000, 4096)]), ring.add([(0x9000, 64)], []),
+             ring.add([(0xA000, 16)], [(0xB000, 1)])]
+    chains = queue.pop_upto(dma, 1 << 20)
+    assert chains is not None
+    assert [(c.head, c.readable, c.writable) for c in chains] == [
+        (heads[0], [], [(0x8000, 4096)]), (heads[1], [(0x9000, 64)], []),
+        (heads[2], [(0xA000, 16)], [(0xB000, 1)])]
+    assert [c.lengths for c in chains[:2]] == [(0, 4096), (64, 0)]
+    assert chains[2].lengths is None  # the loop's chain
+    assert [(c.readable_len, c.writable_len) for c in chains] == [(0, 4096), (64, 0), (16, 1)]
