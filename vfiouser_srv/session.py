@@ -11,9 +11,10 @@ needed; docs/architecture.md):
   and DEVICE_RESET cancelling device tasks; those are awaited inline, so ordering holds).
   Replies leave in batches (`REPLY_BATCH`) through the `Outbox`; a reply carrying fds ends
   its batch, so the receiver can tell whose fds they are.
-* The *serial loop* (`_serve_serial`) is the latency path of a vCPU doing one MMIO access
-  at a time: while trio has nothing else to do it waits for the next request in a blocking
-  read (at most `idlewait.HOT_WAIT`) and answers it at once, without a scheduler round.
+* The *serial loop* (`serial.serve_serial`, bound as our `_serve_serial`) is the latency
+  path of a vCPU doing one MMIO access at a time: while trio has nothing else to do it
+  waits for the next request in a blocking read (at most `idlewait.HOT_WAIT`) and answers
+  it at once, without a scheduler round.
 * Replies to our own requests (message-mode DMA) go to their waiters by msg_id
   (`session_dma.DmaRequests`); device tasks run in a `TaskGroup` (reset etc. cancel it).
 
@@ -32,8 +33,6 @@ import trio
 
 from devices.sdk.interface import DeviceContext, DeviceModel, DmaPort, IrqIndex, IrqPort
 from protocol import (
-    HEADER,
-    HEADER_SIZE,
     Capabilities,
     Command,
     Connection,
@@ -41,13 +40,12 @@ from protocol import (
     Event,
     FatalProtocolError,
     Frame,
-    HeaderFlags,
     Reply,
     Request,
     Role,
 )
 
-from . import access, dispatch, wirelog
+from . import access, dispatch, serial, wirelog
 from .access import Regions
 from .container import Container
 from .contract import EngineHost
@@ -61,7 +59,7 @@ from .session_dma import DmaRequests, SessionDma
 from .stats import SessionCounters
 from .tasks import TaskGroup
 from .trace import Tracer
-from .transport import RECV_BUDGET, RECV_TRUNCATED, SEND_FLAGS, FdStream, TransportError
+from .transport import FdStream, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +67,7 @@ log = logging.getLogger(__name__)
 #: would leave a pipelining peer (QEMU on another CPU) idle until the last one is done, a send
 #: per reply costs a syscall each (pipelined throughput: benchmarks/README.md).
 REPLY_BATCH = 16
-#: reads `_serve_serial` serves before trio gets a turn (with `FdStream`'s: one in 64 at least)
-_SERIAL_READS = 63
-_NO_REPLY = int(HeaderFlags.NO_REPLY)
 _REGION_ACCESS = (int(Command.REGION_READ), int(Command.REGION_WRITE))
-_DMA_MAP = int(Command.DMA_MAP)
 #: a reply this big is sent (and backpressure applied) at once instead of being batched
 _BIG_REPLY = 64 << 10
 _INF = float("inf")
@@ -517,109 +511,15 @@ class Session(DeviceContext):
             await self._handle(ev, out)
         await self.outbox.flush(out)
 
+    #: the serial loop (`vfiouser_srv.serial`), a method of ours
+    _serve_serial = serial.serve_serial
+
     def full_path(
         self, msg_id: int, command: int, flags: int, payload: bytes | memoryview
     ) -> bytes | None:
         """`access.AccessContext.full_path`: decode a region access the fast path would not
         answer itself and run it like any other message."""
         return dispatch.run_frame(self, Frame(msg_id, command, flags, 0, bytes(payload), []))
-
-    def _serve_serial(self, ready: bool = False) -> tuple[memoryview, list[Any]] | None:
-        """Serve one-access reads back to back, synchronously, while trio is otherwise idle.
-
-        This is the serial round trip of a vCPU doing MMIO, the latency a guest feels. Per
-        message: one poll(0) on trio's epoll descriptor (`IdleWaiter.must_yield`: does
-        trio have anything to do?), one read that blocks for the next request for
-        `idlewait.HOT_WAIT` at most (`FdStream.read_waiting`), `access.serve`, one send;
-        no coroutine, scheduler round, EAGAIN exception or reassembly buffer (a blocking
-        read wakes faster than poll(); every object touched per message shows with a peer
-        on the same CPU evicting our caches, hence the flat style: benchmarks/README.md).
-
-        Returns the first read that is not exactly one plain region access (for the read
-        loop), or None when the caller must go through trio: not idle, trio has an event,
-        a deadline is near, our handler woke a task, no request within HOT_WAIT, the reply
-        not sent whole, or the reads due before a checkpoint went by. `ready`: a wait just
-        saw our socket readable, so the first read needs no `must_yield`.
-        """
-        conn, stream, outbox = self.conn, self.stream, self.outbox
-        waiter = stream.waiter
-        if outbox.pending or self.closing or not conn.fast_ready():
-            return None
-        must_yield = waiter.must_yield
-        if (deadline := waiter.idle_deadline()) is None:
-            if not ready:  # (else trio has other work: serve the read announced, then go)
-                return None
-        elif not ready and must_yield(deadline):  # many connections: usually, before set-up
-            return None
-        read = stream.read_waiting
-        buf = stream.buffer
-        send = stream.send_nowait
-        unpack = HEADER.unpack_from
-        fast = access.SERIAL_COMMANDS
-        plain = access.FAST_COMMANDS
-        serve = access.serve
-        serve_plain = dispatch.serve_plain
-        truncated = RECV_TRUNCATED
-        reads = nbytes = 0
-        try:
-            while True:
-                reads += 1
-                try:  # blocks for the peer's next request, HOT_WAIT at most
-                    n, anc, mflags, _addr = read()
-                except OSError as exc:
-                    return stream.read_failed(exc)
-                nbytes += n
-                if anc or mflags & truncated:
-                    chunk = stream.chunk(n, anc, mflags)  # the fds are ours from here on
-                    fds = chunk[1]
-                    if n < HEADER_SIZE or len(fds) != 1:
-                        return chunk
-                    msg_id, command, size, flags, error = unpack(buf)
-                    # one whole DMA_MAP and its one fd (which, alone in the read, is its own)
-                    if size != n or error or command != _DMA_MAP or command not in plain:
-                        return chunk
-                    if flags and flags != _NO_REPLY:
-                        return chunk
-                    reply = serve_plain(self, msg_id, command, flags, buf[HEADER_SIZE:n], (fds[0],))
-                    assert reply is None or isinstance(reply, bytes)  # a map never waits
-                elif n < HEADER_SIZE:
-                    return buf[:n], []
-                else:
-                    msg_id, command, size, flags, error = unpack(buf)
-                    # exactly one whole plain frame (the decoder's `take_plain` rule, inlined)
-                    if size != n or error or (flags and flags != _NO_REPLY):
-                        return buf[:n], []
-                    if command in fast:
-                        reply = serve(self, msg_id, command, flags, buf[HEADER_SIZE:n])
-                    elif command in plain:  # DMA_MAP without fd, DMA_UNMAP
-                        got = serve_plain(self, msg_id, command, flags, buf[HEADER_SIZE:n])
-                        if got is not None and not isinstance(got, bytes):
-                            self._deferred = got  # an unmap waiting for pinned DMA
-                            return None
-                        reply = got
-                    else:
-                        return buf[:n], []
-                if reply is not None:
-                    if stream.sending:  # the writer is mid-message: queue behind it
-                        outbox.send(reply)
-                        return None
-                    try:
-                        sent = send(reply, SEND_FLAGS)
-                    except OSError:  # full or broken: `Outbox.send` queues or records it
-                        outbox.send(reply)
-                        return None
-                    if sent != len(reply):
-                        outbox.send(reply[sent:])
-                        return None
-                if self._close_requested or reads >= _SERIAL_READS or nbytes >= RECV_BUDGET:
-                    return None
-                if deadline is None:  # not idle: wait in trio, a request/reply peer's next
-                    waiter.empty = True  # request is not there yet (else: a round later)
-                    return None
-                if must_yield(deadline):
-                    return None
-        finally:
-            stream.count_reads(reads, nbytes)
 
     async def _handle(self, ev: Event, out: list[bytes]) -> None:
         if isinstance(ev, Request):

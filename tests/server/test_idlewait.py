@@ -365,7 +365,7 @@ _WARM_UP = 64
 async def test_serial_peer_is_served_by_the_hot_loop(
     make_server: MakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """200 serial reads from another thread: (nearly) all answered inside `_serve_serial`, and
+    """200 serial reads from another thread: (nearly) all answered in `serial.serve_serial`, and
     a write that starts a device task lets that task run while the peer sends nothing
     (if the loop kept blocking in poll() with the task runnable, `kicked` never fires).
 
@@ -409,7 +409,7 @@ async def test_serial_peer_is_served_by_the_hot_loop(
     assert results["after"] == 1
     # A read that arrives while trio has something to do (the worker thread's own
     # wake-ups) takes the general path; the idle ones must not.
-    assert callers.get("_serve_serial", 0) >= 150, callers
+    assert callers.get("serve_serial", 0) >= 150, callers
 
 
 async def test_must_yield_sees_trio_events_and_near_deadlines(
