@@ -233,6 +233,16 @@ class DmaWindow:
                 )
 
 
+def unpin(window: DmaWindow) -> None:
+    """Let go of one pin (`window.pins += 1` took it): an unmap waiting for the window's
+    last pin goes on. A function, for a caller that pins many windows without a context
+    manager per window (`SessionDma.pin_ranges`)."""
+    window.pins -= 1
+    if window.pins == 0 and (event := window.unpinned) is not None:
+        window.unpinned = None
+        event.set()
+
+
 class DirtyLog:
     """Pages the device wrote while DMA logging is on (DEVICE_FEATURE DMA_LOGGING_*).
 
@@ -553,7 +563,4 @@ class Container:
         try:
             yield
         finally:
-            window.pins -= 1
-            if window.pins == 0 and (event := window.unpinned) is not None:
-                window.unpinned = None
-                event.set()
+            unpin(window)

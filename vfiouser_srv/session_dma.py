@@ -30,7 +30,7 @@ from protocol import (
 )
 
 from . import wirelog
-from .container import Container, DmaWindow
+from .container import Container, DmaWindow, unpin
 from .fds import close_all
 from .outbox import Outbox
 from .waiter import Waiter
@@ -131,14 +131,19 @@ class SessionDma:
                 total += size
             else:
                 self._count(total, write)
-                with contextlib.ExitStack() as pins:
-                    for w in windows:
-                        pins.enter_context(container.pin(w))
+                # each window pinned once, let go in `finally` (not an ExitStack and a
+                # context manager per window: two of them per transfer, for one window)
+                for w in windows:
+                    w.pins += 1
+                try:
                     if write:
                         _log_writes(container, ranges)
                     yield views
                     if write:
                         _log_writes(container, ranges)
+                finally:
+                    for w in windows:
+                        unpin(w)
                 return
         finally:
             for v in views:

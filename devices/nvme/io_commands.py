@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, cast
 import trio
 
 from devices.sdk import threads
-from devices.sdk.interface import DmaError, DmaPort, pinned_views
+from devices.sdk.interface import DmaError, pinned_views
 from devices.sdk.storage import consume, read_cached
 
 from .command import BROADCAST_NSID, Command, CommandError, Namespace, Outcome
@@ -76,17 +76,6 @@ def _run_now(coro: Coroutine[object, object, Segments]) -> Segments:
         return cast(Segments, done.value)
     coro.close()
     raise _NotNow
-
-
-def _pin_ranges(dma: DmaPort, segs: Segments
-                ) -> contextlib.AbstractContextManager[list[memoryview] | None]:
-    """`pinned_views(dma, segs)` without its generator around the engine's own
-    `pin_ranges` when the engine has one (a context manager less per write)."""
-    pin_ranges = getattr(dma, "pin_ranges", None)
-    if pin_ranges is not None:
-        return cast("contextlib.AbstractContextManager[list[memoryview] | None]",
-                    pin_ranges(segs, write=False))
-    return pinned_views(dma, segs)
 
 
 class _Started:
@@ -258,7 +247,7 @@ class IoCommands(WorkerCore):
             return False
         # the pin's context manager itself, left at `__exit__` by the hand-back: an
         # ExitStack around it cost a context manager more per write
-        pins = _pin_ranges(self.dma, segs)
+        pins = pinned_views(self.dma, segs)  # the engine's own context manager
         try:
             views = pins.__enter__()
         except DmaError:

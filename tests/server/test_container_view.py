@@ -8,11 +8,14 @@ import mmap
 from collections.abc import Iterator
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.sdk.interface import DmaError
 from vfiouser_srv.container import Container, DirtyLog, DmaWindow
+from vfiouser_srv.session_dma import SessionDma
 
 PAGE = 4096
 
@@ -110,3 +113,36 @@ def test_views_across_or_outside_windows(container: Container) -> None:
     assert exc.value.errno == errno.EFAULT
     empty = container.view(0x8000, 0)
     assert empty is not None and empty.nbytes == 0
+
+
+
+async def test_pin_ranges_lets_go_of_every_window_and_wakes_an_unmap(
+    container: Container,
+) -> None:
+    """`SessionDma.pin_ranges` pins each window once, without a context manager per
+    window: every pin is let go, also when the caller's block raises, and an unmap waiting
+    for the last pin of a window is woken."""
+    dma = SessionDma()
+    dma.attached_to = container
+    a, b = sorted((w for w in container if w.address in (0x1000, 0x5000)),
+                  key=lambda w: w.address)
+    drained: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        with dma.pin_ranges([(0x1000, 16), (0x2000, 16), (0x5000, 16)], write=True) as views:
+            assert views is not None and [v.nbytes for v in views] == [16, 16, 16]
+            assert (a.pins, b.pins) == (1, 1)
+            taken = container.take(0x5000, 2 * PAGE)
+
+            async def unmap() -> None:
+                drained.append(await Container.drain([taken], timeout=5))
+
+            nursery.start_soon(unmap)
+            await trio.testing.wait_all_tasks_blocked()
+            assert drained == []  # still pinned
+            with pytest.raises(RuntimeError), dma.pin_ranges([(0x1000, 16)]) as inner:
+                assert inner is not None and a.pins == 2
+                raise RuntimeError("the caller's block fails")
+            assert (a.pins, b.pins) == (1, 1)
+            views = None
+    assert (a.pins, b.pins) == (0, 0) and drained == [True]
+    taken.release()
