@@ -168,6 +168,20 @@ class Outbox:
 
     def _broke(self, exc: Exception) -> None:
         log.info("%s: send failed (%s)", self.name, exc)
+        self._drop()
+
+    def abandon(self) -> None:
+        """The connection is being closed by force (`Session.force_close`): drop what is
+        queued, send nothing more, and wake whoever waits for room or for the queue to
+        empty (the session has no cancel scope of its own to interrupt them)."""
+        self.closing = True
+        self._drop()
+        if self._writer_scope is not None:
+            self._writer_scope.cancel()
+
+    def _drop(self) -> None:
+        """Nothing more goes out (`broken`): the queue is freed and whoever waits for room
+        or for it to empty is woken."""
         self.broken = True
         self._queue.clear()
         self.backlog = 0
@@ -175,20 +189,6 @@ class Outbox:
             self._room.set()
         if self._empty is not None:
             self._empty.set()
-
-    def abandon(self) -> None:
-        """The connection is being closed by force (`Session.force_close`): drop what is
-        queued, send nothing more, and wake whoever waits for room or for the queue to
-        empty (the session has no cancel scope of its own to interrupt them)."""
-        self.closing = self.broken = True
-        self._queue.clear()
-        self.backlog = 0
-        if self._room is not None:
-            self._room.set()
-        if self._empty is not None:
-            self._empty.set()
-        if self._writer_scope is not None:
-            self._writer_scope.cancel()
 
     def clear(self) -> None:
         """Drop whatever is queued (the connection is gone): frees its memory at once."""

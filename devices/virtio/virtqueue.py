@@ -233,18 +233,22 @@ class Virtqueue:
         raw = await read_guest(dma, self.avail_addr + 2, 2)
         return int(_U16.unpack(raw)[0])
 
+    def _pending(self, avail_idx: int) -> int:
+        """Chains the driver published past ours, from the avail index it wrote (now our
+        latest look: `_known_avail`); a jump beyond the ring size is a malformed ring."""
+        self._known_avail = avail_idx
+        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
+                                 f"> size {self.size}")
+        return pending
+
     async def has_work(self, dma: DmaPort) -> bool:
         if 0 < (self._known_avail - self.last_avail_idx) & 0xFFFF <= self.size:
             # The driver already published more than we consumed (it never takes back):
             # no need to ask guest memory again, which costs a message in message mode.
             return True
-        avail = await self.avail_idx(dma)
-        self._known_avail = avail
-        pending = (avail - self.last_avail_idx) & 0xFFFF
-        if pending > self.size:
-            raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
-                                 f"> size {self.size}")
-        return pending != 0
+        return self._pending(await self.avail_idx(dma)) != 0
 
     async def pop(self, dma: DmaPort) -> Chain | None:
         """The next available chain, or None if the driver has not made one available."""
@@ -332,13 +336,8 @@ class Virtqueue:
                 from None
         if avail is None or desc is None:
             return None
-        avail_idx = _U16.unpack_from(avail, 2)[0]
-        self._known_avail = avail_idx  # keeps `has_work`'s shortcut from going stale
-        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
-        if pending > self.size:
-            raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
-                                 f"> size {self.size}")
-        return avail, desc, pending
+        # (`_pending` keeps `has_work`'s shortcut from going stale)
+        return avail, desc, self._pending(_U16.unpack_from(avail, 2)[0])
 
     def _take(self, avail: memoryview, desc: memoryview, dma: DmaPort) -> Chain:
         """Walk the next available chain through the mapped rings and consume it."""
@@ -529,13 +528,7 @@ class Virtqueue:
             store_u16(used, RING_HEADER + USED_ELEM_SIZE * self.size, self.last_avail_idx)
         else:
             store_u16(used, 0, 0)
-        avail_idx: int = _U16.unpack_from(avail, 2)[0]
-        self._known_avail = avail_idx
-        pending = (avail_idx - self.last_avail_idx) & 0xFFFF
-        if pending > self.size:
-            raise VirtqueueError(f"queue {self.index}: avail idx moved by {pending} "
-                                 f"> size {self.size}")
-        return pending != 0
+        return self._pending(_U16.unpack_from(avail, 2)[0]) != 0
 
     async def enable_notify_for_more(self, dma: DmaPort) -> bool:
         """Ask for a kick when the driver adds *more* buffers than it has now.
