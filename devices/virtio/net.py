@@ -39,6 +39,7 @@ from typing import ClassVar
 import trio
 
 from devices.sdk import Apply, OptionSpec, Record, Value
+from devices.sdk.interface import DmaError, pinned_views
 from devices.sdk.state import matches
 
 from .guestmem import (
@@ -385,25 +386,35 @@ class VirtioNet(VirtioPciDevice):
             queue.rewind(start)  # give the buffers back; retry after a kick
             return None
         pieces = [p for c in chains for p in c.writable]
-        views = piece_views(dma, pieces, write=True)
-        if views is None or 0 in sizes or len(views[0]) < NUM_BUFFERS_OFFSET + 2:
+        used: list[tuple[int, int]] = []
+        # `pinned_views`, not one write view of the buffers' span: a write view marks its
+        # whole span dirty while the client logs dirty pages (migration), and a guest's
+        # receive buffers lie megabytes apart (a view of up to 1 GiB per frame before, and
+        # a migration under network load could not converge); the engine's `pin_ranges`
+        # marks exactly the pieces, for one window lookup and a C-level slice each. The
+        # views are used and let go before any checkpoint.
+        try:
+            with pinned_views(dma, pieces, write=True) as views:
+                if views is None or 0 in sizes or len(views[0]) < NUM_BUFFERS_OFFSET + 2:
+                    queue.rewind(start)
+                    return False
+                pos = first = 0
+                src = memoryview(frame)
+                for chain, size in zip(chains, sizes, strict=True):
+                    n = min(size, len(frame) - pos)
+                    used.append((chain.head, n))
+                    end, index = pos + n, first
+                    while pos < end:
+                        view = views[index]
+                        take = min(len(view), end - pos)
+                        view[:take] = src[pos : pos + take]
+                        pos += take
+                        index += 1
+                    first += len(chain.writable)
+                store_u16(views[0], NUM_BUFFERS_OFFSET, len(used))
+        except DmaError:  # a buffer not mapped: the general path meets it and answers it
             queue.rewind(start)
             return False
-        used: list[tuple[int, int]] = []
-        pos = first = 0
-        src = memoryview(frame)
-        for chain, size in zip(chains, sizes, strict=True):
-            n = min(size, len(frame) - pos)
-            used.append((chain.head, n))
-            end, index = pos + n, first
-            while pos < end:
-                view = views[index]
-                take = min(len(view), end - pos)
-                view[:take] = src[pos : pos + take]
-                pos += take
-                index += 1
-            first += len(chain.writable)
-        store_u16(views[0], NUM_BUFFERS_OFFSET, len(used))
         return used
 
     async def _place_merged(self, queue: Virtqueue,

@@ -89,3 +89,50 @@ async def test_large_frame_spread_over_buffers(ctx: FakeContext, monkeypatch: py
     assert queue.last_avail_idx == start and queue.in_flight == 0
     await drv.reset()
     dev.close()
+
+
+class _WriteLog:
+    """The fake DMA port, recording what each write access covers (what a dirty-page log
+    would mark while the client logs dirty pages)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.marked: list[tuple[int, int]] = []
+
+    def view(self, address: int, size: int, *, write: bool = False) -> object:
+        if write:
+            self.marked.append((address, size))
+        return self.inner.view(address, size, write=write)  # type: ignore[attr-defined]
+
+    def pin_ranges(self, ranges: list[tuple[int, int]], *, write: bool = False) -> object:
+        if write:
+            self.marked.extend(ranges)
+        return self.inner.pin_ranges(ranges, write=write)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_received_frame_marks_only_its_buffers(ctx: FakeContext,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Receive buffers far apart: the frame's write accesses cover the buffers, not the
+    span between them (one write view of the span marked all of it dirty: up to 1 GiB per
+    frame, and a migration under network load could not converge)."""
+    dev = device(monkeypatch)
+    drv = Driver(dev, ctx.dma.ram)
+    dev.attach(ctx)
+    drv.setup(FEATURES, size=64)
+    log = _WriteLog(ctx._dma)
+    monkeypatch.setattr(type(ctx), "dma", property(lambda self: log))
+    rx = drv.rings[0]
+    far = RX_BUFS + 0x40000
+    rx.add([], [(RX_BUFS, 2048)])
+    rx.add([], [(far, 2048)])
+    frame = bytes(12) + os.urandom(3000)
+    assert await dev._place(dev.queues[0], [frame]) == 1
+    buffers = {(RX_BUFS, 2048), (far, 2048)}
+    data = [(a, n) for a, n in log.marked if a >= RX_BUFS]  # (the rings lie below)
+    assert set(data) <= buffers, log.marked
+    assert bytes(ctx.dma.ram[far : far + 3012 - 2048]) == frame[2048:]
+    await drv.reset()
+    dev.close()
