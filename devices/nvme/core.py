@@ -23,7 +23,7 @@ import contextlib
 import functools
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -440,9 +440,10 @@ class WorkerCore:
 
     @staticmethod
     def _cqe(sq: SubmissionQueue, cid: int, status: int, result: int, phase: int) -> bytes:
-        if status not in _RETRYABLE:
-            status |= DNR
-        return CQE.pack(result & 0xFFFF_FFFF, 0, sq.head, sq.qid, cid, (status << 1) | phase)
+        """The entry as bytes, for a CQ that is not mmap'd (one layout: `_store_cqe`)."""
+        entry = bytearray(CQE.size)
+        WorkerCore._store_cqe(memoryview(entry), sq, cid, status, result, phase)
+        return bytes(entry)
 
     @staticmethod
     def _store_cqe(view: memoryview, sq: SubmissionQueue, cid: int, status: int,
@@ -464,13 +465,12 @@ class WorkerCore:
             return
         if self._irq_batch is not None:
             self._irq_batch.add(cq.vector)
-        elif self.dev.msix_enabled() or self.dev.msi_enabled():
-            self.dev.raise_irq(cq.vector)
         else:
-            self.update_intx()
+            self._raise_batch((cq.vector,))
 
-    def _raise_batch(self, vectors: set[int]) -> None:
-        """The end of a `_irq_batch`: what `_notify` would have raised for each entry."""
+    def _raise_batch(self, vectors: Collection[int]) -> None:
+        """The interrupts of `vectors`' new entries (the end of an `_irq_batch`, or one
+        entry): MSI-X/MSI per vector, else the INTx level, decided once."""
         if not vectors:
             return
         if self.dev.msix_enabled() or self.dev.msi_enabled():
