@@ -59,9 +59,11 @@ KINDS = {"read4k": 1, "write4k": 1, "read512k": 128, "write512k": 128}
 SHADOW, EVENTS = 0x50000, 0x51000
 
 
-async def use_msix(d: Any, m: Any, box: list[trio.Event], shadow: bool) -> None:
+async def use_msix(d: Any, m: Any, box: list[trio.Event], shadow: bool) -> int:
     """Re-create the I/O queue pair with an interrupt-enabled CQ on MSI-X vector 1 and
-    count a command done when the model raises an interrupt (see the module docstring)."""
+    count a command done when the model raises an interrupt (see the module docstring).
+    Returns vector 1's eventfd (the client's end): the timed loop waits for it, as QEMU
+    does, since a write's thread signals it without the model's `raise_irq`."""
     from devices.nvme.spec import AdminOpcode
     from devices.sdk.interface import IrqIndex
     from devices.sdk.msi import MsixCap
@@ -74,7 +76,6 @@ async def use_msix(d: Any, m: Any, box: list[trio.Event], shadow: bool) -> None:
     cfg_write(m, off, 2, cfg_read(m, off, 2) | MsixCap.CTRL_ENABLE)
     efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     await d.c.set_irq_eventfds(IrqIndex.MSIX, 1, [efd])
-    os.close(efd)  # the server holds its own copy; nobody reads it
     assert (await d.cmd(0, AdminOpcode.CREATE_CQ, prp1=IOCQ,
                         cdw=(1 | 63 << 16, 1 | 2 | 1 << 16)))[1] == 0
     assert (await d.cmd(0, AdminOpcode.CREATE_SQ, prp1=IOSQ,
@@ -92,6 +93,7 @@ async def use_msix(d: Any, m: Any, box: list[trio.Event], shadow: bool) -> None:
             box[0].set()
 
     m.raise_irq = counted
+    return efd
 
 
 async def measure(kind: str, count: int, scatter: bool = False, inline: bool = False,
@@ -116,8 +118,9 @@ async def measure(kind: str, count: int, scatter: bool = False, inline: bool = F
                 await d.cmd(1, IoOpcode.WRITE, nsid=1, prp1=DATA, prp2=prp2,
                             cdw=(0, 0, pages * 8 - 1))
                 box = [trio.Event()]
+                efd = -1
                 if msix or shadow:
-                    await use_msix(d, m, box, shadow)
+                    efd = await use_msix(d, m, box, shadow)
                 else:
                     w._notify = lambda cq: box[0].set()  # type: ignore[method-assign]
 
@@ -162,8 +165,13 @@ async def measure(kind: str, count: int, scatter: bool = False, inline: bool = F
                     t0 = time.perf_counter_ns()
                     ring_sq(tail)
                     with trio.fail_after(5):
-                        await box[0].wait()
+                        if efd >= 0:  # the interrupt as the client sees it
+                            await trio.lowlevel.wait_readable(efd)
+                        else:
+                            await box[0].wait()
                     lat.append(time.perf_counter_ns() - t0)
+                    if efd >= 0:
+                        os.read(efd, 8)
                     box[0] = trio.Event()
                     st = struct.unpack_from("<H", mem.read(IOCQ + head * 16 + 14, 2))[0]
                     if st & 1 != phase or st >> 1:
@@ -172,6 +180,8 @@ async def measure(kind: str, count: int, scatter: bool = False, inline: bool = F
                     phase ^= head == 0
                     ring_cq(head)
                 nursery.cancel_scope.cancel()
+                if efd >= 0:
+                    os.close(efd)
     lat.sort()
     count = len(lat)
     return (f"{kind:9} n={count} median {lat[count // 2] / 1e3:7.1f} µs  p10 "

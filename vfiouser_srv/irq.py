@@ -13,6 +13,7 @@ masked collect a pending bit (what an MSI-X PBA read reports) and fire on unmask
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -80,6 +81,44 @@ class IrqLine:
         return [f for lst in (self.triggers, self.mask_fds, self.unmask_fds) for f in lst if f]
 
 
+class DupSignal:
+    """`IrqTable.thread_signal`'s answer: its own dup of the vector's eventfd, and the
+    eventfd object and line it was taken from, to tell at `settle` whether SET_IRQS
+    changed the vector's route while the thread ran."""
+
+    __slots__ = ("_fd", "_line", "_source", "_table", "_vector")
+
+    def __init__(self, table: IrqTable, line: IrqLine, vector: int, source: OwnedFd) -> None:
+        self._table, self._line, self._vector, self._source = table, line, vector, source
+        self._fd = os.dup(source.fileno())
+
+    def fire(self) -> None:
+        """Any thread. EAGAIN (the counter is saturated: the client has not read the
+        earlier signals yet) still leaves the eventfd readable, so nothing is lost."""
+        try:
+            os.write(self._fd, _ONE)
+        except OSError as exc:
+            log.debug("signalling a dup of eventfd %r failed: %s", self._source, exc)
+
+    def settle(self) -> bool:
+        """Trio thread. Closes the dup; True (and counted as fired) when the vector still
+        signals through the same eventfd and is not masked."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        line, v = self._line, self._vector
+        same = (self._table.lines[self._line.spec.index] is line
+                and line.triggers[v] is self._source and not line.masked[v])
+        if same:
+            self._table.fired += 1
+        return same
+
+    def __del__(self) -> None:  # a settle that never came (the run ended under the thread)
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
+
 class IrqTable:
     """Implements the device-facing `IrqPort` and the client-facing SET_IRQS."""
 
@@ -121,6 +160,20 @@ class IrqTable:
         if fd is None:
             return None
         return signal_eventfd(fd)
+
+    def thread_signal(self, index: int, vector: int) -> DupSignal | None:
+        """A `devices.sdk.interface.ThreadIrq` for one unmasked edge vector (MSI, MSI-X)
+        with an eventfd: a dup of that eventfd, which only the thread writes and only
+        `DupSignal.settle` closes. None otherwise (the caller raises on the trio thread)."""
+        if index not in (IrqIndex.MSI, IrqIndex.MSIX):
+            return None
+        line = self.lines[index]
+        if not 0 <= vector < line.spec.count or line.masked[vector] or line.spec.automasked:
+            return None
+        fd = line.triggers[vector]
+        if fd is None:
+            return None
+        return DupSignal(self, line, vector, fd)
 
     def set_intx(self, level: bool) -> None:
         rising = level and not self.intx_level
@@ -278,4 +331,4 @@ class IrqTable:
         return sum(len(line.all_fds()) for line in self.lines)
 
 
-__all__ = ["IrqLine", "IrqTable", "errno", "signal_eventfd"]
+__all__ = ["DupSignal", "IrqLine", "IrqTable", "errno", "signal_eventfd"]

@@ -150,7 +150,8 @@ class AdminCommands(WorkerCore):
             raise CommandError(Status.INVALID_QUEUE_IDENTIFIER)
         if cq.sqs:
             raise CommandError(Status.INVALID_QUEUE_DELETION)
-        del self.cqs[qid]
+        with self._cq_lock:
+            del self.cqs[qid]
         waiter = self._cq_space.pop(qid, None)
         if waiter is not None:
             waiter.set()

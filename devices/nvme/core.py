@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import struct
+import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
@@ -135,6 +136,10 @@ class WorkerCore:
         self._threads = trio.Semaphore(IO_THREADS)
         #: shadow SQ tails polled after a doorbell-served batch (not device state)
         self.poller = SqPoller(self, poll_us / 1e6)
+        #: taken around every CQ slot reservation and CQ replacement: a write's thread
+        #: posts its own completion (`io_commands._post_from_thread`) while the trio thread
+        #: may post others to the same CQ; never held across an await
+        self._cq_lock = threading.Lock()
         self.power_on()
 
     # ------------------------------------------------------------------ state
@@ -152,7 +157,8 @@ class WorkerCore:
     def _controller_state(self) -> None:
         self.poller.forget()
         self.sqs: dict[int, SubmissionQueue] = {}
-        self.cqs: dict[int, CompletionQueue] = {}
+        with self._cq_lock:  # a write's thread posts only to a CQ still in `cqs`
+            self.cqs: dict[int, CompletionQueue] = {}
         self.page_size = 4096
         self.features = default_features(self.max_queues)
         self.queues_granted = self.max_queues
@@ -396,9 +402,13 @@ class WorkerCore:
         if item is not None and item.slot is not None:
             addr, phase = item.slot
         else:
-            addr, phase = cq.reserve()
+            slot = self._reserve(cq)
+            if slot is None:  # a write's thread took the last free slot meanwhile
+                await self.complete(sq, cid, status, result, item)
+                return
+            addr, phase = slot
             if item is not None:
-                item.slot = (addr, phase)
+                item.slot = slot
         view = self.dma.view(addr, CQE.size, write=True)
         if view is not None:
             self._store_cqe(view, sq, cid, status, result, phase)
@@ -416,27 +426,33 @@ class WorkerCore:
             log.debug("nvme: completion for a deleted CQ dropped (cid %d)", cid)
             return True
         slot = item.slot if item is not None else None
-        if slot is None:
-            if cq.full:
-                self._peek_cq_head(cq)
-                if cq.full:
-                    return False
-            addr = cq.base + cq.tail * CQE.size
-        else:
-            addr = slot[0]
         try:
-            view = self.dma.view(addr, CQE.size, write=True)
+            if slot is None:
+                with self._cq_lock:  # (the slot at tail is ours from the look to `reserve`)
+                    if cq.full:
+                        self._peek_cq_head(cq)
+                        if cq.full:
+                            return False
+                    view = self.dma.view(cq.base + cq.tail * CQE.size, CQE.size, write=True)
+                    if view is None:
+                        return False
+                    slot = cq.reserve()
+                if item is not None:
+                    item.slot = slot
+            else:
+                view = self.dma.view(slot[0], CQE.size, write=True)
+                if view is None:
+                    return False
         except DmaError:
             return False  # `complete` meets it again and reports it
-        if view is None:
-            return False
-        if slot is None:
-            slot = cq.reserve()
-            if item is not None:
-                item.slot = slot
         self._store_cqe(view, sq, cid, status, result, slot[1])
         self._notify(cq)
         return True
+
+    def _reserve(self, cq: CompletionQueue) -> tuple[int, int] | None:
+        """`cq.reserve()` under `_cq_lock`; None when the CQ is full."""
+        with self._cq_lock:
+            return None if cq.full else cq.reserve()
 
     @staticmethod
     def _cqe(sq: SubmissionQueue, cid: int, status: int, result: int, phase: int) -> bytes:

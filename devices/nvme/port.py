@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from devices.sdk.interface import DeviceContext
+from devices.sdk.interface import DeviceContext, ThreadIrq
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,10 @@ class ControllerPort(Protocol):
     def msi_enabled(self) -> bool: ...
 
     def raise_irq(self, vector: int = 0) -> None: ...
+
+    def thread_irq(self, vector: int = 0) -> ThreadIrq | None: ...
+
+    def thread_irq_stands(self, irq: ThreadIrq) -> bool: ...
 
     def lower_irq(self) -> None: ...
 

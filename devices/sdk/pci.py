@@ -32,7 +32,7 @@ import errno
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import ClassVar, TypeVar, cast
 
 from . import config as cfg
 from .bars import Bar, BarHandler, BarKind, CallbackHandler, Rom, SharedMemory, Trap
@@ -47,6 +47,7 @@ from .interface import (
     IrqSpec,
     RegionIndex,
     RegionSpec,
+    ThreadIrq,
 )
 from .msi import MsiCap, MsixCap
 from .pci_state import check_pci, save_pci
@@ -440,6 +441,26 @@ class PciDevice(DeviceModel):
             self._set_intx_level(True)
         else:
             log.debug("%s: interrupt with no mechanism enabled, dropped", self.name)
+
+    def thread_irq(self, vector: int = 0) -> ThreadIrq | None:
+        """`vector`'s MSI-X interrupt as a `ThreadIrq` a backend thread may raise itself,
+        or None: MSI-X off, Bus Master off, no client, or an engine that cannot (then raise
+        on the trio thread as usual). Give it back with `thread_irq_stands`."""
+        msix = self.msix
+        ctx = self.ctx
+        if (msix is None or not msix.enabled or vector >= msix.vectors or ctx is None
+                or not self.config.get(cfg.COMMAND, 2) & _MASTER):
+            return None
+        get = getattr(ctx.irq, "thread_signal", None)
+        return None if get is None else cast("ThreadIrq | None", get(IrqIndex.MSIX, vector))
+
+    def thread_irq_stands(self, irq: ThreadIrq) -> bool:
+        """On the trio thread, after the thread that held `irq` is back: let go of it, and
+        True when the signal the thread sent was the right one; False when the interrupt's
+        route changed meanwhile (MSI-X or Bus Master turned off, SET_IRQS, a mask) and the
+        caller must raise it again the usual way (at worst a spurious one, never a lost
+        one)."""
+        return irq.settle() and self.msix_enabled() and self.bus_master_enabled()
 
     def lower_irq(self) -> None:
         """Deassert INTx (MSI and MSI-X are edges; nothing to lower)."""

@@ -49,19 +49,21 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from devices.sdk.interface import DeviceContext, DmaError, DmaPort
+from devices.sdk.interface import DeviceContext, DmaError, DmaPort, pinned_views
 from devices.sdk.storage import BlockBackend, read_cached
 from devices.sdk.threads import start_in_thread
 
 from .blkreq import OUTHDR, SECTOR, ReqStatus, ReqType, Request, pin, run_now, without_last_byte
 from .guestmem import GuestMemoryError, VirtqueueError, clip
-from .spec import Status
+from .spec import NO_VECTOR, Status
 from .transport import VirtioPciDevice
 from .virtqueue import RING_HEADER, USED_ELEM_SIZE, Chain, Virtqueue
 from .worker import rearm_after_inline
 
 if TYPE_CHECKING:
     import outcome
+
+    from devices.sdk.interface import ThreadIrq
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +78,34 @@ INLINE_WRITE_BYTES = 5 << 20
 _OK_DRIVER = Status.DRIVER_OK | Status.DEVICE_NEEDS_RESET
 
 
+class _ThreadPost:
+    """What a write group's thread needs to complete it itself (`InlineBlk._post_from_thread`):
+    pinned views of the used ring, the avail ring and each request's status byte (pinned
+    in the group's `pins`: a DMA_UNMAP waits, so the thread's stores cannot fault), and
+    the queue's MSI-X vector as a `ThreadIrq`."""
+
+    __slots__ = ("avail", "fired", "irq", "statuses", "used")
+
+    def __init__(self, used: memoryview, avail: memoryview, statuses: list[memoryview],
+                 irq: ThreadIrq) -> None:
+        self.used, self.avail, self.statuses, self.irq = used, avail, statuses, irq
+        #: the thread raised the interrupt (the driver wanted one)
+        self.fired = False
+
+
 class _Started:
     """Writes `InlineBlk._start_writes` started in a thread: what its hand-back and the
     queue's worker (`InlineBlk.settle`) share."""
 
     def __init__(self, queue: Virtqueue, start: int, reqs: list[Request],
-                 pins: contextlib.ExitStack, epoch: int, ctx: DeviceContext) -> None:
+                 pins: contextlib.ExitStack, epoch: int, ctx: DeviceContext,
+                 post: _ThreadPost | None = None) -> None:
         self.queue, self.start, self.reqs, self.pins = queue, start, reqs, pins
         self.epoch, self.ctx = epoch, ctx
+        #: set when the thread may complete the group itself, else None
+        self.post = post
+        #: the thread completed them (status bytes, used entries, interrupt)
+        self.thread_posted = False
         self.done = trio.Event()
         #: the hand-back completed them (else the worker gives them back to the ring)
         self.posted = False
@@ -274,16 +296,77 @@ class InlineBlk(VirtioPciDevice):
         """One thread for the run of writes (in ring order, fsync'd after them on a
         write-through disk, as a batch of the worker's); on failure to start it they are
         the worker's."""
-        job = _Started(queue, start, reqs, pins, self._epoch, ctx)
+        job = _Started(queue, start, reqs, pins, self._epoch, ctx,
+                       self._thread_post(queue, reqs, pins, ctx))
         try:
-            start_in_thread(functools.partial(self._execute, reqs, not self.writeback),
+            start_in_thread(functools.partial(self._write_in_thread, job),
                             functools.partial(self._writes_back, job))
         except Exception:
             log.exception("%s: could not start a write thread; the worker does it", self.name)
+            if job.post is not None:
+                job.post.irq.settle()
             pins.close()
             queue.rewind(start)
             return
         self._started[queue.index] = job
+
+    def _thread_post(self, queue: Virtqueue, reqs: list[Request], pins: contextlib.ExitStack,
+                     ctx: DeviceContext) -> _ThreadPost | None:
+        """Whether the group's thread may complete it itself, and what it needs (the rings
+        and status bytes pinned into `pins`); None when the queue has no MSI-X vector
+        raisable from a thread (INTx, no vector, an engine without `thread_signal`) or a
+        ring is not mmap'd: the hand-back completes it then. Why: the hand-back's thread
+        wake-up and GIL hand-over were ~250 µs of a 1 MiB write's latency in the guest
+        (benchmarks/README.md, "Where a virtio-blk write's time goes")."""
+        if not self.msix_enabled() or queue.msix_vector == NO_VECTOR:
+            return None
+        irq = self.thread_irq(queue.msix_vector)
+        if irq is None:
+            return None
+        try:
+            written = pins.enter_context(pinned_views(
+                ctx.dma, [(queue.used_addr, RING_HEADER + USED_ELEM_SIZE * queue.size + 2)]
+                + [(a + n - 1, 1) for a, n in (req.chain.writable[-1] for req in reqs)],
+                write=True))
+            avail = pins.enter_context(pinned_views(
+                ctx.dma, ((queue.avail_addr, RING_HEADER + 2 * queue.size + 2),)))
+        except DmaError:
+            written = avail = None
+        if written is None or avail is None:
+            irq.settle()
+            return None
+        return _ThreadPost(written[0], avail[0], written[1:], irq)
+
+    def _write_in_thread(self, job: _Started) -> OSError | None:
+        """The group's thread: the writes (`_execute`), then their completion when the
+        thread may post it (`_post_from_thread`); a failed write is the hand-back's."""
+        failure = self._execute(job.reqs, not self.writeback)
+        if failure is None and job.post is not None:
+            self._post_from_thread(job, job.post)
+        return failure
+
+    def _post_from_thread(self, job: _Started, post: _ThreadPost) -> None:
+        """`_post` from the group's thread, through its pinned views. Nothing else writes
+        this queue's used ring meanwhile: the notify handler starts nothing while a group
+        is out, and the worker `settle`s it first. A reset or another client found here
+        leaves it to the hand-back (which then writes nothing); one that comes after this
+        look waits for the hand-back before it is applied (`settle`), so these stores land
+        before it. A malformed used ring is left to the hand-back too, which meets it again
+        and reports it."""
+        if (self.ctx is not job.ctx or job.epoch != self._epoch or self.reset_pending
+                or self.status & _OK_DRIVER != Status.DRIVER_OK):
+            return
+        q = job.queue
+        for view, req in zip(post.statuses, job.reqs, strict=True):
+            view[0] = req.status
+        try:
+            q.push_mapped(post.used, [(req.chain.head, 1) for req in job.reqs])
+        except VirtqueueError:
+            return  # (checked before anything is pushed; the hand-back reports it)
+        job.thread_posted = True
+        if q.should_interrupt_mapped(post.avail):
+            post.irq.fire()
+            post.fired = True
 
     def _writes_back(self, job: _Started, result: outcome.Outcome[OSError | None]) -> None:
         """The thread is back (on the trio thread, outside any task: nothing may raise
@@ -294,13 +377,22 @@ class InlineBlk(VirtioPciDevice):
             if failure is not None and self.ctx is job.ctx and self.ctx is not None:
                 # EIO from the backing file fails the device (docs/operations.md, "Health")
                 self.ctx.report_failure(f"{self.name}: backing file error: {failure}")
-            job.posted = self._post(job)
+            job.posted = job.thread_posted or self._post(job)
         except VirtqueueError as exc:
             job.error = exc
         except Exception:
             log.exception("%s: a write started from a notify failed; the worker redoes it",
                           self.name)
         finally:
+            # what its thread posted stays posted whatever else failed (the worker would
+            # redo it: the driver would see each completion twice)
+            job.posted = job.posted or job.thread_posted
+            post = job.post
+            if post is not None:
+                if not post.fired:
+                    post.irq.settle()
+                elif not self.thread_irq_stands(post.irq):
+                    self.notify_queue(job.queue)  # its route changed: raise it again
             job.pins.close()
             job.done.set()
             index = job.queue.index

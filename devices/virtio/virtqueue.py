@@ -436,28 +436,33 @@ class Virtqueue:
 
     async def push_many(self, dma: DmaPort, done: list[tuple[int, int]]) -> None:
         """`push` for a batch: one view of the used ring when it is mmap'd, else one by one."""
-        for head, _ in done:
-            self._untrack(head)
         try:
             used = dma.view(self.used_addr, RING_HEADER + USED_ELEM_SIZE * self.size + 2,
                             write=True)
         except DmaError:
             used = None
-        if used is None:
-            # Message mode: the elements in at most two DMA writes (the ring may wrap),
-            # then the index, instead of two writes per element.
-            idx = self.used_idx
-            while done:
-                slot = idx % self.size
-                run = done[: self.size - slot]
-                done = done[len(run):]
-                data = b"".join(_USED_ELEM.pack(h, w) for h, w in run)
-                await write_guest(dma, self.used_addr + RING_HEADER + USED_ELEM_SIZE * slot,
-                                  data)
-                idx = (idx + len(run)) & 0xFFFF
-            await self._write_u16(dma, self.used_addr + 2, idx)
-            self.used_idx = idx
+        if used is not None:
+            self.push_mapped(used, done)
             return
+        for head, _ in done:
+            self._untrack(head)
+        # Message mode: the elements in at most two DMA writes (the ring may wrap),
+        # then the index, instead of two writes per element.
+        idx = self.used_idx
+        while done:
+            slot = idx % self.size
+            run = done[: self.size - slot]
+            done = done[len(run):]
+            data = b"".join(_USED_ELEM.pack(h, w) for h, w in run)
+            await write_guest(dma, self.used_addr + RING_HEADER + USED_ELEM_SIZE * slot,
+                              data)
+            idx = (idx + len(run)) & 0xFFFF
+        await self._write_u16(dma, self.used_addr + 2, idx)
+        self.used_idx = idx
+
+    def push_mapped(self, used: memoryview, done: list[tuple[int, int]]) -> None:
+        """`push_many` through a view of the whole used ring (`used`); also what a write's
+        thread calls with its pinned view (`blkinline`), while nothing else pushes here."""
         idx = self.used_idx
         seen = _U16.unpack_from(used, 2)[0]
         if seen != idx:
@@ -465,6 +470,8 @@ class Virtqueue:
             # the used ring (a stray DMA, or a driver scribbling on device memory).
             raise VirtqueueError(f"queue {self.index}: used idx in guest memory is {seen}, "
                                  f"the device last wrote {idx}")
+        for head, _ in done:
+            self._untrack(head)
         for head, written in done:
             off = RING_HEADER + USED_ELEM_SIZE * (idx % self.size)
             used[off : off + USED_ELEM_SIZE] = _USED_ELEM.pack(head, written)
@@ -488,18 +495,22 @@ class Virtqueue:
         With EVENT_IDX: vring_need_event(used_event, new, old) (virtio 1.2, 2.7.10);
         otherwise the avail ring's NO_INTERRUPT flag.
         """
-        new = self.used_idx
+        avail = await read_guest(dma, self.avail_addr, RING_HEADER + 2 * self.size + 2)
+        return self.should_interrupt_mapped(avail)
+
+    def should_interrupt_mapped(self, avail: bytes | memoryview) -> bool:
+        """`should_interrupt` on the avail ring's bytes (a pinned view, for a write's
+        thread in `blkinline`, or a copy)."""
         if not self.event_idx:
-            raw = await read_guest(dma, self.avail_addr, 2)
-            return not int(_U16.unpack(raw)[0]) & AVAIL_F_NO_INTERRUPT
+            return not _U16.unpack_from(avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        new = self.used_idx
         old = self.signalled_used
         valid = self.signalled_valid
         self.signalled_used = new
         self.signalled_valid = True
         if not valid:
             return True
-        raw = await read_guest(dma, self.avail_addr + RING_HEADER + 2 * self.size, 2)
-        used_event = _U16.unpack(raw)[0]
+        used_event = _U16.unpack_from(avail, RING_HEADER + 2 * self.size)[0]
         return bool(((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF))
 
     async def enable_notify(self, dma: DmaPort) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -83,6 +84,33 @@ class FakeIrq:
 
     def enabled(self, index: int) -> bool:
         return index in (IrqIndex.INTX, IrqIndex.MSI, IrqIndex.MSIX)
+
+
+class RecordingSignal:
+    """A `ThreadIrq` that records which thread fired it; `settle` answers `owner.same`."""
+
+    def __init__(self, owner: ThreadIrqs, vector: int) -> None:
+        self.owner, self.vector = owner, vector
+
+    def fire(self) -> None:
+        self.owner.fired.append((self.vector, threading.get_ident()))
+
+    def settle(self) -> bool:
+        self.owner.settled += 1
+        return self.owner.same
+
+
+class ThreadIrqs(FakeIrq):
+    """FakeIrq with the optional `thread_signal` (MSI-X only), as the Python engine has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fired: list[tuple[int, int]] = []
+        self.settled = 0
+        self.same = True
+
+    def thread_signal(self, index: int, vector: int) -> RecordingSignal | None:
+        return RecordingSignal(self, vector) if index == IrqIndex.MSIX else None
 
 
 class FakeContext:

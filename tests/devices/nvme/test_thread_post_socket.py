@@ -1,0 +1,70 @@
+"""The NVMe write that posts from its thread, behind the real server: guest RAM as memfd
+windows, MSI-X vector 1 wired to an eventfd by SET_IRQS as QEMU does. The client sees the
+completion and the eventfd signalled without the model raising on the trio thread, and
+nothing is left open or pinned afterwards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from devices.nvme import Nvme
+from devices.nvme.spec import AdminOpcode, IoOpcode
+from devices.sdk.interface import IrqIndex
+from devices.sdk.msi import MsixCap
+
+from .test_over_socket import CONFIG, DATA, IOCQ, IOSQ, prp_list, served
+
+
+async def test_a_write_signals_the_eventfd_from_its_thread(
+        nursery: trio.Nursery, tmp_path: Path) -> None:
+    model = Nvme(backing=str(tmp_path / "disk.img"), size="8M")  # a file: a threaded write
+    async with served(nursery, tmp_path, True, model) as (srv, d, m):
+        assert m.msix is not None
+        off = m.msix.offset + 2
+        ctrl = int.from_bytes(await d.c.region_read(CONFIG, off, 2), "little")
+        await d.c.region_write(CONFIG, off, (ctrl | MsixCap.CTRL_ENABLE).to_bytes(2, "little"))
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            await d.c.set_irq_eventfds(IrqIndex.MSIX, 1, [efd])
+            # the I/O CQ again, now with interrupts on vector 1 (as Linux creates it)
+            assert (await d.cmd(0, AdminOpcode.DELETE_SQ, cdw=(1,)))[1] == 0
+            assert (await d.cmd(0, AdminOpcode.DELETE_CQ, cdw=(1,)))[1] == 0
+            assert (await d.cmd(0, AdminOpcode.CREATE_CQ, prp1=IOCQ,
+                                cdw=(1 | 63 << 16, 1 | 2 | 1 << 16)))[1] == 0
+            assert (await d.cmd(0, AdminOpcode.CREATE_SQ, prp1=IOSQ,
+                                cdw=(1 | 63 << 16, 1 << 16 | 1)))[1] == 0
+            d.tails[1] = d.heads[1] = 0
+            d.phase[1] = 1
+            raised: list[int] = []
+            raise_irq = m.raise_irq
+
+            def counted(vector: int = 0) -> None:
+                raised.append(vector)
+                raise_irq(vector)
+
+            m.raise_irq = counted  # type: ignore[method-assign]
+            fds_before = len(os.listdir("/proc/self/fd"))
+            data = os.urandom(256 << 10)
+            d.c.memory.write(DATA, data)
+            prp2 = prp_list(d.c, DATA, 64)
+            cid = await d.submit(1, IoOpcode.WRITE, nsid=1, prp1=DATA, prp2=prp2,
+                                 cdw=(16, 0, 511))
+            with trio.fail_after(5):
+                await trio.lowlevel.wait_readable(efd)
+            assert int.from_bytes(os.read(efd, 8), "little") == 1
+            assert (await d.reap(1)) == (cid, 0)
+            with trio.fail_after(5):
+                while m.worker._inflight:
+                    await trio.sleep(0.001)
+            assert raised == []  # the thread signalled, the model did not
+            assert len(os.listdir("/proc/self/fd")) == fds_before  # its dup is closed
+            container = srv.devices["nvme"].session.container  # type: ignore[union-attr]
+            assert container is not None and all(w.pins == 0 for w in container)
+            out = memoryview(bytearray(len(data)))
+            m.worker.namespaces[1].backend.readinto(16 * 512, [out])
+            assert bytes(out) == data
+        finally:
+            os.close(efd)
