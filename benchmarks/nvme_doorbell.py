@@ -65,23 +65,8 @@ async def use_msix(d: Any, m: Any, box: list[trio.Event], shadow: bool) -> int:
     Returns vector 1's eventfd (the client's end): the timed loop waits for it, as QEMU
     does, since a write's thread signals it without the model's `raise_irq`."""
     from devices.nvme.spec import AdminOpcode
-    from devices.sdk.interface import IrqIndex
-    from devices.sdk.msi import MsixCap
-    from tests.devices.helpers import cfg_read, cfg_write
-    from tests.devices.nvme.test_over_socket import IOCQ, IOSQ
 
-    assert (await d.cmd(0, AdminOpcode.DELETE_SQ, cdw=(1,)))[1] == 0
-    assert (await d.cmd(0, AdminOpcode.DELETE_CQ, cdw=(1,)))[1] == 0
-    off = m.msix.offset + 2
-    cfg_write(m, off, 2, cfg_read(m, off, 2) | MsixCap.CTRL_ENABLE)
-    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    await d.c.set_irq_eventfds(IrqIndex.MSIX, 1, [efd])
-    assert (await d.cmd(0, AdminOpcode.CREATE_CQ, prp1=IOCQ,
-                        cdw=(1 | 63 << 16, 1 | 2 | 1 << 16)))[1] == 0
-    assert (await d.cmd(0, AdminOpcode.CREATE_SQ, prp1=IOSQ,
-                        cdw=(1 | 63 << 16, 1 << 16 | 1)))[1] == 0
-    d.tails[1] = d.heads[1] = 0
-    d.phase[1] = 1
+    efd: int = await d.msix_queues(m)
     if shadow:
         assert (await d.cmd(0, AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=SHADOW,
                             prp2=EVENTS))[1] == 0

@@ -21,6 +21,8 @@ from devices.nvme import Nvme
 from devices.nvme.backend import MemoryBackend
 from devices.nvme.spec import CQE, SQE, AdminOpcode, IoOpcode, Reg
 from devices.sdk import Command as PciCommand
+from devices.sdk.interface import IrqIndex
+from devices.sdk.msi import MsixCap
 from vfiouser_srv.client import Client, open_client
 from vfiouser_srv.server import Server
 
@@ -86,6 +88,26 @@ class Driver:
             self.phase[qid] ^= 1
         await self.wr(0x1000 + 8 * qid + 4, self.heads[qid])
         return cid, st >> 1
+
+    async def msix_queues(self, m: Nvme) -> int:
+        """MSI-X on, vector 1 wired to a new eventfd (SET_IRQS, as QEMU does), and the I/O
+        queue pair created again with its CQ interrupting on vector 1 (as Linux does);
+        returns the client's end of the eventfd (the caller closes it)."""
+        assert m.msix is not None
+        off = m.msix.offset + 2
+        ctrl = int.from_bytes(await self.c.region_read(CONFIG, off, 2), "little")
+        await self.c.region_write(CONFIG, off, (ctrl | MsixCap.CTRL_ENABLE).to_bytes(2, "little"))
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        await self.c.set_irq_eventfds(IrqIndex.MSIX, 1, [efd])
+        assert (await self.cmd(0, AdminOpcode.DELETE_SQ, cdw=(1,)))[1] == 0
+        assert (await self.cmd(0, AdminOpcode.DELETE_CQ, cdw=(1,)))[1] == 0
+        assert (await self.cmd(0, AdminOpcode.CREATE_CQ, prp1=IOCQ,
+                               cdw=(1 | 63 << 16, 1 | 2 | 1 << 16)))[1] == 0
+        assert (await self.cmd(0, AdminOpcode.CREATE_SQ, prp1=IOSQ,
+                               cdw=(1 | 63 << 16, 1 << 16 | 1)))[1] == 0
+        self.tails[1] = self.heads[1] = 0
+        self.phase[1] = 1
+        return efd
 
     async def cmd(self, qid: int, opcode: int, **kw: object) -> tuple[int, int]:
         cid = await self.submit(qid, opcode, **kw)  # type: ignore[arg-type]

@@ -11,33 +11,17 @@ from pathlib import Path
 import trio
 
 from devices.nvme import Nvme
-from devices.nvme.spec import AdminOpcode, IoOpcode
-from devices.sdk.interface import IrqIndex
-from devices.sdk.msi import MsixCap
+from devices.nvme.spec import IoOpcode
 
-from .test_over_socket import CONFIG, DATA, IOCQ, IOSQ, prp_list, served
+from .test_over_socket import DATA, prp_list, served
 
 
 async def test_a_write_signals_the_eventfd_from_its_thread(
         nursery: trio.Nursery, tmp_path: Path) -> None:
     model = Nvme(backing=str(tmp_path / "disk.img"), size="8M")  # a file: a threaded write
     async with served(nursery, tmp_path, True, model) as (srv, d, m):
-        assert m.msix is not None
-        off = m.msix.offset + 2
-        ctrl = int.from_bytes(await d.c.region_read(CONFIG, off, 2), "little")
-        await d.c.region_write(CONFIG, off, (ctrl | MsixCap.CTRL_ENABLE).to_bytes(2, "little"))
-        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        efd = await d.msix_queues(m)
         try:
-            await d.c.set_irq_eventfds(IrqIndex.MSIX, 1, [efd])
-            # the I/O CQ again, now with interrupts on vector 1 (as Linux creates it)
-            assert (await d.cmd(0, AdminOpcode.DELETE_SQ, cdw=(1,)))[1] == 0
-            assert (await d.cmd(0, AdminOpcode.DELETE_CQ, cdw=(1,)))[1] == 0
-            assert (await d.cmd(0, AdminOpcode.CREATE_CQ, prp1=IOCQ,
-                                cdw=(1 | 63 << 16, 1 | 2 | 1 << 16)))[1] == 0
-            assert (await d.cmd(0, AdminOpcode.CREATE_SQ, prp1=IOSQ,
-                                cdw=(1 | 63 << 16, 1 << 16 | 1)))[1] == 0
-            d.tails[1] = d.heads[1] = 0
-            d.phase[1] = 1
             raised: list[int] = []
             raise_irq = m.raise_irq
 
