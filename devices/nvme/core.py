@@ -30,6 +30,7 @@ from typing import Protocol
 
 import trio
 
+from devices.sdk.fence import full_fence
 from devices.sdk.interface import DmaError, DmaPort
 from devices.sdk.threads import run_in_thread
 
@@ -390,6 +391,7 @@ class WorkerCore:
                     break
                 if cq.event_idx is not None:
                     await self._write_u32(cq.event_idx, cq.head)
+                    full_fence()  # (devices/sdk/fence.py)
                     await self._refresh_cq_head(cq)
                     if not cq.full:
                         break

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, cast
 import trio
 
 from devices.sdk import threads
+from devices.sdk.fence import full_fence
 from devices.sdk.interface import DmaError, pinned_views
 from devices.sdk.storage import consume, read_cached
 
@@ -215,6 +216,7 @@ class IoCommands(WorkerCore):
         if view is None:
             return False
         view[:] = sq.tail.to_bytes(4, "little")
+        full_fence()  # the event index out before the shadow tail is read again
         self.poller.published_now(sq)
         if tail_view is None:
             return self._shadow_tail_now(sq)

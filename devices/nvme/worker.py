@@ -28,6 +28,7 @@ import logging
 
 import trio
 
+from devices.sdk.fence import full_fence
 from devices.sdk.interface import DmaError
 
 from .admin import AdminCommands
@@ -172,6 +173,7 @@ class Worker(AdminCommands, IoCommands):
                 # Publish what we have seen, then look once more (the host may have
                 # written the shadow tail before it could see the new event index).
                 await self._write_u32(sq.event_idx, sq.tail)
+                full_fence()  # (devices/sdk/fence.py)
                 await self._refresh_sq_tail(sq)
                 if not sq.pending:
                     return found

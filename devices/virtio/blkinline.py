@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from devices.sdk.fence import full_fence
 from devices.sdk.interface import DeviceContext, DmaError, DmaPort, pinned_views
 from devices.sdk.storage import BlockBackend, read_cached
 from devices.sdk.threads import start_in_thread
@@ -364,6 +365,7 @@ class InlineBlk(VirtioPciDevice):
         except VirtqueueError:
             return  # (checked before anything is pushed; the hand-back reports it)
         job.thread_posted = True
+        full_fence()  # the used index before the driver's used event (devices/sdk/fence.py)
         if q.should_interrupt_mapped(post.avail):
             post.irq.fire()
             post.fired = True

@@ -29,6 +29,7 @@ import operator
 import struct
 from dataclasses import dataclass, field
 
+from devices.sdk.fence import full_fence
 from devices.sdk.interface import DmaError, DmaPort
 
 from .guestmem import (
@@ -495,12 +496,14 @@ class Virtqueue:
         With EVENT_IDX: vring_need_event(used_event, new, old) (virtio 1.2, 2.7.10);
         otherwise the avail ring's NO_INTERRUPT flag.
         """
+        full_fence()  # the used index pushed before the driver's used event is read
         avail = await read_guest(dma, self.avail_addr, RING_HEADER + 2 * self.size + 2)
         return self.should_interrupt_mapped(avail)
 
     def should_interrupt_mapped(self, avail: bytes | memoryview) -> bool:
         """`should_interrupt` on the avail ring's bytes (a pinned view, for a write's
-        thread in `blkinline`, or a copy)."""
+        thread in `blkinline`, or a copy). A caller with a view fences after its push
+        first (`full_fence`), as `should_interrupt` does."""
         if not self.event_idx:
             return not _U16.unpack_from(avail, 0)[0] & AVAIL_F_NO_INTERRUPT
         new = self.used_idx
@@ -539,6 +542,7 @@ class Virtqueue:
             store_u16(used, RING_HEADER + USED_ELEM_SIZE * self.size, self.last_avail_idx)
         else:
             store_u16(used, 0, 0)
+        full_fence()  # the store above before the load below (devices/sdk/fence.py)
         return self._pending(_U16.unpack_from(avail, 2)[0]) != 0
 
     async def enable_notify_for_more(self, dma: DmaPort) -> bool:
@@ -552,11 +556,13 @@ class Virtqueue:
         return await self.avail_idx(dma) != seen
 
     async def _publish_avail_event(self, dma: DmaPort, idx: int) -> None:
+        """Ask for a kick; the caller looks at the avail index next, after a fence."""
         if self.event_idx:
             await self._write_u16(dma, self.used_addr + RING_HEADER
                                   + USED_ELEM_SIZE * self.size, idx)
         else:
             await self._write_u16(dma, self.used_addr, 0)
+        full_fence()
 
     @staticmethod
     async def _write_u16(dma: DmaPort, address: int, value: int) -> None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from devices.nvme import Nvme
+from devices.nvme import Nvme, io_commands
 from devices.nvme.core import WorkerCore
 from devices.nvme.prp import prp_head, walk_list, walk_prps
 from devices.nvme.queue import SubmissionQueue
@@ -121,4 +122,35 @@ async def test_a_submission_racing_the_event_index_is_fetched_by_that_doorbell(
     dev.worker.poller.published_now = racing  # type: ignore[method-assign]
     first = h.submit(1, h.sqe(IoOpcode.READ, nsid=1, prp1=DATA, cdw=rw(0, 1)))
     assert late and dev.worker.sqs[1].pending == 0  # nothing awaited: both fetched
+    assert sorted([(await h.wait(1)).cid, (await h.wait(1)).cid]) == sorted([first, *late])
+
+
+async def test_the_fence_sits_between_the_event_index_and_the_tail_re_read(
+        dev: Nvme, nvme_ctx: FakeContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_publish_event_idx` fences (devices/sdk/fence.py) after storing the event index and
+    before reading the shadow tail again: a host that submits at exactly that point is
+    seen by the re-read (the fence is where the host is put here, so a missing fence, or
+    one before the store, fails)."""
+    h = Host(dev, nvme_ctx)
+    h.enable_pci()
+    await h.enable()
+    await h.create_io_queues()
+    assert (await h.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=DBS, prp2=EIS)).code == 0
+    h.queues[1].shadow = True
+    dev.worker.namespaces[1].backend.write(0, [bytes(2 * PAGE)])
+    await trio.testing.wait_all_tasks_blocked()
+    late: list[int] = []
+    event_idx_then: list[int] = []
+    ei = EIS + 2 * dev.stride  # SQ 1's event index
+
+    def fence() -> None:
+        if not late:
+            event_idx_then.append(int.from_bytes(h.ram[ei : ei + 4], "little"))
+            late.append(h.submit(1, h.sqe(IoOpcode.READ, nsid=1, prp1=DATA + PAGE,
+                                          cdw=rw(8, 1)), ring=False))
+
+    monkeypatch.setattr(io_commands, "full_fence", fence)
+    first = h.submit(1, h.sqe(IoOpcode.READ, nsid=1, prp1=DATA, cdw=rw(0, 1)))
+    assert late and event_idx_then == [1]  # the index was out when the host looked
+    assert dev.worker.sqs[1].pending == 0  # and the late command was fetched right there
     assert sorted([(await h.wait(1)).cid, (await h.wait(1)).cid]) == sorted([first, *late])
