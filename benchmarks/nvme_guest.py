@@ -28,7 +28,8 @@ Why the guest waits longer with ours (devices/nvme/README.md), per guest I/O and
 guest's summed I/O latency (/sys/block/X/stat), its interrupts, context switches and CPU
 ticks (`DIAG` lines), our server's messages by command (`query-stats` on its control
 socket: REGION_WRITE is the guest's MMIO doorbells), its run delay and minor faults, and
-QEMU's CPU by thread (TCG vCPU: the guest's own running time; main loop; the rest).
+QEMU's CPU by thread (TCG vCPU: the guest's own running time; main loop; the rest), with
+the vCPU thread's wait for a CPU, its kernel time and its sleeps.
 `--base DIR` also runs our server from another source tree (a `git worktree` of the old
 code) in the same alternation, for old/new ratios from one run.
 
@@ -138,12 +139,35 @@ def qemu_threads_ns(pid: int) -> dict[str, int]:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
                 comm = f.read().strip()
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                ns = int(f.read().split()[0])
+                ns, delay = (int(v) for v in f.read().split()[:2])
         except (OSError, ValueError, IndexError):
             continue
-        kind = ("qemu_vcpu_ns" if "/TCG" in comm or "/KVM" in comm
+        vcpu = "/TCG" in comm or "/KVM" in comm
+        kind = ("qemu_vcpu_ns" if vcpu
                 else "qemu_main_ns" if tid == str(pid) else "qemu_other_ns")
         out[kind] += ns
+        if vcpu:
+            out.update(vcpu_detail(pid, tid, delay))
+    return out
+
+
+def vcpu_detail(pid: int, tid: str, delay: int) -> dict[str, int]:
+    """Where the vCPU thread's time goes besides running guest code: its wait for a CPU
+    (schedstat run_delay), its kernel time (stime, clock ticks: coarse) and how often it
+    slept (voluntary context switches: a halted guest, or a wait for QEMU's big lock)."""
+    out = {"qemu_vcpu_run_delay_ns": delay}
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        out["qemu_vcpu_utime_ticks"] = int(fields[11])
+        out["qemu_vcpu_stime_ticks"] = int(fields[12])
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            for line in f:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    key, value = line.split(":")
+                    out[f"qemu_vcpu_{key.split('_')[0]}_switches"] = int(value)
+    except (OSError, ValueError, IndexError):
+        pass
     return out
 
 
@@ -361,7 +385,11 @@ def render(out: dict[str, object]) -> str:
             line += (f" {who}: {m.get(f'{kind}_io_ms_per_io', 0.0):.3f} ms"
                      f" {m.get(f'{kind}_nvme_irqs_per_io', 0.0):.2f} irq"
                      f" {m.get(f'{kind}_REGION_WRITE_per_io', 0.0):.2f} db"
-                     f" {m.get(f'{kind}_qemu_vcpu_ns_per_io', 0.0) / 1e3:.0f} µs;")
+                     f" {m.get(f'{kind}_qemu_vcpu_ns_per_io', 0.0) / 1e3:.0f} µs"
+                     f" (waiting for a CPU"
+                     f" {m.get(f'{kind}_qemu_vcpu_run_delay_ns_per_io', 0.0) / 1e3:.0f} µs,"
+                     f" {m.get(f'{kind}_qemu_vcpu_voluntary_switches_per_io', 0.0):.1f}"
+                     " sleeps);")
         lines.append(line)
     idle = cpu["ours"].get("idle_server_cpu_share", float("nan"))
     lines.append(f"  idle guest ({out['idle_s']} s): our server used {idle * 100:.2f}% of one core"
