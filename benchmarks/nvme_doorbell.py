@@ -27,6 +27,11 @@ callgrind counts just the doorbells:
 Writes wait for their thread, so count the whole process at two `--count`s and divide the
 difference (`--count 100` and `400`: (Ir(400) - Ir(100)) / 300, PYTHONHASHSEED=0).
 
+`--at-signal` adds the server's own time from the doorbell to its eventfd write (with
+`--msix`): with the client in this process, a write's thread that signals the eventfd
+itself (since 2026-12-08) hands the GIL to the client's trio thread before it can look,
+a wait QEMU in its own process does not have, so compare trees by this line.
+
 `--msix` measures the path a Linux guest takes: MSI-X on, the I/O CQ created with interrupts
 enabled (vector 1, an eventfd assigned as QEMU does), and the command counted done at the
 model's `raise_irq`. Without it the CQ has interrupts off, the model is in INTx mode and the
@@ -59,6 +64,23 @@ KINDS = {"read4k": 1, "write4k": 1, "read512k": 128, "write512k": 128}
 SHADOW, EVENTS = 0x50000, 0x51000
 
 
+async def msix_queues(d: Any, m: Any) -> int:
+    """The test driver's `msix_queues` (tests/devices/nvme/test_over_socket.py), also for
+    a tree from before it had one: then this checkout's is run on that tree's driver (it
+    uses only the client and the driver's queue counters, which every tree has)."""
+    if hasattr(d, "msix_queues"):
+        return int(await d.msix_queues(m))
+    import importlib.util
+
+    here = Path(__file__).resolve().parents[1] / "tests/devices/nvme/test_over_socket.py"
+    spec = importlib.util.spec_from_file_location("_this_checkouts_driver", here)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "tests.devices.nvme"  # its relative imports resolve in the tree
+    spec.loader.exec_module(mod)
+    return int(await mod.Driver.msix_queues(d, m))
+
+
 async def use_msix(d: Any, m: Any, box: list[trio.Event], shadow: bool) -> int:
     """Re-create the I/O queue pair with an interrupt-enabled CQ on MSI-X vector 1 and
     count a command done when the model raises an interrupt (see the module docstring).
@@ -66,7 +88,7 @@ async def use_msix(d: Any, m: Any, box: list[trio.Event], shadow: bool) -> int:
     does, since a write's thread signals it without the model's `raise_irq`."""
     from devices.nvme.spec import AdminOpcode
 
-    efd: int = await d.msix_queues(m)
+    efd: int = await msix_queues(d, m)
     if shadow:
         assert (await d.cmd(0, AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=SHADOW,
                             prp2=EVENTS))[1] == 0
@@ -173,6 +195,56 @@ async def measure(kind: str, count: int, scatter: bool = False, inline: bool = F
             f"{lat[count // 10] / 1e3:7.1f}  p90 {lat[9 * count // 10] / 1e3:7.1f}")
 
 
+def at_signal() -> list[tuple[int, int]]:
+    """Time stamps of the server's side, for `--at-signal`: (ns, 0) at each SQ doorbell,
+    (ns, 1) when an interrupt's eventfd has been written (by the model's `raise_irq`
+    path or, in trees that have it, a write's own thread: `irq.DupSignal.fire`). Why:
+    with the client in this process, a signal from a worker thread reaches the client's
+    trio thread only after a GIL hand-over that QEMU, a process of its own, never waits
+    for; the server-side time is what a separate client sees."""
+    from devices.nvme import core
+    from vfiouser_srv import irq
+
+    marks: list[tuple[int, int]] = []
+
+    def stamped(fn: Any, edge: int, after: bool) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not after:
+                marks.append((time.perf_counter_ns(), edge))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if after:
+                    marks.append((time.perf_counter_ns(), edge))
+        return wrapper
+
+    core.WorkerCore.sq_doorbell = stamped(  # type: ignore[method-assign]
+        core.WorkerCore.sq_doorbell, 0, False)
+    irq.signal_eventfd = stamped(irq.signal_eventfd, 1, True)
+    dup = getattr(irq, "DupSignal", None)
+    if dup is not None:
+        dup.fire = stamped(dup.fire, 1, True)
+    return marks
+
+
+def signal_summary(kind: str, marks: list[tuple[int, int]]) -> str:
+    """Doorbell to the first eventfd write after it, per command (see `at_signal`)."""
+    lat: list[int] = []
+    start: int | None = None
+    for ns, edge in marks:
+        if edge == 0:
+            start = ns
+        elif start is not None:
+            lat.append(ns - start)
+            start = None
+    lat = sorted(lat[len(lat) // 10:])  # the first tenth warms up
+    n = len(lat)
+    if not n:
+        return f"{kind:9} at the signal: no interrupts (use --msix)"
+    return (f"{kind:9} at the signal: median {lat[n // 2] / 1e3:7.1f} µs  p10 "
+            f"{lat[n // 10] / 1e3:7.1f}  p90 {lat[9 * n // 10] / 1e3:7.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--count", type=int, default=2000)
@@ -183,15 +255,21 @@ def main() -> None:
                    help="MSI-X on, interrupt-enabled CQ: the interrupt path a Linux guest takes")
     p.add_argument("--shadow", action="store_true",
                    help="--msix and shadow doorbells, as Linux sets the device up")
+    p.add_argument("--at-signal", action="store_true",
+                   help="also the server-side time, doorbell to its eventfd write")
     p.add_argument("kinds", nargs="*", help=f"any of {', '.join(KINDS)} (default: all)")
     args = p.parse_args()
     bad = set(args.kinds) - set(KINDS)
     if bad:
         p.error(f"unknown kind(s) {', '.join(sorted(bad))}")
     print(f"tree {os.getcwd()}")
+    marks = at_signal() if args.at_signal else None
     for kind in args.kinds or KINDS:
         print(trio.run(measure, kind, args.count, args.scatter, args.inline, args.msix,
                              args.shadow))
+        if marks is not None:
+            print(signal_summary(kind, marks))
+            marks.clear()
 
 
 if __name__ == "__main__":
