@@ -97,11 +97,9 @@ async def test_intx_is_raised_by_a_read_served_in_the_doorbell(dev: Nvme,
     assert not dev.intx_asserted()
 
 
-async def test_a_submission_racing_the_event_index_is_fetched_by_that_doorbell(
-        dev: Nvme, nvme_ctx: FakeContext) -> None:
-    """Shadow doorbells: a host that adds a command after we read the shadow tail and
-    before it sees the event index we publish does not ring for it; the handler reads the
-    shadow tail once more after publishing and serves it within the same doorbell."""
+async def shadow_host(dev: Nvme, nvme_ctx: FakeContext) -> Host:
+    """A host with I/O queue pair 1 on shadow doorbells (as Linux sets it up) and two
+    pages of the namespace written (cached reads)."""
     h = Host(dev, nvme_ctx)
     h.enable_pci()
     await h.enable()
@@ -110,6 +108,15 @@ async def test_a_submission_racing_the_event_index_is_fetched_by_that_doorbell(
     h.queues[1].shadow = True
     dev.worker.namespaces[1].backend.write(0, [bytes(2 * PAGE)])
     await trio.testing.wait_all_tasks_blocked()
+    return h
+
+
+async def test_a_submission_racing_the_event_index_is_fetched_by_that_doorbell(
+        dev: Nvme, nvme_ctx: FakeContext) -> None:
+    """Shadow doorbells: a host that adds a command after we read the shadow tail and
+    before it sees the event index we publish does not ring for it; the handler reads the
+    shadow tail once more after publishing and serves it within the same doorbell."""
+    h = await shadow_host(dev, nvme_ctx)
     late: list[int] = []
     published_now = dev.worker.poller.published_now
 
@@ -131,14 +138,7 @@ async def test_the_fence_sits_between_the_event_index_and_the_tail_re_read(
     before reading the shadow tail again: a host that submits at exactly that point is
     seen by the re-read (the fence is where the host is put here, so a missing fence, or
     one before the store, fails)."""
-    h = Host(dev, nvme_ctx)
-    h.enable_pci()
-    await h.enable()
-    await h.create_io_queues()
-    assert (await h.admin(AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1=DBS, prp2=EIS)).code == 0
-    h.queues[1].shadow = True
-    dev.worker.namespaces[1].backend.write(0, [bytes(2 * PAGE)])
-    await trio.testing.wait_all_tasks_blocked()
+    h = await shadow_host(dev, nvme_ctx)
     late: list[int] = []
     event_idx_then: list[int] = []
     ei = EIS + 2 * dev.stride  # SQ 1's event index
