@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
+
 from devices.sdk.interface import IrqIndex, IrqSpec
 from vfiouser_srv.fds import OwnedFd
 from vfiouser_srv.irq import IrqTable
@@ -105,6 +107,29 @@ def test_a_mask_or_new_eventfd_is_a_changed_route() -> None:
         assert old is not None
         old.close()
         assert sig.settle() is False
+    finally:
+        table.close()
+        os.close(efd)
+
+
+def test_the_libvfio_user_engine_offers_no_thread_signal() -> None:
+    """Its library owns the eventfds: a model served there keeps raising on the trio
+    thread, whatever the table's (unused) eventfd columns hold."""
+    from types import SimpleNamespace
+
+    from vfiouser_srv.engines import EngineUnavailable
+
+    try:
+        from vfiouser_srv.engines.libvfio_user._irq import VfuIrq
+    except EngineUnavailable as exc:
+        pytest.skip(f"libvfio-user engine unavailable: {exc}")
+
+    host = SimpleNamespace(name="t", lib=None, ctx_or_none=lambda: None)
+    table = VfuIrq(host, [IrqSpec(IrqIndex.MSIX, 4)])  # type: ignore[arg-type]
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    try:
+        table.lines[IrqIndex.MSIX].triggers[2] = OwnedFd(os.dup(efd))
+        assert table.thread_signal(IrqIndex.MSIX, 2) is None
     finally:
         table.close()
         os.close(efd)

@@ -9,7 +9,8 @@ reports only MASK/UNMASK, through the IRQ state callback, which lands in
 
 * raising a vector (`signal`) is `vfu_irq_trigger`; ERR and REQ cannot be raised through
   the library's API at all;
-* `enabled` cannot look at eventfds the library does not show us.
+* `enabled` cannot look at eventfds the library does not show us;
+* no `thread_signal`: a backend thread cannot raise through the library.
 
 See docs/architecture.md, "Engines".
 """
@@ -63,6 +64,12 @@ class VfuIrq(IrqTable):
         if ctx is None or self._host.lib.vfu_irq_trigger(ctx, vector) < 0:
             return None
         return True
+
+    def thread_signal(self, index: int, vector: int) -> None:
+        """None: the library owns the eventfds, and `vfu_irq_trigger` from a backend thread
+        would race its SET_IRQS handling on the trio thread, so models served here raise
+        on the trio thread (their threads hand back as before)."""
+        return None
 
     def enabled(self, index: int) -> bool:
         # The library does not say which index holds eventfds; a device that has the index
