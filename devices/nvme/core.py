@@ -60,7 +60,7 @@ IO_THREADS = 8
 
 class Cancellable(Protocol):
     """What a reset needs of a command in flight (`_inflight`): a task's `trio.CancelScope`,
-    or a write whose thread the register handler started (`io_commands._Started`), which
+    or a write whose thread the register handler started (`doorbell_io._Started`), which
     has no task to cancel and so no scope (building one per write cost more than the rest
     of its hand-back)."""
 
@@ -138,8 +138,8 @@ class WorkerCore:
         #: shadow SQ tails polled after a doorbell-served batch (not device state)
         self.poller = SqPoller(self, poll_us / 1e6)
         #: taken around every CQ slot reservation and CQ replacement: a write's thread
-        #: posts its own completion (`io_commands._post_from_thread`) while the trio thread
-        #: may post others to the same CQ; never held across an await
+        #: posts its own completion (`doorbell_io.DoorbellIo._post_from_thread`) while
+        #: the trio thread may post others to the same CQ; never held across an await
         self._cq_lock = threading.Lock()
         self.power_on()
 
@@ -172,7 +172,7 @@ class WorkerCore:
         self._cq_space: dict[int, trio.Event] = {}
         self.carried: dict[int, Carried] = {}
         #: tokens of `carried` writes whose backend call is still in its thread
-        #: (`io_commands._write_now`): not run again by `_rerun_carried` meanwhile
+        #: (`doorbell_io.DoorbellIo._write_now`): not run again by `_rerun_carried` meanwhile
         self.writing: set[int] = set()
         #: `carried` holds commands of tasks that are gone (set at worker start and load)
         self.rerun_carried = False
@@ -252,16 +252,16 @@ class WorkerCore:
                 and self.dev.ctx is not None)
 
     def _fetch_now(self, sq: SubmissionQueue) -> bool:
-        """`io_commands.IoCommands` supplies it: fetch and run what `sq` holds without
+        """`doorbell_io.DoorbellIo` supplies it: fetch and run what `sq` holds without
         waiting; False when the worker must take over."""
         raise NotImplementedError
 
     def _publish_event_idx(self, sq: SubmissionQueue,
                            tail_view: memoryview | None = None) -> bool:
-        raise NotImplementedError  # `io_commands.IoCommands`
+        raise NotImplementedError  # `doorbell_io.DoorbellIo`
 
     def _shadow_tail_now(self, sq: SubmissionQueue) -> bool:
-        raise NotImplementedError  # `io_commands.IoCommands`
+        raise NotImplementedError  # `doorbell_io.DoorbellIo`
 
     def cq_doorbell(self, qid: int, value: int) -> None:
         self.io_mmio_doorbells += qid != 0

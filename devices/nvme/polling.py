@@ -2,11 +2,12 @@
 
 Why: with shadow doorbells (Doorbell Buffer Config) the host writes each new SQ tail to
 guest memory and rings the MMIO doorbell only when the tail passes the event index we
-publish. `io_commands._fetch_now` publishes "seen up to here" when it has drained a queue,
-so the next submission rings: a trapped MMIO write in the vCPU, a vfio-user message, our
-wake-up. A guest doing synchronous I/O (`dd` with O_DIRECT) submits its next command soon
-after our interrupt; while we poll the shadow tail instead, the event index stays behind,
-the host does not ring, and we see the command without a message.
+publish. `doorbell_io.DoorbellIo._fetch_now` publishes "seen up to here" when it has
+drained a queue, so the next submission rings: a trapped MMIO write in the vCPU, a
+vfio-user message, our wake-up. A guest doing synchronous I/O (`dd` with O_DIRECT) submits
+its next command soon after our interrupt; while we poll the shadow tail instead, the
+event index stays behind, the host does not ring, and we see the command without a
+message.
 
 The window adapts like virtio's (`devices/virtio/worker.py`) and KVM's halt polling: it
 starts at 0 (no polling); when an MMIO doorbell comes within `limit` of the moment we
@@ -33,7 +34,7 @@ POLL_START = 10e-6
 
 
 class PollingHost(Protocol):
-    """What the poller needs of the worker (`io_commands.IoCommands`)."""
+    """What the poller needs of the worker (`doorbell_io.DoorbellIo`)."""
 
     _nursery: trio.Nursery | None
 

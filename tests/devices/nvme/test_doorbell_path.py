@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from devices.nvme import Nvme, io_commands
+from devices.nvme import Nvme, doorbell_io
 from devices.nvme.core import WorkerCore
 from devices.nvme.prp import prp_head, walk_list, walk_prps
 from devices.nvme.queue import SubmissionQueue
@@ -149,7 +149,7 @@ async def test_the_fence_sits_between_the_event_index_and_the_tail_re_read(
             late.append(h.submit(1, h.sqe(IoOpcode.READ, nsid=1, prp1=DATA + PAGE,
                                           cdw=rw(8, 1)), ring=False))
 
-    monkeypatch.setattr(io_commands, "full_fence", fence)
+    monkeypatch.setattr(doorbell_io, "full_fence", fence)
     first = h.submit(1, h.sqe(IoOpcode.READ, nsid=1, prp1=DATA, cdw=rw(0, 1)))
     assert late and event_idx_then == [1]  # the index was out when the host looked
     assert dev.worker.sqs[1].pending == 0  # and the late command was fetched right there

@@ -53,7 +53,7 @@ def drain(io: Host) -> list[int]:
 async def test_one_doorbell_reads_at_most_inline_bytes(io: Host) -> None:
     """Five cached 512 KiB reads behind one doorbell: the register write serves reads
     until INLINE_BYTES are spent (two), one interrupt for them; the tasks read the rest."""
-    from devices.nvme.io_commands import INLINE_BYTES
+    from devices.nvme.doorbell_io import INLINE_BYTES
 
     size = 512 << 10
     n = 2 * INLINE_BYTES // size + 1
@@ -74,7 +74,7 @@ async def test_one_doorbell_reads_at_most_inline_bytes(io: Host) -> None:
 
 async def test_small_reads_are_bounded_by_count_not_bytes(io: Host) -> None:
     """Many 4 KiB reads: the command bound (FETCH_NOW_LIMIT) ends the handler's part."""
-    from devices.nvme.io_commands import FETCH_NOW_LIMIT
+    from devices.nvme.doorbell_io import FETCH_NOW_LIMIT
 
     data = fill(io, 40 * PAGE)
     await trio.testing.wait_all_tasks_blocked()

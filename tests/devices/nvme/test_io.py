@@ -401,7 +401,7 @@ async def test_writes_and_uncached_reads_still_go_to_tasks(io: Host) -> None:
 async def test_doorbell_fetch_is_bounded(io: Host) -> None:
     """One doorbell fetches at most FETCH_NOW_LIMIT commands in the register handler; the
     worker fetches the rest, and every command completes."""
-    from devices.nvme.io_commands import FETCH_NOW_LIMIT
+    from devices.nvme.doorbell_io import FETCH_NOW_LIMIT
 
     await trio.testing.wait_all_tasks_blocked()
     n = FETCH_NOW_LIMIT + 8

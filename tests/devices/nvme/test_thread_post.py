@@ -1,7 +1,7 @@
-"""A write's thread posts its own completion and raises its MSI-X vector (`io_commands.
-_post_from_thread`), with the engine's `thread_signal`; whatever it may not post (a full
-CQ, FUA, a reset under it) the trio thread's hand-back posts as before, and a route that
-changed under the thread gets its interrupt again on the trio thread."""
+"""A write's thread posts its own completion and raises its MSI-X vector
+(`doorbell_io.DoorbellIo._post_from_thread`), with the engine's `thread_signal`; whatever it
+may not post (a full CQ, FUA, a reset under it) the trio thread's hand-back posts as before,
+and a route that changed under the thread gets its interrupt again on the trio thread."""
 
 from __future__ import annotations
 
