@@ -86,11 +86,12 @@ class DupSignal:
     eventfd object and line it was taken from, to tell at `settle` whether SET_IRQS
     changed the vector's route while the thread ran."""
 
-    __slots__ = ("_fd", "_line", "_source", "_table", "_vector")
+    __slots__ = ("_fd", "_line", "_same", "_source", "_table", "_vector")
 
     def __init__(self, table: IrqTable, line: IrqLine, vector: int, source: OwnedFd) -> None:
         self._table, self._line, self._vector, self._source = table, line, vector, source
         self._fd = os.dup(source.fileno())
+        self._same: bool | None = None  # `settle`'s answer, once given
 
     def fire(self) -> None:
         """Any thread. EAGAIN (the counter is saturated: the client has not read the
@@ -102,15 +103,17 @@ class DupSignal:
 
     def settle(self) -> bool:
         """Trio thread. Closes the dup; True (and counted as fired) when the vector still
-        signals through the same eventfd and is not masked."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        signals through the same eventfd and is not masked (asked again: the same answer)."""
+        if self._same is not None:
+            return self._same
+        os.close(self._fd)
+        self._fd = -1
         line, v = self._line, self._vector
         same = (self._table.lines[self._line.spec.index] is line
                 and line.triggers[v] is self._source and not line.masked[v])
         if same:
             self._table.fired += 1
+        self._same = same
         return same
 
     def __del__(self) -> None:  # a settle that never came (the run ended under the thread)

@@ -239,7 +239,8 @@ class IrqPort(Protocol):
         ...
 
     # optional (looked up with getattr, as `pin_ranges`): an engine whose library owns the
-    # eventfds (libvfio-user) has none, and its models keep raising on the trio thread
+    # eventfds (libvfio-user) answers None or has none, and its models keep raising on the
+    # trio thread
     # def thread_signal(self, index: int, vector: int) -> ThreadIrq | None:
     #     """A `ThreadIrq` for one unmasked vector with an eventfd, else None."""
 
