@@ -20,7 +20,8 @@ CPU: the guest prints `PHASE <name> start|end` around each measurement and count
 the disk completed (/sys/block/X/stat); at each marker this script samples the CPU time of
 its child processes (sum of `/proc/PID/task/*/schedstat`), so every phase gets our server's
 CPU per guest I/O and QEMU's (the whole process: vCPU thread, main loop, its own nvme
-emulation for the built-in device) per I/O, medians over the rounds. After the rounds the
+emulation for the built-in device) per I/O, medians over the rounds, and per MiB for the
+sequential phases (the guest's request size changes between boots). After the rounds the
 guest sits idle for a few seconds (`--idle`), and the server's CPU over that period is
 reported as a share of one core: it must be ~0 (no polling without I/O).
 
@@ -227,8 +228,11 @@ class StatsSampler:
                 acc[k] = acc.get(k, 0) + v - start.get(k, 0)
 
 
-def cpu_metrics(sampler: CpuSampler, rounds: list[Metrics]) -> Metrics:
-    """Median CPU µs per guest I/O by phase and role; idle: server CPU share of one core."""
+def cpu_metrics(sampler: CpuSampler, rounds: list[Metrics], mib: int) -> Metrics:
+    """Median CPU µs per guest I/O by phase and role, and per MiB for the sequential
+    phases (`mib` MiB each: the guest sends 512 KiB or 1 MiB requests depending on how its
+    buffer's pages happen to lie, which changes between boots, so only per MiB compares
+    two boots); idle: server CPU share of one core."""
     out: Metrics = {}
     for kind in ("seq_write", "seq_read", "rand_read_4k"):
         spans = sampler.spans.get(kind, [])
@@ -238,6 +242,9 @@ def cpu_metrics(sampler: CpuSampler, rounds: list[Metrics]) -> Metrics:
                       if role in span and r.get(f"{kind}_ios")]
             if per_io:
                 out[f"{kind}_{role}_cpu_us_per_io"] = statistics.median(per_io)
+            per_mib = [span[role] / 1e3 / mib for span in spans if role in span]
+            if per_mib and kind != "rand_read_4k":
+                out[f"{kind}_{role}_cpu_us_per_mib"] = statistics.median(per_mib)
     for span in sampler.spans.get("idle", []):
         for role in ("server", "qemu"):
             if role in span and span["wall"] > 0:
@@ -293,7 +300,7 @@ async def run_one(which: str, workdir: Path, args: argparse.Namespace
     parsed = parse_bench(res.console)
     if len(parsed) != args.rounds:
         raise SystemExit(f"{which}: expected {args.rounds} BENCH rounds; logs in {res.run_dir}")
-    used = cpu_metrics(sampler, parsed)
+    used = cpu_metrics(sampler, parsed, args.mib)
     # per guest I/O: the guest's interrupts, CPU ticks and context switches, and the
     # messages our server received (REGION_WRITE: the guest's MMIO writes)
     for kind, counts in parse_diag(res.console).items():
@@ -375,6 +382,16 @@ def render(out: dict[str, object]) -> str:
             os_ = cpu[who].get(f"{kind}_server_cpu_us_per_io", 0.0)
             ios = b[who].get(f"{kind}_ios", 0.0)
             line += f"   {who}: qemu {oq:8.1f} + server {os_:7.1f} ({ios:.0f} I/Os/round)"
+        lines.append(line)
+    lines.append("  CPU per MiB, µs (median of rounds; compares boots whose request sizes"
+                 " differ): QEMU process / our server")
+    for kind in ("seq_write", "seq_read"):
+        q = cpu["qemu"].get(f"{kind}_qemu_cpu_us_per_mib", 0.0)
+        line = f"    {kind:14} QEMU nvme: qemu {q:8.1f}"
+        for who in ("ours", *(["base"] if base else [])):
+            oq = cpu[who].get(f"{kind}_qemu_cpu_us_per_mib", 0.0)
+            os_ = cpu[who].get(f"{kind}_server_cpu_us_per_mib", 0.0)
+            line += f"   {who}: qemu {oq:8.1f} + server {os_:7.1f}"
         lines.append(line)
     lines.append("  per guest I/O (sums over rounds / I/Os): the guest's summed I/O latency"
                  " (ms), nvme interrupts, MMIO doorbells (REGION_WRITE), QEMU vCPU µs")
