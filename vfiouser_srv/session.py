@@ -97,8 +97,6 @@ class Session(DeviceContext):
     #: trio time by which VERSION must be complete, fixed when the session first waits
     #: for the client before VERSION (`_version_deadline`); None until then
     _version_by: float | None = None
-    #: the read epoch's scope while it carries the VERSION deadline (`attach` lifts it)
-    _epoch: trio.CancelScope | None = None
     #: where the message log goes (`set_trace`)
     wire: logging.Logger = wirelog.wire_log
     #: `--trace` / `trace-on format=trace` (`trace.Tracer`), else None; with -v, every
@@ -170,9 +168,9 @@ class Session(DeviceContext):
         self._dma.attached_to = self.container
         self.regions = Regions(self.host.region_specs(self.device), caps.max_data_xfer_size)
         self.attached = self.attached_once = True
-        if self._epoch is not None:  # VERSION came while we waited: no deadline any more
-            self._epoch.deadline = _INF
-            self._epoch = None
+        scope = self._scope
+        if scope is not None and scope.deadline != _INF:  # the VERSION deadline: lifted
+            scope.deadline = _INF
         if model:
             self.model.attach(self)
         if log.isEnabledFor(logging.INFO):  # caps.to_json() is not free
@@ -414,10 +412,8 @@ class Session(DeviceContext):
                     deadline = _INF if self.attached else self._version_deadline()
                     with trio.CancelScope(deadline=deadline) as epoch:
                         self._scope = epoch
-                        if deadline != _INF:
-                            self._epoch = epoch
                         wait = await self._read_epoch(epoch, out, wait=wait is None)
-                    self._waiting = self._epoch = self._scope = None
+                    self._waiting = self._scope = None
                     # cancelled: by `request_pause` (read on), `force_close` (`closing`
                     # ends the loop) or the VERSION deadline
                     if (
