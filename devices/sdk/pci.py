@@ -446,10 +446,9 @@ class PciDevice(DeviceModel):
         """`vector`'s MSI-X interrupt as a `ThreadIrq` a backend thread may raise itself,
         or None: MSI-X off, Bus Master off, no client, or an engine that cannot (then raise
         on the trio thread as usual). Give it back with `thread_irq_stands`."""
-        msix = self.msix
-        ctx = self.ctx
+        msix, ctx = self.msix, self.ctx
         if (msix is None or not msix.enabled or vector >= msix.vectors or ctx is None
-                or not self.config.get(cfg.COMMAND, 2) & _MASTER):
+                or not self.bus_master_enabled()):
             return None
         get = getattr(ctx.irq, "thread_signal", None)
         return None if get is None else cast("ThreadIrq | None", get(IrqIndex.MSIX, vector))

@@ -56,7 +56,7 @@ from devices.sdk.threads import start_in_thread
 
 from .blkreq import OUTHDR, SECTOR, ReqStatus, ReqType, Request, pin, run_now, without_last_byte
 from .guestmem import GuestMemoryError, VirtqueueError, clip
-from .spec import NO_VECTOR, Status
+from .spec import Status
 from .transport import VirtioPciDevice
 from .virtqueue import RING_HEADER, USED_ELEM_SIZE, Chain, Virtqueue
 from .worker import rearm_after_inline
@@ -319,9 +319,7 @@ class InlineBlk(VirtioPciDevice):
         ring is not mmap'd: the hand-back completes it then. Why: the hand-back's thread
         wake-up and GIL hand-over were ~250 µs of a 1 MiB write's latency in the guest
         (benchmarks/README.md, "Where a virtio-blk write's time goes")."""
-        if not self.msix_enabled() or queue.msix_vector == NO_VECTOR:
-            return None
-        irq = self.thread_irq(queue.msix_vector)
+        irq = self.thread_irq(queue.msix_vector)  # (NO_VECTOR is past every vector: None)
         if irq is None:
             return None
         try:
