@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from ._errors import RemoteProtocolError
 
@@ -140,18 +140,29 @@ def negotiate(client: Capabilities, server: Capabilities) -> Capabilities:
     hit = _AGREED_BY_ID.get(key)
     if hit is not None and hit[0] is server:
         return hit[1]
-    agreed = _agreed(server, *key[1:])
-    if len(_AGREED_BY_ID) >= _BY_ID_MAX:
-        _AGREED_BY_ID.clear()
-    _AGREED_BY_ID[key] = (server, agreed)
-    return agreed
+    return remember_by_id(_AGREED_BY_ID, key, server, _agreed(server, *key[1:]))
 
 
 #: `negotiate`'s answers by the server object's identity: `_agreed`'s lru_cache hashes the
 #: frozen `server` (a generated `__hash__` per dataclass, nested ones included: three
-#: Python calls per connect). The entry holds `server`, so its id is not reused meanwhile.
+#: Python calls per connect).
 _AGREED_BY_ID: dict[tuple[int, int, bool, bool], tuple[Capabilities, Capabilities]] = {}
-_BY_ID_MAX = 16
+
+_K = TypeVar("_K")
+_O = TypeVar("_O")
+_V = TypeVar("_V")
+
+
+def remember_by_id(cache: dict[_K, tuple[_O, _V]], key: _K, obj: _O, value: _V) -> _V:
+    """Store `value` in an identity-keyed cache (`key` is, or starts with, `id(obj)`) and
+    return it. The caches of the connect path (`negotiate`, VERSION's JSON) look entries up
+    inline (`hit[0] is obj`: no call on a hit) and store through here on a miss. The entry
+    holds `obj`, so its id cannot be reused while the entry lives; a server has a few
+    capability sets, so 16 entries at most (emptied when full)."""
+    if len(cache) >= 16:
+        cache.clear()
+    cache[key] = (obj, value)
+    return value
 
 
 @lru_cache(maxsize=16)

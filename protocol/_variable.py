@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from ._body import Body, Fds, need, no_fds, reject
-from ._caps import Capabilities
+from ._caps import Capabilities, remember_by_id
 from ._constants import Command, DmaUnmapFlags
 
 _BITMAP = struct.Struct("<QQ")  # struct vfio_user_bitmap: pgsize, size (then the bits)
@@ -32,16 +32,12 @@ _UNMAP_DIRTY_BITMAP = int(DmaUnmapFlags.GET_DIRTY_BITMAP)
 def _caps_json(caps: Capabilities) -> bytes:
     """VERSION's NUL-terminated JSON for `caps`. A server answers every connection with
     the same few capability sets (the very objects `negotiate` keeps), so they are looked
-    up by identity first: hashing the frozen dataclass was a Python call per connect. The
-    entry holds `caps`, so its id is not reused meanwhile."""
+    up by identity first (`remember_by_id`): hashing the frozen dataclass was a Python
+    call per connect."""
     hit = _CAPS_JSON_BY_ID.get(id(caps))
     if hit is not None and hit[0] is caps:
         return hit[1]
-    data = _caps_json_equal(caps)
-    if len(_CAPS_JSON_BY_ID) >= 16:
-        _CAPS_JSON_BY_ID.clear()
-    _CAPS_JSON_BY_ID[id(caps)] = (caps, data)
-    return data
+    return remember_by_id(_CAPS_JSON_BY_ID, id(caps), caps, _caps_json_equal(caps))
 
 
 _CAPS_JSON_BY_ID: dict[int, tuple[Capabilities, bytes]] = {}
