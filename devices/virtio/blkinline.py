@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 
@@ -352,21 +352,35 @@ class InlineBlk(VirtioPciDevice):
         look waits for the hand-back before it is applied (`settle`), so these stores land
         before it. A malformed used ring is left to the hand-back too, which meets it again
         and reports it."""
-        if (self.ctx is not job.ctx or job.epoch != self._epoch or self.reset_pending
-                or self.status & _OK_DRIVER != Status.DRIVER_OK):
+        if self._moved_on(job):
             return
-        q = job.queue
-        for view, req in zip(post.statuses, job.reqs, strict=True):
-            view[0] = req.status
         try:
-            q.push_mapped(post.used, [(req.chain.head, 1) for req in job.reqs])
+            wanted = self._complete(job, post.used, post.avail, post.statuses)
         except VirtqueueError:
             return  # (checked before anything is pushed; the hand-back reports it)
         job.thread_posted = True
-        full_fence()  # the used index before the driver's used event (devices/sdk/fence.py)
-        if q.should_interrupt_mapped(post.avail):
+        if wanted:
             post.irq.fire()
             post.fired = True
+
+    def _moved_on(self, job: _Started) -> bool:
+        """A status 0, NEEDS_RESET or another client since `job` started: its completion
+        must not reach guest memory any more."""
+        return (self.ctx is not job.ctx or self.ctx is None or job.epoch != self._epoch
+                or self.reset_pending or self.status & _OK_DRIVER != Status.DRIVER_OK)
+
+    @staticmethod
+    def _complete(job: _Started, used: memoryview, avail: memoryview,
+                  statuses: list[memoryview]) -> bool:
+        """Status bytes, then the used entries in ring order (`VirtqueueError` before any
+        is pushed when the used ring is malformed), through views of the used ring, the
+        avail ring and the status bytes; whether the driver wants an interrupt."""
+        for view, req in zip(statuses, job.reqs, strict=True):
+            view[0] = req.status
+        q = job.queue
+        q.push_mapped(used, [(req.chain.head, 1) for req in job.reqs])
+        full_fence()  # the used index before the driver's used event (devices/sdk/fence.py)
+        return q.should_interrupt_mapped(avail)
 
     def _writes_back(self, job: _Started, result: outcome.Outcome[OSError | None]) -> None:
         """The thread is back (on the trio thread, outside any task: nothing may raise
@@ -415,26 +429,19 @@ class InlineBlk(VirtioPciDevice):
     def _post(self, job: _Started) -> bool:
         """Status bytes, used entries in ring order, the interrupt if the driver wants it;
         False (nothing written) when the device moved on or a ring is not mmap'd now."""
-        ctx = self.ctx
-        if (ctx is not job.ctx or ctx is None or job.epoch != self._epoch or self.reset_pending
-                or self.status & _OK_DRIVER != Status.DRIVER_OK):
+        if self._moved_on(job):
             return False
-        dma, q = ctx.dma, job.queue
+        dma, q = job.ctx.dma, job.queue
         try:
-            rings = (dma.view(q.used_addr, RING_HEADER + USED_ELEM_SIZE * q.size + 2,
-                              write=True),
-                     dma.view(q.avail_addr, RING_HEADER + 2 * q.size + 2))
+            used = dma.view(q.used_addr, RING_HEADER + USED_ELEM_SIZE * q.size + 2, write=True)
+            avail = dma.view(q.avail_addr, RING_HEADER + 2 * q.size + 2)
             statuses = [dma.view(a + n - 1, 1, write=True)
                         for a, n in (req.chain.writable[-1] for req in job.reqs)]
         except DmaError:
             return False
-        if None in rings or None in statuses:
+        if used is None or avail is None or None in statuses:
             return False
-        for view, req in zip(statuses, job.reqs, strict=True):
-            assert view is not None
-            view[0] = req.status
-        run_now(q.push_many(dma, [(req.chain.head, 1) for req in job.reqs]))
-        if run_now(q.should_interrupt(dma)):
+        if self._complete(job, used, avail, cast("list[memoryview]", statuses)):
             self.notify_queue(q)
         return True
 
