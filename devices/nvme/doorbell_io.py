@@ -78,6 +78,20 @@ def _run_now(coro: Coroutine[object, object, Segments]) -> Segments:
     raise _NotNow
 
 
+def _enter(pins: contextlib.AbstractContextManager[list[memoryview] | None],
+           ) -> list[memoryview] | None:
+    """`pins` entered, its views; None (nothing left to exit) when the memory is not
+    mmap'd or not mapped at all. The caller exits `pins` itself once the views are let go
+    (by a write's hand-back: no `with` can span it)."""
+    try:
+        views = pins.__enter__()
+    except DmaError:
+        return None  # (a generator that raised is closed: nothing to exit)
+    if views is None:
+        pins.__exit__(None, None, None)
+    return views
+
+
 class _ThreadPost:
     """What a write's thread needs to post its own completion and raise its interrupt
     (`IoCommands._post_from_thread`): the CQ, a pinned view of its whole ring (a DMA_UNMAP
@@ -277,13 +291,7 @@ class DoorbellIo(WorkerCore):
         # the pin's context manager itself, left at `__exit__` by the hand-back: an
         # ExitStack around it cost a context manager more per write
         pins = pinned_views(self.dma, segs)  # the engine's own context manager
-        try:
-            views = pins.__enter__()
-        except DmaError:
-            views = None  # (a generator that raised is closed: nothing to exit)
-        else:
-            if views is None:
-                pins.__exit__(None, None, None)
+        views = _enter(pins)
         if views is None:
             self._threads.release()
             return False
@@ -312,13 +320,7 @@ class DoorbellIo(WorkerCore):
             if irq is None:
                 return None
         pins = pinned_views(self.dma, ((cq.base, cq.size * CQE.size),), write=True)
-        try:
-            views = pins.__enter__()
-        except DmaError:
-            views = None
-        else:
-            if views is None:
-                pins.__exit__(None, None, None)
+        views = _enter(pins)
         if views is None:
             if irq is not None:
                 irq.settle()
